@@ -1,0 +1,174 @@
+"""The merge spec: one schema for the CLI's YAML and the service's JSON.
+
+Parameter values (``parameters`` and ``models[].parameters``) take three forms:
+
+* a scalar: ``density: 0.5``;
+* a list of numbers, interpolated over depth (first value at the first layer of
+  the tensor's component, last value at the last): ``lambda: [0.6, 1.0]``;
+* a list of ``{filter, value}`` entries: the first whose ``filter`` (a regular
+  expression searched in the tensor name) matches wins; an entry without
+  ``filter`` is the default. ``value`` may itself be a depth list.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import SpecError
+from .methods import MethodParams, get_method
+
+Number = Union[int, float]
+Scalar = Union[bool, int, float, str]
+
+
+class FilteredValue(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = Field(None, description="Regular expression searched in the tensor name; omit for the default.")
+    value: Union[Scalar, list[Number]]
+
+    @field_validator("filter")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {v!r}: {exc}") from None
+        return v
+
+
+ParamValue = Union[Scalar, list[Number], list[FilteredValue]]
+
+
+class Component(str, Enum):
+    projector = "projector"
+    language_model = "language_model"
+    vision_tower = "vision_tower"
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(..., description="Local folder, or hub id 'org/name[@revision]' from the local Hugging Face cache.")
+    weight: ParamValue = Field(1.0, description="This model's weight (scalar, depth list or filtered values).")
+    parameters: dict[str, ParamValue] = Field(default_factory=dict, description="Per-model method parameters, e.g. density.")
+
+
+class DatasetRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = None
+    dataset: str = Field(..., description="Path of a JSONL dataset file.")
+    limit: int | None = Field(None, ge=1, description="Use at most this many records.")
+
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(value: int | str) -> int:
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
+    if not m or m.group(2).upper() not in SIZE_UNITS:
+        raise ValueError(f"not a size: {value!r} (use bytes or e.g. '2GB', '500MiB')")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+
+
+class MergeSpec(BaseModel):
+    """What to merge, how, and where it runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field(..., description="Merge method; `pivotmerge methods` lists them.")
+    base_model: str | None = Field(None, description="The pivot: the experts' shared starting point. Copied tensors come from it.")
+    models: list[ModelEntry] = Field(..., min_length=1, description="The experts to merge.")
+    components: list[Component] | None = Field(None, description="Components to merge; the rest is copied from the base. Default: all.")
+    include: list[str] = Field(default_factory=list, description="Extra regular expressions of tensor names to merge.")
+    exclude: list[str] = Field(default_factory=list, description="Regular expressions of tensor names never merged (copied from the base).")
+    parameters: dict[str, ParamValue] = Field(default_factory=dict, description="Method parameters.")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="Output dtype; default: the base's.")
+    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Where the maths runs.")
+    out_shard_size: int = Field(2 * 10**9, gt=0, description="Largest output shard, bytes or e.g. '2GB'.")
+    seed: int = Field(0, description="Seed for random methods (DARE, randomized SVD).")
+    calibration: DatasetRef | None = Field(None, description="Image-text pairs for data-driven methods.")
+    evaluate: list[DatasetRef] = Field(default_factory=list, description="Datasets to evaluate the merged model on.")
+
+    @field_validator("out_shard_size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        return parse_size(v) if isinstance(v, str) else v
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {p!r}: {exc}") from None
+        return v
+
+    @model_validator(mode="after")
+    def _method_fits(self) -> "MergeSpec":
+        try:
+            method = get_method(self.method)
+        except KeyError as exc:
+            raise ValueError(f"method: {exc.args[0]}") from None
+        k = len(self.models)
+        if k < method.min_models or (method.max_models is not None and k > method.max_models):
+            want = str(method.min_models) if method.max_models == method.min_models else f"at least {method.min_models}"
+            raise ValueError(f"models: method {self.method!r} takes {want} models, got {k}")
+        if method.base == "required" and self.base_model is None:
+            raise ValueError(f"base_model: method {self.method!r} needs a base_model (the experts' shared starting point)")
+        known = set(method.params.model_fields)
+        for name in self.parameters:
+            if name not in known:
+                raise ValueError(f"parameters.{name}: not a parameter of {self.method!r}; it takes: {', '.join(sorted(known)) or 'none'}")
+        for i, entry in enumerate(self.models):
+            for name in entry.parameters:
+                if name not in method.per_model:
+                    allowed = ", ".join(method.per_model) or "none"
+                    raise ValueError(f"models.{i}.parameters.{name}: not a per-model parameter of {self.method!r} (per-model: {allowed})")
+        return self
+
+    def method_params(self) -> type[MethodParams]:
+        return get_method(self.method).params
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line naming the first offending field."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc and not msg.startswith(loc) else msg
+
+
+def spec_from_dict(data: Any) -> MergeSpec:
+    """Validate a spec (ours, or a mergekit config) and raise SpecError naming the field."""
+    if not isinstance(data, dict):
+        raise SpecError("spec: expected a mapping at the top level")
+    if "merge_method" in data:
+        from .mergekit_config import from_mergekit
+
+        data = from_mergekit(data)
+    try:
+        return MergeSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(format_validation_error(exc)) from None
+
+
+def load_spec(path: str | Path) -> MergeSpec:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"cannot read spec {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    return spec_from_dict(data)
