@@ -1,0 +1,261 @@
+"""The merge engine: plan, check, and stream a merge one tensor at a time.
+
+Peak memory stays near (number of models + 1) x the largest tensor: inputs are
+memory-mapped, each merged tensor is written out as soon as it exists, and the
+output folder appears only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+
+from . import __version__
+from .architectures import Architecture, TensorPlace, architecture_for, place_tensors
+from .errors import CompatibilityError, MergeCancelled, PivotMergeError, SpecError
+from .methods import Method, get_method
+from .params import resolve_params
+from .progress import CancelFn, Progress, ProgressFn
+from .repos import PICKLED_SUFFIXES, ModelRepo, resolve_roots
+from .spec import MergeSpec, spec_from_dict
+from .writer import INDEX_FILE, OutputTensor, ShardWriter
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+REPORT_FILE = "merge_report.json"
+CARRIED_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+NOT_CARRIED = {INDEX_FILE, REPORT_FILE}
+
+
+def as_spec(spec: MergeSpec | Mapping[str, Any]) -> MergeSpec:
+    return spec if isinstance(spec, MergeSpec) else spec_from_dict(dict(spec))
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise SpecError("device: 'cuda' requested but no CUDA device is available")
+    return torch.device(requested)
+
+
+@dataclass
+class MergePlan:
+    """Everything a merge needs, checked, before any tensor data is read."""
+
+    spec: MergeSpec
+    method: Method
+    base: ModelRepo | None
+    models: list[ModelRepo]
+    architecture: Architecture
+    places: dict[str, TensorPlace]
+    names: list[str]  # output tensors, in the reference repo's order
+    merged: set[str]
+    outputs: list[OutputTensor] = field(default_factory=list)
+
+    @property
+    def reference(self) -> ModelRepo:
+        """The repo whose unmerged tensors and side files the output carries: the base, else the first model."""
+        return self.base or self.models[0]
+
+    def repos(self) -> list[ModelRepo]:
+        return ([self.base] if self.base else []) + self.models
+
+    def close(self) -> None:
+        for repo in self.repos():
+            repo.close()
+
+    def __enter__(self) -> "MergePlan":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def plan_merge(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[str | Path] | None = None,
+               relative_to: Path | None = None) -> MergePlan:
+    """Open the repos (headers only) and check that the spec can run on them."""
+    spec = as_spec(spec)
+    method = get_method(spec.method)
+    roots = resolve_roots(allowed_roots)
+    resolve_device(spec.device)
+    base = ModelRepo.open(spec.base_model, allowed_roots=roots, relative_to=relative_to) if spec.base_model else None
+    models = [ModelRepo.open(m.model, allowed_roots=roots, relative_to=relative_to) for m in spec.models]
+    reference = base or models[0]
+    _check_architectures(reference, [r for r in [base, *models] if r is not None])
+    architecture = architecture_for(reference.model_type)
+    names = list(reference.tensors)
+    places = place_tensors(architecture, names)
+    merged = _select(spec, names, places, reference)
+    if not merged:
+        raise SpecError("components: no tensor of the base matches the components/include/exclude given")
+    _check_tensors(reference, [m for m in models if m is not reference], merged)
+    out_dtype = DTYPES[spec.dtype] if spec.dtype else None
+    outputs = [
+        OutputTensor(n, reference.tensors[n].shape,
+                     out_dtype if out_dtype is not None and reference.tensors[n].dtype.is_floating_point else reference.tensors[n].dtype)
+        for n in names
+    ]
+    return MergePlan(spec, method, base, models, architecture, places, names, merged, outputs)
+
+
+def check(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[str | Path] | None = None,
+          relative_to: Path | None = None) -> None:
+    """Full pre-flight validation; raises a PivotMergeError naming the problem."""
+    plan_merge(spec, allowed_roots=allowed_roots, relative_to=relative_to).close()
+
+
+def _check_architectures(reference: ModelRepo, repos: Sequence[ModelRepo]) -> None:
+    for repo in repos:
+        if repo.model_type != reference.model_type:
+            raise CompatibilityError(f"{repo.ref}: architecture {repo.model_type!r} differs from {reference.ref}'s {reference.model_type!r}")
+
+
+def _select(spec: MergeSpec, names: Sequence[str], places: Mapping[str, TensorPlace], reference: ModelRepo) -> set[str]:
+    components = set(spec.components) if spec.components else None
+    chosen = set()
+    for name in names:
+        if not reference.tensors[name].dtype.is_floating_point:
+            continue  # integer buffers (position ids and the like) are carried, never averaged
+        by_component = components is None and not spec.include or (components is not None and places[name].component in components)
+        by_pattern = any(re.search(p, name) for p in spec.include)
+        if (by_component or by_pattern) and not any(re.search(p, name) for p in spec.exclude):
+            chosen.add(name)
+    return chosen
+
+
+def _check_tensors(reference: ModelRepo, others: Sequence[ModelRepo], merged: set[str]) -> None:
+    for repo in others:
+        for name in sorted(merged):
+            want = reference.tensors[name]
+            got = repo.tensors.get(name)
+            if got is None:
+                raise CompatibilityError(f"{repo.ref}: tensor {name} is missing (present in {reference.ref})")
+            if got.shape != want.shape:
+                raise CompatibilityError(f"{repo.ref}: tensor {name} has shape {list(got.shape)}, {reference.ref} has {list(want.shape)}")
+            if got.dtype != want.dtype:
+                raise CompatibilityError(f"{repo.ref}: tensor {name} has dtype {got.dtype}, {reference.ref} has {want.dtype}")
+
+
+@dataclass
+class Timings:
+    read_s: float = 0.0
+    merge_s: float = 0.0
+    write_s: float = 0.0
+
+
+def _merge_tensors(plan: MergePlan, device: torch.device, timings: Timings,
+                   progress: ProgressFn | None, should_cancel: CancelFn | None,
+                   extras: Mapping[str, dict[str, Any]]) -> Iterator[tuple[str, torch.Tensor, dict[str, Any] | None]]:
+    """Yield (name, output tensor, report entry or None) in output order."""
+    spec = plan.spec
+    total = len(plan.names)
+    for i, out in enumerate(plan.outputs):
+        name = out.name
+        if should_cancel is not None and should_cancel():
+            raise MergeCancelled("merge cancelled")
+        place = plan.places[name]
+        if progress is not None:
+            progress(Progress("merge", i, total, tensor=name, layer=place.layer))
+        t0 = time.perf_counter()
+        if name not in plan.merged:
+            tensor = plan.reference.get(name).to(out.dtype)
+            timings.read_s += time.perf_counter() - t0
+            yield name, tensor, None
+            continue
+        inputs = [m.get(name).to(device=device, dtype=torch.float32) for m in plan.models]
+        base = plan.base.get(name).to(device=device, dtype=torch.float32) if plan.base else None
+        t1 = time.perf_counter()
+        weights, params = resolve_params(spec, plan.method, name, place.depth, extras.get(name))
+        generator = torch.Generator(device=device).manual_seed(_tensor_seed(spec.seed, name))
+        result = plan.method(inputs, base, weights, params, generator)
+        tensor = result.tensor.to(out.dtype)
+        t2 = time.perf_counter()
+        timings.read_s += t1 - t0
+        timings.merge_s += t2 - t1
+        entry = {"tensor": name, "component": place.component.value, "layer": place.layer,
+                 "weights": weights, "params": params.model_dump(exclude_defaults=True), **({"info": result.info} if result.info else {})}
+        yield name, tensor, entry
+    if progress is not None:
+        progress(Progress("merge", total, total))
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    """A seed per tensor, stable across runs and independent of merge order."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | Path, *, progress: ProgressFn | None = None,
+          should_cancel: CancelFn | None = None, allowed_roots: Sequence[str | Path] | None = None,
+          relative_to: Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Run a merge into `out_dir` and return its report (also written as merge_report.json).
+
+    The output is built in a hidden sibling folder and moved into place only when
+    complete; on error or cancellation (MergeCancelled) nothing is left behind.
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
+        raise PivotMergeError(f"output folder {out_dir} exists and is not empty (use overwrite / --force)")
+    with plan_merge(spec, allowed_roots=allowed_roots, relative_to=relative_to) as plan:
+        device = resolve_device(plan.spec.device)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        partial = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
+        partial.mkdir()
+        try:
+            report = _write_merge(plan, partial, device, progress, should_cancel, {}, started)
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            partial.rename(out_dir)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+    if progress is not None:
+        progress(Progress("done", 1, 1))
+    return report
+
+
+def _write_merge(plan: MergePlan, folder: Path, device: torch.device, progress: ProgressFn | None,
+                 should_cancel: CancelFn | None, extras: Mapping[str, dict[str, Any]], started: float) -> dict[str, Any]:
+    from .report import build_report, write_model_card, write_report
+
+    timings = Timings()
+    writer = ShardWriter(folder, plan.outputs, plan.spec.out_shard_size, metadata={"merged_by": f"pivotmerge {__version__}"})
+    entries = []
+    try:
+        for name, tensor, entry in _merge_tensors(plan, device, timings, progress, should_cancel, extras):
+            t0 = time.perf_counter()
+            writer.write(name, tensor)
+            timings.write_s += time.perf_counter() - t0
+            if entry is not None:
+                entries.append(entry)
+        files = writer.close()
+    finally:
+        writer.abort()
+    _carry_side_files(plan, folder)
+    report = build_report(plan, device, entries, files, timings, time.perf_counter() - started)
+    write_report(folder, report)
+    write_model_card(folder, plan, report)
+    return report
+
+
+def _carry_side_files(plan: MergePlan, folder: Path) -> None:
+    """Config, tokenizer and processor files from the reference repo; config dtype updated."""
+    source = plan.reference.path
+    for path in sorted(source.iterdir()):
+        if (path.is_file() and path.suffix in CARRIED_SUFFIXES and path.name not in NOT_CARRIED
+                and path.suffix not in PICKLED_SUFFIXES):
+            shutil.copyfile(path, folder / path.name)
+    config = folder / "config.json"
+    if plan.spec.dtype and config.is_file():
+        data = json.loads(config.read_text())
+        data["torch_dtype"] = data["dtype"] = plan.spec.dtype
+        config.write_text(json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,60 @@
+"""Resolve a spec's parameter values for one tensor.
+
+See pivotmerge.spec for the three forms a value takes (scalar, depth list,
+name-filtered entries).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+from .methods import Method, MethodParams
+from .spec import FilteredValue, MergeSpec, ParamValue
+
+
+def interpolate(values: Sequence[float], depth: float) -> float:
+    """Piecewise-linear value at `depth` in [0, 1], values spread evenly over depth."""
+    if len(values) == 1:
+        return float(values[0])
+    pos = min(max(depth, 0.0), 1.0) * (len(values) - 1)
+    lo = min(int(pos), len(values) - 2)
+    frac = pos - lo
+    return float(values[lo]) * (1 - frac) + float(values[lo + 1]) * frac
+
+
+def resolve_value(value: ParamValue, tensor: str, depth: float) -> Any:
+    """The scalar a parameter value takes for one tensor; None if no filter matches."""
+    if isinstance(value, list) and value and isinstance(value[0], FilteredValue):
+        for entry in value:
+            if entry.filter is None or re.search(entry.filter, tensor):
+                return resolve_value(entry.value, tensor, depth)
+        return None
+    if isinstance(value, list):
+        return interpolate(value, depth)
+    return value
+
+
+def resolve_params(spec: MergeSpec, method: Method, tensor: str, depth: float,
+                   extra: dict[str, Any] | None = None) -> tuple[list[float], MethodParams]:
+    """Per-model weights and the method's parameters for one tensor.
+
+    Per-model parameters become one value per model: the model's own, else the
+    spec-wide value, else the method's default.
+    """
+    global_values = {k: resolve_value(v, tensor, depth) for k, v in spec.parameters.items()}
+    global_values = {k: v for k, v in global_values.items() if v is not None}
+    weights = []
+    for entry in spec.models:
+        w = resolve_value(entry.weight, tensor, depth)
+        weights.append(1.0 if w is None else float(w))
+    values: dict[str, Any] = dict(global_values)
+    for name in method.per_model:
+        default = global_values.get(name, method.params.model_fields[name].default)
+        per = []
+        for entry in spec.models:
+            own = resolve_value(entry.parameters[name], tensor, depth) if name in entry.parameters else None
+            per.append(default if own is None else own)
+        values[name] = per
+    values.update(extra or {})
+    return weights, method.params.model_validate(values)

@@ -1,0 +1,74 @@
+"""The merge report (merge_report.json) and the model card (README.md)."""
+
+from __future__ import annotations
+
+import json
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+from . import __version__
+from .engine import REPORT_FILE
+from .writer import WrittenFile
+
+if TYPE_CHECKING:
+    from .engine import MergePlan, Timings
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+    import transformers
+
+    return {"pivotmerge": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "safetensors": safetensors.__version__, "python": platform.python_version()}
+
+
+def build_report(plan: "MergePlan", device: torch.device, entries: Sequence[dict[str, Any]],
+                 files: Sequence[WrittenFile], timings: "Timings", total_s: float) -> dict[str, Any]:
+    return {
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "spec": plan.spec.model_dump(mode="json"),
+        "method": plan.method.name,
+        "device": str(device),
+        "architecture": plan.architecture.name,
+        "tensors": {"total": len(plan.names), "merged": len(plan.merged), "copied": len(plan.names) - len(plan.merged)},
+        "layers": list(entries),
+        "files": [{"name": f.file, "size": f.size, "sha256": f.sha256} for f in files],
+        "timings": {"total_s": round(total_s, 4), "read_s": round(timings.read_s, 4),
+                    "merge_s": round(timings.merge_s, 4), "write_s": round(timings.write_s, 4)},
+    }
+
+
+def write_report(folder: Path, report: dict[str, Any]) -> None:
+    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+
+def write_model_card(folder: Path, plan: "MergePlan", report: dict[str, Any]) -> None:
+    spec = plan.spec
+    base = spec.base_model or "none (the experts' mean is the pivot)"
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [merge, pivotmerge]",
+        *([f"base_model: {spec.base_model}"] if spec.base_model else []),
+        "---",
+        "",
+        f"# Merged with PivotMerge ({plan.method.name})",
+        "",
+        f"This model merges {len(spec.models)} models with the `{plan.method.name}` method: {plan.method.summary}",
+        "",
+        f"- Base (pivot): `{base}`",
+        *[f"- Model: `{m.model}` (weight {m.weight})" for m in spec.models],
+        f"- Components merged: {', '.join(c.value for c in spec.components) if spec.components else 'all'}"
+        f" ({report['tensors']['merged']} of {report['tensors']['total']} tensors; the rest are the base's)",
+        f"- Parameters: `{json.dumps(spec.parameters, default=str)}`",
+        f"- Made with pivotmerge {__version__} in {report['timings']['total_s']:.1f} s on {report['device']}.",
+        "",
+        "`merge_report.json` records the full spec, the versions, and every per-layer choice.",
+        "",
+    ]
+    (folder / "README.md").write_text("\n".join(lines))

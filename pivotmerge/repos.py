@@ -1,0 +1,191 @@
+"""Model repos: Hugging Face-format folders read lazily from safetensors.
+
+Only safetensors are ever read; pickled weights are refused, never unpickled.
+When allowed roots are given, a repo and every file it reads must resolve
+inside one of them (symbolic links included).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors import safe_open
+
+from .errors import RepoError
+
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+INDEX_FILE = "model.safetensors.index.json"
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?$")
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: str
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * self.dtype.itemsize
+
+
+def _within(path: Path, roots: Sequence[Path]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def resolve_roots(allowed_roots: Sequence[str | os.PathLike[str]] | None) -> list[Path] | None:
+    return None if allowed_roots is None else [Path(r).expanduser().resolve() for r in allowed_roots]
+
+
+def _hub_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+
+
+def _from_hub_cache(repo_id: str, revision: str | None) -> Path | None:
+    """The snapshot folder of a hub id in the local cache, or None (never downloads)."""
+    repo_dir = _hub_cache_dir() / f"models--{repo_id.replace('/', '--')}"
+    if not repo_dir.is_dir():
+        return None
+    revision = revision or "main"
+    ref = repo_dir / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snapshot = repo_dir / "snapshots" / commit
+    return snapshot if snapshot.is_dir() else None
+
+
+def locate(ref: str, *, allowed_roots: Sequence[Path] | None = None, relative_to: Path | None = None) -> Path:
+    """The folder of a repo reference: a local path, or `org/name[@revision]` from the HF cache."""
+    candidate = Path(ref).expanduser()
+    if not candidate.is_absolute() and relative_to is not None:
+        candidate = relative_to / candidate
+    folder: Path | None = candidate if candidate.is_dir() else None
+    if folder is None:
+        m = HUB_ID.match(ref)
+        if m and not ref.startswith((".", "/")):
+            folder = _from_hub_cache(m.group("repo"), m.group("revision"))
+            if folder is None:
+                raise RepoError(f"{ref}: no local folder of that name and not in the Hugging Face cache ({_hub_cache_dir()}); downloads are off")
+        else:
+            raise RepoError(f"{ref}: no such model folder")
+    resolved = folder.resolve()
+    if allowed_roots is not None and not _within(resolved, allowed_roots):
+        raise RepoError(f"{ref}: outside the allowed roots")
+    return resolved
+
+
+@dataclass
+class ModelRepo:
+    """A model folder with its config and the header of every tensor."""
+
+    ref: str
+    path: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    _handles: ExitStack = field(default_factory=ExitStack, repr=False)
+    _open: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, ref: str, *, allowed_roots: Sequence[Path] | None = None, relative_to: Path | None = None) -> "ModelRepo":
+        path = locate(ref, allowed_roots=allowed_roots, relative_to=relative_to)
+        config = _read_json(path / "config.json", ref) if (path / "config.json").is_file() else {}
+        files = _weight_files(path, ref, allowed_roots)
+        tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            for name, info in _read_header(path / file, ref).items():
+                tensors[name] = TensorInfo(tuple(info["shape"]), _dtype(info["dtype"], ref, name), file)
+        return cls(ref=ref, path=path, config=config, tensors=tensors)
+
+    @cached_property
+    def model_type(self) -> str | None:
+        return self.config.get("model_type")
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, read from its memory-mapped file."""
+        file = self.tensors[name].file
+        handle = self._open.get(file)
+        if handle is None:
+            handle = self._handles.enter_context(safe_open(str(self.path / file), framework="pt"))
+            self._open[file] = handle
+        return handle.get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.close()
+        self._open.clear()
+
+    def __enter__(self) -> "ModelRepo":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _read_json(path: Path, ref: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RepoError(f"{ref}: cannot read {path.name}: {exc}") from None
+
+
+def _weight_files(path: Path, ref: str, allowed_roots: Sequence[Path] | None) -> list[str]:
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map = _read_json(index, ref).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise RepoError(f"{ref}: {INDEX_FILE} has no weight_map")
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLED_SUFFIXES)
+        if pickled:
+            raise RepoError(f"{ref}: only pickled weights ({pickled[0]}); PivotMerge reads safetensors only and never unpickles — convert the checkpoint to safetensors first")
+        raise RepoError(f"{ref}: no *.safetensors weights in {path}")
+    for file in files:
+        target = (path / file).resolve()
+        if not target.is_file():
+            raise RepoError(f"{ref}: weight file {file} is missing")
+        if not file.endswith(".safetensors"):
+            raise RepoError(f"{ref}: weight file {file} is not safetensors; PivotMerge never unpickles")
+        if allowed_roots is not None and not _within(target, allowed_roots):
+            raise RepoError(f"{ref}: weight file {file} resolves outside the allowed roots")
+    return files
+
+
+def _read_header(file: Path, ref: str) -> dict[str, Any]:
+    """The safetensors header (names, dtypes, shapes) without reading tensor data."""
+    try:
+        with open(file, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if size <= 0 or size > 100 * 2**20:
+                raise ValueError("bad header length")
+            header = json.loads(fh.read(size))
+    except (OSError, ValueError) as exc:
+        raise RepoError(f"{ref}: {file.name} is not a readable safetensors file ({exc})") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def _dtype(code: str, ref: str, name: str) -> torch.dtype:
+    try:
+        return SAFETENSORS_DTYPES[code]
+    except KeyError:
+        raise RepoError(f"{ref}: tensor {name} has unsupported dtype {code}") from None
