@@ -15,6 +15,8 @@ from .errors import PivotMergeError
 
 # name -> "module:attribute" of a click command
 COMMANDS: dict[str, str] = {
+    "merge": "pivotmerge.commands:merge_command",
+    "methods": "pivotmerge.commands:methods_command",
 }
 
 

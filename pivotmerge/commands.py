@@ -1,0 +1,100 @@
+"""The engine's own CLI commands: merge, methods, analyze."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, get_args
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .progress import Progress
+from .spec import load_spec
+
+console = Console(stderr=True)
+
+
+class ProgressBar:
+    """A rich progress bar fed by the engine's progress callback."""
+
+    def __init__(self, label: str) -> None:
+        self._bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.fields[tensor]}", style="dim"), console=console, transient=False)
+        self._task = self._bar.add_task(label, total=None, tensor="")
+
+    def __enter__(self) -> "ProgressBar":
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.__exit__(*exc)
+
+    def __call__(self, p: Progress) -> None:
+        if p.stage != "done":
+            self._bar.update(self._task, completed=p.done, total=p.total, tensor=p.tensor or "")
+
+
+@click.command("merge")
+@click.argument("spec_file", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder; created when the merge completes.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), help="Override the spec's device.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON on stdout.")
+def merge_command(spec_file: Path, out_dir: Path, force: bool, device: str | None, as_json: bool) -> None:
+    """Merge the models a SPEC names into OUT.
+
+    SPEC is a YAML merge spec (see `pivotmerge methods` for methods and their
+    parameters) or a mergekit config. Relative model paths are read from the
+    spec file's folder. OUT holds sharded safetensors, the base's config,
+    tokenizer and processor files, merge_report.json and a model card.
+    """
+    from .engine import merge
+
+    spec = load_spec(spec_file)
+    if device:
+        spec = spec.model_copy(update={"device": device})
+    with ProgressBar(f"merging ({spec.method})") as bar:
+        report = merge(spec, out_dir, progress=bar, relative_to=spec_file.parent, overwrite=force)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    t = report["timings"]
+    console.print(f"[green]merged[/] {report['tensors']['merged']} of {report['tensors']['total']} tensors "
+                  f"with {report['method']} in {t['total_s']:.2f} s on {report['device']} -> {out_dir}")
+
+
+def _type_name(annotation: Any) -> str:
+    args = get_args(annotation)
+    if args:
+        return " | ".join(_type_name(a) for a in args) if type(None) not in args or len(args) > 2 else _type_name(args[0]) + "?"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+@click.command("methods")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def methods_command(as_json: bool) -> None:
+    """List the merge methods and their parameters."""
+    from .methods import all_methods
+
+    methods = all_methods()
+    if as_json:
+        click.echo(json.dumps({name: {"summary": m.summary, "base_model": m.base, "min_models": m.min_models,
+                                      "max_models": m.max_models, "per_model": list(m.per_model),
+                                      "parameters": m.params.model_json_schema().get("properties", {})}
+                               for name, m in methods.items()}, indent=2))
+        return
+    out = Console()
+    for name, m in methods.items():
+        table = Table(title=f"[bold]{name}[/] — {m.summary}", title_justify="left", show_edge=False)
+        for col in ("parameter", "type", "default", "description"):
+            table.add_column(col)
+        for pname, field in m.params.model_fields.items():
+            per = " (per model)" if pname in m.per_model else ""
+            table.add_row(pname + per, _type_name(field.annotation), repr(field.default), field.description or "")
+        models = f"{m.min_models}" + ("" if m.max_models == m.min_models else f"..{m.max_models or 'n'}")
+        out.print(table)
+        out.print(f"  base_model: {m.base}; models: {models}\n")
