@@ -1,0 +1,194 @@
+"""Tensor operations shared by the merge methods: small, pure and vectorised.
+
+Deltas are stacked as one ``(K, *shape)`` tensor only where a method needs all
+experts at once (sign election, SVD of the concatenation); otherwise they are
+formed one at a time and accumulated, so peak memory stays near two tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Literal, Sequence
+
+import torch
+
+Tensor = torch.Tensor
+SvdMode = Literal["exact", "randomized"]
+
+# Power iterations of the randomized range finder: two are enough for the
+# slowly decaying spectra of fine-tuning updates (Halko et al. 2011, sec. 4.5).
+_POWER_ITERATIONS = 2
+_OVERSAMPLE = 8
+
+
+def stacked_deltas(tensors: Sequence[Tensor], base: Tensor) -> Tensor:
+    """``(K, *shape)`` tensor of ``W_k - W0``, written into one allocation."""
+    out = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
+    for k, t in enumerate(tensors):
+        torch.sub(t, base, out=out[k])
+    return out
+
+
+def weighted_sum(deltas: Iterable[Tensor], weights: Sequence[float]) -> Tensor:
+    """``sum_k w_k d_k`` accumulated in place; ``deltas`` may be a lazy generator."""
+    acc: Tensor | None = None
+    for d, w in zip(deltas, weights):
+        if acc is None:
+            acc = d * w
+        else:
+            acc.add_(d, alpha=w)
+    if acc is None:
+        raise ValueError("no tensors to merge")
+    return acc
+
+
+def column_weights(weights: Sequence[float], like: Tensor) -> Tensor:
+    """Weights shaped ``(K, 1, ..., 1)`` to broadcast against a ``(K, *shape)`` stack."""
+    w = torch.tensor(list(weights), dtype=like.dtype, device=like.device)
+    return w.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def magnitude_trim_(d: Tensor, density: float) -> Tensor:
+    """Keep the ``max(1, int(density * numel))`` largest ``|d|`` entries, zero the rest, in place.
+
+    The count matches mergekit's ``magnitude``; entries tied at the threshold are
+    kept in flat-index order (mergekit's argsort leaves that order unspecified).
+    """
+    if density >= 1:
+        return d
+    n = d.numel()
+    if density <= 0 or n == 0:
+        return d.zero_()
+    k = max(1, int(density * n))
+    flat = d.reshape(-1)
+    mag = flat.abs()
+    # The k-th largest magnitude, found in O(n) instead of sorting.
+    threshold = torch.kthvalue(mag, n - k + 1).values
+    keep = mag > threshold
+    ties = (mag == threshold).nonzero().squeeze(1)
+    keep[ties[: k - int(keep.sum())]] = True
+    return d.mul_(keep.reshape(d.shape))
+
+
+def random_drop_(d: Tensor, density: float, generator: torch.Generator | None,
+                 rescale: Literal["inverse_density", "l1", "none"]) -> Tensor:
+    """DARE: keep each entry with probability ``density``, then rescale, in place.
+
+    ``inverse_density`` divides by ``density`` (the DARE paper); ``l1`` restores the
+    L1 norm of ``d`` as mergekit's ``rescale: true`` does.
+    """
+    if density >= 1:
+        return d
+    if density <= 0:
+        return d.zero_()
+    l1_before = d.abs().sum() if rescale == "l1" else None
+    mask = torch.empty_like(d).bernoulli_(density, generator=generator)
+    d.mul_(mask)
+    if rescale == "inverse_density":
+        d.div_(density)
+    elif l1_before is not None:
+        l1_after = d.abs().sum()
+        # Like mergekit: leave near-empty results unscaled instead of blowing them up.
+        if l1_before >= 1e-7 and l1_after >= 1e-7:
+            d.mul_(l1_before / l1_after)
+    return d
+
+
+def elected_mask(weighted: Tensor) -> Tensor:
+    """TIES sign election on a ``(K, *shape)`` stack of weighted deltas.
+
+    The elected sign is that of the summed mass (``+`` on a zero sum, as in
+    mergekit); an entry takes part when its sign equals it, so zeros never do.
+    """
+    elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
+    return weighted.sign() == elected
+
+
+def consensus_merge(deltas: Tensor, weights: Sequence[float], normalize: bool) -> tuple[Tensor, Tensor]:
+    """Disjoint merge of a ``(K, *shape)`` stack: ``sum_k w_k d_k m_k / sum_k w_k m_k``.
+
+    ``m_k`` is the sign-election mask; without ``normalize`` the division is skipped.
+    Entries no expert agrees on divide by 1. Returns the merged delta and the mask.
+    Overwrites ``deltas`` with the weighted deltas.
+    """
+    w = column_weights(weights, deltas)
+    weighted = deltas.mul_(w)
+    mask = elected_mask(weighted)
+    merged = (weighted * mask).sum(dim=0)
+    if normalize:
+        divisor = (w * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+        merged.div_(divisor)
+    return merged, mask
+
+
+def normalize_by_weight_sum(merged: Tensor, weights: Sequence[float]) -> Tensor:
+    """Divide by ``sum_k w_k`` (a sum too close to zero divides by 1, as in mergekit)."""
+    total = float(sum(weights))
+    return merged if abs(total) < 1e-8 else merged.div_(total)
+
+
+def svd(a: Tensor, rank: int | None = None, mode: SvdMode = "exact",
+        generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``a = U diag(S) Vh`` in float32, truncated to ``rank`` when given.
+
+    ``randomized`` uses a seeded range finder (Halko et al.) and needs ``rank``.
+    A rank above ``min(a.shape)`` is capped.
+    """
+    a = a.float()
+    full = min(a.shape)
+    rank = full if rank is None else max(0, min(rank, full))
+    if mode == "randomized" and rank + _OVERSAMPLE < full:
+        return _randomized_svd(a, rank, generator)
+    u, s, vh = torch.linalg.svd(a, full_matrices=False)
+    return u[:, :rank], s[:rank], vh[:rank]
+
+
+def _randomized_svd(a: Tensor, rank: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor]:
+    q = rank + _OVERSAMPLE
+    omega = torch.randn(a.shape[1], q, generator=generator, dtype=a.dtype, device=a.device)
+    basis = torch.linalg.qr(a @ omega).Q
+    for _ in range(_POWER_ITERATIONS):
+        # Re-orthonormalise between products so small singular values survive in float32.
+        basis = torch.linalg.qr(a @ torch.linalg.qr(a.T @ basis).Q).Q
+    u, s, vh = torch.linalg.svd(basis.T @ a, full_matrices=False)
+    return (basis @ u)[:, :rank], s[:rank], vh[:rank]
+
+
+def orthogonalize(m: Tensor) -> Tensor:
+    """Nearest matrix with orthonormal columns (or rows): ``P Q^T`` from ``m = P S Q^T``."""
+    p, _, qh = torch.linalg.svd(m.float(), full_matrices=False)
+    return p @ qh
+
+
+def numerical_rank(s: Tensor, shape: Sequence[int]) -> int:
+    """Count of singular values above ``max(shape) * eps * s_max`` (numpy's matrix_rank rule)."""
+    if s.numel() == 0:
+        return 0
+    tol = max(shape) * torch.finfo(s.dtype).eps * s.max()
+    return int((s > tol).sum())
+
+
+def flatten_spectrum(s: Tensor, shape: Sequence[int]) -> Tensor:
+    """Iso-C's isotropic spectrum: every nonzero singular value replaced by their mean.
+
+    Directions at numerical zero stay zero: their singular vectors are arbitrary,
+    so lifting them to the mean would add noise.
+    """
+    r = numerical_rank(s, shape)
+    out = torch.zeros_like(s)
+    if r:
+        out[:r] = s[:r].mean()
+    return out
+
+
+def energy_rank(s: Tensor, energy: float, total: float | None = None) -> int:
+    """Fewest leading singular values whose squared sum reaches ``energy`` of ``total``.
+
+    ``total`` defaults to ``sum(s**2)``; pass ``||A||_F^2`` when ``s`` is truncated.
+    """
+    sq = s.double().square()
+    total = float(sq.sum()) if total is None else total
+    if total <= 0 or s.numel() == 0:
+        return 0
+    reached = (sq.cumsum(0) >= energy * total * (1 - 1e-12)).nonzero()
+    return int(reached[0]) + 1 if reached.numel() else s.numel()
