@@ -1,0 +1,71 @@
+"""The CLI: user errors exit 2 with one readable line; merge writes what the spec asks."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.repo_factory import llava_like, write_repo
+
+
+@pytest.fixture
+def run_cli(capsys, monkeypatch):
+    """Run the CLI in-process, as `main` does for the console script."""
+    from pivotmerge.cli import main
+
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+        monkeypatch.chdir(cwd)
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return run
+
+
+def test_merge_reads_model_paths_relative_to_the_spec(tmp_path, run_cli):
+    write_repo(tmp_path / "specs" / "a", llava_like(0))
+    write_repo(tmp_path / "specs" / "b", {k: v * 3 for k, v in llava_like(0).items() if v.is_floating_point()}
+               | {"vision_tower.embeddings.position_ids": llava_like(0)["vision_tower.embeddings.position_ids"]})
+    (tmp_path / "specs" / "spec.yaml").write_text("method: linear\nmodels:\n  - model: a\n  - model: b\ncomponents: [projector]\n")
+    result = run_cli("merge", "specs/spec.yaml", "-o", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    w = llava_like(0)["multi_modal_projector.linear_2.weight"]
+    assert torch.allclose(merged["multi_modal_projector.linear_2.weight"], 2 * w)
+    assert "merged 4 of" in result.stderr
+
+
+def test_user_errors_exit_2_with_one_line_and_no_traceback(tmp_path, run_cli):
+    (tmp_path / "bad.yaml").write_text("method: linear\nmodels:\n  - model: nowhere\nnoise: 1\n")
+    (tmp_path / "notyaml.yaml").write_text("method: [unclosed\n")
+    cases = {
+        "bad.yaml": "error: noise: Extra inputs are not permitted",
+        "notyaml.yaml": "not valid YAML",
+        "missing.yaml": "cannot read spec missing.yaml",
+    }
+    for file, message in cases.items():
+        result = run_cli("merge", file, "-o", "out", cwd=tmp_path)
+        assert result.returncode == 2, (file, result.stderr)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and message in lines[0], (file, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_methods_lists_every_registered_method_with_parameters(tmp_path, run_cli):
+    from pivotmerge.methods import all_methods
+
+    result = run_cli("methods", cwd=tmp_path)
+    assert result.returncode == 0
+    for name, method in all_methods().items():
+        assert name in result.stdout
+        for param in method.params.model_fields:
+            assert param in result.stdout
