@@ -160,25 +160,30 @@ def orthogonalize(m: Tensor) -> Tensor:
     return p @ qh
 
 
-def numerical_rank(s: Tensor, shape: Sequence[int]) -> int:
-    """Count of singular values above ``max(shape) * eps * s_max`` (numpy's matrix_rank rule)."""
+def nonzero_singular(s: Tensor, shape: Sequence[int]) -> Tensor:
+    """Mask of singular values above ``max(shape) * eps * s_max`` (numpy's matrix_rank rule)."""
     if s.numel() == 0:
-        return 0
-    tol = max(shape) * torch.finfo(s.dtype).eps * s.max()
-    return int((s > tol).sum())
+        return torch.zeros_like(s, dtype=torch.bool)
+    return s > max(shape) * torch.finfo(s.dtype).eps * s.max()
+
+
+def significant(u: Tensor, s: Tensor, vh: Tensor, shape: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    """Drop SVD directions at numerical zero before singular vectors are orthogonalised
+    together: their vectors are arbitrary and would rotate the real ones."""
+    keep = nonzero_singular(s, shape)
+    return u[:, keep], s[keep], vh[keep]
 
 
 def flatten_spectrum(s: Tensor, shape: Sequence[int]) -> Tensor:
     """Iso-C's isotropic spectrum: every nonzero singular value replaced by their mean.
 
-    Directions at numerical zero stay zero: their singular vectors are arbitrary,
-    so lifting them to the mean would add noise.
+    ``s`` need not be sorted. Directions at numerical zero stay zero: their
+    singular vectors are arbitrary, so lifting them to the mean would add noise.
     """
-    r = numerical_rank(s, shape)
-    out = torch.zeros_like(s)
-    if r:
-        out[:r] = s[:r].mean()
-    return out
+    keep = nonzero_singular(s, shape)
+    if not keep.any():
+        return torch.zeros_like(s)
+    return torch.where(keep, s[keep].mean(), 0.0)
 
 
 def energy_rank(s: Tensor, energy: float, total: float | None = None) -> int:

@@ -1,0 +1,86 @@
+"""Isotropic merging (Marczak et al. 2025, "No task left behind").
+
+``iso_c`` flattens the spectrum of the summed task update; ``iso_cts`` adds
+task-specific directions orthogonal to the common subspace before flattening.
+Tensors that are not 2-D take task arithmetic.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from pydantic import Field
+
+from . import Merged, Method, MethodParams, Tensor, register
+from ._ops import SvdMode, column_weights, flatten_spectrum, orthogonalize, significant, stacked_deltas, svd, weighted_sum
+
+
+class IsoCParams(MethodParams):
+    alpha: float = Field(1.0, description="Scale of the merged delta: W0 + alpha * delta.")
+
+
+class IsoCTSParams(IsoCParams):
+    common_space_fraction: float = Field(
+        0.8, ge=0, le=1, description="Share of min(m, n) directions taken from the summed update's top singular vectors.")
+    svd: SvdMode = Field("exact", description="Truncated SVDs: exact, or seeded randomized low-rank.")
+
+
+def _task_arithmetic(tensors: Sequence[Tensor], base: Tensor, weights: Sequence[float], alpha: float) -> Merged:
+    return Merged(weighted_sum((t - base for t in tensors), weights).mul_(alpha).add_(base))
+
+
+def iso_c(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
+          params: IsoCParams, generator: torch.Generator | None = None) -> Merged:
+    assert base is not None
+    if base.dim() != 2:
+        return _task_arithmetic(tensors, base, weights, params.alpha)
+    # The full spectrum is needed for its mean, so this SVD is always exact.
+    u, s, vh = svd(weighted_sum((t - base for t in tensors), weights))
+    flat = flatten_spectrum(s, base.shape)
+    delta = (u * flat) @ vh
+    return Merged(delta.mul_(params.alpha).add_(base), {"rank": int((flat > 0).sum()), "sigma": float(flat.max())})
+
+
+def iso_cts(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
+            params: IsoCTSParams, generator: torch.Generator | None = None) -> Merged:
+    assert base is not None
+    if base.dim() != 2:
+        return _task_arithmetic(tensors, base, weights, params.alpha)
+    full = min(base.shape)
+    common = max(1, int(params.common_space_fraction * full))
+    specific = (full - common) // len(tensors)
+    deltas = stacked_deltas(tensors, base)
+    deltas.mul_(column_weights(weights, deltas))
+    u_c, s_c, vh_c = significant(*svd(deltas.sum(dim=0), common, params.svd, generator), base.shape)
+    us, ss, vhs = [u_c], [s_c], [vh_c]
+    if specific:
+        # Each task's own directions, outside the common subspace.
+        deltas.sub_(u_c @ (u_c.T @ deltas))
+        for d in deltas:
+            u, s, vh = significant(*svd(d, specific, params.svd, generator), base.shape)
+            us.append(u)
+            ss.append(s)
+            vhs.append(vh)
+    s_all = torch.cat(ss)
+    flat = flatten_spectrum(s_all, base.shape)
+    u_perp = orthogonalize(torch.cat(us, dim=1))
+    vh_perp = orthogonalize(torch.cat(vhs, dim=0))
+    delta = (u_perp * flat) @ vh_perp
+    info = {"common_rank": int(s_c.numel()), "task_rank": specific}
+    return Merged(delta.mul_(params.alpha).add_(base), info)
+
+
+ISO_C = register(Method(
+    name="iso_c",
+    summary="Iso-C: SVD of the summed task update with every singular value replaced by their mean.",
+    params=IsoCParams,
+    merge=iso_c,
+))
+
+ISO_CTS = register(Method(
+    name="iso_cts",
+    summary="Iso-CTS: common subspace of the summed update plus task-specific orthogonal directions, flattened spectrum.",
+    params=IsoCTSParams,
+    merge=iso_cts,
+))
