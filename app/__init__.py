@@ -1,0 +1,1 @@
+"""The PivotMerge HTTP service: FastAPI routes, auth, settings and database models."""

@@ -1,0 +1,47 @@
+"""The FastAPI application: `uvicorn --factory app.main:create_app`."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI
+
+from pivotmerge import __version__
+from workers.celery_app import make_celery
+
+from .db import make_engine, make_sessionmaker
+from .errors import install_error_handlers
+from .limits import BodySizeLimit
+from .routers import analyses, health, merges
+from .settings import Settings, get_settings
+from .storage import make_store
+
+DESCRIPTION = """Merge multimodal (LLaVA-style) models as jobs.
+
+Every `/v1` request needs `Authorization: Bearer <team API key>`. A team sees only
+its own jobs: another team's job id answers 404, exactly like a missing one.
+Errors are JSON `{"detail": "...", "field": "..."}`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    engine = make_engine(settings.database_url)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    app = FastAPI(title="PivotMerge", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = make_sessionmaker(engine)
+    app.state.store = make_store(settings)
+    app.state.celery = make_celery(settings)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    for module in (merges, analyses, health):
+        app.include_router(module.router)
+    return app

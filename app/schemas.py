@@ -1,0 +1,97 @@
+"""Request and response bodies of the HTTP API.
+
+The request body of POST /v1/merges and /v1/analyses is the engine's own
+`pivotmerge.spec.MergeSpec`: one schema for the CLI's YAML and the API's JSON.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, Field
+
+from pivotmerge.errors import SpecError
+from pivotmerge.spec import MergeSpec, spec_from_dict
+
+from .models import JobKind, JobState
+
+
+def _accept_mergekit_config(value: Any) -> Any:
+    # spec_from_dict translates a mergekit config (it has `merge_method`) into our spec.
+    if isinstance(value, dict) and "merge_method" in value:
+        try:
+            return spec_from_dict(value)
+        except SpecError as exc:
+            raise ValueError(str(exc)) from None
+    return value
+
+
+SpecBody = Annotated[MergeSpec, BeforeValidator(_accept_mergekit_config)]
+
+
+class ErrorOut(BaseModel):
+    detail: str = Field(..., description="What went wrong, in one line.")
+    field: str | None = Field(None, description="The offending field, when one is to blame.")
+
+
+class ProgressOut(BaseModel):
+    fraction: float = Field(..., ge=0, le=1)
+    stage: str | None = Field(None, description="check, merge, write, evaluate, analyze or done.")
+    layer: int | None = Field(None, description="The layer being merged.")
+    message: str | None = None
+
+
+class JobOut(BaseModel):
+    id: uuid.UUID
+    kind: JobKind
+    state: JobState
+    spec: dict[str, Any] = Field(..., description="The spec as accepted, with defaults filled in.")
+    progress: ProgressOut
+    attempts: int = Field(..., description="Times a worker has started this job.")
+    error: str | None = Field(None, description="Why the job failed.")
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobPage(BaseModel):
+    jobs: list[JobOut]
+    next_page_token: str | None = Field(None, description="Pass as page_token for the next page; absent on the last.")
+
+
+class EventOut(BaseModel):
+    seq: int = Field(..., description="Sequence number within the job, from 1; the SSE event id.")
+    type: str = Field(..., description="state, progress or attempt.")
+    data: dict[str, Any]
+    created_at: datetime
+
+
+class EventPage(BaseModel):
+    events: list[EventOut]
+
+
+class ArtifactOut(BaseModel):
+    name: str
+    size: int
+    sha256: str
+    url: str = Field(..., description="Download path, relative to the API root.")
+
+
+class ArtifactList(BaseModel):
+    artifacts: list[ArtifactOut]
+
+
+class MetricsOut(BaseModel):
+    job_id: uuid.UUID
+    state: JobState
+    metrics: dict[str, Any] | None = Field(
+        None, description="Evaluation metrics of a merge (when its spec asks to evaluate), the distance metrics of an "
+                          "analysis; null until the job has succeeded.")
+
+
+class HealthOut(BaseModel):
+    status: str
+    checks: dict[str, str] = Field(default_factory=dict)

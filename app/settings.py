@@ -1,0 +1,79 @@
+"""Service configuration, read from PIVOTMERGE_* environment variables.
+
+With nothing set, everything lives under ``data_dir``: a SQLite database, a
+SQLite-backed Celery broker and local artifact storage. That is the embedded
+mode `pivotmerge serve` runs for a newcomer; a deployment points
+PIVOTMERGE_DATABASE_URL at Postgres and PIVOTMERGE_BROKER_URL at Redis.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+GPU_QUEUE = "gpu"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PIVOTMERGE_", extra="ignore")
+
+    data_dir: Path = Field(Path.home() / ".pivotmerge", description="Home of every embedded-mode default below.")
+    database_url: str = Field("", description="SQLAlchemy URL; default: SQLite in data_dir.")
+    broker_url: str = Field("", description="Celery broker URL; default: a SQLite broker in data_dir (no server).")
+    broker_key_prefix: str = Field("", description="Prefix for the broker's Redis keys, to share one Redis between deployments.")
+
+    storage: Literal["local", "s3"] = "local"
+    storage_dir: Path | None = Field(None, description="Local artifact store; default: data_dir/artifacts.")
+    s3_bucket: str = ""
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = Field(None, description="For S3-compatible stores (MinIO, Ceph...).")
+    s3_region: str | None = None
+
+    allowed_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="Folders model repos may be read from (os.pathsep-separated); default: data_dir/models.")
+    work_dir: Path | None = Field(None, description="Scratch space for merges in progress; default: data_dir/work.")
+
+    max_request_bytes: int = Field(1 << 20, gt=0, description="Largest request body; larger answers 413.")
+    max_active_jobs_per_team: int = Field(4, gt=0, description="Queued + running jobs a team may have; more answers 429.")
+    retry_after_seconds: int = Field(30, gt=0, description="Retry-After sent with 429.")
+    max_attempts: int = Field(3, gt=0, description="Times a job is started before a job whose worker keeps dying is failed.")
+    task_soft_time_limit: int = Field(6 * 3600, gt=0, description="Seconds before a merge is stopped and failed.")
+    task_time_limit: int = Field(6 * 3600 + 300, gt=0, description="Seconds before the worker process is killed.")
+    broker_visibility_timeout: int = Field(7 * 3600, gt=0, description="Seconds before the broker redelivers an unacknowledged job.")
+
+    @field_validator("allowed_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p for p in value.split(os.pathsep) if p]
+        return value
+
+    @model_validator(mode="after")
+    def _defaults_and_limits(self) -> "Settings":
+        self.data_dir = self.data_dir.expanduser()
+        self.database_url = self.database_url or f"sqlite:///{self.data_dir / 'pivotmerge.db'}"
+        self.broker_url = self.broker_url or f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+        self.storage_dir = (self.storage_dir or self.data_dir / "artifacts").expanduser()
+        self.work_dir = (self.work_dir or self.data_dir / "work").expanduser()
+        self.allowed_roots = [p.expanduser().resolve() for p in self.allowed_roots] or [self.data_dir / "models"]
+        if self.storage == "s3" and not self.s3_bucket:
+            raise ValueError("PIVOTMERGE_S3_BUCKET is required when PIVOTMERGE_STORAGE=s3")
+        # A job must be stopped (soft), then killed (hard), before the broker
+        # hands its message to another worker, or two workers would run it at once.
+        if not self.task_soft_time_limit < self.task_time_limit < self.broker_visibility_timeout:
+            raise ValueError("need task_soft_time_limit < task_time_limit < broker_visibility_timeout")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

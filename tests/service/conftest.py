@@ -1,0 +1,117 @@
+"""Fixtures for the service: a fresh Postgres database, Redis, a real Celery worker.
+
+Nothing is mocked. The database `pivotmerge_test_<random>` is created for the
+session and dropped at the end; the broker uses its own Redis key prefix, so
+parallel sessions on one Redis do not see each other's jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from app.auth import create_api_key, create_team
+from app.db import make_engine, make_sessionmaker, migrate
+from app.main import create_app
+from app.settings import Settings
+from pivotmerge.example import ExampleSet, make_example
+from service_support import WorkerProcess, service_env
+
+PG_ADMIN_URL = os.environ.get("PIVOTMERGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("PIVOTMERGE_TEST_REDIS", "redis://127.0.0.1:6379/11")
+MAX_ATTEMPTS = 2
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    name = f"pivotmerge_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    url = f"{base}/{name}"
+    migrate(url)
+    yield url
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def service_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("service")
+
+
+@pytest.fixture(scope="session")
+def settings_values(database_url: str, service_dir: Path) -> dict[str, str]:
+    """PIVOTMERGE_* settings shared by the in-process API and the worker process."""
+    (service_dir / "models").mkdir()
+    return {
+        "database_url": database_url,
+        "broker_url": REDIS_URL,
+        "broker_key_prefix": f"pmtest-{uuid.uuid4().hex[:8]}:",
+        "data_dir": str(service_dir / "data"),
+        "allowed_roots": str(service_dir / "models"),
+        "max_attempts": str(MAX_ATTEMPTS),
+        "max_active_jobs_per_team": "50",
+    }
+
+
+@pytest.fixture(scope="session")
+def settings(settings_values: dict[str, str]) -> Settings:
+    return Settings(**settings_values)
+
+
+@pytest.fixture(scope="session")
+def sessions(settings: Settings):  # type: ignore[no-untyped-def]
+    engine = make_engine(settings.database_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+def _new_team(sessions, name: str) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    with sessions() as session:
+        team = create_team(session, f"{name}-{uuid.uuid4().hex[:8]}")
+        _, key = create_api_key(session, team)
+        session.commit()
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def team(sessions) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """Auth headers of a fresh team."""
+    return _new_team(sessions, "team")
+
+
+@pytest.fixture
+def other_team(sessions) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    return _new_team(sessions, "other")
+
+
+@pytest.fixture(scope="session")
+def tiny(settings: Settings) -> ExampleSet:
+    """A tiny base + 2 experts under the allowed root: merges in a fraction of a second."""
+    return make_example(settings.allowed_roots[0] / "tiny", n_experts=2)
+
+
+@pytest.fixture(scope="session")
+def slow(settings: Settings) -> ExampleSet:
+    """Bigger models; merged with tsv (an SVD per tensor) a job runs for about a second, long enough to interrupt."""
+    return make_example(settings.allowed_roots[0] / "small", n_experts=2, size="small")
+
+
+@pytest.fixture(scope="session")
+def worker(settings_values: dict[str, str], service_dir: Path) -> Iterator[WorkerProcess]:
+    process = WorkerProcess(service_env(settings_values), service_dir / "worker.log", f"pmtest-{uuid.uuid4().hex[:6]}")
+    yield process
+    process.stop()

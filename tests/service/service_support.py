@@ -1,0 +1,67 @@
+"""Helpers for the service tests: waiting on jobs, starting worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from fastapi.testclient import TestClient
+
+from app.models import FINAL_STATES
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def wait_final(client: TestClient, url: str, headers: dict[str, str], timeout: float = 60) -> dict[str, Any]:
+    def final() -> dict[str, Any] | None:
+        job = client.get(url, headers=headers).json()
+        return job if job["state"] in {s.value for s in FINAL_STATES} else None
+
+    return wait_for(final, timeout, f"{url} to finish", interval=0.1)
+
+
+def merge_spec(example: Any, method: str = "task_arithmetic", **extra: Any) -> dict[str, Any]:
+    return {"method": method, "base_model": str(example.base), "models": [{"model": str(p)} for p in example.experts],
+            "device": "cpu", **extra}
+
+
+class WorkerProcess:
+    """A real `celery worker` process on the gpu queue, as a deployment runs it."""
+
+    def __init__(self, env: dict[str, str], log: Path, name: str) -> None:
+        self.log = log
+        command = [sys.executable, "-m", "celery", "-A", "workers.worker", "worker", "-Q", "gpu", "-c", "1",
+                   "--pool", "prefork", "-n", f"{name}@%h", "-l", "info",
+                   "--without-gossip", "--without-mingle", "--without-heartbeat"]
+        self.process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                        cwd=Path(__file__).resolve().parents[2])
+        wait_for(lambda: " ready." in log.read_text() or self.process.poll() is not None, 90, "the worker to start", 0.2)
+        assert self.process.poll() is None, f"worker exited:\n{log.read_text()[-3000:]}"
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def service_env(settings: dict[str, str]) -> dict[str, str]:
+    """The environment for a worker process: ours without stray PIVOTMERGE_* values, plus `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIVOTMERGE_")}
+    env.update({f"PIVOTMERGE_{k.upper()}": v for k, v in settings.items()})
+    return env

@@ -1,0 +1,1 @@
+"""Celery workers: run jobs with the pivotmerge engine and record their progress."""

@@ -1,0 +1,50 @@
+"""Celery configuration shared by the API (which enqueues) and the workers (see workers/worker.py).
+
+One job at a time per worker (one worker per GPU): concurrency 1, prefetch 1.
+Each job runs in a fresh child process (max_tasks_per_child=1) forked from a
+parent that never initialises CUDA, so no process forks after CUDA is up and no
+GPU memory outlives its job. Late acknowledgement plus reject-on-worker-lost
+puts a job whose process died back on the queue; the attempts counter on the
+job row (see app.jobs.start_attempt) stops it from coming back forever.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from celery import Celery
+
+from app.settings import GPU_QUEUE, Settings
+
+RUN_JOB = "pivotmerge.run_job"
+
+
+def make_celery(settings: Settings) -> Celery:
+    celery = Celery("pivotmerge", broker=settings.broker_url, include=["workers.tasks"])
+    transport_options: dict[str, object] = {"visibility_timeout": settings.broker_visibility_timeout}
+    if settings.broker_key_prefix:
+        transport_options["global_keyprefix"] = settings.broker_key_prefix
+    celery.conf.update(
+        task_routes={RUN_JOB: {"queue": GPU_QUEUE}},
+        task_default_queue=GPU_QUEUE,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        worker_max_tasks_per_child=1,
+        task_soft_time_limit=settings.task_soft_time_limit,
+        task_time_limit=settings.task_time_limit,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        # Job state lives in the database; Celery keeps no results.
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_hijack_root_logger=False,
+    )
+    return celery
+
+
+def enqueue_job(celery: Celery, job_id: uuid.UUID) -> None:
+    celery.send_task(RUN_JOB, args=[str(job_id)], queue=GPU_QUEUE)
+

@@ -1,0 +1,173 @@
+"""The job task: run one merge or analysis with the engine, writing progress to the database."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from billiard.einfo import ExceptionInfo
+from celery import Task, shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+import pivotmerge
+from app.db import make_engine, make_sessionmaker
+from app.jobs import add_event, current_state, start_attempt, transition
+from app.models import ACTIVE_STATES, Artifact, Job, JobKind, JobState, utcnow
+from app.settings import Settings
+from app.storage import ArtifactStore, artifact_key, file_sha256, make_store
+from pivotmerge.errors import MergeCancelled, PivotMergeError
+from pivotmerge.progress import Progress
+from pivotmerge.spec import spec_from_dict
+
+from .celery_app import RUN_JOB
+
+log = logging.getLogger(__name__)
+
+ANALYSIS_REPORT = "analysis_report.json"
+PROGRESS_INTERVAL_SECONDS = 0.5
+CANCEL_POLL_SECONDS = 0.25
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    store: ArtifactStore
+    pid: int
+
+
+_context: WorkerContext | None = None
+
+
+def context() -> WorkerContext:
+    """Settings, database and store of this process; rebuilt in a forked child, which must not share connections."""
+    global _context
+    if _context is None or _context.pid != os.getpid():
+        settings = Settings()
+        _context = WorkerContext(settings, make_sessionmaker(make_engine(settings.database_url)),
+                                 make_store(settings), os.getpid())
+    return _context
+
+
+class JobReporter:
+    """The engine's progress callback and cancel check, backed by the job's row."""
+
+    def __init__(self, sessions: sessionmaker[Session], job_id: uuid.UUID) -> None:
+        self.sessions = sessions
+        self.job_id = job_id
+        self._last_write = 0.0
+        self._stage: str | None = None
+        self._last_poll = 0.0
+        self._cancel = False
+
+    def progress(self, p: Progress) -> None:
+        # Every stage change and the end of a stage are written; in between, at
+        # most twice a second, so a model of thousands of tensors does not
+        # write thousands of rows.
+        now = time.monotonic()
+        if p.stage == self._stage and p.done < p.total and now - self._last_write < PROGRESS_INTERVAL_SECONDS:
+            return
+        self._stage, self._last_write = p.stage, now
+        with self.sessions() as session:
+            session.execute(update(Job).where(Job.id == self.job_id).values(
+                progress_fraction=min(max(p.fraction, 0.0), 1.0), progress_stage=p.stage, progress_layer=p.layer,
+                progress_message=p.message or None, updated_at=utcnow()))
+            add_event(session, self.job_id, "progress", p.as_dict())
+            session.commit()
+
+    def should_cancel(self) -> bool:
+        now = time.monotonic()
+        if not self._cancel and now - self._last_poll >= CANCEL_POLL_SECONDS:
+            self._last_poll = now
+            with self.sessions() as session:
+                self._cancel = current_state(session, self.job_id) is not JobState.running
+        return self._cancel
+
+
+def run_engine(kind: JobKind, spec_data: dict[str, Any], out_dir: Path, settings: Settings,
+               reporter: JobReporter) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Run the job; returns (report, metrics) with out_dir holding the files to publish."""
+    spec = spec_from_dict(spec_data)
+    hooks = dict(progress=reporter.progress, should_cancel=reporter.should_cancel, allowed_roots=settings.allowed_roots)
+    if kind is JobKind.merge:
+        report = pivotmerge.merge(spec, out_dir, **hooks)
+        return report, report.get("metrics")
+    report = pivotmerge.analyze(spec, **hooks)
+    out_dir.mkdir(parents=True)
+    (out_dir / ANALYSIS_REPORT).write_text(json.dumps(report, indent=2))
+    return report, report
+
+
+def publish(ctx: WorkerContext, session: Session, job_id: uuid.UUID, out_dir: Path) -> None:
+    """Hash every output file, put it in the artifact store and record it."""
+    for path in sorted(p for p in out_dir.rglob("*") if p.is_file()):
+        name = path.relative_to(out_dir).as_posix()
+        size, digest = path.stat().st_size, file_sha256(path)
+        key = artifact_key(job_id, name)
+        ctx.store.put(key, path)
+        session.add(Artifact(job_id=job_id, name=name, size=size, sha256=digest, storage_key=key))
+
+
+def fail(sessions: sessionmaker[Session], job_id: uuid.UUID, error: str) -> None:
+    with sessions() as session:
+        transition(session, job_id, ACTIVE_STATES, JobState.failed, error=error)
+        session.commit()
+
+
+class JobTask(Task):
+    def on_failure(self, exc: BaseException, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+                   einfo: ExceptionInfo) -> None:
+        # Reached for what run_job cannot catch itself, chiefly the hard time
+        # limit, which kills the process (this runs in the worker's parent).
+        fail(context().sessions, uuid.UUID(args[0]), f"the worker gave up on the job: {type(exc).__name__}: {exc}")
+
+
+@shared_task(name=RUN_JOB, bind=True, base=JobTask)
+def run_job(self: Task, job_id: str) -> None:
+    ctx = context()
+    jid = uuid.UUID(job_id)
+    with ctx.sessions() as session:
+        # hostname:pid names the process to look at (or kill) when a job misbehaves.
+        run = start_attempt(session, jid, f"{self.request.hostname}:{os.getpid()}", ctx.settings.max_attempts)
+        session.commit()
+        job = session.get(Job, jid)
+    if not run or job is None:
+        return
+
+    assert ctx.settings.work_dir is not None
+    work = ctx.settings.work_dir / job_id
+    shutil.rmtree(work, ignore_errors=True)  # what an attempt whose worker died left behind
+    work.mkdir(parents=True)
+    reporter = JobReporter(ctx.sessions, jid)
+    try:
+        report, metrics = run_engine(job.kind, job.spec, work / "out", ctx.settings, reporter)
+        with ctx.sessions() as session:
+            publish(ctx, session, jid, work / "out")
+            # A cancel that arrives after the engine has finished is too late: the result stands.
+            if not transition(session, jid, [JobState.running, JobState.cancelling], JobState.succeeded,
+                              report=report, metrics=metrics, progress_fraction=1.0, progress_stage="done"):
+                session.rollback()
+                ctx.store.delete_prefix(artifact_key(jid, ""))
+            session.commit()
+    except MergeCancelled:
+        with ctx.sessions() as session:
+            transition(session, jid, ACTIVE_STATES, JobState.cancelled)
+            session.commit()
+    except PivotMergeError as exc:
+        fail(ctx.sessions, jid, str(exc))
+    except SoftTimeLimitExceeded:
+        fail(ctx.sessions, jid, f"stopped after the time limit of {ctx.settings.task_soft_time_limit} s")
+    except Exception as exc:  # a bug, not the user's fault: keep the traceback in the worker log
+        log.exception("job %s failed", job_id)
+        fail(ctx.sessions, jid, f"internal error: {type(exc).__name__}: {exc}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
