@@ -103,22 +103,25 @@ def elected_mask(weighted: Tensor) -> Tensor:
     return weighted.sign() == elected
 
 
-def consensus_merge(deltas: Tensor, weights: Sequence[float], normalize: bool) -> tuple[Tensor, Tensor]:
-    """Disjoint merge of a ``(K, *shape)`` stack: ``sum_k w_k d_k m_k / sum_k w_k m_k``.
+def masked_merge(weighted: Tensor, w: Tensor, mask: Tensor, normalize: bool) -> Tensor:
+    """Disjoint merge ``sum_k w_k d_k m_k / sum_k w_k m_k`` of weighted deltas ``w_k d_k``.
 
-    ``m_k`` is the sign-election mask; without ``normalize`` the division is skipped.
-    Entries no expert agrees on divide by 1. Returns the merged delta and the mask.
-    Overwrites ``deltas`` with the weighted deltas.
+    ``w`` is shaped by ``column_weights``. Without ``normalize`` the division is
+    skipped; entries no expert takes part in divide by 1, as in mergekit.
     """
-    w = column_weights(weights, deltas)
-    weighted = deltas.mul_(w)
-    mask = elected_mask(weighted)
     merged = (weighted * mask).sum(dim=0)
     if normalize:
         divisor = (w * mask).sum(dim=0)
         divisor[divisor == 0] = 1
         merged.div_(divisor)
-    return merged, mask
+    return merged
+
+
+def consensus_merge(deltas: Tensor, weights: Sequence[float], normalize: bool) -> Tensor:
+    """TIES election and disjoint merge of a ``(K, *shape)`` stack, overwriting ``deltas``."""
+    w = column_weights(weights, deltas)
+    weighted = deltas.mul_(w)
+    return masked_merge(weighted, w, elected_mask(weighted), normalize)
 
 
 def normalize_by_weight_sum(merged: Tensor, weights: Sequence[float]) -> Tensor:

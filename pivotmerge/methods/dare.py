@@ -43,7 +43,7 @@ def dare_ties(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[
     deltas = stacked_deltas(tensors, base)
     for d, density in zip(deltas, per_model(params.density, len(tensors), "density")):
         random_drop_(d, density, generator, params.rescale)
-    merged, _ = consensus_merge(deltas, weights, params.normalize)
+    merged = consensus_merge(deltas, weights, params.normalize)
     return merged.mul_(scale(params)).add_(base)
 
 

@@ -23,7 +23,7 @@ def ties(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float
     deltas = stacked_deltas(tensors, base)
     for d, density in zip(deltas, per_model(params.density, len(tensors), "density")):
         magnitude_trim_(d, density)
-    merged, _ = consensus_merge(deltas, weights, params.normalize)
+    merged = consensus_merge(deltas, weights, params.normalize)
     return merged.mul_(scale(params)).add_(base)
 
 

@@ -1,0 +1,179 @@
+"""PivotMerge: shared-space decomposition, conflict filtering and layer weights.
+
+Our reading of arXiv 2604.22823 (its abstract names the components, not the
+formulas); docs/methods.md states every formula. For one tensor of layer ``l``:
+
+1. pivot ``W0`` (the base, else the experts' mean); deltas ``d_k = W_k - W0``;
+2. shared space: the top left singular vectors ``U`` of ``[d_1 ... d_K]`` up to an
+   energy fraction / max rank; coefficients ``C_k = U^T d_k``, residuals ``d_k - U C_k``;
+3. filtering: direction ``j`` is suppressed when the experts' coefficient rows
+   cancel: ``1 - ||sum_k a_k C_k[j]|| / sum_k |a_k| ||C_k[j]|| > threshold``;
+4. spectrum of the merged shared update kept or flattened (Iso-C);
+5. per-expert weights ``a_k`` and layer scale ``lambda_l`` from a score in [0, 1]:
+   the expert's energy share in the shared space (``weight``) or calibration
+   alignment (``data``);
+6. ``W = W0 + lambda_l (U M + rho * sum_k a_k trunc(R_k))``.
+
+Vectors (biases, norms) take a sign-consistent mean of the deltas, scaled like a layer.
+With shared space, filtering and flattening off and uniform weights, this is
+task arithmetic with ``lambda = lambda_max``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+import torch
+from pydantic import Field, model_validator
+
+from . import Merged, Method, MethodParams, Tensor, register
+from ._ops import (SvdMode, column_weights, elected_mask, energy_rank, flatten_spectrum, masked_merge,
+                   significant, svd, weighted_sum)
+
+
+class Params(MethodParams):
+    shared_space: bool = Field(True, description="Split each delta into its part in the experts' shared subspace and a residual.")
+    energy: float = Field(0.9, gt=0, le=1, description="Shared subspace: fewest directions holding this fraction of the stacked deltas' energy.")
+    max_rank: int | None = Field(None, ge=1, description="Shared subspace: at most this many directions (required with svd: randomized).")
+    filtering: bool = Field(True, description="Suppress shared directions on which the experts' updates cancel.")
+    conflict_threshold: float = Field(0.5, ge=0, le=1, description="Suppress a direction whose conflict score 1 - |sum| / sum|.| exceeds this.")
+    residual_weight: float = Field(0.5, ge=0, description="Weight of the experts' residuals outside the shared space; 0 drops them.")
+    residual_rank: int | None = Field(None, ge=1, description="Truncate each expert's residual to this rank; None keeps it whole.")
+    spectrum: Literal["keep", "flatten"] = Field("flatten", description="Merged shared update: keep its singular values, or replace them by their mean (Iso-C).")
+    layer_weighting: Literal["uniform", "weight", "data"] = Field(
+        "weight", description="uniform: weights as given, lambda_max; weight: data-free shared-energy proxy; data: calibration alignment.")
+    alignment: list[float] | None = Field(None, description="data mode: per-expert alignment scores in [0, 1] for this layer (set by the engine).")
+    lambda_min: float = Field(0.5, description="Layer scale for a layer scoring 0: lambda_l = lambda_min + (lambda_max - lambda_min) * s_l.")
+    lambda_max: float = Field(1.0, description="Layer scale for a layer scoring 1 (and every layer under uniform weighting).")
+    svd: SvdMode = Field("exact", description="Shared-space and residual SVDs: exact, or seeded randomized low-rank.")
+
+    @model_validator(mode="after")
+    def _randomized_needs_rank(self) -> "Params":
+        if self.svd == "randomized" and self.shared_space and self.max_rank is None:
+            raise ValueError("svd: randomized needs max_rank (the rank to sketch)")
+        return self
+
+
+def layer_weights(params: Params, weights: Sequence[float], shares: Tensor) -> tuple[list[float], float]:
+    """Per-expert weights ``a_k`` and the layer score ``s_l`` in [0, 1].
+
+    Scores ``e_k`` (shares, or alignment in data mode) reweight the experts with
+    their sum kept: ``a_k = sum(w) * w_k e_k / sum_j w_j e_j``; ``s_l`` is the
+    weight-averaged score. Uniform weighting gives ``a = w``, ``s_l = 1``.
+    """
+    if params.layer_weighting == "uniform":
+        return [float(w) for w in weights], 1.0
+    if params.layer_weighting == "data":
+        if params.alignment is None:
+            raise ValueError("layer_weighting: data needs alignment scores (from calibration data)")
+        if len(params.alignment) != len(weights):
+            raise ValueError(f"alignment: expected {len(weights)} scores (one per expert), got {len(params.alignment)}")
+        if not all(0 <= a <= 1 for a in params.alignment):
+            raise ValueError("alignment: scores must lie in [0, 1]")
+        scores = [float(a) for a in params.alignment]
+    else:
+        scores = shares.tolist()
+    total_w = sum(weights)
+    scored = sum(w * e for w, e in zip(weights, scores))
+    alpha = [float(w) for w in weights] if scored == 0 else [total_w * w * e / scored for w, e in zip(weights, scores)]
+    score = scored / total_w if total_w else sum(scores) / len(scores)
+    return alpha, min(1.0, max(0.0, score))
+
+
+def _layer_scale(params: Params, score: float) -> float:
+    return params.lambda_min + (params.lambda_max - params.lambda_min) * score
+
+
+def _interleaved_deltas(tensors: Sequence[Tensor], base: Tensor) -> Tensor:
+    """``(m, K, n)`` deltas, so ``view(m, K*n)`` is ``[d_1 ... d_K]`` without a copy."""
+    out = torch.empty((base.shape[0], len(tensors), base.shape[1]), dtype=base.dtype, device=base.device)
+    for k, t in enumerate(tensors):
+        torch.sub(t, base, out=out[:, k])
+    return out
+
+
+def _conflict_filter(coef: Tensor, alpha: Tensor, combined: Tensor, threshold: float) -> int:
+    """Zero rows of ``combined`` (r, n) where the experts' rows of ``coef`` (r, K, n) cancel."""
+    mass = (coef.norm(dim=2) * alpha.abs()).sum(dim=1)
+    agreement = combined.norm(dim=1) / mass.clamp_min(torch.finfo(mass.dtype).tiny)
+    suppress = (mass > 0) & (1 - agreement > threshold)
+    combined[suppress] = 0
+    return int(suppress.sum())
+
+
+def _merge_matrix(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[float], params: Params,
+                  generator: torch.Generator | None) -> tuple[Tensor, dict[str, Any]]:
+    m, n, k = pivot.shape[0], pivot.shape[1], len(tensors)
+    deltas = _interleaved_deltas(tensors, pivot)
+    flat = deltas.view(m, k * n)
+    expert_energy = deltas.square().sum(dim=(0, 2))
+    total_energy = float(expert_energy.sum())
+    if params.shared_space:
+        u, s, _ = significant(*svd(flat, params.max_rank, params.svd, generator), flat.shape)
+        u = u[:, :energy_rank(s, params.energy, total_energy)]
+        coef = (u.T @ flat).view(-1, k, n)
+        shares = coef.square().sum(dim=(0, 2)) / expert_energy.clamp_min(torch.finfo(flat.dtype).tiny)
+    else:
+        u, coef, shares = None, deltas, torch.ones(k)
+    alpha, score = layer_weights(params, weights, shares)
+    a = torch.tensor(alpha, dtype=flat.dtype, device=flat.device)
+    combined = torch.einsum("rkn,k->rn", coef, a)
+    suppressed = _conflict_filter(coef, a, combined, params.conflict_threshold) if params.filtering else 0
+    if params.spectrum == "flatten":
+        left, sv, right = svd(combined)
+        combined = (left * flatten_spectrum(sv, combined.shape)) @ right
+    merged = combined if u is None else u @ combined
+    if u is not None and params.residual_weight > 0:
+        flat.sub_(u @ coef.view(-1, k * n))  # deltas now hold the residuals
+        merged.add_(_residual_sum(deltas, a, params, generator), alpha=params.residual_weight)
+    kept = 1.0 if total_energy == 0 else float(coef.square().sum()) / total_energy
+    info = {"rank": int(coef.shape[0]), "energy_kept": kept, "directions_suppressed": suppressed,
+            "expert_weights": alpha, "layer_score": score}
+    return merged, info
+
+
+def _residual_sum(residuals: Tensor, alpha: Tensor, params: Params, generator: torch.Generator | None) -> Tensor:
+    """``sum_k a_k R_k`` over ``(m, K, n)`` residuals, each truncated to ``residual_rank`` if set."""
+    if params.residual_rank is None:
+        return torch.einsum("mkn,k->mn", residuals, alpha)
+    out = torch.zeros_like(residuals[:, 0])
+    for r, a in zip(residuals.unbind(dim=1), alpha.tolist()):
+        u, s, vh = svd(r, params.residual_rank, params.svd, generator)
+        out.add_((u * (s * a)) @ vh)
+    return out
+
+
+def _merge_vector(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[float],
+                  params: Params) -> tuple[Tensor, dict[str, Any]]:
+    deltas = torch.stack([t - pivot for t in tensors])
+    mask = elected_mask(deltas * column_weights(weights, deltas))
+    # Data-free score of a vector: the share of each expert's mass agreeing with the elected sign.
+    mags = deltas.abs().reshape(len(tensors), -1)
+    shares = (mags * mask.reshape(len(tensors), -1)).sum(dim=1) / mags.sum(dim=1).clamp_min(torch.finfo(deltas.dtype).tiny)
+    alpha, score = layer_weights(params, weights, shares)
+    a = column_weights(alpha, deltas)
+    merged = masked_merge(deltas.mul_(a), a, mask, normalize=True)
+    return merged, {"expert_weights": alpha, "layer_score": score}
+
+
+def pivotmerge(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
+               params: Params, generator: torch.Generator | None = None) -> Merged:
+    pivot = weighted_sum(iter(tensors), [1 / len(tensors)] * len(tensors)) if base is None else base
+    if pivot.dim() < 2:
+        delta, info = _merge_vector(tensors, pivot, weights, params)
+    else:
+        # Convolution kernels and the like: output channels by everything else.
+        as_matrix = [t.reshape(t.shape[0], -1) for t in tensors]
+        delta, info = _merge_matrix(as_matrix, pivot.reshape(pivot.shape[0], -1), weights, params, generator)
+        delta = delta.reshape(pivot.shape)
+    info["lambda"] = scale = _layer_scale(params, info["layer_score"])
+    return Merged(delta.mul_(scale).add_(pivot), info)
+
+
+METHOD = register(Method(
+    name="pivotmerge",
+    summary="PivotMerge (our reading): shared-space decomposition, conflict filtering, flattened spectrum, layer-wise weights.",
+    params=Params,
+    merge=pivotmerge,
+    base="optional",
+))

@@ -1,0 +1,207 @@
+"""PivotMerge: each part against a hand computation, and its reductions to known methods."""
+
+from __future__ import annotations
+
+import pydantic
+import pytest
+import torch
+
+from pivotmerge.methods import get_method
+
+T = torch.tensor
+OFF = dict(shared_space=False, filtering=False, spectrum="keep", layer_weighting="uniform")
+
+
+def run(tensors, base, weights=None, generator=None, **params):
+    method = get_method("pivotmerge")
+    weights = [1.0] * len(tensors) if weights is None else weights
+    return method(tensors, base, weights, method.params.model_validate(params), generator)
+
+
+def other(name, tensors, base, **params):
+    method = get_method(name)
+    return method(tensors, base, [1.0] * len(tensors), method.params.model_validate(params)).tensor
+
+
+def experts(k=3, shape=(6, 5), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(*shape, generator=g)
+    return base, [base + torch.randn(*shape, generator=g) for _ in range(k)]
+
+
+def outer(u, v):
+    return torch.outer(T(u), T(v))
+
+
+# --- reductions ------------------------------------------------------------
+
+def test_all_parts_off_is_task_arithmetic():
+    base, models = experts()
+    out = run(models, base, [1.0, 0.5, 2.0], lambda_max=0.7, **OFF)
+    expected = base + 0.7 * sum(w * (m - base) for w, m in zip([1.0, 0.5, 2.0], models))
+    assert torch.allclose(out.tensor, expected, atol=1e-5)
+    assert out.info["lambda"] == 0.7 and out.info["directions_suppressed"] == 0
+
+
+def test_flatten_alone_is_iso_c():
+    base, models = experts()
+    out = run(models, base, lambda_max=1.3, **{**OFF, "spectrum": "flatten"})
+    assert torch.allclose(out.tensor, other("iso_c", models, base, alpha=1.3), atol=1e-5)
+
+
+def test_full_energy_shared_space_loses_nothing():
+    base, models = experts()
+    out = run(models, base, **{**OFF, "shared_space": True, "energy": 1.0})
+    assert torch.allclose(out.tensor, other("task_arithmetic", models, base), atol=1e-4)
+    assert out.info["energy_kept"] == pytest.approx(1.0)
+
+
+def test_shared_part_plus_whole_residual_is_the_whole_delta():
+    base, models = experts()
+    out = run(models, base, **{**OFF, "shared_space": True, "energy": 0.5, "residual_weight": 1.0})
+    assert out.info["rank"] < 5 and out.info["energy_kept"] < 1
+    assert torch.allclose(out.tensor, other("task_arithmetic", models, base), atol=1e-4)
+
+
+# --- shared space and residual ----------------------------------------------
+
+def test_residual_weight_zero_projects_onto_the_shared_space():
+    base, models = experts(k=2, shape=(6, 4))
+    deltas = [m - base for m in models]
+    # Independent basis: eigenvectors of sum_k d_k d_k^T are the left singular vectors of [d_1 d_2].
+    evals, evecs = torch.linalg.eigh(sum(d @ d.T for d in deltas))
+    energy = evals.flip(0).cumsum(0) / evals.sum()
+    r = int((energy < 0.6).sum()) + 1
+    u = evecs.flip(1)[:, :r]
+    out = run(models, base, **{**OFF, "shared_space": True, "energy": 0.6, "residual_weight": 0.0})
+    assert out.info["rank"] == r
+    assert torch.allclose(out.tensor, base + u @ u.T @ sum(deltas), atol=1e-4)
+
+
+def test_max_rank_caps_and_residual_rank_truncates():
+    # d1 = 3 e1 x e1 + e2 x e2, d2 = 2 e1 x e1: shared direction e1 alone at max_rank 1;
+    # residuals: d1 -> e2 x e2 (rank 1), d2 -> 0; a residual rank of 1 keeps e2 x e2 whole.
+    d1, d2 = outer([1.0, 0, 0], [3.0, 0]) + outer([0, 1.0, 0], [0, 1.0]), outer([1.0, 0, 0], [2.0, 0])
+    base = torch.zeros(3, 2)
+    out = run([d1, d2], base, **{**OFF, "shared_space": True, "max_rank": 1, "residual_weight": 0.5,
+                                 "residual_rank": 1})
+    assert out.info["rank"] == 1
+    assert torch.allclose(out.tensor, outer([1.0, 0, 0], [5.0, 0]) + 0.5 * outer([0, 1.0, 0], [0, 1.0]), atol=1e-5)
+
+
+def test_residual_rank_drops_the_weaker_residual_directions():
+    # e1 is shared; d1's residual 2 e2 x e2 + 1 e3 x e3 truncated to rank 1 keeps only e2.
+    d1 = torch.diag(T([4.0, 2.0, 1.0]))
+    d2 = torch.diag(T([4.0, 0.0, 0.0]))
+    out = run([d1, d2], torch.zeros(3, 3), **{**OFF, "shared_space": True, "max_rank": 1,
+                                              "residual_weight": 1.0, "residual_rank": 1})
+    assert torch.allclose(out.tensor, torch.diag(T([8.0, 2.0, 0.0])), atol=1e-5)
+
+
+# --- filtering -------------------------------------------------------------
+
+def test_filtering_suppresses_cancelling_rows_without_shared_space():
+    # row 0: [1,0] vs [-1,0] cancel (conflict 1); row 1: [0,2] and [0,1] agree (conflict 0)
+    d1, d2 = T([[1.0, 0.0], [0.0, 2.0]]), T([[-1.0, 0.0], [0.0, 1.0]])
+    out = run([d1, d2], torch.zeros(2, 2), **{**OFF, "filtering": True})
+    assert torch.allclose(out.tensor, T([[0.0, 0.0], [0.0, 3.0]]))
+    assert out.info["directions_suppressed"] == 1
+
+
+def test_filtering_in_the_shared_basis():
+    # e1 carries a (expert 1) and -a (expert 2): suppressed; e2 carries b from both: kept.
+    a, b = [1.0, 2.0, 0.0], [0.0, 0.0, 3.0]
+    d1 = outer([1.0, 0], a) + outer([0, 1.0], b)
+    d2 = -outer([1.0, 0], a) + outer([0, 1.0], b)
+    out = run([d1, d2], torch.zeros(2, 3), **{**OFF, "shared_space": True, "energy": 1.0, "filtering": True})
+    assert torch.allclose(out.tensor, 2 * outer([0, 1.0], b), atol=1e-5)
+    assert out.info["directions_suppressed"] == 1
+
+
+def test_conflict_threshold_decides_partial_conflicts():
+    # rows [2,0] and [-1,0]: |sum| / sum|.| = 1/3, conflict 2/3
+    d1, d2 = T([[2.0, 0.0]]), T([[-1.0, 0.0]])
+    kept = run([d1, d2], torch.zeros(1, 2), **{**OFF, "filtering": True, "conflict_threshold": 0.7})
+    dropped = run([d1, d2], torch.zeros(1, 2), **{**OFF, "filtering": True, "conflict_threshold": 0.6})
+    assert torch.allclose(kept.tensor, T([[1.0, 0.0]])) and torch.allclose(dropped.tensor, torch.zeros(1, 2))
+
+
+# --- layer weighting ---------------------------------------------------------
+
+def test_weight_mode_uses_shared_energy_shares():
+    # d1 = 2 e1 x v (energy 4) lies in the shared space kept at energy 0.75; d2 = e2 x v (energy 1) does not.
+    # shares [1, 0] -> expert weights 2 * [1, 0] / 1 = [2, 0]; score 0.5 -> lambda 0.5 + 0.5 * 0.5
+    v = [1.0, 1.0]
+    d1, d2 = outer([2.0, 0], v), outer([0, 1.0], v)
+    out = run([d1, d2], torch.zeros(2, 2), **{**OFF, "shared_space": True, "energy": 0.75,
+                                              "residual_weight": 0.0, "layer_weighting": "weight"})
+    assert out.info["expert_weights"] == pytest.approx([2.0, 0.0])
+    assert out.info["layer_score"] == pytest.approx(0.5) and out.info["lambda"] == pytest.approx(0.75)
+    assert torch.allclose(out.tensor, 0.75 * 2 * d1, atol=1e-5)
+
+
+def test_data_mode_uses_alignment_scores():
+    base, models = experts(k=2)
+    out = run(models, base, **{**OFF, "layer_weighting": "data", "alignment": [1.0, 0.5],
+                               "lambda_min": 0.2, "lambda_max": 1.0})
+    # weights 2 * [1, .5] / 1.5; score .75 -> lambda .2 + .8 * .75 = .8
+    expected = base + 0.8 * (4 / 3 * (models[0] - base) + 2 / 3 * (models[1] - base))
+    assert torch.allclose(out.tensor, expected, atol=1e-5)
+    assert out.info["lambda"] == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("alignment, match", [(None, "needs alignment"), ([1.0], "2 scores"), ([1.0, 1.5], r"\[0, 1\]")])
+def test_data_mode_rejects_missing_or_bad_alignment(alignment, match):
+    base, models = experts(k=2)
+    with pytest.raises(ValueError, match=match):
+        run(models, base, layer_weighting="data", alignment=alignment)
+
+
+# --- vectors, pivots, shapes -------------------------------------------------
+
+def test_vectors_take_a_sign_consistent_mean():
+    d1, d2 = T([1.0, -2.0, 0.0]), T([3.0, 1.0, 0.0])
+    # elected signs + - +: entry 0 mean (1+3)/2, entry 1 only -2, entry 2 nothing
+    out = run([d1, d2], torch.zeros(3), layer_weighting="uniform")
+    assert torch.allclose(out.tensor, T([2.0, -2.0, 0.0]))
+
+
+def test_vectors_in_weight_mode_weight_experts_by_agreeing_mass():
+    d1, d2 = T([1.0, -2.0, 0.0]), T([3.0, 1.0, 0.0])
+    # agreeing mass: d1 3/3, d2 3/4 -> weights 2 * [1, .75] / 1.75 = [8/7, 6/7]; score .875, lambda .9375
+    out = run([d1, d2], torch.zeros(3), layer_weighting="weight")
+    assert out.info["expert_weights"] == pytest.approx([8 / 7, 6 / 7])
+    assert torch.allclose(out.tensor, 0.9375 * T([(8 / 7 + 18 / 7) / 2, -2.0, 0.0]))
+
+
+def test_no_base_pivots_on_the_experts_mean():
+    _, models = experts(k=3)
+    mean = sum(models) / 3
+    out = run(models, None, **OFF)  # deltas from the mean sum to zero
+    assert torch.allclose(out.tensor, mean, atol=1e-5)
+    assert get_method("pivotmerge").base == "optional"
+
+
+def test_one_model_zero_deltas_and_higher_rank_tensors():
+    base, (model,) = experts(k=1)
+    assert torch.allclose(run([model], base, energy=1.0, layer_weighting="uniform", filtering=False,
+                              spectrum="keep").tensor, model, atol=1e-5)
+    for params in ({}, {"shared_space": False}, {"svd": "randomized", "max_rank": 2}):
+        out = run([base.clone(), base.clone()], base, **params)
+        assert torch.equal(out.tensor, base)
+    kernels = [torch.randn(4, 2, 3, 3, generator=torch.Generator().manual_seed(k)) for k in range(2)]
+    conv = run(kernels, torch.zeros(4, 2, 3, 3), **OFF).tensor
+    assert torch.allclose(conv, kernels[0] + kernels[1], atol=1e-5)
+
+
+def test_randomized_svd_is_seeded_and_needs_a_rank():
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(30, 20, generator=g)
+    models = [base + torch.randn(30, 2, generator=g) @ torch.randn(2, 20, generator=g) for _ in range(2)]
+    params = dict(max_rank=4, energy=1.0, layer_weighting="uniform")
+    exact = run(models, base, **params).tensor
+    r1 = run(models, base, generator=torch.Generator().manual_seed(1), svd="randomized", **params).tensor
+    r2 = run(models, base, generator=torch.Generator().manual_seed(1), svd="randomized", **params).tensor
+    assert torch.equal(r1, r2) and torch.allclose(r1, exact, atol=1e-3)
+    with pytest.raises(pydantic.ValidationError, match="max_rank"):
+        get_method("pivotmerge").params.model_validate({"svd": "randomized"})
