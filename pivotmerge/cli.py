@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "merge": "pivotmerge.commands:merge_command",
     "methods": "pivotmerge.commands:methods_command",
     "make-example": "pivotmerge.example:make_example_command",
+    "evaluate": "pivotmerge.evaluate:evaluate_command",
 }
 
 

@@ -1,0 +1,148 @@
+"""Image-text datasets for evaluation and calibration.
+
+A dataset is a JSONL file, one record a line, beside its images:
+
+    {"image": "images/0001.png", "caption": "a red circle on the left",
+     "question": "what colour is the shape ?", "answer": "red"}
+
+`image` is a path relative to the JSONL file; `caption` is required and not
+empty; `question` and `answer` are optional but come together. Every record is
+checked when the dataset is loaded, so a bad file fails before any model runs,
+with the file and line in the message.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image, UnidentifiedImageError
+
+from .errors import PivotMergeError
+from .spec import DatasetRef
+
+
+# What a captioning model is asked before the caption it is scored on.
+CAPTION_PROMPT = "describe the image ."
+
+
+class DatasetError(PivotMergeError):
+    """A dataset file or one of its records is unusable; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Record:
+    image: Path  # resolved, checked readable
+    caption: str
+    question: str | None = None
+    answer: str | None = None
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    path: Path
+    records: list[Record]
+
+    @property
+    def has_qa(self) -> bool:
+        return any(r.answer is not None for r in self.records)
+
+
+def load_image(path: Path) -> Image.Image:
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def _inside(path: Path, roots: Sequence[Path]) -> bool:
+    return any(path == r or path.is_relative_to(r) for r in roots)
+
+
+def _text(record: dict, key: str, where: str, required: bool) -> str | None:
+    value = record.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise DatasetError(f"{where}: '{key}' must be a string" if value is not None else f"{where}: '{key}' is missing")
+    if not value.strip():
+        raise DatasetError(f"{where}: '{key}' is empty")
+    return value.strip()
+
+
+def _check_image(rel: object, folder: Path, roots: Sequence[Path] | None, where: str) -> Path:
+    if not isinstance(rel, str) or not rel:
+        raise DatasetError(f"{where}: 'image' must be a path relative to the dataset file")
+    path = (folder / rel).resolve()
+    if roots is not None and not _inside(path, roots):
+        raise DatasetError(f"{where}: image {rel} is outside the allowed roots")
+    if not path.is_file():
+        raise DatasetError(f"{where}: image {rel} does not exist")
+    try:
+        with Image.open(path) as img:
+            img.verify()  # reads the whole file without decoding pixels into memory
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DatasetError(f"{where}: image {rel} cannot be read: {exc}") from None
+    return path
+
+
+def parse_record(line: str, folder: Path, roots: Sequence[Path] | None, where: str) -> Record:
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{where}: not valid JSON: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{where}: expected a JSON object")
+    caption = _text(data, "caption", where, required=True)
+    question = _text(data, "question", where, required=False)
+    answer = _text(data, "answer", where, required=False)
+    if (question is None) != (answer is None):
+        raise DatasetError(f"{where}: 'question' and 'answer' come together")
+    image = _check_image(data.get("image"), folder, roots, where)
+    return Record(image=image, caption=caption, question=question, answer=answer)
+
+
+def load_dataset(path: str | Path, *, allowed_roots: Sequence[Path] | None = None,
+                 limit: int | None = None, name: str | None = None) -> Dataset:
+    """Read and check a JSONL dataset (its first `limit` records).
+
+    With `allowed_roots`, the file and every image must resolve inside one of
+    them (symbolic links followed), so a dataset cannot point the service at
+    arbitrary files.
+    """
+    roots = None if allowed_roots is None else [Path(r).expanduser().resolve() for r in allowed_roots]
+    path = Path(path).expanduser()
+    resolved = path.resolve()
+    if roots is not None and not _inside(resolved, roots):
+        raise DatasetError(f"dataset {path} is outside the allowed roots")
+    try:
+        lines = resolved.read_text().splitlines()
+    except OSError as exc:
+        raise DatasetError(f"cannot read dataset {path}: {exc.strerror}") from None
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        records.append(parse_record(line, resolved.parent, roots, f"{path}:{number}"))
+        if limit is not None and len(records) >= limit:
+            break
+    if not records:
+        raise DatasetError(f"dataset {path} has no records")
+    return Dataset(name=name or _default_name(path), path=resolved, records=records)
+
+
+def _default_name(path: Path) -> str:
+    """`shapes/data.jsonl` is called `shapes`; `shapes.jsonl` too."""
+    return path.parent.name if path.stem == "data" else path.stem
+
+
+def load_ref(ref: DatasetRef, *, allowed_roots: Sequence[Path] | None = None, relative_to: Path | None = None) -> Dataset:
+    """A spec's `DatasetRef` (`calibration` or an `evaluate` entry), loaded and checked.
+
+    Relative paths are taken from `relative_to` (the spec's folder) when given.
+    """
+    path = Path(ref.dataset).expanduser()
+    if relative_to is not None and not path.is_absolute():
+        path = relative_to / path
+    return load_dataset(path, allowed_roots=allowed_roots, limit=ref.limit, name=ref.name)

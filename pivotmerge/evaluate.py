@@ -1,0 +1,250 @@
+"""Evaluate LLaVA-style model folders on image-text datasets.
+
+Models load through the real path (`LlavaForConditionalGeneration` and
+`AutoProcessor`, safetensors only). Per dataset:
+
+* caption loss: mean negative log-likelihood of the caption tokens (and the end
+  of sequence) after the captioning prompt, averaged over tokens;
+* perplexity: exp(caption loss);
+* token accuracy: share of those tokens that are the model's argmax prediction;
+* exact match: share of questions whose greedy answer equals the reference
+  (case, surrounding spaces and punctuation ignored), where answers exist.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import string
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import click
+import torch
+
+from .data import CAPTION_PROMPT, Dataset, Record, load_dataset, load_image
+from .engine import resolve_device
+from .errors import PivotMergeError
+
+
+@dataclass(frozen=True)
+class DatasetMetrics:
+    dataset: str
+    samples: int
+    tokens: int
+    caption_loss: float
+    perplexity: float
+    token_accuracy: float
+    exact_match: float | None  # None when no record has an answer
+    questions: int
+
+
+@dataclass
+class Loaded:
+    model: Any  # LlavaForConditionalGeneration
+    processor: Any
+    device: torch.device
+
+
+def load_model(model_dir: str | Path, device: str = "auto", dtype: torch.dtype = torch.float32) -> Loaded:
+    """A model folder loaded for inference; pickled weights are never read."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = Path(model_dir)
+    if not any(path.glob("*.safetensors")):
+        raise PivotMergeError(f"{path}: no safetensors weights (pickled weights are never loaded)")
+    dev = resolve_device(device)
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, use_safetensors=True).to(dev).eval()
+    return Loaded(model, AutoProcessor.from_pretrained(path), dev)
+
+
+def prompt_for(processor: Any, text: str) -> str:
+    """The user turn holding the image and `text`, ready for the answer (chat template if any)."""
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return f"{processor.image_token}\n{text}"
+
+
+# ----------------------------------------------------------------- caption scores
+
+
+@dataclass
+class CaptionBatch:
+    inputs: dict[str, torch.Tensor]
+    targets: torch.Tensor  # bool [batch, seq]: token i is a caption token to predict
+
+
+def target_mask(attention_mask: torch.Tensor, n_targets: torch.Tensor) -> torch.Tensor:
+    """True on the last `n_targets[b]` attended tokens of each row, whichever side pads."""
+    from_right = attention_mask.flip(1).cumsum(1).flip(1)  # attended tokens at or after position i
+    return (attention_mask == 1) & (from_right <= n_targets[:, None])
+
+
+def caption_batches(processor: Any, records: Sequence[Record], batch_size: int) -> list[CaptionBatch]:
+    """Tokenised prompt + caption + end of sequence, with the caption tokens marked."""
+    tok = processor.tokenizer
+    prompt = prompt_for(processor, CAPTION_PROMPT)
+    n_prompt = len(tok(prompt)["input_ids"])
+    batches = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        texts = [f"{prompt} {r.caption}{tok.eos_token}" for r in chunk]
+        # The image token is not expanded here, so the difference counts caption tokens only.
+        n_targets = torch.tensor([len(tok(t)["input_ids"]) - n_prompt for t in texts])
+        inputs = processor(images=[load_image(r.image) for r in chunk], text=texts, padding=True, return_tensors="pt")
+        batches.append(CaptionBatch(dict(inputs), target_mask(inputs["attention_mask"], n_targets)))
+    return batches
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    nll: float  # summed over target tokens
+    correct: int
+    tokens: int
+
+    def __add__(self, other: "TokenStats") -> "TokenStats":
+        return TokenStats(self.nll + other.nll, self.correct + other.correct, self.tokens + other.tokens)
+
+    @property
+    def loss(self) -> float:
+        return self.nll / self.tokens if self.tokens else float("nan")
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.tokens if self.tokens else float("nan")
+
+
+def token_stats(logits: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor) -> TokenStats:
+    """Next-token NLL and argmax hits on the marked tokens (position i predicts token i+1)."""
+    pred_logits = logits[:, :-1].float()
+    labels = input_ids[:, 1:]
+    mask = targets[:, 1:]
+    logp = torch.log_softmax(pred_logits[mask], dim=-1)
+    gold = labels[mask]
+    nll = -logp.gather(1, gold[:, None]).sum()
+    correct = (logp.argmax(-1) == gold).sum()
+    return TokenStats(float(nll.double()), int(correct), int(mask.sum()))
+
+
+@torch.no_grad()
+def caption_stats(model: Any, batches: Sequence[CaptionBatch], device: torch.device) -> TokenStats:
+    total = TokenStats(0.0, 0, 0)
+    for batch in batches:
+        inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        logits = model(**inputs).logits
+        total = total + token_stats(logits, inputs["input_ids"], batch.targets.to(device))
+    return total
+
+
+# ----------------------------------------------------------------- question answering
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, single spaces, no punctuation at either end."""
+    return " ".join(text.lower().split()).strip(string.punctuation + " ")
+
+
+@torch.no_grad()
+def answers(loaded: Loaded, records: Sequence[Record], batch_size: int, max_new_tokens: int) -> list[str]:
+    """Greedy answers to the records' questions."""
+    processor, tok = loaded.processor, loaded.processor.tokenizer
+    side, tok.padding_side = tok.padding_side, "left"  # generation continues every row at its end
+    try:
+        out = []
+        for start in range(0, len(records), batch_size):
+            chunk = records[start:start + batch_size]
+            inputs = processor(images=[load_image(r.image) for r in chunk],
+                               text=[prompt_for(processor, r.question or "") for r in chunk],
+                               padding=True, return_tensors="pt").to(loaded.device)
+            inputs["pixel_values"] = inputs["pixel_values"].to(loaded.model.dtype)
+            generated = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                              pad_token_id=tok.pad_token_id)
+            out += tok.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return out
+    finally:
+        tok.padding_side = side
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    hits = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references, strict=True))
+    return hits / len(references)
+
+
+# ----------------------------------------------------------------- drivers
+
+
+def evaluate_loaded(loaded: Loaded, dataset: Dataset, batch_size: int = 8, max_new_tokens: int = 8) -> DatasetMetrics:
+    stats = caption_stats(loaded.model, caption_batches(loaded.processor, dataset.records, batch_size), loaded.device)
+    qa = [r for r in dataset.records if r.answer is not None]
+    em = exact_match(answers(loaded, qa, batch_size, max_new_tokens), [r.answer or "" for r in qa]) if qa else None
+    return DatasetMetrics(dataset=dataset.name, samples=len(dataset.records), tokens=stats.tokens,
+                          caption_loss=stats.loss, perplexity=math.exp(stats.loss), token_accuracy=stats.accuracy,
+                          exact_match=em, questions=len(qa))
+
+
+def evaluate_model(model_dir: str | Path, datasets: Sequence[Dataset], *, device: str = "auto",
+                   batch_size: int = 8, max_new_tokens: int = 8) -> list[DatasetMetrics]:
+    loaded = load_model(model_dir, device)
+    return [evaluate_loaded(loaded, d, batch_size, max_new_tokens) for d in datasets]
+
+
+def evaluate_models(models: Mapping[str, str | Path], datasets: Sequence[Dataset], *, device: str = "auto",
+                    batch_size: int = 8, max_new_tokens: int = 8) -> dict[str, list[DatasetMetrics]]:
+    """Side-by-side metrics, e.g. {"merged": ..., "base": ..., "expert_1": ...}, one model loaded at a time."""
+    return {label: evaluate_model(path, datasets, device=device, batch_size=batch_size, max_new_tokens=max_new_tokens)
+            for label, path in models.items()}
+
+
+def metrics_json(results: Mapping[str, Sequence[DatasetMetrics]]) -> dict[str, list[dict[str, Any]]]:
+    return {label: [asdict(m) for m in metrics] for label, metrics in results.items()}
+
+
+def metrics_table(results: Mapping[str, Sequence[DatasetMetrics]]):
+    from rich.table import Table
+
+    table = Table(title="Evaluation")
+    for col in ("model", "dataset", "samples", "caption loss", "perplexity", "token acc", "exact match"):
+        table.add_column(col, justify="left" if col in ("model", "dataset") else "right")
+    for label, metrics in results.items():
+        for m in metrics:
+            em = "-" if m.exact_match is None else f"{m.exact_match:.3f} ({m.questions})"
+            table.add_row(label, m.dataset, str(m.samples), f"{m.caption_loss:.4f}", f"{m.perplexity:.2f}",
+                          f"{m.token_accuracy:.3f}", em)
+    return table
+
+
+@click.command("evaluate")
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", "data", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="A JSONL dataset (image, caption, optional question/answer); repeat for several.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most this many records per dataset.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Longest greedy answer generated for questions.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON instead of a table.")
+def evaluate_command(model: Path, data: tuple[Path, ...], limit: int | None, device: str, batch_size: int,
+                     max_new_tokens: int, as_json: bool) -> None:
+    """Evaluate a LLaVA-style MODEL folder on image-caption datasets.
+
+    Prints, per dataset, the caption loss and perplexity, next-token accuracy on
+    caption tokens, and question-answer exact match where records have answers.
+
+    \b
+        pivotmerge evaluate merged --data demo/data/shapes/data.jsonl --data demo/data/dots/data.jsonl
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the table is the output; loading bars would interleave with it
+    datasets = [load_dataset(d, limit=limit) for d in data]
+    results = {model.name: evaluate_model(model, datasets, device=device, batch_size=batch_size,
+                                          max_new_tokens=max_new_tokens)}
+    if as_json:
+        click.echo(json.dumps(metrics_json(results), indent=2))
+    else:
+        from rich.console import Console
+
+        Console().print(metrics_table(results))
