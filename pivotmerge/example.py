@@ -32,8 +32,6 @@ CHAT_TEMPLATE = (
     "{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
     " assistant :{% else %} {% for c in m['content'] %}{{ c['text'] }}{% endfor %}</s>{% endif %}{% endfor %}"
 )
-# The prompt evaluation puts before a caption when asking the model to describe an image.
-CAPTION_PROMPT = "describe the image ."
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 30), "green": (30, 200, 60), "blue": (40, 80, 230),
