@@ -86,7 +86,7 @@ def all_methods() -> dict[str, Method]:
     return dict(sorted(_REGISTRY.items()))
 
 
-_BUILTIN = ("linear", "task_arithmetic", "ties", "dare", "slerp", "tsv", "iso", "pivotmerge")
+_BUILTIN = ("linear", "task_arithmetic", "ties", "dare", "slerp", "tsv", "iso", "pivotmerge", "regmean")
 
 
 def _load_builtin() -> None:

@@ -1,0 +1,176 @@
+"""What calibration data tells the merge: Gram matrices and per-layer alignment scores.
+
+* `collect_grams`: for each linear layer, ``G = X^T X`` of the inputs it sees on
+  the calibration set (forward pre-hooks, float64 sums, padding left out). RegMean
+  and RegMean folding take these.
+* `alignment_scores`: for each expert and merged layer, how much the expert's
+  caption loss rises when that layer's update is put back to the base: the
+  layer's alignment contribution, which PivotMerge's ``layer_weighting: data``
+  turns into per-expert weights and a layer scale. Cost: (layers + 1) passes
+  over the calibration set per expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence, TypeVar
+
+import torch
+from torch import nn
+
+from .architectures import architecture_for, place_tensors
+from .data import Dataset
+from .errors import CompatibilityError
+from .evaluate import Loaded, caption_batches, caption_stats, load_model
+from .repos import ModelRepo
+
+T = TypeVar("T")
+
+
+def match_name(name: str, candidates: Mapping[str, T]) -> T | None:
+    """The candidate named `name`, else the one whose name ends with it or it ends with (checkpoints
+    and loaded models may differ by a prefix such as ``model.``); None when absent or ambiguous."""
+    if name in candidates:
+        return candidates[name]
+    hits = [v for k, v in candidates.items() if k.endswith("." + name) or name.endswith("." + k)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def linear_modules(model: nn.Module, tensor_names: Iterable[str]) -> dict[str, nn.Linear]:
+    """Tensor name (``....weight``) -> the nn.Linear holding it, for those that are linear weights."""
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    out = {}
+    for name in tensor_names:
+        if name.endswith(".weight"):
+            module = match_name(name.removesuffix(".weight"), modules)
+            if module is not None:
+                out[name] = module
+    return out
+
+
+class GramCollector:
+    """Forward pre-hooks summing ``x^T x`` of each module's input in float64.
+
+    Set `token_mask` (batch x sequence) before a forward pass so padded positions
+    of sequence activations are left out; inputs of other shapes (image patches,
+    fewer per image than the sequence holds) are taken whole.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module]):
+        self.grams: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        self.token_mask: torch.Tensor | None = None
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            if self.token_mask is not None and x.shape[:-1] == self.token_mask.shape:
+                x = x[self.token_mask]
+            x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+            gram = x.T @ x
+            self.grams[name] = self.grams[name] + gram if name in self.grams else gram
+            self.rows[name] = self.rows.get(name, 0) + x.shape[0]
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def __enter__(self) -> "GramCollector":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@torch.no_grad()
+def grams_of_loaded(loaded: Loaded, dataset: Dataset, tensor_names: Iterable[str],
+                    batch_size: int = 8) -> dict[str, torch.Tensor]:
+    modules = linear_modules(loaded.model, tensor_names)
+    with GramCollector(modules) as collector:
+        for batch in caption_batches(loaded.processor, dataset.records, batch_size):
+            inputs = {k: v.to(loaded.device) for k, v in batch.inputs.items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(loaded.model.dtype)
+            collector.token_mask = inputs["attention_mask"].bool()
+            loaded.model(**inputs)
+    return {name: g.cpu() for name, g in collector.grams.items()}
+
+
+def collect_grams(model_dir: str | Path, dataset: Dataset, tensor_names: Iterable[str], *,
+                  device: str = "auto", batch_size: int = 8) -> dict[str, torch.Tensor]:
+    """Gram matrices (float64, ``in x in``) of the inputs of the linear layers among `tensor_names`.
+
+    Names that are not weights of an nn.Linear are left out: RegMean averages them.
+    """
+    return grams_of_loaded(load_model(model_dir, device), dataset, tensor_names, batch_size)
+
+
+# ----------------------------------------------------------------- alignment
+
+
+def layer_groups(tensor_names: Iterable[str], model_type: str | None = "llava") -> dict[str, list[str]]:
+    """Merged tensors grouped by layer (``projector.1``, ``language_model.3``); unlayered ones alone."""
+    places = place_tensors(architecture_for(model_type), list(tensor_names))
+    groups: dict[str, list[str]] = {}
+    for name, place in places.items():
+        key = f"{place.component.value}.{place.layer}" if place.layer is not None else name
+        groups.setdefault(key, []).append(name)
+    return groups
+
+
+@dataclass
+class AlignmentScores:
+    groups: dict[str, list[str]]
+    baseline: list[float]  # each expert's caption loss
+    ablated: dict[str, list[float]]  # each expert's caption loss with the group's update removed
+
+    @property
+    def contributions(self) -> dict[str, list[float]]:
+        """Rise in caption loss when the update is removed; a harmful or idle update counts 0."""
+        return {g: [max(0.0, a - b) for a, b in zip(losses, self.baseline)] for g, losses in self.ablated.items()}
+
+    @property
+    def scores(self) -> dict[str, list[float]]:
+        """Contributions over the largest one, in [0, 1], so layers stay comparable for the layer scale."""
+        contrib = self.contributions
+        top = max((c for cs in contrib.values() for c in cs), default=0.0)
+        return {g: [c / top if top > 0 else 0.0 for c in cs] for g, cs in contrib.items()}
+
+    def for_tensor(self, name: str) -> list[float] | None:
+        scores = self.scores
+        return next((scores[g] for g, names in self.groups.items() if name in names), None)
+
+    def report(self) -> dict[str, Any]:
+        return {"baseline_loss": self.baseline, "ablated_loss": self.ablated,
+                "contributions": self.contributions, "scores": self.scores}
+
+
+@torch.no_grad()
+def alignment_scores(base_dir: str | Path, expert_dirs: Sequence[str | Path], dataset: Dataset,
+                     tensor_names: Iterable[str], *, device: str = "auto", batch_size: int = 8,
+                     groups: Mapping[str, list[str]] | None = None) -> AlignmentScores:
+    """Each expert's caption loss on `dataset`, whole and with each layer group's update removed."""
+    tensor_names = list(tensor_names)
+    groups = dict(groups) if groups is not None else layer_groups(tensor_names)
+    with ModelRepo.open(str(base_dir)) as base:
+        pivot = {n: base.get(n) for n in tensor_names}
+    baseline, ablated = [], {g: [] for g in groups}
+    for expert_dir in expert_dirs:
+        loaded = load_model(expert_dir, device)
+        batches = caption_batches(loaded.processor, dataset.records, batch_size)
+        params = dict(loaded.model.named_parameters())
+        baseline.append(caption_stats(loaded.model, batches, loaded.device).loss)
+        for group, names in groups.items():
+            targets = {n: match_name(n, params) for n in names}
+            missing = [n for n, p in targets.items() if p is None]
+            if missing:
+                raise CompatibilityError(f"{expert_dir}: the loaded model has no parameter for tensor {missing[0]}")
+            saved = {n: p.detach().clone() for n, p in targets.items()}
+            for n, p in targets.items():
+                p.copy_(pivot[n].to(device=p.device, dtype=p.dtype))
+            ablated[group].append(caption_stats(loaded.model, batches, loaded.device).loss)
+            for n, p in targets.items():
+                p.copy_(saved[n])
+    return AlignmentScores(groups=dict(groups), baseline=baseline, ablated=ablated)
