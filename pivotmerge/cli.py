@@ -17,6 +17,7 @@ from .errors import PivotMergeError
 COMMANDS: dict[str, str] = {
     "merge": "pivotmerge.commands:merge_command",
     "methods": "pivotmerge.commands:methods_command",
+    "analyze": "pivotmerge.commands:analyze_command",
     "make-example": "pivotmerge.example:make_example_command",
     "evaluate": "pivotmerge.evaluate:evaluate_command",
 }

@@ -98,3 +98,37 @@ def methods_command(as_json: bool) -> None:
         models = f"{m.min_models}" + ("" if m.max_models == m.min_models else f"..{m.max_models or 'n'}")
         out.print(table)
         out.print(f"  base_model: {m.base}; models: {models}\n")
+
+
+METRIC_LABELS = {"l2": "L2", "relative_l2": "rel L2", "cosine": "cos", "sign_dissimilarity": "sign dis",
+                 "soft_sign_dissimilarity": "soft sign", "truncated_sign_dissimilarity": "trunc sign"}
+
+
+@click.command("analyze")
+@click.argument("spec_file", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout instead of tables.")
+def analyze_command(spec_file: Path, as_json: bool) -> None:
+    """Weight-distance metrics between the models of SPEC, per layer and in total.
+
+    Compares the tensors SPEC would merge: their task vectors (W - base) when
+    SPEC has a base_model, else the weights; each metric is averaged over all
+    pairs of models. Higher distance and sign dissimilarity predict a harder
+    merge (docs/metrics.md defines each metric).
+    """
+    from .analyze import analyze
+
+    spec = load_spec(spec_file)
+    with ProgressBar("analyzing") as bar:
+        result = analyze(spec, progress=bar, relative_to=spec_file.parent)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    rows = {**result["layers"], "TOTAL": result["total"]}
+    metrics = list(result["total"])
+    table = Table(title=f"{len(result['models'])} models, {result['compared']}, {result['tensors']} tensors")
+    table.add_column("layer", no_wrap=True)
+    for m in metrics:
+        table.add_column(METRIC_LABELS.get(m, m), justify="right")
+    for layer, values in rows.items():
+        table.add_row(layer, *(f"{values[m]:.4g}" for m in metrics), style="bold" if layer == "TOTAL" else None)
+    Console().print(table)

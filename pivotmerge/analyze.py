@@ -1,0 +1,55 @@
+"""`pivotmerge analyze`: weight-distance metrics between the models a spec names.
+
+Streams tensor by tensor like a merge, over the tensors the spec would merge,
+and reports each metric per layer and in total (see docs/metrics.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .engine import plan_merge, resolve_device
+from .errors import MergeCancelled, SpecError
+from .metrics import TensorMetrics, aggregate, pairwise
+from .progress import CancelFn, Progress, ProgressFn
+from .spec import MergeSpec
+
+
+def layer_key(component: str, layer: int | None) -> str:
+    return f"{component}.{layer}" if layer is not None else f"{component}.other"
+
+
+def analyze(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[str | Path] | None = None,
+            relative_to: Path | None = None, progress: ProgressFn | None = None,
+            should_cancel: CancelFn | None = None) -> dict[str, Any]:
+    """Metrics averaged over all pairs of models, on task vectors when the spec has a base."""
+    with plan_merge(spec, allowed_roots=allowed_roots, relative_to=relative_to) as plan:
+        if len(plan.models) < 2:
+            raise SpecError("models: analysis compares models, so it needs at least two")
+        device = resolve_device(plan.spec.device)
+        names = [n for n in plan.names if n in plan.merged]
+        records = []
+        for i, name in enumerate(names):
+            if should_cancel is not None and should_cancel():
+                raise MergeCancelled("analysis cancelled")
+            place = plan.places[name]
+            if progress is not None:
+                progress(Progress("analyze", i, len(names), tensor=name, layer=place.layer))
+            tensors = [m.get(name).to(device=device, dtype=torch.float32) for m in plan.models]
+            base = plan.base.get(name).to(device=device, dtype=torch.float32) if plan.base else None
+            records.append(TensorMetrics(name, layer_key(place.component.value, place.layer), tensors[0].numel(),
+                                         pairwise(tensors, base)))
+        if progress is not None:
+            progress(Progress("analyze", len(names), len(names)))
+        summary = aggregate(records)
+        return {
+            "models": [m.ref for m in plan.models],
+            "base_model": plan.base.ref if plan.base else None,
+            "compared": "task vectors (W - base)" if plan.base else "weights",
+            "tensors": len(records),
+            "layers": summary["layers"],
+            "total": summary["total"],
+        }
