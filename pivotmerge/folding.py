@@ -1,0 +1,129 @@
+"""Expert folding (Sung et al., 2023): merge the modality-specific parameter groups
+of ONE model into a single modality-agnostic group.
+
+Name maps say which tensors fold together: each modality has a regular
+expression and its replacement, and tensors whose rewritten names agree are
+one folded tensor. With ``vision: {pattern: '\\.mlp\\.vision\\.', replace: '.mlp.'}``
+and ``text: {pattern: '\\.mlp\\.text\\.', replace: '.mlp.'}``, the tensors
+``layers.0.mlp.vision.fc.weight`` and ``layers.0.mlp.text.fc.weight`` fold into
+``layers.0.mlp.fc.weight``. Methods, for the modalities' tensors ``W_m``:
+
+* ``interpolation``: ``sum_m w_m W_m / sum_m w_m``;
+* ``modality_arithmetic``: ``W0 + lambda * sum_m (W_m - W0)``, each delta against
+  the untouched shared weight ``W0`` (the folded name in `w0`, e.g. the
+  pre-trained model the experts were split from);
+* ``regmean``: RegMean over the modalities with the Gram matrices of each
+  modality's inputs (keyed by source tensor name); tensors without one
+  (biases) interpolate.
+
+Tensors no map matches are kept as they are.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal, Mapping
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .errors import CompatibilityError, SpecError
+from .methods.regmean import regmean_solve
+
+Tensor = torch.Tensor
+
+
+class NameMap(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    pattern: str = Field(..., description="Regular expression searched in tensor names of this modality's group.")
+    replace: str = Field(..., description="Replacement (re.sub syntax) giving the folded tensor's name.")
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression {v!r}: {exc}") from None
+        return v
+
+
+class FoldSpec(BaseModel):
+    """How to fold one model's modality-specific groups into one."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    method: Literal["interpolation", "modality_arithmetic", "regmean"]
+    groups: dict[str, NameMap] = Field(..., min_length=2, description="Modality name -> name map.")
+    weights: dict[str, float] = Field(default_factory=dict, description="Interpolation/RegMean weight per modality; default 1.")
+    lambda_: float = Field(1.0, alias="lambda", description="modality_arithmetic: scale of the summed deltas.")
+    alpha: float = Field(0.9, ge=0, le=1, description="regmean: scale of the Gram matrices' off-diagonal entries.")
+
+    @model_validator(mode="after")
+    def _known_modalities(self) -> "FoldSpec":
+        unknown = set(self.weights) - set(self.groups)
+        if unknown:
+            raise ValueError(f"weights: {sorted(unknown)[0]!r} is not a modality in groups")
+        return self
+
+    def weight(self, modality: str) -> float:
+        return float(self.weights.get(modality, 1.0))
+
+
+def fold_plan(names: list[str], spec: FoldSpec) -> dict[str, dict[str, str]]:
+    """Folded name -> {modality: source tensor name}; every folded name needs every modality."""
+    plan: dict[str, dict[str, str]] = {}
+    for name in names:
+        for modality, m in spec.groups.items():
+            if re.search(m.pattern, name):
+                target = re.sub(m.pattern, m.replace, name)
+                sources = plan.setdefault(target, {})
+                if modality in sources:
+                    raise SpecError(f"groups.{modality}: {sources[modality]} and {name} both map to {target}")
+                sources[modality] = name
+                break
+    if not plan:
+        raise SpecError("groups: no tensor name matches any pattern")
+    for target, sources in plan.items():
+        missing = [m for m in spec.groups if m not in sources]
+        if missing:
+            have = next(iter(sources.values()))
+            raise CompatibilityError(f"{have} folds into {target}, but modality {missing[0]!r} has no tensor for it")
+    return plan
+
+
+def fold_tensor(sources: Mapping[str, Tensor], spec: FoldSpec, w0: Tensor | None = None,
+                grams: Mapping[str, Tensor] | None = None) -> Tensor:
+    """One folded tensor from its modalities' tensors (keyed by modality)."""
+    modalities = list(spec.groups)
+    ws = [sources[m].to(torch.float32) for m in modalities]
+    scales = [spec.weight(m) for m in modalities]
+    if spec.method == "modality_arithmetic":
+        if w0 is None:
+            raise CompatibilityError("modality_arithmetic needs the untouched shared weight W0 for every folded tensor")
+        w0 = w0.to(torch.float32)
+        return w0 + spec.lambda_ * sum(w - w0 for w in ws)
+    if spec.method == "regmean" and grams is not None and ws[0].ndim == 2:
+        return regmean_solve(ws, [grams[m] for m in modalities], scales, spec.alpha)
+    return sum(s * w for s, w in zip(scales, ws)) / sum(scales)
+
+
+def fold_state(state: Mapping[str, Tensor], spec: FoldSpec, *, w0: Mapping[str, Tensor] | None = None,
+               grams: Mapping[str, Tensor] | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The model's tensors with each group folded, and a report of what folded into what.
+
+    `w0` holds the untouched shared weights under the folded names (default: the
+    model's own tensors of those names, if it kept them); `grams` the Gram
+    matrices of the source tensors' inputs, under the source names.
+    """
+    plan = fold_plan(list(state), spec)
+    sources_all = {s for sources in plan.values() for s in sources.values()}
+    out = {n: t for n, t in state.items() if n not in sources_all and n not in plan}
+    for target, sources in plan.items():
+        dtype = state[next(iter(sources.values()))].dtype
+        tensor_grams = None
+        if grams is not None and all(s in grams for s in sources.values()):
+            tensor_grams = {m: grams[s] for m, s in sources.items()}
+        base = (state if w0 is None else w0).get(target)
+        out[target] = fold_tensor({m: state[s] for m, s in sources.items()}, spec, base, tensor_grams).to(dtype)
+    report = {"method": spec.method, "folded": {t: dict(s) for t, s in plan.items()}}
+    return out, report
