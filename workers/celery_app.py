@@ -1,11 +1,13 @@
 """Celery configuration shared by the API (which enqueues) and the workers (see workers/worker.py).
 
 One job at a time per worker (one worker per GPU): concurrency 1, prefetch 1.
-Each job runs in a fresh child process (max_tasks_per_child=1) forked from a
-parent that never initialises CUDA, so no process forks after CUDA is up and no
-GPU memory outlives its job. Late acknowledgement plus reject-on-worker-lost
-puts a job whose process died back on the queue; the attempts counter on the
-job row (see app.jobs.start_attempt) stops it from coming back forever.
+Jobs run in the prefork pool's child process, forked from a parent that never
+initialises CUDA, so no process forks after CUDA is up; the child keeps its CUDA
+context from job to job (recycling it per job cost seconds of start-up each
+time). Late acknowledgement plus reject-on-worker-lost puts a job whose process
+died back on the queue, and the pool forks a new child for it; the attempts
+counter on the job row (see app.jobs.start_attempt) stops such a job from
+coming back forever.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         worker_concurrency=1,
-        worker_max_tasks_per_child=1,
         task_soft_time_limit=settings.task_soft_time_limit,
         task_time_limit=settings.task_time_limit,
         broker_transport_options=transport_options,

@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 ANALYSIS_REPORT = "analysis_report.json"
 PROGRESS_INTERVAL_SECONDS = 0.5
-CANCEL_POLL_SECONDS = 0.25
 
 
 @dataclass
@@ -66,8 +65,6 @@ class JobReporter:
         self.job_id = job_id
         self._last_write = 0.0
         self._stage: str | None = None
-        self._last_poll = 0.0
-        self._cancel = False
 
     def progress(self, p: Progress) -> None:
         # Every stage change and the end of a stage are written; in between, at
@@ -85,12 +82,9 @@ class JobReporter:
             session.commit()
 
     def should_cancel(self) -> bool:
-        now = time.monotonic()
-        if not self._cancel and now - self._last_poll >= CANCEL_POLL_SECONDS:
-            self._last_poll = now
-            with self.sessions() as session:
-                self._cancel = current_state(session, self.job_id) is not JobState.running
-        return self._cancel
+        # Read on every call, between tensors: a primary-key read is cheap next to merging a tensor.
+        with self.sessions() as session:
+            return current_state(session, self.job_id) is not JobState.running
 
 
 def run_engine(kind: JobKind, spec_data: dict[str, Any], out_dir: Path, settings: Settings,
@@ -123,6 +117,12 @@ def fail(sessions: sessionmaker[Session], job_id: uuid.UUID, error: str) -> None
         session.commit()
 
 
+def cancelled(sessions: sessionmaker[Session], job_id: uuid.UUID) -> None:
+    with sessions() as session:
+        transition(session, job_id, [JobState.cancelling], JobState.cancelled)
+        session.commit()
+
+
 class JobTask(Task):
     def on_failure(self, exc: BaseException, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                    einfo: ExceptionInfo) -> None:
@@ -152,16 +152,15 @@ def run_job(self: Task, job_id: str) -> None:
         report, metrics = run_engine(job.kind, job.spec, work / "out", ctx.settings, reporter)
         with ctx.sessions() as session:
             publish(ctx, session, jid, work / "out")
-            # A cancel that arrives after the engine has finished is too late: the result stands.
-            if not transition(session, jid, [JobState.running, JobState.cancelling], JobState.succeeded,
-                              report=report, metrics=metrics, progress_fraction=1.0, progress_stage="done"):
-                session.rollback()
-                ctx.store.delete_prefix(artifact_key(jid, ""))
-            session.commit()
+            if transition(session, jid, [JobState.running], JobState.succeeded,
+                          report=report, metrics=metrics, progress_fraction=1.0, progress_stage="done"):
+                session.commit()
+                return
+        # A cancel arrived after the engine's last check: it still wins, the files go.
+        ctx.store.delete_prefix(artifact_key(jid, ""))
+        cancelled(ctx.sessions, jid)
     except MergeCancelled:
-        with ctx.sessions() as session:
-            transition(session, jid, ACTIVE_STATES, JobState.cancelled)
-            session.commit()
+        cancelled(ctx.sessions, jid)
     except PivotMergeError as exc:
         fail(ctx.sessions, jid, str(exc))
     except SoftTimeLimitExceeded:

@@ -21,7 +21,7 @@ from app.db import make_engine, make_sessionmaker, migrate
 from app.main import create_app
 from app.settings import Settings
 from pivotmerge.example import ExampleSet, make_example
-from service_support import WorkerProcess, service_env
+from tests.service.service_support import WorkerProcess, service_env
 
 PG_ADMIN_URL = os.environ.get("PIVOTMERGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("PIVOTMERGE_TEST_REDIS", "redis://127.0.0.1:6379/11")
@@ -102,12 +102,6 @@ def other_team(sessions) -> dict[str, str]:  # type: ignore[no-untyped-def]
 def tiny(settings: Settings) -> ExampleSet:
     """A tiny base + 2 experts under the allowed root: merges in a fraction of a second."""
     return make_example(settings.allowed_roots[0] / "tiny", n_experts=2)
-
-
-@pytest.fixture(scope="session")
-def slow(settings: Settings) -> ExampleSet:
-    """Bigger models; merged with tsv (an SVD per tensor) a job runs for about a second, long enough to interrupt."""
-    return make_example(settings.allowed_roots[0] / "small", n_experts=2, size="small")
 
 
 @pytest.fixture(scope="session")

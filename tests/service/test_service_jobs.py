@@ -6,14 +6,17 @@ import hashlib
 import json
 import os
 import signal
+import time
 import uuid
 
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from transformers import LlavaForConditionalGeneration
 
-from app.models import Artifact, Job, JobEvent
-from service_support import merge_spec, wait_final, wait_for
+from app.models import Artifact, Job
+from tests.service.conftest import MAX_ATTEMPTS
+from tests.service.service_support import merge_spec, wait_final, wait_for
 
 
 def test_submit_merge_download_and_load(client: TestClient, team, tiny, worker, sessions, tmp_path) -> None:
@@ -55,3 +58,121 @@ def test_submit_merge_download_and_load(client: TestClient, team, tiny, worker, 
     states = [e["data"]["state"] for e in events if e["type"] == "state"]
     assert states == ["queued", "running", "succeeded"]
     assert any(e["type"] == "progress" for e in events)
+
+
+def freeze_mid_job(sessions, job_id: str, attempt: int) -> int | None:
+    """SIGSTOP the process running the job's `attempt`-th attempt while the job is mid-way.
+
+    Returns its pid, or None when the job finished before it could be caught.
+    The process is frozen holding no lock on the job row, so the API can still
+    update the row; an in-flight write is let through first.
+    """
+    def started() -> Job | None:
+        with sessions() as session:
+            job = session.get(Job, uuid.UUID(job_id))
+            return job if job.attempts >= attempt and job.state.value != "queued" else None
+
+    job = wait_for(started, 60, f"attempt {attempt} of {job_id} to start", interval=0.005)
+    if job.state.value != "running" or job.attempts != attempt:
+        return None
+    pid = int(job.worker.rsplit(":", 1)[1])
+    while True:
+        os.kill(pid, signal.SIGSTOP)
+        with sessions() as session:
+            try:
+                state = session.scalars(select(Job.state).where(Job.id == job.id).with_for_update(nowait=True)).one()
+            except OperationalError:  # frozen inside a write: let it finish
+                session.rollback()
+                os.kill(pid, signal.SIGCONT)
+                time.sleep(0.002)
+                continue
+        if state.value == "running":
+            return pid
+        os.kill(pid, signal.SIGCONT)
+        return None
+
+
+def submit_and_freeze(client, team, sessions, spec) -> tuple[str, int]:
+    """Submit merges until one is caught mid-way (a tiny merge can finish before it is seen running)."""
+    for _ in range(10):
+        job_id = client.post("/v1/merges", json=spec, headers=team).json()["id"]
+        pid = freeze_mid_job(sessions, job_id, 1)
+        if pid is not None:
+            return job_id, pid
+        wait_final(client, f"/v1/merges/{job_id}", team)
+    raise AssertionError("no job could be caught running")
+
+
+def test_cancel_running_job_stops_it_and_leaves_no_output(client, team, tiny, worker, sessions, settings) -> None:
+    job_id, pid = submit_and_freeze(client, team, sessions, merge_spec(tiny))
+    try:
+        cancelling = client.post(f"/v1/merges/{job_id}:cancel", headers=team)
+        assert cancelling.status_code == 200 and cancelling.json()["state"] == "cancelling"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    done = wait_final(client, f"/v1/merges/{job_id}", team)
+    assert done["state"] == "cancelled"
+    assert client.get(f"/v1/merges/{job_id}/artifacts", headers=team).json() == {"artifacts": []}
+    assert not (settings.work_dir / job_id).exists()
+    assert not (settings.storage_dir / "jobs" / job_id).exists()
+    events = client.get(f"/v1/merges/{job_id}/events", headers=team).json()["events"]
+    assert [e["data"]["state"] for e in events if e["type"] == "state"] == ["queued", "running", "cancelling", "cancelled"]
+
+    again = client.post(f"/v1/merges/{job_id}:cancel", headers=team)
+    assert again.status_code == 409 and "already cancelled" in again.json()["detail"]
+
+
+def test_worker_killed_mid_job_is_retried_then_failed(client, team, tiny, worker, sessions) -> None:
+    for _ in range(10):
+        job_id = client.post("/v1/merges", json=merge_spec(tiny), headers=team).json()["id"]
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            pid = freeze_mid_job(sessions, job_id, attempt)
+            if pid is None:
+                break
+            os.kill(pid, signal.SIGKILL)  # as the OOM killer would
+        else:
+            break
+        wait_final(client, f"/v1/merges/{job_id}", team)  # an attempt finished before it could be killed: again
+    else:
+        raise AssertionError("no job could be killed mid-way on every attempt")
+
+    done = wait_final(client, f"/v1/merges/{job_id}", team)
+    assert done["state"] == "failed"
+    assert f"died {MAX_ATTEMPTS} times" in done["error"]
+    events = client.get(f"/v1/merges/{job_id}/events", headers=team).json()["events"]
+    assert [e["data"]["attempt"] for e in events if e["type"] == "attempt"] == list(range(2, MAX_ATTEMPTS + 1))
+    assert [e["data"]["state"] for e in events if e["type"] == "state"][-1] == "failed"
+    assert client.get(f"/v1/merges/{job_id}/artifacts", headers=team).json() == {"artifacts": []}
+
+    # The worker survives its children's deaths and takes the next job.
+    nxt = client.post("/v1/merges", json=merge_spec(tiny), headers=team).json()
+    assert wait_final(client, f"/v1/merges/{nxt['id']}", team)["state"] == "succeeded"
+
+
+def test_cancel_queued_job_is_immediate_and_the_worker_skips_it(client, team, tiny, worker, sessions) -> None:
+    # The worker runs one job at a time: while the first is held, the second waits in the queue.
+    first, pid = submit_and_freeze(client, team, sessions, merge_spec(tiny))
+    try:
+        second = client.post("/v1/merges", json=merge_spec(tiny), headers=team).json()
+        cancelled = client.post(f"/v1/merges/{second['id']}:cancel", headers=team)
+        assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert wait_final(client, f"/v1/merges/{first}", team)["state"] == "succeeded"
+    later = client.get(f"/v1/merges/{second['id']}", headers=team).json()
+    assert later["state"] == "cancelled" and later["attempts"] == 0 and later["started_at"] is None
+
+
+def test_event_stream_follows_the_job_and_resumes(client, team, tiny, worker) -> None:
+    job_id = client.post("/v1/merges", json=merge_spec(tiny), headers=team).json()["id"]
+    sse = {**team, "Accept": "text/event-stream"}
+    with client.stream("GET", f"/v1/merges/{job_id}/events", headers=sse) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        body = "".join(stream.iter_text())  # the stream ends when the job does
+    blocks = [b for b in body.split("\n\n") if b.startswith("id:")]
+    ids = [int(b.split("\n")[0].removeprefix("id: ")) for b in blocks]
+    assert ids == list(range(1, len(ids) + 1))
+    assert '"state":"succeeded"' in blocks[-1].replace(" ", "")
+
+    resumed = client.get(f"/v1/merges/{job_id}/events", headers={**sse, "Last-Event-ID": str(ids[-2])}).text
+    assert [b.split("\n")[0] for b in resumed.split("\n\n") if b.startswith("id:")] == [f"id: {ids[-1]}"]
