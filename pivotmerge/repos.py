@@ -3,6 +3,12 @@
 Only safetensors are ever read; pickled weights are refused, never unpickled.
 When allowed roots are given, a repo and every file it reads must resolve
 inside one of them (symbolic links included).
+
+Tensor bytes are read with positioned reads (pread) into a fresh tensor, not
+through a memory map: every page of a map a merge has touched counts in the
+process's resident memory until the map closes, so a mapped merge grows to the
+size of all its inputs, while pread leaves them in the shared page cache.
+pread also releases the GIL, so reads overlap with maths in other threads.
 """
 
 from __future__ import annotations
@@ -10,14 +16,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors import safe_open
 
 from .errors import RepoError
 
@@ -37,6 +41,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: str
+    offset: int = 0  # where the tensor's bytes start in `file`
 
     @property
     def nbytes(self) -> int:
@@ -100,8 +105,7 @@ class ModelRepo:
     path: Path
     config: dict[str, Any]
     tensors: dict[str, TensorInfo]
-    _handles: ExitStack = field(default_factory=ExitStack, repr=False)
-    _open: dict[str, Any] = field(default_factory=dict, repr=False)
+    _fds: dict[str, int] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, ref: str, *, allowed_roots: Sequence[Path] | None = None, relative_to: Path | None = None) -> "ModelRepo":
@@ -110,8 +114,7 @@ class ModelRepo:
         files = _weight_files(path, ref, allowed_roots)
         tensors: dict[str, TensorInfo] = {}
         for file in files:
-            for name, info in _read_header(path / file, ref).items():
-                tensors[name] = TensorInfo(tuple(info["shape"]), _dtype(info["dtype"], ref, name), file)
+            tensors.update(_read_header(path / file, file, ref))
         return cls(ref=ref, path=path, config=config, tensors=tensors)
 
     @cached_property
@@ -119,17 +122,25 @@ class ModelRepo:
         return self.config.get("model_type")
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, read from its memory-mapped file."""
-        file = self.tensors[name].file
-        handle = self._open.get(file)
-        if handle is None:
-            handle = self._handles.enter_context(safe_open(str(self.path / file), framework="pt"))
-            self._open[file] = handle
-        return handle.get_tensor(name)
+        """One tensor, read into its own memory (safe to call from several threads)."""
+        info = self.tensors[name]
+        out = torch.empty(info.shape, dtype=info.dtype)
+        if info.nbytes:
+            _pread_into(self._fd(info.file), out.reshape(-1).view(torch.uint8).numpy(), info.offset, self.ref, name)
+        return out
+
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            opened = os.open(self.path / file, os.O_RDONLY)
+            fd = self._fds.setdefault(file, opened)
+            if fd != opened:  # another thread opened it first
+                os.close(opened)
+        return fd
 
     def close(self) -> None:
-        self._handles.close()
-        self._open.clear()
+        while self._fds:
+            os.close(self._fds.popitem()[1])
 
     def __enter__(self) -> "ModelRepo":
         return self
@@ -170,18 +181,37 @@ def _weight_files(path: Path, ref: str, allowed_roots: Sequence[Path] | None) ->
     return files
 
 
-def _read_header(file: Path, ref: str) -> dict[str, Any]:
-    """The safetensors header (names, dtypes, shapes) without reading tensor data."""
+def _read_header(path: Path, file: str, ref: str) -> dict[str, TensorInfo]:
+    """Every tensor's shape, dtype and byte offset from a safetensors header, checked
+    against the file's size so that reads never run past the end."""
     try:
-        with open(file, "rb") as fh:
+        with open(path, "rb") as fh:
             size = int.from_bytes(fh.read(8), "little")
             if size <= 0 or size > 100 * 2**20:
                 raise ValueError("bad header length")
             header = json.loads(fh.read(size))
-    except (OSError, ValueError) as exc:
-        raise RepoError(f"{ref}: {file.name} is not a readable safetensors file ({exc})") from None
-    header.pop("__metadata__", None)
-    return header
+            data_bytes = os.fstat(fh.fileno()).st_size - 8 - size
+        header.pop("__metadata__", None)
+        tensors = {}
+        for name, entry in header.items():
+            info = TensorInfo(tuple(entry["shape"]), _dtype(entry["dtype"], ref, name), file, 8 + size + entry["data_offsets"][0])
+            start, end = entry["data_offsets"]
+            if not 0 <= start <= end <= data_bytes or end - start != info.nbytes:
+                raise ValueError(f"tensor {name} has bad data offsets {[start, end]}")
+            tensors[name] = info
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RepoError(f"{ref}: {path.name} is not a readable safetensors file ({exc})") from None
+    return tensors
+
+
+def _pread_into(fd: int, buffer: Any, offset: int, ref: str, name: str) -> None:
+    view = memoryview(buffer)
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise RepoError(f"{ref}: tensor {name} is truncated")
+        done += n
 
 
 def _dtype(code: str, ref: str, name: str) -> torch.dtype:
