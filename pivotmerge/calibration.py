@@ -14,16 +14,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, TypeVar
 
 import torch
 from torch import nn
 
 from .architectures import architecture_for, place_tensors
-from .data import Dataset
-from .errors import CompatibilityError
+from .data import Dataset, load_ref
+from .errors import CompatibilityError, SpecError
 from .evaluate import Loaded, caption_batches, caption_stats, load_model
+from .progress import Progress, ProgressFn
 from .repos import ModelRepo
+from .spec import MergeSpec
+
+if TYPE_CHECKING:
+    from .engine import MergePlan
 
 T = TypeVar("T")
 
@@ -174,3 +179,45 @@ def alignment_scores(base_dir: str | Path, expert_dirs: Sequence[str | Path], da
             for n, p in targets.items():
                 p.copy_(saved[n])
     return AlignmentScores(groups=dict(groups), baseline=baseline, ablated=ablated)
+
+
+# ----------------------------------------------------------------- engine hook
+
+
+def wants_alignment(spec: MergeSpec) -> bool:
+    return spec.method == "pivotmerge" and spec.parameters.get("layer_weighting") == "data"
+
+
+def calibration_extras(plan: MergePlan, device: torch.device, *, allowed_roots: Sequence[Path] | None = None,
+                       relative_to: Path | None = None, progress: ProgressFn | None = None,
+                       ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Per-tensor method parameters measured on the spec's calibration data, and their report.
+
+    RegMean gets each expert's Gram matrices (``grams``); PivotMerge with
+    ``layer_weighting: data`` gets per-expert ``alignment`` scores per layer.
+    """
+    spec = plan.spec
+    needs_grams = spec.method == "regmean"
+    if not (needs_grams or wants_alignment(spec)):
+        return {}, {}
+    if spec.calibration is None:
+        raise SpecError(f"calibration: method {spec.method!r} as configured needs a calibration dataset")
+    dataset = load_ref(spec.calibration, allowed_roots=allowed_roots, relative_to=relative_to)
+    names = sorted(plan.merged)
+    report: dict[str, Any] = {"dataset": str(dataset.path), "samples": len(dataset.records)}
+    if progress is not None:
+        progress(Progress("calibrate", 0, len(plan.models), message=f"calibration data: {dataset.name}"))
+    if needs_grams:
+        per_model = []
+        for i, repo in enumerate(plan.models):
+            per_model.append(collect_grams(repo.path, dataset, names, device=device.type))
+            if progress is not None:
+                progress(Progress("calibrate", i + 1, len(plan.models)))
+        report["gram_tensors"] = sorted(per_model[0])
+        return {n: {"grams": [g[n] for g in per_model]} for n in per_model[0]}, report
+    if plan.base is None:
+        raise SpecError("base_model: layer_weighting: data removes each layer's update, so it needs the base")
+    scores = alignment_scores(plan.base.path, [m.path for m in plan.models], dataset, names, device=device.type,
+                              groups=layer_groups(names, plan.reference.model_type))
+    report["alignment"] = scores.report()
+    return {n: {"alignment": scores.for_tensor(n)} for n in names}, report

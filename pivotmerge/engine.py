@@ -207,11 +207,14 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | Path, *, progress:
         raise PivotMergeError(f"output folder {out_dir} exists and is not empty (use overwrite / --force)")
     with plan_merge(spec, allowed_roots=allowed_roots, relative_to=relative_to) as plan:
         device = resolve_device(plan.spec.device)
+        extras, calibration, eval_data = _data_for_merge(plan, device, allowed_roots, relative_to, progress)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         partial = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
         partial.mkdir()
         try:
-            report = _write_merge(plan, partial, device, progress, should_cancel, {}, started)
+            report = _write_merge(plan, partial, device, progress, should_cancel, extras, started)
+            if calibration or eval_data:
+                _add_data_reports(report, partial, device, calibration, eval_data, progress, should_cancel)
             if out_dir.exists():
                 shutil.rmtree(out_dir)
             partial.rename(out_dir)
@@ -221,6 +224,34 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | Path, *, progress:
     if progress is not None:
         progress(Progress("done", 1, 1))
     return report
+
+
+# --- calibration and evaluation data (pivotmerge.calibration, pivotmerge.evaluate) ---
+
+
+def _data_for_merge(plan: MergePlan, device: torch.device, allowed_roots: Sequence[str | Path] | None,
+                    relative_to: Path | None, progress: ProgressFn | None) -> tuple[dict[str, dict[str, Any]], dict[str, Any], list]:
+    """Per-tensor parameters measured on calibration data, and the checked evaluation datasets."""
+    from .calibration import calibration_extras
+    from .evaluate import evaluation_data
+
+    roots = resolve_roots(allowed_roots)
+    eval_data = evaluation_data(plan.spec.evaluate, allowed_roots=roots, relative_to=relative_to)
+    extras, calibration = calibration_extras(plan, device, allowed_roots=roots, relative_to=relative_to, progress=progress)
+    return extras, calibration, eval_data
+
+
+def _add_data_reports(report: dict[str, Any], folder: Path, device: torch.device, calibration: dict[str, Any],
+                      eval_data: list, progress: ProgressFn | None, should_cancel: CancelFn | None) -> None:
+    from .evaluate import evaluate_merge
+    from .report import write_report
+
+    if calibration:
+        report["calibration"] = calibration
+    if eval_data:
+        report["evaluation"] = evaluate_merge({"merged": folder}, eval_data, device, progress=progress,
+                                              should_cancel=should_cancel)
+    write_report(folder, report)
 
 
 def _write_merge(plan: MergePlan, folder: Path, device: torch.device, progress: ProgressFn | None,

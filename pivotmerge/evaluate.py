@@ -23,9 +23,11 @@ from typing import Any, Mapping, Sequence
 import click
 import torch
 
-from .data import CAPTION_PROMPT, Dataset, Record, load_dataset, load_image
+from .data import CAPTION_PROMPT, Dataset, Record, load_dataset, load_image, load_ref
 from .engine import resolve_device
-from .errors import PivotMergeError
+from .errors import MergeCancelled, PivotMergeError
+from .progress import CancelFn, Progress, ProgressFn
+from .spec import DatasetRef
 
 
 @dataclass(frozen=True)
@@ -248,3 +250,27 @@ def evaluate_command(model: Path, data: tuple[Path, ...], limit: int | None, dev
         from rich.console import Console
 
         Console().print(metrics_table(results))
+
+
+# ----------------------------------------------------------------- engine hook
+
+
+def evaluation_data(refs: Sequence[DatasetRef], *, allowed_roots: Sequence[Path] | None = None,
+                    relative_to: Path | None = None) -> list[Dataset]:
+    """The spec's `evaluate` datasets, checked before a merge starts so a bad file fails fast."""
+    return [load_ref(r, allowed_roots=allowed_roots, relative_to=relative_to) for r in refs]
+
+
+def evaluate_merge(models: Mapping[str, str | Path], datasets: Sequence[Dataset], device: torch.device, *,
+                   progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Metrics of the merged model (and any inputs listed beside it), for the merge report."""
+    results = {}
+    for i, (label, path) in enumerate(models.items()):
+        if should_cancel is not None and should_cancel():
+            raise MergeCancelled("merge cancelled")
+        if progress is not None:
+            progress(Progress("evaluate", i, len(models), message=label))
+        results[label] = evaluate_model(path, datasets, device=device.type)
+    if progress is not None:
+        progress(Progress("evaluate", len(models), len(models)))
+    return metrics_json(results)
