@@ -13,9 +13,11 @@ import shutil
 import time
 import uuid
 import zlib
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Collection, Iterator, Mapping, Sequence
 
 import torch
 
@@ -27,7 +29,7 @@ from .params import resolve_params
 from .progress import CancelFn, Progress, ProgressFn
 from .repos import PICKLED_SUFFIXES, ModelRepo, resolve_roots
 from .spec import MergeSpec, spec_from_dict
-from .writer import INDEX_FILE, OutputTensor, ShardWriter
+from .writer import INDEX_FILE, OutputTensor, ShardWriter, WrittenFile
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REPORT_FILE = "merge_report.json"
@@ -152,38 +154,82 @@ class Timings:
     write_s: float = 0.0
 
 
-def _merge_tensors(plan: MergePlan, device: torch.device, timings: Timings,
+# Tensors read ahead of the one being merged, by a reader thread: reads (pread,
+# GIL released) overlap the maths, and memory holds at most this many extra
+# tensors' inputs.
+PREFETCH = 2
+# Elements per piece when an elementwise method runs in pieces: 1M float32 values
+# (4 MiB a piece) stay in cache across the method's passes and come from glibc's
+# heap instead of fresh page-faulted mappings; a GPU wants much larger launches.
+CPU_PIECE = 1 << 20
+CUDA_PIECE = 1 << 26
+
+
+def _read_inputs(plan: MergePlan, name: str) -> list[torch.Tensor]:
+    """What merging `name` needs, as stored: [base?, *models] if merged, else [reference]."""
+    if name not in plan.merged:
+        return [plan.reference.get(name)]
+    return [r.get(name) for r in plan.repos()]
+
+
+def _apply(method: Method, models: Sequence[torch.Tensor], base: torch.Tensor | None, weights: list[float],
+           params: Any, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Run `method` in float32 on `device` and return the result in `dtype` with its info.
+
+    An elementwise method runs over flat pieces of the tensor, so its float32
+    temporaries never exceed a piece whatever the tensor's size.
+    """
+    def f32(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=torch.float32)
+
+    if not method.elementwise:
+        result = method([f32(m) for m in models], None if base is None else f32(base), weights, params, generator)
+        return result.tensor.to(dtype), result.info
+    out = torch.empty(models[0].shape, dtype=dtype, device=device)
+    flat = out.view(-1)
+    step = CUDA_PIECE if device.type == "cuda" else CPU_PIECE
+    info: dict[str, Any] = {}
+    for start in range(0, flat.numel(), step):
+        piece = slice(start, start + step)
+        result = method([f32(m.reshape(-1)[piece]) for m in models],
+                        None if base is None else f32(base.reshape(-1)[piece]), weights, params, generator)
+        flat[piece].copy_(result.tensor)
+        info = result.info
+    return out, info
+
+
+def _merge_tensors(plan: MergePlan, outputs: Sequence[OutputTensor], device: torch.device, timings: Timings,
                    progress: ProgressFn | None, should_cancel: CancelFn | None,
                    extras: Mapping[str, dict[str, Any]]) -> Iterator[tuple[str, torch.Tensor, dict[str, Any] | None]]:
-    """Yield (name, output tensor, report entry or None) in output order."""
+    """Yield (name, output tensor, report entry or None) for `outputs`, in order."""
     spec = plan.spec
-    total = len(plan.names)
-    for i, out in enumerate(plan.outputs):
-        name = out.name
-        if should_cancel is not None and should_cancel():
-            raise MergeCancelled("merge cancelled")
-        place = plan.places[name]
-        if progress is not None:
-            progress(Progress("merge", i, total, tensor=name, layer=place.layer))
-        t0 = time.perf_counter()
-        if name not in plan.merged:
-            tensor = plan.reference.get(name).to(out.dtype)
-            timings.read_s += time.perf_counter() - t0
-            yield name, tensor, None
-            continue
-        inputs = [m.get(name).to(device=device, dtype=torch.float32) for m in plan.models]
-        base = plan.base.get(name).to(device=device, dtype=torch.float32) if plan.base else None
-        t1 = time.perf_counter()
-        weights, params = resolve_params(spec, plan.method, name, place.depth, extras.get(name))
-        generator = torch.Generator(device=device).manual_seed(_tensor_seed(spec.seed, name))
-        result = plan.method(inputs, base, weights, params, generator)
-        tensor = result.tensor.to(out.dtype)
-        t2 = time.perf_counter()
-        timings.read_s += t1 - t0
-        timings.merge_s += t2 - t1
-        entry = {"tensor": name, "component": place.component.value, "layer": place.layer,
-                 "weights": weights, "params": params.model_dump(exclude_defaults=True), **({"info": result.info} if result.info else {})}
-        yield name, tensor, entry
+    total = len(outputs)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pivotmerge-read") as reader:
+        reads = deque(reader.submit(_read_inputs, plan, o.name) for o in outputs[:PREFETCH])
+        for i, out in enumerate(outputs):
+            name = out.name
+            if should_cancel is not None and should_cancel():
+                raise MergeCancelled("merge cancelled")
+            place = plan.places[name]
+            if progress is not None:
+                progress(Progress("merge", i, total, tensor=name, layer=place.layer))
+            t0 = time.perf_counter()
+            inputs = reads.popleft().result()
+            if i + PREFETCH < total:
+                reads.append(reader.submit(_read_inputs, plan, outputs[i + PREFETCH].name))
+            t1 = time.perf_counter()
+            timings.read_s += t1 - t0  # time spent waiting for reads, not the reads themselves
+            if name not in plan.merged:
+                yield name, inputs[0].to(out.dtype), None
+                continue
+            base, models = (inputs[0], inputs[1:]) if plan.base else (None, inputs)
+            weights, params = resolve_params(spec, plan.method, name, place.depth, extras.get(name))
+            generator = torch.Generator(device=device).manual_seed(_tensor_seed(spec.seed, name))
+            tensor, info = _apply(plan.method, models, base, weights, params, generator, device, out.dtype)
+            timings.merge_s += time.perf_counter() - t1
+            entry = {"tensor": name, "component": place.component.value, "layer": place.layer,
+                     "weights": weights, "params": params.model_dump(exclude_defaults=True), **({"info": info} if info else {})}
+            yield name, tensor, entry
     if progress is not None:
         progress(Progress("merge", total, total))
 
@@ -254,23 +300,48 @@ def _add_data_reports(report: dict[str, Any], folder: Path, device: torch.device
     write_report(folder, report)
 
 
-def _write_merge(plan: MergePlan, folder: Path, device: torch.device, progress: ProgressFn | None,
-                 should_cancel: CancelFn | None, extras: Mapping[str, dict[str, Any]], started: float) -> dict[str, Any]:
-    from .report import build_report, write_model_card, write_report
+def _write_shards(plan: MergePlan, folder: Path, device: torch.device, progress: ProgressFn | None,
+                  should_cancel: CancelFn | None, extras: Mapping[str, dict[str, Any]],
+                  only: Collection[int] | None = None) -> tuple[list[WrittenFile], list[dict[str, Any]], Timings]:
+    """Merge and write every shard, or the shards `only` names; returns files, report entries, timings.
 
+    A writer thread writes tensor i while tensor i + 1 merges; one write at a time
+    in flight keeps a single finished tensor waiting in memory.
+    """
     timings = Timings()
-    writer = ShardWriter(folder, plan.outputs, plan.spec.out_shard_size, metadata={"merged_by": f"pivotmerge {__version__}"})
+    writer = ShardWriter(folder, plan.outputs, plan.spec.out_shard_size, metadata={"merged_by": f"pivotmerge {__version__}"},
+                         only=only)
     entries = []
     try:
-        for name, tensor, entry in _merge_tensors(plan, device, timings, progress, should_cancel, extras):
-            t0 = time.perf_counter()
-            writer.write(name, tensor)
-            timings.write_s += time.perf_counter() - t0
-            if entry is not None:
-                entries.append(entry)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pivotmerge-write") as write_pool:
+            pending: Future[None] | None = None
+            for name, tensor, entry in _merge_tensors(plan, writer.tensors, device, timings, progress, should_cancel, extras):
+                t0 = time.perf_counter()
+                if pending is not None:
+                    pending.result()
+                pending = write_pool.submit(writer.write, name, tensor)
+                timings.write_s += time.perf_counter() - t0
+                if entry is not None:
+                    entries.append(entry)
+            if pending is not None:
+                pending.result()
         files = writer.close()
     finally:
         writer.abort()
+    return files, entries, timings
+
+
+def _write_merge(plan: MergePlan, folder: Path, device: torch.device, progress: ProgressFn | None,
+                 should_cancel: CancelFn | None, extras: Mapping[str, dict[str, Any]], started: float) -> dict[str, Any]:
+    files, entries, timings = _write_shards(plan, folder, device, progress, should_cancel, extras)
+    return _finish(plan, folder, device, entries, files, timings, started)
+
+
+def _finish(plan: MergePlan, folder: Path, device: torch.device, entries: Sequence[dict[str, Any]],
+            files: Sequence[WrittenFile], timings: Timings, started: float) -> dict[str, Any]:
+    """Side files, merge report and model card around the written shards."""
+    from .report import build_report, write_model_card, write_report
+
     _carry_side_files(plan, folder)
     report = build_report(plan, device, entries, files, timings, time.perf_counter() - started)
     write_report(folder, report)

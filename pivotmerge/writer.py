@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import BinaryIO, Collection, Sequence
 
 import torch
 
@@ -82,15 +82,29 @@ class WrittenFile:
     sha256: str
 
 
+def write_index(folder: Path, shards: Sequence[Shard]) -> None:
+    """The index of a sharded output (none for a single file, as transformers expects)."""
+    if len(shards) > 1:
+        weight_map = {t.name: s.file for s in shards for t in s.tensors}
+        index = {"metadata": {"total_size": sum(s.nbytes for s in shards)}, "weight_map": weight_map}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
 class ShardWriter:
-    """Write tensors, in plan order, into the planned shards under `folder`."""
+    """Write tensors, in plan order, into the planned shards under `folder`.
+
+    With `only`, just those shard indices are written (a part of a split merge);
+    the layout is the full one, so each part's files are byte-identical to the
+    same shards of a whole merge.
+    """
 
     def __init__(self, folder: Path, tensors: Sequence[OutputTensor], max_shard_bytes: int,
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, only: Collection[int] | None = None) -> None:
         self.folder = folder
         self.shards = plan_shards(tensors, max_shard_bytes)
         self._metadata = {"format": "pt", **(metadata or {})}
-        self._order = [(i, t) for i, s in enumerate(self.shards) for t in s.tensors]
+        self._only = only
+        self._order = [(i, t) for i, s in enumerate(self.shards) if only is None or i in only for t in s.tensors]
         self._next = 0
         self._shard = -1
         self._fh: BinaryIO | None = None
@@ -110,9 +124,17 @@ class ShardWriter:
         if self._next == len(self._order) or self._order[self._next][0] != self._shard:
             self._finish_shard()
 
+    @property
+    def tensors(self) -> list[OutputTensor]:
+        """The tensors this writer expects, in the order it expects them."""
+        return [t for _, t in self._order]
+
+    def _partial(self, index: int) -> Path:
+        return self.folder / f".{self.shards[index].file}.partial"
+
     def _open(self, index: int) -> None:
         self._shard = index
-        self._fh = open(self.folder / self.shards[index].file, "wb")
+        self._fh = open(self._partial(index), "wb")
         self._hash = hashlib.sha256()
         self._size = 0
         self._emit(_header(self.shards[index], self._metadata))
@@ -127,20 +149,21 @@ class ShardWriter:
         assert self._fh is not None
         self._fh.close()
         self._fh = None
+        # Complete shards only appear under their real name: a part killed mid-write
+        # leaves no file that looks finished.
+        self._partial(self._shard).rename(self.folder / self.shards[self._shard].file)
         self.written.append(WrittenFile(self.shards[self._shard].file, self._size, self._hash.hexdigest()))
 
     def close(self) -> list[WrittenFile]:
-        """Check every tensor was written; write the index when there are several shards."""
+        """Check every tensor was written; write the index of a whole (not partial) output."""
         if self._next != len(self._order):
             raise ValueError(f"writer closed after {self._next} of {len(self._order)} tensors")
-        if len(self.shards) > 1:
-            weight_map = {t.name: s.file for s in self.shards for t in s.tensors}
-            total = sum(s.nbytes for s in self.shards)
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        if self._only is None:
+            write_index(self.folder, self.shards)
         return self.written
 
     def abort(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+            self._partial(self._shard).unlink(missing_ok=True)

@@ -56,6 +56,9 @@ class Method:
     max_models: int | None = None
     # Parameters that each model may set for itself under models[].parameters.
     per_model: tuple[str, ...] = ()
+    # True when each output element depends only on the inputs' same element (and the
+    # parameters): the engine may then merge a large tensor in cache-sized pieces.
+    elementwise: bool = False
 
     def __call__(self, tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
                  params: MethodParams, generator: torch.Generator | None = None) -> Merged:

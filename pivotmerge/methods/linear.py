@@ -29,4 +29,5 @@ METHOD = register(Method(
     params=Params,
     merge=linear,
     base="unused",
+    elementwise=True,
 ))

@@ -30,4 +30,5 @@ METHOD = register(Method(
     summary="W0 + lambda * sum_k w_k (W_k - W0).",
     params=Params,
     merge=task_arithmetic,
+    elementwise=True,
 ))
