@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,6 +28,15 @@ def error_response(status: int, detail: str, field: str | None = None,
     return JSONResponse(ErrorOut(detail=detail, field=field).model_dump(), status_code=status, headers=headers)
 
 
+FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w.\-]*): ")
+
+
+def field_named_in(message: str) -> str | None:
+    """The engine's messages start with the field they blame: "models.0.model: not found"."""
+    match = FIELD_PREFIX.match(message)
+    return match.group(1) if match else None
+
+
 def _field(loc: tuple[Any, ...]) -> str:
     # ("body", "models", 0, "model") -> "models.0.model"; ("query", "page_size") -> "page_size"
     parts = [str(p) for p in loc[1:] if not str(p).startswith("function-")] if len(loc) > 1 else [str(p) for p in loc]
@@ -35,8 +45,8 @@ def _field(loc: tuple[Any, ...]) -> str:
 
 def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     err = exc.errors()[0]
-    field = _field(tuple(err["loc"]))
     message = str(err["msg"]).removeprefix("Value error, ")
+    field = _field(tuple(err["loc"])) if len(err["loc"]) > 1 else field_named_in(message) or "body"
     if err["type"] == "json_invalid":
         field, message = "body", "not valid JSON"
     return error_response(422, message if message.startswith(field) else f"{field}: {message}", field)
@@ -51,11 +61,11 @@ def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 
 
 def _engine_error(request: Request, exc: PivotMergeError) -> JSONResponse:
-    return error_response(422, str(exc))
+    return error_response(422, str(exc), field_named_in(str(exc)))
 
 
 def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal error; the service log has the details")
 
 

@@ -23,9 +23,13 @@ RUN_JOB = "pivotmerge.run_job"
 
 def make_celery(settings: Settings) -> Celery:
     celery = Celery("pivotmerge", broker=settings.broker_url, include=["workers.tasks"])
-    transport_options: dict[str, object] = {"visibility_timeout": settings.broker_visibility_timeout}
-    if settings.broker_key_prefix:
-        transport_options["global_keyprefix"] = settings.broker_key_prefix
+    transport_options: dict[str, object] = {}
+    # The embedded SQLite broker (kombu's SQLAlchemy transport) hands its options
+    # to create_engine and has no visibility timeout: it takes none of these.
+    if not settings.broker_url.startswith("sqla+"):
+        transport_options["visibility_timeout"] = settings.broker_visibility_timeout
+        if settings.broker_key_prefix:
+            transport_options["global_keyprefix"] = settings.broker_key_prefix
     celery.conf.update(
         task_routes={RUN_JOB: {"queue": GPU_QUEUE}},
         task_default_queue=GPU_QUEUE,

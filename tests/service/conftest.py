@@ -15,6 +15,7 @@ from typing import Iterator
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from redis import Redis
 
 from app.auth import create_api_key, create_team
 from app.db import make_engine, make_sessionmaker, migrate
@@ -26,6 +27,7 @@ from tests.service.service_support import WorkerProcess, service_env
 PG_ADMIN_URL = os.environ.get("PIVOTMERGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("PIVOTMERGE_TEST_REDIS", "redis://127.0.0.1:6379/11")
 MAX_ATTEMPTS = 2
+PREFIX_ROOT = f"pmtest-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +55,7 @@ def settings_values(database_url: str, service_dir: Path) -> dict[str, str]:
     return {
         "database_url": database_url,
         "broker_url": REDIS_URL,
-        "broker_key_prefix": f"pmtest-{uuid.uuid4().hex[:8]}:",
+        "broker_key_prefix": f"{PREFIX_ROOT}:",
         "data_dir": str(service_dir / "data"),
         "allowed_roots": str(service_dir / "models"),
         "max_attempts": str(MAX_ATTEMPTS),
@@ -62,8 +64,11 @@ def settings_values(database_url: str, service_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def settings(settings_values: dict[str, str]) -> Settings:
-    return Settings(**settings_values)
+def settings(settings_values: dict[str, str]) -> Iterator[Settings]:
+    yield Settings(**settings_values)
+    redis = Redis.from_url(REDIS_URL)
+    for key in redis.scan_iter(f"{PREFIX_ROOT}*"):  # what this session's queues left behind
+        redis.delete(key)
 
 
 @pytest.fixture(scope="session")
@@ -76,6 +81,14 @@ def sessions(settings: Settings):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def client(settings: Settings) -> Iterator[TestClient]:
     with TestClient(create_app(settings)) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def queue_only_client(settings: Settings) -> Iterator[TestClient]:
+    """An API whose jobs go to a queue no worker reads: they stay queued, whatever the test needs."""
+    alone = settings.model_copy(update={"broker_key_prefix": f"{PREFIX_ROOT}-unread:", "max_active_jobs_per_team": 3})
+    with TestClient(create_app(alone)) as client:
         yield client
 
 

@@ -1,0 +1,330 @@
+"""`pivotmerge serve`, `pivotmerge quickstart` and `pivotmerge admin`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import click
+
+from .settings import GPU_QUEUE, Settings
+
+API_KEY_FILE = "api-key"
+DEFAULT_TEAM = "default"
+
+
+def load_settings() -> Settings:
+    try:
+        return Settings()
+    except ValueError as exc:  # pydantic's ValidationError is a ValueError
+        raise click.ClickException(f"configuration: {exc}") from None
+
+
+def open_db(settings: Settings):  # type: ignore[no-untyped-def]
+    from .db import make_engine, make_sessionmaker
+
+    return make_sessionmaker(make_engine(settings.database_url))
+
+
+# --------------------------------------------------------------------------- admin
+
+
+@click.group("admin")
+def admin() -> None:
+    """Manage the service database: migrations, teams and API keys (PIVOTMERGE_DATABASE_URL)."""
+
+
+@admin.command("migrate")
+def migrate_command() -> None:
+    """Create or upgrade the database schema (alembic upgrade head)."""
+    from .db import migrate
+
+    migrate(load_settings().database_url)
+    click.echo("database is up to date")
+
+
+@admin.command("create-team")
+@click.argument("name")
+def create_team_command(name: str) -> None:
+    """Create team NAME and print its first API key (shown once, stored hashed)."""
+    from sqlalchemy.exc import IntegrityError
+
+    from .auth import create_api_key, create_team
+
+    with open_db(load_settings())() as session:
+        try:
+            team = create_team(session, name)
+        except IntegrityError:
+            raise click.ClickException(f"a team named {name!r} already exists") from None
+        row, key = create_api_key(session, team)
+        session.commit()
+    click.echo(f"team {name} ({team.id})\nkey id {row.id}\nAPI key: {key}")
+
+
+def _team(session: Any, name: str) -> Any:
+    from sqlalchemy import select
+
+    from .models import Team
+
+    team = session.scalar(select(Team).where(Team.name == name))
+    if team is None:
+        raise click.ClickException(f"no team named {name!r}; `pivotmerge admin list-teams` lists them")
+    return team
+
+
+@admin.command("create-key")
+@click.argument("team")
+def create_key_command(team: str) -> None:
+    """Print a new API key for TEAM (by name)."""
+    from .auth import create_api_key
+
+    with open_db(load_settings())() as session:
+        row, key = create_api_key(session, _team(session, team))
+        session.commit()
+    click.echo(f"key id {row.id}\nAPI key: {key}")
+
+
+@admin.command("revoke-key")
+@click.argument("key_id", type=click.UUID)
+def revoke_key_command(key_id: Any) -> None:
+    """Revoke the key with id KEY_ID; requests with it answer 401 from now on."""
+    from .auth import revoke_api_key
+
+    with open_db(load_settings())() as session:
+        if revoke_api_key(session, key_id) is None:
+            raise click.ClickException(f"no key with id {key_id}")
+        session.commit()
+    click.echo(f"revoked {key_id}")
+
+
+@admin.command("list-teams")
+def list_teams_command() -> None:
+    """Teams and their keys (prefixes only)."""
+    from sqlalchemy import select
+
+    from .models import Team
+
+    with open_db(load_settings())() as session:
+        for team in session.scalars(select(Team).order_by(Team.name)):
+            click.echo(f"{team.name}  {team.id}")
+            for key in team.api_keys:
+                state = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
+                click.echo(f"    {key.id}  {key.prefix}...  {state}")
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def ensure_default_key(settings: Settings) -> Path:
+    """Embedded mode: a `default` team and its key in data_dir/api-key, made on first start."""
+    from sqlalchemy import func, select
+
+    from .auth import create_api_key, create_team
+    from .models import Team
+
+    key_file = settings.data_dir / API_KEY_FILE
+    with open_db(settings)() as session:
+        if session.scalar(select(func.count()).select_from(Team)) == 0 or not key_file.exists():
+            team = session.scalar(select(Team).where(Team.name == DEFAULT_TEAM)) or create_team(session, DEFAULT_TEAM)
+            _, key = create_api_key(session, team)
+            session.commit()
+            key_file.touch(mode=0o600)
+            key_file.write_text(key + "\n")
+    return key_file
+
+
+def start_worker(env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.worker", "worker", "-Q", GPU_QUEUE,
+                             "-c", "1", "-l", "warning", "--without-gossip", "--without-mingle"],
+                            cwd=Path(__file__).resolve().parent.parent, env=env)
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@click.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--worker/--no-worker", default=True, show_default=True,
+              help="Also run a Celery worker (one job at a time) beside the API.")
+def serve(host: str, port: int, worker: bool) -> None:
+    """Run the merge service: the HTTP API, and a worker unless --no-worker.
+
+    With no configuration everything lives under ~/.pivotmerge (SQLite database
+    and broker, local artifacts, models read from ~/.pivotmerge/models) and a
+    `default` team's API key is written to ~/.pivotmerge/api-key. Set
+    PIVOTMERGE_DATABASE_URL, PIVOTMERGE_BROKER_URL, ... for a real deployment
+    (docs/service.md).
+    """
+    import uvicorn
+
+    from .db import migrate
+    from .main import create_app
+
+    settings = load_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    for root in settings.allowed_roots:
+        root.mkdir(parents=True, exist_ok=True)
+    migrate(settings.database_url)
+    if settings.embedded:
+        key_file = ensure_default_key(settings)
+        click.echo(f"embedded mode: data in {settings.data_dir}; models are read from "
+                   f"{os.pathsep.join(map(str, settings.allowed_roots))}\nAPI key of team '{DEFAULT_TEAM}': {key_file}")
+    worker_process = start_worker() if worker else None
+    try:
+        click.echo(f"API on http://{host}:{port} (docs at /docs)")
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    finally:
+        if worker_process is not None:
+            stop_process(worker_process)
+
+
+# --------------------------------------------------------------------------- quickstart
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sse_events(client: Any, url: str) -> Iterator[dict[str, Any]]:
+    """Parse a Server-Sent Events stream into {"type", "data"} records."""
+    with client.stream("GET", url, headers={"Accept": "text/event-stream"}, timeout=None) as response:
+        response.raise_for_status()
+        event: dict[str, Any] = {}
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                event["type"] = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                event["data"] = json.loads(line.removeprefix("data: "))["data"]
+            elif not line and event:
+                yield event
+                event = {}
+
+
+@click.command("quickstart")
+@click.option("--dir", "workdir", default="pivotmerge-quickstart", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Where the example models, service data and result go.")
+def quickstart(workdir: Path) -> None:
+    """Make example experts, start the embedded service, merge them with PivotMerge over HTTP, download the result."""
+    import httpx
+    import yaml
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pivotmerge.example import make_example
+
+    console = Console()
+    started = time.monotonic()
+    workdir = workdir.resolve()
+    data_dir = workdir / "service"
+    example = make_example(data_dir / "models" / "example", n_experts=3)
+    console.print(f"[bold]1.[/] Made a tiny LLaVA base model and {len(example.experts)} experts in {example.root}")
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIVOTMERGE_")}  # always the embedded defaults
+    env["PIVOTMERGE_DATA_DIR"] = str(data_dir)
+    server = subprocess.Popen([sys.executable, "-c", "from pivotmerge.cli import main; main()", "serve", "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=base_url, timeout=30) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                if server.poll() is not None:
+                    raise click.ClickException(f"the service did not start:\n{server.stderr.read().decode()[-2000:]}")
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise click.ClickException("the service did not become ready within 120 s")
+                time.sleep(0.2)
+            client.headers["Authorization"] = f"Bearer {(data_dir / API_KEY_FILE).read_text().strip()}"
+            console.print(f"[bold]2.[/] Started the embedded service (API + Celery worker, SQLite) on {base_url}")
+
+            spec = yaml.safe_load(example.spec.read_text())
+            created = client.post("/v1/merges", json=spec, headers={"Idempotency-Key": f"quickstart-{port}"})
+            if created.status_code != 202:
+                raise click.ClickException(f"the service refused the merge: {created.json()['detail']}")
+            location = created.headers["Location"]
+            console.print(f"[bold]3.[/] Submitted a {spec['method']} merge: POST /v1/merges -> 202, {location}")
+
+            with Progress(TextColumn("    {task.description:<28}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                          TimeElapsedColumn(), console=console) as bar:
+                task = bar.add_task("queued", total=1.0)
+                for event in sse_events(client, f"{location}/events"):
+                    data = event["data"]
+                    if event["type"] == "progress":
+                        label = data["stage"] + (f" layer {data['layer']}" if data.get("layer") is not None else "")
+                        bar.update(task, completed=data["fraction"], description=label)
+                    elif event["type"] == "state":
+                        bar.update(task, description=data["state"])
+            job = client.get(location).json()
+            if job["state"] != "succeeded":
+                raise click.ClickException(f"the merge {job['state']}: {job['error']}")
+
+            out = workdir / "merged"
+            out.mkdir(exist_ok=True)
+            artifacts = client.get(f"{location}/artifacts").json()["artifacts"]
+            for artifact in artifacts:
+                download(client, artifact, out / artifact["name"])
+            console.print(f"[bold]4.[/] Downloaded {len(artifacts)} files to {out} (sha256 of each checked)")
+    finally:
+        stop_process(server)
+
+    report = json.loads((out / "merge_report.json").read_text())
+    console.print(f"[bold]5.[/] The merge report (all of it: {out / 'merge_report.json'}):")
+    print_report(console, report)
+    console.print(f"\nDone in {time.monotonic() - started:.1f} s. Next: `pivotmerge serve` runs the service "
+                  f"(docs at http://127.0.0.1:8000/docs); docs/service.md covers the API and deployment.")
+
+
+def download(client: Any, artifact: dict[str, Any], path: Path) -> None:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with client.stream("GET", artifact["url"]) as response, path.open("wb") as f:
+        response.raise_for_status()
+        for chunk in response.iter_bytes():
+            digest.update(chunk)
+            f.write(chunk)
+    if digest.hexdigest() != artifact["sha256"]:
+        raise click.ClickException(f"{artifact['name']}: sha256 does not match the service's record")
+
+
+def compact(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(compact(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def print_report(console: Any, report: dict[str, Any]) -> None:
+    """What was merged and how: the summary, then each merged tensor's recorded choices."""
+    from rich.table import Table
+
+    summary = {k: report.get(k) for k in ("method", "architecture", "device", "tensors", "timings", "metrics")}
+    console.print_json(data={k: v for k, v in summary.items() if v is not None})
+    table = Table("merged tensor", "layer", "choices (lambda, expert weights, ranks...)")
+    for entry in report.get("layers", []):
+        info = ", ".join(f"{k}={compact(v)}" for k, v in entry.get("info", {}).items())
+        table.add_row(entry["tensor"], str(entry.get("layer")), info)
+    console.print(table)
