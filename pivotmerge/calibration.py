@@ -25,7 +25,7 @@ from .errors import CompatibilityError, SpecError
 from .evaluate import Loaded, caption_batches, caption_stats, load_model
 from .progress import Progress, ProgressFn
 from .repos import ModelRepo
-from .spec import MergeSpec
+from .spec import DatasetRef, MergeSpec
 
 if TYPE_CHECKING:
     from .engine import MergePlan
@@ -153,18 +153,20 @@ class AlignmentScores:
 
 
 @torch.no_grad()
-def alignment_scores(base_dir: str | Path, expert_dirs: Sequence[str | Path], dataset: Dataset,
+def alignment_scores(base_dir: str | Path, expert_dirs: Sequence[str | Path], dataset: Dataset | Sequence[Dataset],
                      tensor_names: Iterable[str], *, device: str = "auto", batch_size: int = 8,
                      groups: Mapping[str, list[str]] | None = None) -> AlignmentScores:
-    """Each expert's caption loss on `dataset`, whole and with each layer group's update removed."""
+    """Each expert's caption loss on `dataset` (one for all, or one per expert), whole and with each
+    layer group's update removed."""
+    datasets = [dataset] * len(expert_dirs) if isinstance(dataset, Dataset) else list(dataset)
     tensor_names = list(tensor_names)
     groups = dict(groups) if groups is not None else layer_groups(tensor_names)
     with ModelRepo.open(str(base_dir)) as base:
         pivot = {n: base.get(n) for n in tensor_names}
     baseline, ablated = [], {g: [] for g in groups}
-    for expert_dir in expert_dirs:
+    for expert_dir, data in zip(expert_dirs, datasets, strict=True):
         loaded = load_model(expert_dir, device)
-        batches = caption_batches(loaded.processor, dataset.records, batch_size)
+        batches = caption_batches(loaded.processor, data.records, batch_size)
         params = dict(loaded.model.named_parameters())
         baseline.append(caption_stats(loaded.model, batches, loaded.device).loss)
         for group, names in groups.items():
@@ -188,36 +190,64 @@ def wants_alignment(spec: MergeSpec) -> bool:
     return spec.method == "pivotmerge" and spec.parameters.get("layer_weighting") == "data"
 
 
+def expert_calibration(spec: MergeSpec) -> list[DatasetRef]:
+    """Each expert's calibration set: its own `models[].calibration`, else the spec-wide one.
+
+    RegMean is defined with each expert's Gram matrices taken on the data it was
+    aligned on, so a per-expert set is the faithful setting; the shared one is the fallback.
+    """
+    refs = []
+    for i, entry in enumerate(spec.models):
+        ref = entry.calibration or spec.calibration
+        if ref is None:
+            field = "calibration" if not any(m.calibration for m in spec.models) else f"models.{i}.calibration"
+            raise SpecError(f"{field}: method {spec.method!r} as configured needs calibration data for every expert "
+                            "(set `calibration`, or `calibration` on each model)")
+        refs.append(ref)
+    return refs
+
+
+def load_expert_calibration(refs: Sequence[DatasetRef], *, allowed_roots: Sequence[Path] | None = None,
+                            relative_to: Path | None = None) -> list[Dataset]:
+    """The datasets of `refs`, each distinct reference loaded (and checked) once."""
+    loaded: dict[str, Dataset] = {}
+    for ref in refs:
+        key = ref.model_dump_json()
+        if key not in loaded:
+            loaded[key] = load_ref(ref, allowed_roots=allowed_roots, relative_to=relative_to)
+    return [loaded[ref.model_dump_json()] for ref in refs]
+
+
 def calibration_extras(plan: MergePlan, device: torch.device, *, allowed_roots: Sequence[Path] | None = None,
                        relative_to: Path | None = None, progress: ProgressFn | None = None,
                        ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Per-tensor method parameters measured on the spec's calibration data, and their report.
+    """Per-tensor method parameters measured on calibration data, and their report.
 
     RegMean gets each expert's Gram matrices (``grams``); PivotMerge with
-    ``layer_weighting: data`` gets per-expert ``alignment`` scores per layer.
+    ``layer_weighting: data`` gets per-expert ``alignment`` scores per layer. Each
+    expert is measured on its own calibration set when it has one (`expert_calibration`).
     """
     spec = plan.spec
     needs_grams = spec.method == "regmean"
     if not (needs_grams or wants_alignment(spec)):
         return {}, {}
-    if spec.calibration is None:
-        raise SpecError(f"calibration: method {spec.method!r} as configured needs a calibration dataset")
-    dataset = load_ref(spec.calibration, allowed_roots=allowed_roots, relative_to=relative_to)
+    datasets = load_expert_calibration(expert_calibration(spec), allowed_roots=allowed_roots, relative_to=relative_to)
     names = sorted(plan.merged)
-    report: dict[str, Any] = {"dataset": str(dataset.path), "samples": len(dataset.records)}
+    report: dict[str, Any] = {"datasets": [{"model": m.model, "dataset": str(d.path), "samples": len(d.records)}
+                                           for m, d in zip(spec.models, datasets)]}
     if progress is not None:
-        progress(Progress("calibrate", 0, len(plan.models), message=f"calibration data: {dataset.name}"))
+        progress(Progress("calibrate", 0, len(plan.models), message="calibration data: " + ", ".join(dict.fromkeys(d.name for d in datasets))))
     if needs_grams:
         per_model = []
-        for i, repo in enumerate(plan.models):
-            per_model.append(collect_grams(repo.path, dataset, names, device=device.type))
+        for i, (repo, data) in enumerate(zip(plan.models, datasets)):
+            per_model.append(collect_grams(repo.path, data, names, device=device.type))
             if progress is not None:
                 progress(Progress("calibrate", i + 1, len(plan.models)))
         report["gram_tensors"] = sorted(per_model[0])
         return {n: {"grams": [g[n] for g in per_model]} for n in per_model[0]}, report
     if plan.base is None:
         raise SpecError("base_model: layer_weighting: data removes each layer's update, so it needs the base")
-    scores = alignment_scores(plan.base.path, [m.path for m in plan.models], dataset, names, device=device.type,
+    scores = alignment_scores(plan.base.path, [m.path for m in plan.models], datasets, names, device=device.type,
                               groups=layer_groups(names, plan.reference.model_type))
     report["alignment"] = scores.report()
     return {n: {"alignment": scores.for_tensor(n)} for n in names}, report

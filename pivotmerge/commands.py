@@ -50,7 +50,9 @@ def merge_command(spec_file: Path, out_dir: Path, force: bool, device: str | Non
     SPEC is a YAML merge spec (see `pivotmerge methods` for methods and their
     parameters) or a mergekit config. Relative model paths are read from the
     spec file's folder. OUT holds sharded safetensors, the base's config,
-    tokenizer and processor files, merge_report.json and a model card.
+    tokenizer and processor files, merge_report.json and a model card. When
+    the spec lists `evaluate` datasets, the metrics are printed as a table
+    (with `evaluate_inputs: true`, the base and each expert beside the merge).
     """
     from .engine import merge
 
@@ -65,6 +67,10 @@ def merge_command(spec_file: Path, out_dir: Path, force: bool, device: str | Non
     t = report["timings"]
     console.print(f"[green]merged[/] {report['tensors']['merged']} of {report['tensors']['total']} tensors "
                   f"with {report['method']} in {t['total_s']:.2f} s on {report['device']} -> {out_dir}")
+    if "evaluation" in report:
+        from .evaluate import metrics_from_json, metrics_table
+
+        Console().print(metrics_table(metrics_from_json(report["evaluation"])))
 
 
 def _type_name(annotation: Any) -> str:

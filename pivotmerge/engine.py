@@ -260,7 +260,8 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | Path, *, progress:
         try:
             report = _write_merge(plan, partial, device, progress, should_cancel, extras, started)
             if calibration or eval_data:
-                _add_data_reports(report, partial, device, calibration, eval_data, progress, should_cancel)
+                _add_data_reports(report, _evaluated_models(plan, partial), device, calibration, eval_data, progress,
+                                  should_cancel)
             if out_dir.exists():
                 shutil.rmtree(out_dir)
             partial.rename(out_dir)
@@ -287,17 +288,31 @@ def _data_for_merge(plan: MergePlan, device: torch.device, allowed_roots: Sequen
     return extras, calibration, eval_data
 
 
-def _add_data_reports(report: dict[str, Any], folder: Path, device: torch.device, calibration: dict[str, Any],
-                      eval_data: list, progress: ProgressFn | None, should_cancel: CancelFn | None) -> None:
+def _evaluated_models(plan: MergePlan, folder: Path) -> dict[str, Path]:
+    """Label -> folder of the models to evaluate: the merged one (first), then with
+    `evaluate_inputs` the base and each expert (labelled by its spec `model`)."""
+    models = {"merged": folder}
+    if plan.spec.evaluate_inputs:
+        if plan.base is not None:
+            models["base"] = plan.base.path
+        for i, (entry, repo) in enumerate(zip(plan.spec.models, plan.models)):
+            models[entry.model if entry.model not in models else f"{entry.model} ({i})"] = repo.path
+    return models
+
+
+def _add_data_reports(report: dict[str, Any], models: Mapping[str, Path], device: torch.device,
+                      calibration: dict[str, Any], eval_data: list, progress: ProgressFn | None,
+                      should_cancel: CancelFn | None) -> None:
+    """Calibration and evaluation sections of the report in `models["merged"]`, rewritten there."""
     from .evaluate import evaluate_merge
     from .report import write_report
 
     if calibration:
         report["calibration"] = calibration
     if eval_data:
-        report["evaluation"] = evaluate_merge({"merged": folder}, eval_data, device, progress=progress,
+        report["evaluation"] = evaluate_merge(models, eval_data, device, progress=progress,
                                               should_cancel=should_cancel)
-    write_report(folder, report)
+    write_report(models["merged"], report)
 
 
 def _write_shards(plan: MergePlan, folder: Path, device: torch.device, progress: ProgressFn | None,

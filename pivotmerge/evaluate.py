@@ -204,6 +204,11 @@ def metrics_json(results: Mapping[str, Sequence[DatasetMetrics]]) -> dict[str, l
     return {label: [asdict(m) for m in metrics] for label, metrics in results.items()}
 
 
+def metrics_from_json(data: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, list[DatasetMetrics]]:
+    """`metrics_json`'s inverse, for showing a stored report's evaluation."""
+    return {label: [DatasetMetrics(**m) for m in metrics] for label, metrics in data.items()}
+
+
 def metrics_table(results: Mapping[str, Sequence[DatasetMetrics]]):
     from rich.table import Table
 

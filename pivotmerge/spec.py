@@ -52,18 +52,21 @@ class Component(str, Enum):
     vision_tower = "vision_tower"
 
 
-class ModelEntry(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str = Field(..., description="Local folder, or hub id 'org/name[@revision]' from the local Hugging Face cache.")
-    weight: ParamValue = Field(1.0, description="This model's weight (scalar, depth list or filtered values).")
-    parameters: dict[str, ParamValue] = Field(default_factory=dict, description="Per-model method parameters, e.g. density.")
-
-
 class DatasetRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str | None = None
     dataset: str = Field(..., description="Path of a JSONL dataset file.")
     limit: int | None = Field(None, ge=1, description="Use at most this many records.")
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(..., description="Local folder, or hub id 'org/name[@revision]' from the local Hugging Face cache.")
+    weight: ParamValue = Field(1.0, description="This model's weight (scalar, depth list or filtered values).")
+    parameters: dict[str, ParamValue] = Field(default_factory=dict, description="Per-model method parameters, e.g. density.")
+    calibration: DatasetRef | None = Field(
+        None, description="This expert's own calibration data (the domain it was aligned on) for its Gram matrices and "
+                          "alignment scores; default: the spec-wide `calibration`.")
 
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -96,6 +99,9 @@ class MergeSpec(BaseModel):
     seed: int = Field(0, description="Seed for random methods (DARE, randomized SVD).")
     calibration: DatasetRef | None = Field(None, description="Image-text pairs for data-driven methods.")
     evaluate: list[DatasetRef] = Field(default_factory=list, description="Datasets to evaluate the merged model on.")
+    evaluate_inputs: bool = Field(
+        False, description="Also evaluate the base and each expert on the `evaluate` datasets, so the report shows the "
+                           "merged model beside every input (one model loaded at a time; costs one evaluation per input).")
 
     @field_validator("out_shard_size", mode="before")
     @classmethod
@@ -111,6 +117,12 @@ class MergeSpec(BaseModel):
             except re.error as exc:
                 raise ValueError(f"invalid regular expression {p!r}: {exc}") from None
         return v
+
+    @model_validator(mode="after")
+    def _inputs_need_datasets(self) -> "MergeSpec":
+        if self.evaluate_inputs and not self.evaluate:
+            raise ValueError("evaluate_inputs: needs `evaluate` datasets to evaluate the inputs on")
+        return self
 
     @model_validator(mode="after")
     def _method_fits(self) -> "MergeSpec":

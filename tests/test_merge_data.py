@@ -58,3 +58,54 @@ def test_data_driven_methods_need_calibration(example, tmp_path):
     with pytest.raises(SpecError, match="calibration"):
         pivotmerge.merge(spec, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_regmean_takes_each_experts_grams_on_its_own_calibration_set(example, tmp_path):
+    own = ["shapes", "dots"]
+    spec = _spec(example, "regmean", parameters={"alpha": 0.8})
+    for entry, domain in zip(spec["models"], own):
+        entry["calibration"] = {"dataset": str(example.datasets[domain])}
+    report = pivotmerge.merge(spec, tmp_path / "out")
+    data = {d: load_dataset(example.datasets[d]) for d in own}
+    weights = [load_file(e / "model.safetensors")[W1] for e in example.experts]
+    own_grams = [collect_grams(e, data[d], [W1], device="cpu")[W1] for e, d in zip(example.experts, own)]
+    shared_grams = [collect_grams(e, data["shapes"], [W1], device="cpu")[W1] for e in example.experts]
+    merged = load_file(tmp_path / "out" / "model.safetensors")[W1]
+    assert torch.allclose(merged, regmean_solve(weights, own_grams, [1.0, 1.0], 0.8), atol=1e-5)
+    shared = regmean_solve(weights, shared_grams, [1.0, 1.0], 0.8)
+    assert (merged - shared).abs().max() > 1e-3  # the per-expert sets changed the result
+    assert [d["dataset"] for d in report["calibration"]["datasets"]] == [str(example.datasets[d].resolve()) for d in own]
+
+
+def test_every_expert_needs_calibration_data(example, tmp_path):
+    spec = _spec(example, "regmean")
+    del spec["calibration"]
+    spec["models"][0]["calibration"] = {"dataset": str(example.datasets["dots"])}
+    with pytest.raises(SpecError, match=r"^models\.1\.calibration: "):
+        pivotmerge.merge(spec, tmp_path / "out")
+
+
+def test_evaluate_inputs_puts_base_and_experts_beside_the_merge_in_report_and_cli(example, tmp_path, capsys):
+    from pivotmerge.cli import main
+    from pivotmerge.evaluate import evaluate_model
+
+    spec = _spec(example, "linear", evaluate=[{"dataset": str(example.datasets["dots"])}], evaluate_inputs=True)
+    del spec["calibration"]
+    (tmp_path / "spec.yaml").write_text(json.dumps(spec))  # JSON is YAML
+    main(["merge", str(tmp_path / "spec.yaml"), "-o", str(tmp_path / "out")])  # returns normally on success
+    out = capsys.readouterr().out
+    evaluation = json.loads((tmp_path / "out" / "merge_report.json").read_text())["evaluation"]
+    experts = [str(e) for e in example.experts]
+    assert list(evaluation) == ["merged", "base", *experts]
+    data = [load_dataset(example.datasets["dots"])]
+    for label, folder in [("base", example.base), *zip(experts, example.experts)]:
+        (direct,) = evaluate_model(folder, data, device="cpu")
+        assert evaluation[label][0]["caption_loss"] == pytest.approx(direct.caption_loss, rel=1e-6)
+    # The table on stdout has one row per model, with the merged model's loss as stored.
+    assert f"{evaluation['merged'][0]['caption_loss']:.4f}" in out
+    assert all(f"{evaluation[label][0]['caption_loss']:.4f}" in out for label in evaluation)
+
+
+def test_evaluate_inputs_needs_evaluate_datasets(example):
+    with pytest.raises(SpecError, match="^evaluate_inputs: needs `evaluate` datasets"):
+        pivotmerge.spec_from_dict({**_spec(example, "linear"), "evaluate_inputs": True})
