@@ -122,3 +122,15 @@ def worker(settings_values: dict[str, str], service_dir: Path) -> Iterator[Worke
     process = WorkerProcess(service_env(settings_values), service_dir / "worker.log", f"pmtest-{uuid.uuid4().hex[:6]}")
     yield process
     process.stop()
+
+
+@pytest.fixture(scope="session")
+def schema_team(sessions) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    return _new_team(sessions, "schemathesis")
+
+
+@pytest.fixture(scope="session")
+def api_schema(client: TestClient):  # type: ignore[no-untyped-def]
+    import schemathesis
+
+    return schemathesis.openapi.from_asgi("/openapi.json", client.app)
