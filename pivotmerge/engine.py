@@ -15,6 +15,7 @@ import uuid
 import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Iterator, Mapping, Sequence
@@ -189,13 +190,34 @@ def _apply(method: Method, models: Sequence[torch.Tensor], base: torch.Tensor | 
     flat = out.view(-1)
     step = CUDA_PIECE if device.type == "cuda" else CPU_PIECE
     info: dict[str, Any] = {}
-    for start in range(0, flat.numel(), step):
-        piece = slice(start, start + step)
-        result = method([f32(m.reshape(-1)[piece]) for m in models],
-                        None if base is None else f32(base.reshape(-1)[piece]), weights, params, generator)
-        flat[piece].copy_(result.tensor)
-        info = result.info
+    with _single_threaded(device):
+        for start in range(0, flat.numel(), step):
+            piece = slice(start, start + step)
+            result = method([f32(m.reshape(-1)[piece]) for m in models],
+                            None if base is None else f32(base.reshape(-1)[piece]), weights, params, generator)
+            flat[piece].copy_(result.tensor)
+            info = result.info
     return out, info
+
+
+@contextmanager
+def _single_threaded(device: torch.device) -> Iterator[None]:
+    """One intra-op thread for piecewise CPU maths.
+
+    Pieces are too small for OpenMP's fork/join per op to pay, and its spinning
+    workers collapse on a shared machine (profiled: task_arithmetic on three
+    200M models took 18-29 s of maths with 2 threads, 5-9 s with 1, on 2 busy
+    cores). The reader and writer threads keep the other cores busy instead.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _merge_tensors(plan: MergePlan, outputs: Sequence[OutputTensor], device: torch.device, timings: Timings,
