@@ -90,6 +90,7 @@ def methods_command(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({name: {"summary": m.summary, "base_model": m.base, "min_models": m.min_models,
                                       "max_models": m.max_models, "per_model": list(m.per_model),
+                                      "engine_params": list(m.engine_params),
                                       "parameters": m.params.model_json_schema().get("properties", {})}
                                for name, m in methods.items()}, indent=2))
         return
@@ -97,9 +98,9 @@ def methods_command(as_json: bool) -> None:
     for name, m in methods.items():
         table = Table(title=f"[bold]{name}[/] — {m.summary}", title_justify="left", show_edge=False)
         for col in ("parameter", "type", "default", "description"):
-            table.add_column(col)
+            table.add_column(col, no_wrap=col == "parameter")  # names stay whole, so they can be searched
         for pname, field in m.params.model_fields.items():
-            per = " (per model)" if pname in m.per_model else ""
+            per = " (per model)" if pname in m.per_model else " (set by the engine)" if pname in m.engine_params else ""
             table.add_row(pname + per, _type_name(field.annotation), repr(field.default), field.description or "")
         models = f"{m.min_models}" + ("" if m.max_models == m.min_models else f"..{m.max_models or 'n'}")
         out.print(table)

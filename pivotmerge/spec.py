@@ -72,6 +72,10 @@ class ModelEntry(BaseModel):
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
+def engine_set(field: str) -> str:
+    return f"{field}: set by the engine from calibration data, not by the spec"
+
+
 def parse_size(value: int | str) -> int:
     if isinstance(value, int):
         return value
@@ -136,12 +140,16 @@ class MergeSpec(BaseModel):
             raise ValueError(f"models: method {self.method!r} takes {want} models, got {k}")
         if method.base == "required" and self.base_model is None:
             raise ValueError(f"base_model: method {self.method!r} needs a base_model (the experts' shared starting point)")
-        known = set(method.params.model_fields)
+        known = set(method.params.model_fields) - set(method.engine_params)
         for name in self.parameters:
+            if name in method.engine_params:
+                raise ValueError(engine_set(f"parameters.{name}"))
             if name not in known:
                 raise ValueError(f"parameters.{name}: not a parameter of {self.method!r}; it takes: {', '.join(sorted(known)) or 'none'}")
         for i, entry in enumerate(self.models):
             for name in entry.parameters:
+                if name in method.engine_params:
+                    raise ValueError(engine_set(f"models.{i}.parameters.{name}"))
                 if name not in method.per_model:
                     allowed = ", ".join(method.per_model) or "none"
                     raise ValueError(f"models.{i}.parameters.{name}: not a per-model parameter of {self.method!r} (per-model: {allowed})")

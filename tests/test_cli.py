@@ -69,3 +69,14 @@ def test_methods_lists_every_registered_method_with_parameters(tmp_path, run_cli
         assert name in result.stdout
         for param in method.params.model_fields:
             assert param in result.stdout
+
+
+def test_methods_marks_the_parameters_the_engine_sets(tmp_path, run_cli):
+    import json
+
+    result = run_cli("methods", "--json", cwd=tmp_path)
+    listed = json.loads(result.stdout)
+    assert listed["regmean"]["engine_params"] == ["grams"] and listed["pivotmerge"]["engine_params"] == ["alignment"]
+    assert listed["linear"]["engine_params"] == []
+    table = run_cli("methods", cwd=tmp_path).stdout
+    assert "grams (set by the engine)" in table and "alignment (set by the engine)" in table

@@ -84,3 +84,18 @@ def test_grams_of_a_llava_projector_on_calibration_images(tmp_path):
     assert grams[names[0]].shape == (32, 32) and grams[names[2]].shape == (64, 64)
     for g in grams.values():
         assert torch.allclose(g, g.T) and torch.linalg.eigvalsh(g).min() > -1e-8
+
+
+@pytest.mark.parametrize("method, name", [("regmean", "grams"), ("pivotmerge", "alignment")])
+def test_engine_set_parameters_are_rejected_in_a_spec_naming_the_field(method, name):
+    from pivotmerge.errors import SpecError
+    from pivotmerge.spec import spec_from_dict
+
+    assert get_method(method).engine_params == (name,)
+    spec = {"method": method, "base_model": "base", "models": [{"model": "a"}, {"model": "b"}]}
+    with pytest.raises(SpecError) as exc:
+        spec_from_dict({**spec, "parameters": {name: [1.0, 1.0]}})
+    assert str(exc.value) == f"parameters.{name}: set by the engine from calibration data, not by the spec"
+    spec["models"][1]["parameters"] = {name: [1.0]}
+    with pytest.raises(SpecError, match=rf"^models\.1\.parameters\.{name}: set by the engine"):
+        spec_from_dict(spec)

@@ -56,6 +56,9 @@ class Method:
     max_models: int | None = None
     # Parameters that each model may set for itself under models[].parameters.
     per_model: tuple[str, ...] = ()
+    # Parameters the engine fills from calibration data (RegMean's Gram matrices, PivotMerge's
+    # alignment scores): a spec that sets them is rejected up front instead of failing mid-merge.
+    engine_params: tuple[str, ...] = ()
     # True when each output element depends only on the inputs' same element (and the
     # parameters): the engine may then merge a large tensor in cache-sized pieces.
     elementwise: bool = False

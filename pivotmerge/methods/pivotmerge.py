@@ -176,4 +176,5 @@ METHOD = register(Method(
     params=Params,
     merge=pivotmerge,
     base="optional",
+    engine_params=("alignment",),
 ))

@@ -75,4 +75,5 @@ METHOD = register(Method(
     params=Params,
     merge=regmean,
     base="unused",
+    engine_params=("grams",),
 ))
