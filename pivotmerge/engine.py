@@ -7,11 +7,8 @@ output folder appears only when complete.
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 import time
-import uuid
 import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,18 +21,16 @@ import torch
 
 from . import __version__
 from .architectures import Architecture, TensorPlace, architecture_for, place_tensors
-from .errors import CompatibilityError, MergeCancelled, PivotMergeError, SpecError
+from .errors import CompatibilityError, MergeCancelled, SpecError
 from .methods import Method, get_method
+from .output import building, carry_side_files, check_out_dir
 from .params import resolve_params
 from .progress import CancelFn, Progress, ProgressFn
-from .repos import PICKLED_SUFFIXES, ModelRepo, resolve_roots
+from .repos import ModelRepo, resolve_roots
 from .spec import MergeSpec, spec_from_dict
-from .writer import INDEX_FILE, OutputTensor, ShardWriter, WrittenFile
+from .writer import OutputTensor, ShardWriter, WrittenFile
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-REPORT_FILE = "merge_report.json"
-CARRIED_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
-NOT_CARRIED = {INDEX_FILE, REPORT_FILE}
 
 
 def as_spec(spec: MergeSpec | Mapping[str, Any]) -> MergeSpec:
@@ -271,25 +266,15 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | Path, *, progress:
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite and any(out_dir.iterdir()):
-        raise PivotMergeError(f"output folder {out_dir} exists and is not empty (use overwrite / --force)")
+    check_out_dir(out_dir, overwrite)
     with plan_merge(spec, allowed_roots=allowed_roots, relative_to=relative_to) as plan:
         device = resolve_device(plan.spec.device)
         extras, calibration, eval_data = _data_for_merge(plan, device, allowed_roots, relative_to, progress)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        partial = out_dir.with_name(f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}")
-        partial.mkdir()
-        try:
+        with building(out_dir) as partial:
             report = _write_merge(plan, partial, device, progress, should_cancel, extras, started)
             if calibration or eval_data:
                 _add_data_reports(report, _evaluated_models(plan, partial), device, calibration, eval_data, progress,
                                   should_cancel)
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            partial.rename(out_dir)
-        except BaseException:
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
     if progress is not None:
         progress(Progress("done", 1, 1))
     return report
@@ -379,22 +364,8 @@ def _finish(plan: MergePlan, folder: Path, device: torch.device, entries: Sequen
     """Side files, merge report and model card around the written shards."""
     from .report import build_report, write_model_card, write_report
 
-    _carry_side_files(plan, folder)
+    carry_side_files(plan.reference.path, folder, plan.spec.dtype)
     report = build_report(plan, device, entries, files, timings, time.perf_counter() - started)
     write_report(folder, report)
     write_model_card(folder, plan, report)
     return report
-
-
-def _carry_side_files(plan: MergePlan, folder: Path) -> None:
-    """Config, tokenizer and processor files from the reference repo; config dtype updated."""
-    source = plan.reference.path
-    for path in sorted(source.iterdir()):
-        if (path.is_file() and path.suffix in CARRIED_SUFFIXES and path.name not in NOT_CARRIED
-                and path.suffix not in PICKLED_SUFFIXES):
-            shutil.copyfile(path, folder / path.name)
-    config = folder / "config.json"
-    if plan.spec.dtype and config.is_file():
-        data = json.loads(config.read_text())
-        data["torch_dtype"] = data["dtype"] = plan.spec.dtype
-        config.write_text(json.dumps(data, indent=2) + "\n")

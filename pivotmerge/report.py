@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from . import __version__
-from .engine import REPORT_FILE
+from .output import REPORT_FILE
 from .writer import WrittenFile
 
 if TYPE_CHECKING:
