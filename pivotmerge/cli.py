@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "analyze": "pivotmerge.commands:analyze_command",
     "make-example": "pivotmerge.example:make_example_command",
     "evaluate": "pivotmerge.evaluate:evaluate_command",
+    "fold": "pivotmerge.fold_model:fold_command",
     "serve": "app.cli:serve",
     "quickstart": "app.cli:quickstart",
     "admin": "app.cli:admin",

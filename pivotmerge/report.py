@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .engine import MergePlan, Timings
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     import safetensors
     import transformers
 
@@ -30,21 +30,25 @@ def build_report(plan: "MergePlan", device: torch.device, entries: Sequence[dict
                  files: Sequence[WrittenFile], timings: "Timings", total_s: float) -> dict[str, Any]:
     return {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
+        "versions": versions(),
         "spec": plan.spec.model_dump(mode="json"),
         "method": plan.method.name,
         "device": str(device),
         "architecture": plan.architecture.name,
         "tensors": {"total": len(plan.names), "merged": len(plan.merged), "copied": len(plan.names) - len(plan.merged)},
         "layers": list(entries),
-        "files": [{"name": f.file, "size": f.size, "sha256": f.sha256} for f in files],
+        "files": files_json(files),
         "timings": {"total_s": round(total_s, 4), "read_s": round(timings.read_s, 4),
                     "merge_s": round(timings.merge_s, 4), "write_s": round(timings.write_s, 4)},
     }
 
 
-def write_report(folder: Path, report: dict[str, Any]) -> None:
-    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
+def files_json(files: Sequence[WrittenFile]) -> list[dict[str, Any]]:
+    return [{"name": f.file, "size": f.size, "sha256": f.sha256} for f in files]
+
+
+def write_report(folder: Path, report: dict[str, Any], name: str = REPORT_FILE) -> None:
+    (folder / name).write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
 def write_model_card(folder: Path, plan: "MergePlan", report: dict[str, Any]) -> None:

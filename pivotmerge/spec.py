@@ -15,10 +15,10 @@ from __future__ import annotations
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import SpecError
 from .methods import MethodParams, get_method
@@ -85,6 +85,10 @@ def parse_size(value: int | str) -> int:
     return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
 
 
+# A byte count written as a number or a string such as '2GB' or '500MiB'.
+ByteSize = Annotated[int, BeforeValidator(lambda v: parse_size(v) if isinstance(v, str) else v)]
+
+
 class MergeSpec(BaseModel):
     """What to merge, how, and where it runs."""
 
@@ -99,18 +103,13 @@ class MergeSpec(BaseModel):
     parameters: dict[str, ParamValue] = Field(default_factory=dict, description="Method parameters.")
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="Output dtype; default: the base's.")
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Where the maths runs.")
-    out_shard_size: int = Field(2 * 10**9, gt=0, description="Largest output shard, bytes or e.g. '2GB'.")
+    out_shard_size: ByteSize = Field(2 * 10**9, gt=0, description="Largest output shard, bytes or e.g. '2GB'.")
     seed: int = Field(0, description="Seed for random methods (DARE, randomized SVD).")
     calibration: DatasetRef | None = Field(None, description="Image-text pairs for data-driven methods.")
     evaluate: list[DatasetRef] = Field(default_factory=list, description="Datasets to evaluate the merged model on.")
     evaluate_inputs: bool = Field(
         False, description="Also evaluate the base and each expert on the `evaluate` datasets, so the report shows the "
                            "merged model beside every input (one model loaded at a time; costs one evaluation per input).")
-
-    @field_validator("out_shard_size", mode="before")
-    @classmethod
-    def _size(cls, v: Any) -> Any:
-        return parse_size(v) if isinstance(v, str) else v
 
     @field_validator("include", "exclude")
     @classmethod
@@ -181,14 +180,18 @@ def spec_from_dict(data: Any) -> MergeSpec:
         raise SpecError(format_validation_error(exc)) from None
 
 
-def load_spec(path: str | Path) -> MergeSpec:
+def read_yaml(path: str | Path) -> Any:
+    """A spec file's content; unreadable files and bad YAML are SpecErrors of one line."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise SpecError(f"cannot read spec {path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    return spec_from_dict(data)
+
+
+def load_spec(path: str | Path) -> MergeSpec:
+    return spec_from_dict(read_yaml(path))
