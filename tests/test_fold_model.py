@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import pivotmerge
 from tests.repo_factory import write_repo
+from tests.test_cli import run_cli  # noqa: F401  (the in-process CLI fixture)
 from tests.test_folding import Model, MoMEBlock, SharedBlock, _integer_state
 
 SPEC = """\
@@ -43,27 +44,10 @@ def repos(tmp_path):
     return state, w0
 
 
-@pytest.fixture
-def run_cli(capsys, monkeypatch):
-    from pivotmerge.cli import main
-
-    def run(*args: str, cwd: Path) -> tuple[int, str, str]:
-        monkeypatch.chdir(cwd)
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
-
-
 def test_cli_fold_writes_w0_plus_lambda_times_summed_deltas(tmp_path, repos, run_cli):
     state, w0 = repos
-    code, _, err = run_cli("fold", "specs/fold.yaml", "-o", "out", cwd=tmp_path)
-    assert code == 0, err
+    result = run_cli("fold", "specs/fold.yaml", "-o", "out", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
     out = tmp_path / "out"
     folded = _read_all(out)
     assert set(folded) == set(w0) | {EMBED}  # sources gone, folded names and the untouched rest
@@ -81,7 +65,7 @@ def test_cli_fold_writes_w0_plus_lambda_times_summed_deltas(tmp_path, repos, run
     assert sorted(f["name"] for f in report["files"]) == sorted(set(index.values()))
     assert (out / "tokenizer_config.json").is_file() and "modality_arithmetic" in (out / "README.md").read_text()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial folder left
-    assert "folded 8 tensors from 2 modalities" in err
+    assert "folded 8 tensors from 2 modalities" in result.stderr
 
 
 def test_python_api_interpolates_and_casts(tmp_path, repos):
@@ -111,15 +95,15 @@ def test_python_api_interpolates_and_casts(tmp_path, repos):
 def test_user_errors_exit_2_with_one_line(tmp_path, repos, run_cli, edit, message):
     spec = tmp_path / "specs" / "fold.yaml"
     spec.write_text(edit(spec.read_text()))
-    code, _, err = run_cli("fold", "specs/fold.yaml", "-o", "out", cwd=tmp_path)
+    result = run_cli("fold", "specs/fold.yaml", "-o", "out", cwd=tmp_path)
     # The progress bar's last state may precede the error, as for `pivotmerge merge`.
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("folding (")]
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("folding (")]
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
 
 
 def test_help_explains_the_spec(tmp_path, run_cli):
-    code, out, _ = run_cli("fold", "--help", cwd=tmp_path)
-    assert code == 0
+    result = run_cli("fold", "--help", cwd=tmp_path)
+    assert result.returncode == 0
     for word in ("FOLD_SPEC", "modality_arithmetic", "W0 + lambda", "w0_model", "calibration", "fold_report.json"):
-        assert word in out
+        assert word in result.stdout
