@@ -22,7 +22,7 @@ from app.db import make_engine, make_sessionmaker, migrate
 from app.main import create_app
 from app.settings import Settings
 from pivotmerge.example import ExampleSet, make_example
-from tests.service.service_support import WorkerProcess, service_env
+from tests.service.service_support import WorkerProcess, merge_spec, service_env, wait_final
 
 PG_ADMIN_URL = os.environ.get("PIVOTMERGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("PIVOTMERGE_TEST_REDIS", "redis://127.0.0.1:6379/11")
@@ -122,6 +122,15 @@ def worker(settings_values: dict[str, str], service_dir: Path) -> Iterator[Worke
     process = WorkerProcess(service_env(settings_values), service_dir / "worker.log", f"pmtest-{uuid.uuid4().hex[:6]}")
     yield process
     process.stop()
+
+
+@pytest.fixture(scope="session")
+def finished(client, sessions, tiny, worker) -> tuple[dict[str, str], dict]:  # type: ignore[no-untyped-def]
+    """A team and its succeeded merge."""
+    headers = _new_team(sessions, "owner")
+    job = client.post("/v1/merges", json=merge_spec(tiny), headers=headers).json()
+    assert wait_final(client, f"/v1/merges/{job['id']}", headers)["state"] == "succeeded"
+    return headers, job
 
 
 @pytest.fixture(scope="session")

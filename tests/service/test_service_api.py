@@ -15,17 +15,6 @@ from app.models import ApiKey, Job
 from tests.service.service_support import merge_spec, wait_final
 
 
-@pytest.fixture(scope="module")
-def finished(client, sessions, tiny, worker) -> tuple[dict[str, str], dict]:  # type: ignore[no-untyped-def]
-    """A team and its succeeded merge."""
-    from tests.service.conftest import _new_team
-
-    headers = _new_team(sessions, "owner")
-    job = client.post("/v1/merges", json=merge_spec(tiny), headers=headers).json()
-    assert wait_final(client, f"/v1/merges/{job['id']}", headers)["state"] == "succeeded"
-    return headers, job
-
-
 def test_every_route_needs_a_valid_key(client: TestClient, sessions, team) -> None:
     any_id = uuid.uuid4()
     routes = [("GET", "/v1/merges"), ("POST", "/v1/merges"), ("GET", f"/v1/merges/{any_id}"),
