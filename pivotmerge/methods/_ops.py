@@ -100,7 +100,12 @@ def elected_mask(weighted: Tensor) -> Tensor:
     mergekit); an entry takes part when its sign equals it, so zeros never do.
     """
     elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
-    return weighted.sign() == elected
+    # sign(x) == e for e = +-1 is x * e > 0 (zeros and NaNs take no part either way),
+    # one expert at a time: no (K, *shape) float temporaries.
+    mask = torch.empty(weighted.shape, dtype=torch.bool, device=weighted.device)
+    for k, d in enumerate(weighted):
+        torch.gt(d * elected, 0, out=mask[k])
+    return mask
 
 
 def masked_merge(weighted: Tensor, w: Tensor, mask: Tensor, normalize: bool) -> Tensor:
@@ -109,9 +114,15 @@ def masked_merge(weighted: Tensor, w: Tensor, mask: Tensor, normalize: bool) -> 
     ``w`` is shaped by ``column_weights``. Without ``normalize`` the division is
     skipped; entries no expert takes part in divide by 1, as in mergekit.
     """
-    merged = (weighted * mask).sum(dim=0)
+    # Accumulated one expert at a time, in the order sum(dim=0) adds them (same
+    # bits), without its (K, *shape) product temporaries.
+    merged = weighted[0] * mask[0]
+    for d, m in zip(weighted[1:], mask[1:]):
+        merged.addcmul_(d, m)
     if normalize:
-        divisor = (w * mask).sum(dim=0)
+        divisor = w[0] * mask[0]
+        for wk, m in zip(w[1:], mask[1:]):
+            divisor.addcmul_(wk, m)
         divisor[divisor == 0] = 1
         merged.div_(divisor)
     return merged
