@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Iterator, Mapping, Sequence
+from typing import Any, Collection, Iterator, Mapping, Sequence, overload
 
 import torch
 
@@ -168,6 +168,31 @@ def _read_inputs(plan: MergePlan, name: str) -> list[torch.Tensor]:
     return [r.get(name) for r in plan.repos()]
 
 
+class _Float32On(Sequence[torch.Tensor]):
+    """The experts' tensors as a method sees them: float32 on the device, converted
+    on access. A method that forms deltas one expert at a time (TIES, TSV) then
+    holds one expert in float32, not all of them: on three 200M-parameter models
+    that is 400 MB less at the embedding matrix."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], device: torch.device) -> None:
+        self._tensors = tensors
+        self._device = device
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    @overload
+    def __getitem__(self, i: int) -> torch.Tensor: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[torch.Tensor]: ...
+
+    def __getitem__(self, i: int | slice) -> torch.Tensor | list[torch.Tensor]:
+        if isinstance(i, slice):
+            return [t.to(device=self._device, dtype=torch.float32) for t in self._tensors[i]]
+        return self._tensors[i].to(device=self._device, dtype=torch.float32)
+
+
 def _apply(method: Method, models: Sequence[torch.Tensor], base: torch.Tensor | None, weights: list[float],
            params: Any, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, Any]]:
     """Run `method` in float32 on `device` and return the result in `dtype` with its info.
@@ -179,7 +204,7 @@ def _apply(method: Method, models: Sequence[torch.Tensor], base: torch.Tensor | 
         return t.to(device=device, dtype=torch.float32)
 
     if not method.elementwise:
-        result = method([f32(m) for m in models], None if base is None else f32(base), weights, params, generator)
+        result = method(_Float32On(models, device), None if base is None else f32(base), weights, params, generator)
         return result.tensor.to(dtype), result.info
     out = torch.empty(models[0].shape, dtype=dtype, device=device)
     flat = out.view(-1)
