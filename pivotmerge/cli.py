@@ -15,6 +15,7 @@ from .errors import PivotMergeError
 
 # name -> "module:attribute" of a click command
 COMMANDS: dict[str, str] = {
+    "bench": "pivotmerge.bench.cli:bench",
     "merge": "pivotmerge.commands:merge_command",
     "methods": "pivotmerge.commands:methods_command",
     "analyze": "pivotmerge.commands:analyze_command",

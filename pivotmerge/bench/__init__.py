@@ -1,0 +1,1 @@
+"""Benchmarks: merge quality on a synthetic heterogeneous post-alignment suite (``quality``)."""

@@ -1,0 +1,119 @@
+"""Merging the suite's projectors with the product's method registry.
+
+Every merge calls ``get_method(name)`` on the projector's tensors in memory, so
+the benchmark measures the product's code. What a method needs from calibration
+data (input Gram matrices for RegMean, alignment scores for PivotMerge's data
+mode) is computed here from the suite's calibration images and passed in.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..methods import get_method
+from .models import PROJECTOR_LAYERS, Encoded, LanguageModel, State, _row_loss, Projector, layer_inputs
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: a registry method, fixed parameters and a dev-split grid."""
+
+    name: str
+    method: str
+    fixed: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    data: bool = False  # uses calibration data
+
+    def candidates(self) -> list[dict[str, Any]]:
+        keys = list(self.grid)
+        return [{**self.fixed, **dict(zip(keys, values))} for values in itertools.product(*self.grid.values())]
+
+
+SCALES = [0.25, 0.5, 0.75, 1.0, 1.5, 2.0]
+PIVOT_GRID = {"lambda_max": [0.75, 1.0, 1.5, 2.0, 3.0], "energy": [0.8, 0.95]}
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("linear", "linear"),
+    Variant("task_arithmetic", "task_arithmetic", grid={"lambda": SCALES}),
+    Variant("ties", "ties", grid={"lambda": [0.75, 1.0, 1.5, 2.0], "density": [0.2, 0.5, 0.8]}),
+    Variant("dare_ties", "dare_ties", fixed={"normalize": True}, grid={"lambda": [0.75, 1.0, 1.5, 2.0], "density": [0.3, 0.6]}),
+    Variant("tsv", "tsv", grid={"alpha": SCALES}),
+    Variant("iso_c", "iso_c", grid={"alpha": SCALES + [3.0]}),
+    Variant("iso_cts", "iso_cts", grid={"alpha": SCALES + [3.0], "common_space_fraction": [0.6, 0.8]}),
+    Variant("regmean", "regmean", grid={"alpha": [0.5, 0.9, 1.0]}, data=True),
+    Variant("pivotmerge", "pivotmerge", grid=PIVOT_GRID),
+    Variant("pivotmerge_data", "pivotmerge", fixed={"layer_weighting": "data"}, grid=PIVOT_GRID, data=True),
+    Variant("pivotmerge_no_filtering", "pivotmerge", fixed={"filtering": False}, grid=PIVOT_GRID),
+    Variant("pivotmerge_no_layer_weighting", "pivotmerge", fixed={"layer_weighting": "uniform"}, grid=PIVOT_GRID),
+    Variant("pivotmerge_no_filtering_no_layer_weighting", "pivotmerge",
+            fixed={"filtering": False, "layer_weighting": "uniform"}, grid=PIVOT_GRID),
+)
+
+
+@dataclass
+class Calibration:
+    """What calibration data tells the data-using methods, per expert (one per domain)."""
+
+    grams: list[dict[str, torch.Tensor]]  # expert -> layer -> X^T X of that layer's inputs on its domain
+    alignment: dict[str, list[float]]  # layer -> per-expert score in [0, 1]
+
+
+def _layer(key: str) -> str:
+    return key.split(".")[0]
+
+
+@torch.no_grad()
+def _caption_loss(state: State, lm: LanguageModel, data: Encoded) -> float:
+    projector = Projector()
+    projector.load_state_dict(state)
+    rows = torch.arange(len(data.split.texts))
+    ce, _ = _row_loss(lm, projector, data, rows)
+    return float(ce[data.split.target_mask].mean())
+
+
+def calibrate(experts: list[State], base: State, lm: LanguageModel, calib: list[Encoded]) -> Calibration:
+    """Gram matrices and alignment scores from each expert's own domain's calibration set.
+
+    Alignment ``a[k, l]``: how much expert ``k``'s loss on its calibration data
+    rises when layer ``l``'s update is reverted to the base, relative to its
+    largest such rise over layers, so the layer that carries the expert's
+    alignment scores 1.
+    """
+    grams = [{name: x.T @ x for name, x in layer_inputs(e, c.feats).items()} for e, c in zip(experts, calib)]
+    rises: dict[str, list[float]] = {layer: [] for layer in PROJECTOR_LAYERS}
+    for expert, data in zip(experts, calib):
+        own = _caption_loss(expert, lm, data)
+        for layer in PROJECTOR_LAYERS:
+            reverted = {k: (base[k] if _layer(k) == layer else v) for k, v in expert.items()}
+            rises[layer].append(max(0.0, _caption_loss(reverted, lm, data) - own))
+    top = [max(rises[layer][k] for layer in PROJECTOR_LAYERS) or 1.0 for k in range(len(experts))]
+    return Calibration(grams, {layer: [r / t for r, t in zip(rises[layer], top)] for layer in PROJECTOR_LAYERS})
+
+
+def merge(variant: Variant, params: dict[str, Any], experts: list[State], base: State,
+          calibration: Calibration | None = None, seed: int = 0) -> State:
+    """Merge the experts' projectors tensor by tensor with the registry's method."""
+    method = get_method(variant.method)
+    weights = [1.0] * len(experts)
+    out: State = {}
+    for i, key in enumerate(base):
+        values = dict(params)
+        if variant.data:
+            assert calibration is not None, f"{variant.name} needs calibration data"
+            values.update(data_params(variant.method, key, calibration))
+        generator = torch.Generator().manual_seed(seed * 1000 + i)
+        tensors = [e[key] for e in experts]
+        out[key] = method(tensors, base[key], weights, method.params(**values), generator).tensor
+    return out
+
+
+def data_params(method: str, key: str, calibration: Calibration) -> dict[str, Any]:
+    """The per-tensor, data-derived parameters a data-using method takes."""
+    layer = _layer(key)
+    if method == "pivotmerge":
+        return {"alignment": calibration.alignment[layer]}
+    return {"grams": [g[layer] for g in calibration.grams]}

@@ -1,0 +1,215 @@
+"""The quality benchmark: experts, the joint projector and every merge method on every domain.
+
+Per seed: build the domains, pre-train and freeze the towers, train one expert
+projector per domain from one shared initialisation and a joint projector on
+all domains, then merge the experts with every variant, choosing its
+hyperparameters on the dev splits only, and score the choice on the test
+splits. Then, across scenarios (domain pairs, triples, all four; short and full
+training), correlate each weight-distance metric with the quality a merge loses.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from .. import metrics
+from .domains import DOMAINS, make_split
+from .merging import VARIANTS, Calibration, Variant, calibrate, merge
+from .models import (Encoded, LanguageModel, Projector, State, Towers, encode_split, evaluate, pretrain_lm,
+                     pretrain_vision, train_projector)
+
+SCORES = ("caption_loss", "token_accuracy", "qa_exact_match")
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Config:
+    seeds: int
+    n_train: int  # images per domain
+    n_dev: int
+    n_test: int
+    n_calib: int  # calibration images per domain, for RegMean and PivotMerge's data mode
+    vision_steps: int
+    lm_steps: int
+    expert_steps: int
+    joint_steps: int  # the joint projector shares its capacity among all domains, so it trains longer
+    short_steps: int  # the "short training" snapshot of the merge-success scenarios
+
+
+QUICK = Config(seeds=1, n_train=400, n_dev=100, n_test=150, n_calib=64,
+               vision_steps=200, lm_steps=300, expert_steps=300, joint_steps=600, short_steps=100)
+FULL = Config(seeds=3, n_train=600, n_dev=150, n_test=300, n_calib=64,
+              vision_steps=300, lm_steps=500, expert_steps=800, joint_steps=1600, short_steps=200)
+
+
+@dataclass
+class World:
+    """One seed's frozen towers, encoded splits, shared init and trained projectors."""
+
+    lm: LanguageModel
+    splits: dict[str, dict[str, Encoded]]  # split name -> domain -> data
+    base: State
+    experts: dict[int, list[State]]  # training steps -> one expert per domain
+    joint: State
+
+
+def build_world(cfg: Config, seed: int, progress: Progress) -> World:
+    gen = torch.Generator().manual_seed(seed)
+    sizes = {"train": cfg.n_train, "dev": cfg.n_dev, "test": cfg.n_test, "calib": cfg.n_calib}
+    raw = {name: {d: make_split(d, n, seed=1000 * seed + 10 * i + j) for j, d in enumerate(DOMAINS)}
+           for i, (name, n) in enumerate(sizes.items())}
+    progress("pre-training the vision tower")
+    vision = pretrain_vision(torch.cat([s.images for s in raw["train"].values()]), cfg.vision_steps, gen)
+    progress("pre-training the language model")
+    lm = pretrain_lm(list(raw["train"].values()), cfg.lm_steps, gen)
+    splits = {name: {d: encode_split(vision, s) for d, s in by_domain.items()} for name, by_domain in raw.items()}
+    torch.manual_seed(seed)
+    base = {k: v.detach().clone() for k, v in Projector().state_dict().items()}
+    experts: dict[int, list[State]] = {cfg.short_steps: [], cfg.expert_steps: []}
+    for d in DOMAINS:
+        progress(f"training the {d} expert")
+        snaps = train_projector(_from(base), lm, [splits["train"][d]], cfg.expert_steps, gen, (cfg.short_steps,))
+        for steps in experts:
+            experts[steps].append(snaps[steps])
+    progress("training the joint projector")
+    joint = train_projector(_from(base), lm, list(splits["train"].values()), cfg.joint_steps, gen)[cfg.joint_steps]
+    return World(lm, splits, base, experts, joint)
+
+
+def _from(state: State) -> Projector:
+    p = Projector()
+    p.load_state_dict(state)
+    return p
+
+
+def score(state: State, world: World, split: str, domains: tuple[str, ...] = DOMAINS) -> dict[str, dict[str, float]]:
+    """Scores per domain, plus their mean under ``"average"``."""
+    per = {d: evaluate(state, world.lm, world.splits[split][d]).as_dict() for d in domains}
+    per["average"] = {m: float(np.mean([per[d][m] for d in domains])) for m in SCORES}
+    return per
+
+
+def select(variant: Variant, world: World, calibration: Calibration, seed: int) -> dict[str, Any]:
+    """Grid search on the dev splits (mean token accuracy); the choice is scored on test."""
+    experts = world.experts[max(world.experts)]
+    search = []
+    for params in variant.candidates():
+        merged = merge(variant, params, experts, world.base, calibration, seed)
+        search.append({"params": params, "dev_token_accuracy": score(merged, world, "dev")["average"]["token_accuracy"]})
+    best = max(search, key=lambda r: r["dev_token_accuracy"])
+    merged = merge(variant, best["params"], experts, world.base, calibration, seed)
+    return {"params": best["params"], "search": search, "test": score(merged, world, "test")}
+
+
+def _flat_task_vector(state: State, base: State) -> torch.Tensor:
+    return torch.cat([(state[k] - base[k]).reshape(-1) for k in base])
+
+
+def scenarios(world: World, seed: int, methods: dict[str, Variant]) -> list[dict[str, Any]]:
+    """Merge every subset of two or more domains at each training length; record distances and quality lost.
+
+    Quality lost: the experts' mean test token accuracy on their own domains
+    minus the merged projector's on the same domains (Sung et al.'s setting).
+    Each method runs with its default parameters, since no search is made per scenario.
+    """
+    rows = []
+    for steps, experts in world.experts.items():
+        own = [score(e, world, "test", (d,))[d]["token_accuracy"] for e, d in zip(experts, DOMAINS)]
+        for size in range(2, len(DOMAINS) + 1):
+            for subset in itertools.combinations(range(len(DOMAINS)), size):
+                chosen = [experts[i] for i in subset]
+                domains = tuple(DOMAINS[i] for i in subset)
+                distance = metrics.pairwise([_flat_task_vector(e, world.base) for e in chosen])
+                loss = {}
+                for name, variant in methods.items():
+                    merged = merge(variant, dict(variant.fixed), chosen, world.base, None, seed)
+                    acc = score(merged, world, "test", domains)["average"]["token_accuracy"]
+                    loss[name] = float(np.mean([own[i] for i in subset])) - acc
+                rows.append({"seed": seed, "steps": steps, "domains": domains, "metrics": distance, "quality_loss": loss})
+    return rows
+
+
+def correlations(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Spearman rho between each metric and each method's quality loss, over all scenarios."""
+    out: dict[str, dict[str, float]] = {}
+    for method in rows[0]["quality_loss"]:
+        loss = [r["quality_loss"][method] for r in rows]
+        out[method] = {m: float(spearmanr([r["metrics"][m] for r in rows], loss).statistic) for m in rows[0]["metrics"]}
+    return out
+
+
+def run_seed(cfg: Config, seed: int, progress: Progress) -> dict[str, Any]:
+    world = build_world(cfg, seed, progress)
+    experts = world.experts[cfg.expert_steps]
+    progress("calibrating")
+    calibration = calibrate(experts, world.base, world.lm, list(world.splits["calib"].values()))
+    rows: dict[str, Any] = {f"expert_{d}": {"test": score(e, world, "test")} for d, e in zip(DOMAINS, experts)}
+    rows["joint"] = {"test": score(world.joint, world, "test")}
+    for variant in VARIANTS:
+        progress(f"merging: {variant.name}")
+        rows[variant.name] = select(variant, world, calibration, seed)
+    progress("merge-success scenarios")
+    scenario_methods = {v.name: v for v in VARIANTS if v.name in ("linear", "pivotmerge")}
+    return {"seed": seed, "rows": rows, "alignment": calibration.alignment,
+            "scenarios": scenarios(world, seed, scenario_methods)}
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and standard deviation over seeds of every row x domain x score."""
+    table: dict[str, Any] = {}
+    for name in runs[0]["rows"]:
+        table[name] = {}
+        for domain in (*DOMAINS, "average"):
+            table[name][domain] = {}
+            for m in SCORES:
+                values = [r["rows"][name]["test"][domain][m] for r in runs]
+                table[name][domain][m] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
+    return table
+
+
+def run(cfg: Config, out: Path, progress: Progress, threads: int = 1) -> dict[str, Any]:
+    """Run every seed and write the outputs to ``out``.
+
+    One thread by default: the models are tiny, so extra threads mostly spin, and
+    on a shared machine oversubscribed threads made training several times slower.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run(cfg, out, progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(cfg: Config, out: Path, progress: Progress) -> dict[str, Any]:
+    start = time.perf_counter()
+    runs = [run_seed(cfg, seed, lambda m, s=seed: progress(f"seed {s + 1}/{cfg.seeds}: {m}")) for seed in range(cfg.seeds)]
+    result = {
+        "config": asdict(cfg),
+        "domains": list(DOMAINS),
+        "table": summarize(runs),
+        "spearman": correlations([s for r in runs for s in r["scenarios"]]),
+        "seconds": time.perf_counter() - start,
+        "threads": torch.get_num_threads(),
+    }
+    write(result, runs, out)
+    return result
+
+
+def write(result: dict[str, Any], runs: list[dict[str, Any]], out: Path) -> None:
+    from .report import markdown, plot  # matplotlib is only needed here
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    (out / "raw_scores.json").write_text(json.dumps(runs, indent=1))
+    (out / "results.md").write_text(markdown(result))
+    plot(result, out / "accuracy_by_domain.png")

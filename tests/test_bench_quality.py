@@ -1,0 +1,78 @@
+"""The quality benchmark's quick mode, end to end through the CLI.
+
+It checks the suite cannot silently become trivial: each expert must be clearly
+best on its own domain, and the joint projector must beat the average expert.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pivotmerge.bench.domains import DOMAINS
+from pivotmerge.bench.merging import VARIANTS
+from pivotmerge.cli import main
+
+# Own-domain token accuracy must exceed every other expert's by this much.
+SPECIALISATION_MARGIN = 0.05
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "quality"
+    main(["bench", "quality", "--quick", "--out", str(out)])
+    return out
+
+
+def _table(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())["table"]
+
+
+def _accuracy(row: dict, domain: str) -> float:
+    return row[domain]["token_accuracy"]["mean"]
+
+
+def test_writes_table_plot_and_raw_scores(quick_run: Path) -> None:
+    for name in ("results.md", "results.json", "raw_scores.json", "accuracy_by_domain.png"):
+        assert (quick_run / name).stat().st_size > 0, name
+    assert (quick_run / "accuracy_by_domain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = _table(quick_run)
+    expected = [f"expert_{d}" for d in DOMAINS] + ["joint"] + [v.name for v in VARIANTS]
+    assert list(table) == expected
+    for row in table.values():
+        assert set(row) == {*DOMAINS, "average"}
+    markdown = (quick_run / "results.md").read_text()
+    for name in expected:
+        assert f"| {name} |" in markdown
+
+
+def test_experts_are_specialised(quick_run: Path) -> None:
+    table = _table(quick_run)
+    for domain in DOMAINS:
+        own = _accuracy(table[f"expert_{domain}"], domain)
+        others = max(_accuracy(table[f"expert_{d}"], domain) for d in DOMAINS if d != domain)
+        assert own > others + SPECIALISATION_MARGIN, (domain, own, others)
+
+
+def test_joint_projector_beats_the_average_expert(quick_run: Path) -> None:
+    table = _table(quick_run)
+    experts = [_accuracy(table[f"expert_{d}"], "average") for d in DOMAINS]
+    assert _accuracy(table["joint"], "average") > sum(experts) / len(experts)
+
+
+def test_hyperparameter_search_is_recorded_on_dev(quick_run: Path) -> None:
+    rows = json.loads((quick_run / "raw_scores.json").read_text())[0]["rows"]
+    for variant in VARIANTS:
+        search = rows[variant.name]["search"]
+        assert [s["params"] for s in search] == variant.candidates()
+        best = max(search, key=lambda s: s["dev_token_accuracy"])
+        assert rows[variant.name]["params"] == best["params"]
+
+
+def test_metric_correlations_cover_every_metric(quick_run: Path) -> None:
+    result = json.loads((quick_run / "results.json").read_text())
+    for rho in result["spearman"].values():
+        assert {"l2", "cosine", "sign_dissimilarity", "soft_sign_dissimilarity", "truncated_sign_dissimilarity"} <= set(rho)
+        assert all(-1 <= v <= 1 for v in rho.values())
