@@ -10,7 +10,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
 
 from pivotmerge.errors import SpecError
 from pivotmerge.spec import MergeSpec, spec_from_dict
@@ -28,7 +28,17 @@ def _accept_mergekit_config(value: Any) -> Any:
     return value
 
 
-SpecBody = Annotated[MergeSpec, BeforeValidator(_accept_mergekit_config)]
+def _storable(spec: MergeSpec) -> MergeSpec:
+    # Postgres cannot store U+0000 in JSONB; refuse it here rather than fail at INSERT.
+    if "\\u0000" in spec.model_dump_json():
+        raise ValueError("strings in the spec must not contain NUL characters (\\u0000)")
+    return spec
+
+
+SpecBody = Annotated[MergeSpec, BeforeValidator(_accept_mergekit_config), AfterValidator(_storable)]
+
+
+MAX_SEQ = 2**31 - 1  # event numbers are 32-bit integers in the database
 
 
 class ErrorOut(BaseModel):

@@ -28,7 +28,7 @@ from ..deps import SessionDep, SettingsDep, StoreDep, TeamDep
 from ..errors import ERROR_RESPONSES, NOT_FOUND, ApiError
 from ..jobs import add_event, current_state, request_cancel, transition
 from ..models import ACTIVE_STATES, FINAL_STATES, Artifact, Job, JobEvent, JobKind, JobState, Team
-from ..schemas import ArtifactList, ArtifactOut, ErrorOut, EventOut, EventPage, JobOut, JobPage, MetricsOut, ProgressOut, SpecBody
+from ..schemas import MAX_SEQ, ArtifactList, ArtifactOut, ErrorOut, EventOut, EventPage, JobOut, JobPage, MetricsOut, ProgressOut, SpecBody
 
 SSE_POLL_SECONDS = 0.5
 SSE_KEEPALIVE_SECONDS = 15.0
@@ -164,7 +164,10 @@ def job_router(kind: JobKind, collection: str, noun: str) -> APIRouter:
             raise ApiError(429, f"team has {active} active jobs, the limit is {settings.max_active_jobs_per_team}; "
                                 "retry when one has finished", headers={"Retry-After": str(settings.retry_after_seconds)})
 
-        pivotmerge.check(spec, allowed_roots=settings.allowed_roots)
+        try:
+            pivotmerge.check(spec, allowed_roots=settings.allowed_roots)
+        except OSError as exc:  # e.g. a model path too long for the filesystem: the request's fault
+            raise ApiError(422, f"models: cannot read {exc.filename!r}: {exc.strerror}", "models") from None
 
         job = Job(team_id=team.id, kind=kind, spec=spec.model_dump(mode="json"), idempotency_key=idempotency_key,
                   request_sha256=digest)
@@ -228,8 +231,8 @@ def job_router(kind: JobKind, collection: str, noun: str) -> APIRouter:
         responses={**NOT_FOUND, 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
     )
     def events(job_id: uuid.UUID, request: Request, session: SessionDep, team: TeamDep,
-               after_seq: Annotated[int, Query(ge=0, description="Only events with a larger seq.")] = 0,
-               last_event_id: Annotated[int | None, Header(ge=0, description="SSE resume point.")] = None,
+               after_seq: Annotated[int, Query(ge=0, le=MAX_SEQ, description="Only events with a larger seq.")] = 0,
+               last_event_id: Annotated[int | None, Header(ge=0, le=MAX_SEQ, description="SSE resume point.")] = None,
                ) -> Any:
         job = load(session, team, job_id)
         if "text/event-stream" in request.headers.get("accept", ""):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 
 import pytest
@@ -113,11 +114,12 @@ def test_oversized_bodies_answer_413(client, team, settings) -> None:
     ({"method": "linear", "models": [{"model": "/etc"}]}, None, "/etc"),
     ({"method": "linear", "models": [{"model": "{allowed}/no-such-model"}]}, None, "no-such-model"),
     ({"merge_method": "linear", "models": [{"model": "x", "parameters": {"nope": 1}}]}, None, "nope"),
+    ({"method": "linear", "models": [{"model": "x" * 5000}]}, "models", "too long"),
+    ({"method": "linear", "models": [{"model": "x"}], "include": ["a\u0000"]}, None, "NUL"),
 ])
 def test_bad_specs_answer_422_naming_the_problem(client, team, settings, body, field, words) -> None:
-    text = str(body).replace("{allowed}", str(settings.allowed_roots[0])).replace("'", '"')
-    response = client.post("/v1/merges", content=text.replace("True", "true"), headers={
-        **team, "Content-Type": "application/json"})
+    body = json.loads(json.dumps(body).replace("{allowed}", str(settings.allowed_roots[0])))
+    response = client.post("/v1/merges", json=body, headers=team)
     assert response.status_code == 422, response.text
     error = response.json()
     assert words in error["detail"]
@@ -133,6 +135,12 @@ def test_bad_json_and_bad_query_answer_422(client, team) -> None:
     assert client.get("/v1/merges?page_token=garbage", headers=team).json()["field"] == "page_token"
     assert client.get("/v1/merges?state=sleeping", headers=team).json()["field"] == "state.0"
     assert client.get("/v1/merges/not-a-uuid", headers=team).json()["field"] == "job_id"
+
+
+def test_event_numbers_past_the_database_integer_answer_422(client, finished) -> None:
+    owner, job = finished
+    response = client.get(f"/v1/merges/{job['id']}/events", params={"after_seq": 2**31}, headers=owner)
+    assert response.status_code == 422 and response.json()["field"] == "after_seq"
 
 
 def test_pages_are_newest_first_and_filter_on_state(queue_only_client, tiny, team) -> None:
