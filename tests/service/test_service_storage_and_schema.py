@@ -13,11 +13,14 @@ from botocore.exceptions import ClientError
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from moto.server import ThreadedMotoServer
-from sqlalchemy import create_engine
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, select
 
+from app.auth import hash_key
 from app.db import migrate
-from app.models import Base
-from app.storage import ArtifactStore, LocalStore, S3Store, artifact_key, file_sha256
+from app.main import create_app
+from app.models import ApiKey, Artifact, Base, Job, JobKind, JobState
+from app.storage import ArtifactStore, LocalStore, S3Store, artifact_key, file_sha256, make_store
 
 
 def test_migrations_produce_exactly_the_models(database_url: str) -> None:
@@ -48,15 +51,21 @@ def s3_endpoint() -> Iterator[str]:
     server.stop()
 
 
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> ArtifactStore:
-    if request.param == "local":
-        return LocalStore(tmp_path / "store")
+@pytest.fixture
+def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh bucket on the loopback S3 server, with credentials in the environment as boto3 expects."""
     for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(name, value)
     bucket = f"artifacts-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
-    return S3Store(bucket, prefix="team-models/", endpoint_url=s3_endpoint)
+    return bucket
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path: Path, s3_endpoint: str) -> ArtifactStore:
+    if request.param == "local":
+        return LocalStore(tmp_path / "store")
+    return S3Store(request.getfixturevalue("s3_bucket"), prefix="team-models/", endpoint_url=s3_endpoint)
 
 
 def test_store_round_trip_ranges_and_delete(store: ArtifactStore, tmp_path: Path) -> None:
@@ -81,3 +90,29 @@ def test_store_round_trip_ranges_and_delete(store: ArtifactStore, tmp_path: Path
 def test_local_store_refuses_keys_that_escape_it(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="escapes"):
         list(LocalStore(tmp_path / "store").read("../../etc/passwd", 0, 10))
+
+
+def test_api_serves_artifacts_from_s3(settings, sessions, team, s3_endpoint, s3_bucket, tmp_path) -> None:
+    s3_settings = settings.model_copy(update={"storage": "s3", "s3_bucket": s3_bucket, "s3_endpoint_url": s3_endpoint})
+    store = make_store(s3_settings)
+
+    payload = uuid.uuid4().bytes * 5000
+    with sessions() as session:  # a finished job whose worker stored its file in S3
+        team_id = session.scalar(select(ApiKey.team_id).where(ApiKey.key_sha256 == hash_key(team["Authorization"][7:])))
+        job = Job(team_id=team_id, kind=JobKind.merge, state=JobState.succeeded, spec={}, request_sha256="0" * 64)
+        session.add(job)
+        session.flush()
+        key = artifact_key(job.id, "model.safetensors")
+        (tmp_path / "f").write_bytes(payload)
+        store.put(key, tmp_path / "f")
+        session.add(Artifact(job_id=job.id, name="model.safetensors", size=len(payload),
+                             sha256=hashlib.sha256(payload).hexdigest(), storage_key=key))
+        session.commit()
+
+    with TestClient(create_app(s3_settings)) as client:
+        url = f"/v1/merges/{job.id}/artifacts/model.safetensors"
+        whole = client.get(url, headers=team)
+        assert whole.status_code == 200 and whole.content == payload
+        assert whole.headers["ETag"] == f'"{hashlib.sha256(payload).hexdigest()}"'
+        part = client.get(url, headers={**team, "Range": "bytes=100-199"})
+        assert part.status_code == 206 and part.content == payload[100:200]
