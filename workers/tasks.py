@@ -148,17 +148,17 @@ def run_job(self: Task, job_id: str) -> None:
     shutil.rmtree(work, ignore_errors=True)  # what an attempt whose worker died left behind
     work.mkdir(parents=True)
     reporter = JobReporter(ctx.sessions, jid)
+    succeeded = False
     try:
         report, metrics = run_engine(job.kind, job.spec, work / "out", ctx.settings, reporter)
         with ctx.sessions() as session:
             publish(ctx, session, jid, work / "out")
-            if transition(session, jid, [JobState.running], JobState.succeeded,
-                          report=report, metrics=metrics, progress_fraction=1.0, progress_stage="done"):
+            if transition(session, jid, [JobState.running], JobState.succeeded, report=report,
+                          metrics=metrics, progress_fraction=1.0, progress_stage="done"):
                 session.commit()
-                return
-        # A cancel arrived after the engine's last check: it still wins, the files go.
-        ctx.store.delete_prefix(artifact_key(jid, ""))
-        cancelled(ctx.sessions, jid)
+                succeeded = True
+        if not succeeded:  # a cancel arrived after the engine's last check: it still wins
+            cancelled(ctx.sessions, jid)
     except MergeCancelled:
         cancelled(ctx.sessions, jid)
     except PivotMergeError as exc:
@@ -169,4 +169,6 @@ def run_job(self: Task, job_id: str) -> None:
         log.exception("job %s failed", job_id)
         fail(ctx.sessions, jid, f"internal error: {type(exc).__name__}: {exc}")
     finally:
+        if not succeeded:  # files a failed or cancelled job had already stored
+            ctx.store.delete_prefix(artifact_key(jid, ""))
         shutil.rmtree(work, ignore_errors=True)

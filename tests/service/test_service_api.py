@@ -205,6 +205,15 @@ def test_analysis_is_a_job_with_distance_metrics(client, team, tiny, worker) -> 
     assert names == ["analysis_report.json"]
 
 
+def test_a_job_the_engine_refuses_fails_with_a_readable_error(client, team, tiny, worker) -> None:
+    one_model = {**merge_spec(tiny), "models": [{"model": str(tiny.experts[0])}]}
+    created = client.post("/v1/analyses", json=one_model, headers=team)
+    assert created.status_code == 202  # the spec is valid; comparing needs two models, which the analysis finds out
+    done = wait_final(client, created.headers["Location"], team)
+    assert done["state"] == "failed" and done["error"] == "models: analysis compares models, so it needs at least two"
+    assert client.get(f"{created.headers['Location']}/artifacts", headers=team).json() == {"artifacts": []}
+
+
 def test_probes(client, settings) -> None:
     assert client.get("/healthz").json() == {"status": "ok", "checks": {}}
     ready = client.get("/readyz")
