@@ -203,31 +203,32 @@ def _apply(method: Method, models: Sequence[torch.Tensor], base: torch.Tensor | 
     def f32(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=torch.float32)
 
-    if not method.elementwise:
-        result = method(_Float32On(models, device), None if base is None else f32(base), weights, params, generator)
-        return result.tensor.to(dtype), result.info
-    out = torch.empty(models[0].shape, dtype=dtype, device=device)
-    flat = out.view(-1)
-    step = CUDA_PIECE if device.type == "cuda" else CPU_PIECE
-    info: dict[str, Any] = {}
     with _single_threaded(device):
+        if not method.elementwise:
+            result = method(_Float32On(models, device), None if base is None else f32(base), weights, params, generator)
+            return result.tensor.to(dtype), result.info
+        out = torch.empty(models[0].shape, dtype=dtype, device=device)
+        flat = out.view(-1)
+        step = CUDA_PIECE if device.type == "cuda" else CPU_PIECE
+        info: dict[str, Any] = {}
         for start in range(0, flat.numel(), step):
             piece = slice(start, start + step)
             result = method([f32(m.reshape(-1)[piece]) for m in models],
                             None if base is None else f32(base.reshape(-1)[piece]), weights, params, generator)
             flat[piece].copy_(result.tensor)
             info = result.info
-    return out, info
+        return out, info
 
 
 @contextmanager
 def _single_threaded(device: torch.device) -> Iterator[None]:
-    """One intra-op thread for piecewise CPU maths.
+    """One intra-op thread for CPU merge maths.
 
-    Pieces are too small for OpenMP's fork/join per op to pay, and its spinning
-    workers collapse on a shared machine (profiled: task_arithmetic on three
-    200M models took 18-29 s of maths with 2 threads, 5-9 s with 1, on 2 busy
-    cores). The reader and writer threads keep the other cores busy instead.
+    OpenMP's fork/join per op rarely pays on merge-sized ops, and its spinning
+    workers collapse on a shared machine (profiled on 2 busy cores: the maths
+    of task_arithmetic on three 200M models took 18-29 s with 2 threads, 5-9 s
+    with 1; TIES on a 2816 x 1024 weight 1.4-1.7 s against 0.9-1.0 s). The
+    reader and writer threads keep the other cores busy instead.
     """
     if device.type != "cpu":
         yield
