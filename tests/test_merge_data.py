@@ -89,7 +89,7 @@ def test_evaluate_inputs_puts_base_and_experts_beside_the_merge_in_report_and_cl
     from pivotmerge.cli import main
     from pivotmerge.evaluate import evaluate_model
 
-    spec = _spec(example, "linear", evaluate=[{"dataset": str(example.datasets["dots"])}], evaluate_inputs=True)
+    spec = _spec(example, "linear", evaluate=[{"dataset": str(example.datasets["dots"]), "limit": 2}], evaluate_inputs=True)
     del spec["calibration"]
     (tmp_path / "spec.yaml").write_text(json.dumps(spec))  # JSON is YAML
     main(["merge", str(tmp_path / "spec.yaml"), "-o", str(tmp_path / "out")])  # returns normally on success
@@ -97,7 +97,7 @@ def test_evaluate_inputs_puts_base_and_experts_beside_the_merge_in_report_and_cl
     evaluation = json.loads((tmp_path / "out" / "merge_report.json").read_text())["evaluation"]
     experts = [str(e) for e in example.experts]
     assert list(evaluation) == ["merged", "base", *experts]
-    data = [load_dataset(example.datasets["dots"])]
+    data = [load_dataset(example.datasets["dots"], limit=2)]
     for label, folder in [("base", example.base), *zip(experts, example.experts)]:
         (direct,) = evaluate_model(folder, data, device="cpu")
         assert evaluation[label][0]["caption_loss"] == pytest.approx(direct.caption_loss, rel=1e-6)
