@@ -217,69 +217,89 @@ def sse_events(client: Any, url: str) -> Iterator[dict[str, Any]]:
                 event = {}
 
 
+def start_embedded_service(data_dir: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """`pivotmerge serve` in embedded mode on a free port, whatever PIVOTMERGE_* the caller has set."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIVOTMERGE_")}
+    env["PIVOTMERGE_DATA_DIR"] = str(data_dir)
+    log = data_dir / "service.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen([sys.executable, "-c", "from pivotmerge.cli import main; main()", "serve",
+                                   "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
+    return server, f"http://127.0.0.1:{port}", log
+
+
+def wait_until_ready(client: Any, server: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if server.poll() is not None:
+            raise click.ClickException(f"the service did not start; the end of {log}:\n{log.read_text()[-2000:]}")
+        try:
+            if client.get("/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"the service did not become ready within {timeout:.0f} s; see {log}")
+        time.sleep(0.2)
+
+
+def follow_job(client: Any, location: str, console: Any) -> dict[str, Any]:
+    """A progress bar fed by the job's event stream; returns the finished job."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("    {task.description:<28}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("queued", total=1.0)
+        for event in sse_events(client, f"{location}/events"):
+            data = event["data"]
+            if event["type"] == "progress":
+                label = data["stage"] + (f" layer {data['layer']}" if data.get("layer") is not None else "")
+                bar.update(task, completed=data["fraction"], description=label)
+            elif event["type"] == "state":
+                bar.update(task, description=data["state"])
+    return client.get(location).json()
+
+
 @click.command("quickstart")
 @click.option("--dir", "workdir", default="pivotmerge-quickstart", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Where the example models, service data and result go.")
 def quickstart(workdir: Path) -> None:
     """Make example experts, start the embedded service, merge them with PivotMerge over HTTP, download the result."""
-    import httpx
-    import yaml
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from pivotmerge.example import make_example
-
-    console = Console()
     started = time.monotonic()
     workdir = workdir.resolve()
     data_dir = workdir / "service"
-    example = make_example(data_dir / "models" / "example", n_experts=3)
-    console.print(f"[bold]1.[/] Made a tiny LLaVA base model and {len(example.experts)} experts in {example.root}")
-
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIVOTMERGE_")}  # always the embedded defaults
-    env["PIVOTMERGE_DATA_DIR"] = str(data_dir)
-    server = subprocess.Popen([sys.executable, "-c", "from pivotmerge.cli import main; main()", "serve", "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base_url = f"http://127.0.0.1:{port}"
+    # The service boots (seconds of imports) while the example models are made.
+    server, base_url, log = start_embedded_service(data_dir)
     try:
+        import httpx
+        import yaml
+        from rich.console import Console
+
+        from pivotmerge.example import make_example
+
+        console = Console()
+        example = make_example(data_dir / "models" / "example", n_experts=3)
+        console.print(f"[bold]1.[/] Made a tiny LLaVA base model and {len(example.experts)} experts in {example.root}")
+
         with httpx.Client(base_url=base_url, timeout=30) as client:
-            deadline = time.monotonic() + 120
-            while True:
-                if server.poll() is not None:
-                    raise click.ClickException(f"the service did not start:\n{server.stderr.read().decode()[-2000:]}")
-                try:
-                    if client.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise click.ClickException("the service did not become ready within 120 s")
-                time.sleep(0.2)
+            wait_until_ready(client, server, log)
             client.headers["Authorization"] = f"Bearer {(data_dir / API_KEY_FILE).read_text().strip()}"
             console.print(f"[bold]2.[/] Started the embedded service (API + Celery worker, SQLite) on {base_url}")
 
             spec = yaml.safe_load(example.spec.read_text())
-            created = client.post("/v1/merges", json=spec, headers={"Idempotency-Key": f"quickstart-{port}"})
+            created = client.post("/v1/merges", json=spec, headers={"Idempotency-Key": f"quickstart-{started}"})
             if created.status_code != 202:
                 raise click.ClickException(f"the service refused the merge: {created.json()['detail']}")
             location = created.headers["Location"]
             console.print(f"[bold]3.[/] Submitted a {spec['method']} merge: POST /v1/merges -> 202, {location}")
 
-            with Progress(TextColumn("    {task.description:<28}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                          TimeElapsedColumn(), console=console) as bar:
-                task = bar.add_task("queued", total=1.0)
-                for event in sse_events(client, f"{location}/events"):
-                    data = event["data"]
-                    if event["type"] == "progress":
-                        label = data["stage"] + (f" layer {data['layer']}" if data.get("layer") is not None else "")
-                        bar.update(task, completed=data["fraction"], description=label)
-                    elif event["type"] == "state":
-                        bar.update(task, description=data["state"])
-            job = client.get(location).json()
+            job = follow_job(client, location, console)
             if job["state"] != "succeeded":
                 raise click.ClickException(f"the merge {job['state']}: {job['error']}")
-
             out = workdir / "merged"
             out.mkdir(exist_ok=True)
             artifacts = client.get(f"{location}/artifacts").json()["artifacts"]
