@@ -114,9 +114,10 @@ def build_tokenizer():
 
 
 def build_processor(preset: SizePreset):
-    from transformers import CLIPImageProcessor, LlavaProcessor
+    # The PIL backend: the default one needs torchvision, which this project does not install.
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
 
-    image_processor = CLIPImageProcessor(
+    image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": preset.image_size},
         crop_size={"height": preset.image_size, "width": preset.image_size},
     )
