@@ -150,6 +150,40 @@ def test_data_mode_uses_alignment_scores():
     assert out.info["lambda"] == pytest.approx(0.8)
 
 
+# --- calibration Gram matrices and the whole-update spectrum ------------------
+
+def _grams(k, n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(20, n, generator=g) for _ in range(k)]
+    return [x.T @ x for x in xs]
+
+
+def test_equal_grams_give_the_plain_sum():
+    base, models = experts()
+    gram = _grams(1, 5)[0]
+    out = run(models, base, [1.0, 0.5, 2.0], grams=[gram] * 3, **{**OFF, "shared_space": True})
+    plain = run(models, base, [1.0, 0.5, 2.0], **{**OFF, "shared_space": True})
+    assert torch.allclose(out.tensor, plain.tensor, atol=1e-4)
+
+
+def test_grams_with_everything_off_is_regmean_on_the_deltas():
+    # (sum_k d_k G_k)(sum_k G_k)^-1 * K, and lambda = 1/K turns it into RegMean exactly:
+    # W0 + sum_k (W_k - W0) G_k (sum G)^-1 = (sum_k W_k G_k)(sum G)^-1.
+    base, models = experts()
+    grams = _grams(3, 5)
+    out = run(models, base, grams=grams, gram_alpha=0.9, lambda_max=1 / 3, **OFF)
+    assert torch.allclose(out.tensor, other("regmean", models, None, grams=grams, alpha=0.9), atol=1e-4)
+
+
+def test_flatten_total_flattens_the_update_with_its_residuals():
+    base, models = experts()
+    params = {**OFF, "shared_space": True, "energy": 0.5, "residual_weight": 0.5}
+    kept = run(models, base, **params).tensor - base
+    out = run(models, base, **{**params, "spectrum": "flatten_total"}).tensor - base
+    u, s, vh = torch.linalg.svd(kept, full_matrices=False)
+    assert torch.allclose(out, (u * s.mean()) @ vh, atol=1e-4)
+
+
 @pytest.mark.parametrize("alignment, match", [(None, "needs alignment"), ([1.0], "2 scores"), ([1.0, 1.5], r"\[0, 1\]")])
 def test_data_mode_rejects_missing_or_bad_alignment(alignment, match):
     base, models = experts(k=2)

@@ -8,11 +8,15 @@ formulas); docs/methods.md states every formula. For one tensor of layer ``l``:
    energy fraction / max rank; coefficients ``C_k = U^T d_k``, residuals ``d_k - U C_k``;
 3. filtering: direction ``j`` is suppressed when the experts' coefficient rows
    cancel: ``1 - ||sum_k a_k C_k[j]|| / sum_k |a_k| ||C_k[j]|| > threshold``;
-4. spectrum of the merged shared update kept or flattened (Iso-C);
+   with calibration Gram matrices ``G_k`` of the layer's inputs, experts are
+   combined as their inputs see them: ``(sum_k a_k X_k G_k)(sum_k a_k G_k)^-1 sum_k a_k``
+   in place of ``sum_k a_k X_k`` (equal Grams give the plain sum);
+4. spectrum of the merged shared update kept or flattened (Iso-C), or of the
+   whole merged update, residuals included (``flatten_total``);
 5. per-expert weights ``a_k`` and layer scale ``lambda_l`` from a score in [0, 1]:
    the expert's energy share in the shared space (``weight``) or calibration
    alignment (``data``);
-6. ``W = W0 + lambda_l (U M + rho * sum_k a_k trunc(R_k))``.
+6. ``W = W0 + lambda_l (U M + rho * combine(trunc(R_k)))`` (flattened as a whole under ``flatten_total``).
 
 Vectors (biases, norms) take a sign-consistent mean of the deltas, scaled like a layer.
 With shared space, filtering and flattening off and uniform weights, this is
@@ -21,12 +25,13 @@ task arithmetic with ``lambda = lambda_max``.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from pydantic import Field, model_validator
 
 from . import Merged, Method, MethodParams, Tensor, register
+from .regmean import shrink_off_diagonal
 from ._ops import (SvdMode, column_weights, elected_mask, energy_rank, flatten_spectrum, masked_merge,
                    significant, svd, weighted_sum)
 
@@ -39,7 +44,11 @@ class Params(MethodParams):
     conflict_threshold: float = Field(0.5, ge=0, le=1, description="Suppress a direction whose conflict score 1 - |sum| / sum|.| exceeds this.")
     residual_weight: float = Field(0.5, ge=0, description="Weight of the experts' residuals outside the shared space; 0 drops them.")
     residual_rank: int | None = Field(None, ge=1, description="Truncate each expert's residual to this rank; None keeps it whole.")
-    spectrum: Literal["keep", "flatten"] = Field("flatten", description="Merged shared update: keep its singular values, or replace them by their mean (Iso-C).")
+    spectrum: Literal["keep", "flatten", "flatten_total"] = Field(
+        "flatten", description="keep the singular values; flatten: replace those of the merged shared update by their mean (Iso-C); "
+                               "flatten_total: do so for the whole merged update, residuals included.")
+    grams: list[Any] | None = Field(None, exclude=True, description="Per-expert Gram matrices of this layer's inputs (calibration data; set by the engine): combine experts as their inputs see them.")
+    gram_alpha: float = Field(0.9, ge=0, le=1, description="Scale of the Gram matrices' off-diagonal entries, as RegMean's alpha.")
     layer_weighting: Literal["uniform", "weight", "data"] = Field(
         "weight", description="uniform: weights as given, lambda_max; weight: data-free shared-energy proxy; data: calibration alignment.")
     alignment: list[float] | None = Field(None, description="data mode: per-expert alignment scores in [0, 1] for this layer (set by the engine).")
@@ -92,6 +101,28 @@ def _interleaved_deltas(tensors: Sequence[Tensor], base: Tensor) -> Tensor:
     return out
 
 
+def _combiner(alpha: Tensor, grams: Sequence[Tensor] | None, shrink: float) -> Callable[[Tensor], Tensor]:
+    """``(r, K, n)`` expert stacks -> ``sum_k a_k X_k``, or with Gram matrices of the inputs
+    ``(sum_k a_k X_k G_k)(sum_k a_k G_k)^-1 sum_k a_k``: each expert counts most along the
+    input directions its own domain uses (RegMean's weighting); equal Grams give the plain sum.
+    """
+    if grams is None:
+        return lambda x: torch.einsum("rkn,k->rn", x, alpha)
+    if len(grams) != len(alpha):
+        raise ValueError(f"grams: expected {len(alpha)} Gram matrices (one per expert), got {len(grams)}")
+    g = [shrink_off_diagonal(gk.double(), shrink) * a for gk, a in zip(grams, alpha.tolist())]
+    right = torch.linalg.pinv(sum(g), hermitian=True) * float(alpha.sum())
+
+    def combine(x: Tensor) -> Tensor:
+        return (sum(x[:, k].double() @ gk for k, gk in enumerate(g)) @ right).to(x.dtype)
+    return combine
+
+
+def _flattened(m: Tensor) -> Tensor:
+    left, sv, right = svd(m)
+    return (left * flatten_spectrum(sv, m.shape)) @ right
+
+
 def _conflict_filter(coef: Tensor, alpha: Tensor, combined: Tensor, threshold: float) -> int:
     """Zero rows of ``combined`` (r, n) where the experts' rows of ``coef`` (r, K, n) cancel."""
     mass = (coef.norm(dim=2) * alpha.abs()).sum(dim=1)
@@ -117,29 +148,31 @@ def _merge_matrix(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[fl
         u, coef, shares = None, deltas, torch.ones(k)
     alpha, score = layer_weights(params, weights, shares)
     a = torch.tensor(alpha, dtype=flat.dtype, device=flat.device)
-    combined = torch.einsum("rkn,k->rn", coef, a)
+    combine = _combiner(a, params.grams, params.gram_alpha)
+    combined = combine(coef)
     suppressed = _conflict_filter(coef, a, combined, params.conflict_threshold) if params.filtering else 0
     if params.spectrum == "flatten":
-        left, sv, right = svd(combined)
-        combined = (left * flatten_spectrum(sv, combined.shape)) @ right
+        combined = _flattened(combined)
     merged = combined if u is None else u @ combined
     if u is not None and params.residual_weight > 0:
         flat.sub_(u @ coef.view(-1, k * n))  # deltas now hold the residuals
-        merged.add_(_residual_sum(deltas, a, params, generator), alpha=params.residual_weight)
+        merged.add_(combine(_truncated_residuals(deltas, params, generator)), alpha=params.residual_weight)
+    if params.spectrum == "flatten_total":
+        merged = _flattened(merged)
     kept = 1.0 if total_energy == 0 else float(coef.square().sum()) / total_energy
     info = {"rank": int(coef.shape[0]), "energy_kept": kept, "directions_suppressed": suppressed,
             "expert_weights": alpha, "layer_score": score}
     return merged, info
 
 
-def _residual_sum(residuals: Tensor, alpha: Tensor, params: Params, generator: torch.Generator | None) -> Tensor:
-    """``sum_k a_k R_k`` over ``(m, K, n)`` residuals, each truncated to ``residual_rank`` if set."""
+def _truncated_residuals(residuals: Tensor, params: Params, generator: torch.Generator | None) -> Tensor:
+    """``(m, K, n)`` residuals, each truncated to ``residual_rank`` if set."""
     if params.residual_rank is None:
-        return torch.einsum("mkn,k->mn", residuals, alpha)
-    out = torch.zeros_like(residuals[:, 0])
-    for r, a in zip(residuals.unbind(dim=1), alpha.tolist()):
+        return residuals
+    out = torch.empty_like(residuals)
+    for k, r in enumerate(residuals.unbind(dim=1)):
         u, s, vh = svd(r, params.residual_rank, params.svd, generator)
-        out.add_((u * (s * a)) @ vh)
+        out[:, k] = (u * s) @ vh
     return out
 
 
@@ -176,5 +209,5 @@ METHOD = register(Method(
     params=Params,
     merge=pivotmerge,
     base="optional",
-    engine_params=("alignment",),
+    engine_params=("alignment", "grams"),
 ))
