@@ -33,24 +33,30 @@ class Variant:
         return [{**self.fixed, **dict(zip(keys, values))} for values in itertools.product(*self.grid.values())]
 
 
-SCALES = [0.25, 0.5, 0.75, 1.0, 1.5, 2.0]
-PIVOT_GRID = {"lambda_max": [0.75, 1.0, 1.5, 2.0, 3.0], "energy": [0.8, 0.95]}
+SCALES = [0.1, 0.25, 0.5, 0.75, 1.0, 1.5]
+# PivotMerge's layer scale runs from lambda_min (layer score 0) to lambda_max (score 1).
+LAYER_SCALES = {"lambda_max": [0.25, 0.5, 0.75, 1.0], "lambda_min": [0.1, 0.25, 0.5]}
+UNIFORM_SCALES = {"lambda_max": [0.1, 0.25, 0.5, 0.75, 1.0]}  # uniform weighting uses lambda_max alone
+SPECTRA = {"spectrum": ["flatten", "flatten_total"]}
+FILTERING = {"conflict_threshold": [0.5, 0.8]}
+UNIFORM = {"layer_weighting": "uniform"}
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("linear", "linear"),
     Variant("task_arithmetic", "task_arithmetic", grid={"lambda": SCALES}),
-    Variant("ties", "ties", grid={"lambda": [0.75, 1.0, 1.5, 2.0], "density": [0.2, 0.5, 0.8]}),
-    Variant("dare_ties", "dare_ties", fixed={"normalize": True}, grid={"lambda": [0.75, 1.0, 1.5, 2.0], "density": [0.3, 0.6]}),
+    Variant("ties", "ties", grid={"lambda": [0.25, 0.5, 0.75, 1.0], "density": [0.2, 0.5, 0.8]}),
+    Variant("dare_ties", "dare_ties", fixed={"normalize": True}, grid={"lambda": [0.25, 0.5, 0.75, 1.0], "density": [0.3, 0.6]}),
     Variant("tsv", "tsv", grid={"alpha": SCALES}),
-    Variant("iso_c", "iso_c", grid={"alpha": SCALES + [3.0]}),
-    Variant("iso_cts", "iso_cts", grid={"alpha": SCALES + [3.0], "common_space_fraction": [0.6, 0.8]}),
+    Variant("iso_c", "iso_c", grid={"alpha": SCALES + [2.0]}),
+    Variant("iso_cts", "iso_cts", grid={"alpha": SCALES + [2.0], "common_space_fraction": [0.6, 0.8]}),
     Variant("regmean", "regmean", grid={"alpha": [0.5, 0.9, 1.0]}, data=True),
-    Variant("pivotmerge", "pivotmerge", grid=PIVOT_GRID),
-    Variant("pivotmerge_data", "pivotmerge", fixed={"layer_weighting": "data"}, grid=PIVOT_GRID, data=True),
-    Variant("pivotmerge_no_filtering", "pivotmerge", fixed={"filtering": False}, grid=PIVOT_GRID),
-    Variant("pivotmerge_no_layer_weighting", "pivotmerge", fixed={"layer_weighting": "uniform"}, grid=PIVOT_GRID),
-    Variant("pivotmerge_no_filtering_no_layer_weighting", "pivotmerge",
-            fixed={"filtering": False, "layer_weighting": "uniform"}, grid=PIVOT_GRID),
+    Variant("pivotmerge", "pivotmerge", grid={**LAYER_SCALES, **SPECTRA, **FILTERING}),
+    Variant("pivotmerge_data", "pivotmerge", fixed={"layer_weighting": "data"},
+            grid={**LAYER_SCALES, "spectrum": ["keep", "flatten_total"], **FILTERING}, data=True),
+    Variant("pivotmerge_no_filtering", "pivotmerge", fixed={"filtering": False}, grid={**LAYER_SCALES, **SPECTRA}),
+    Variant("pivotmerge_no_layer_weighting", "pivotmerge", fixed=UNIFORM, grid={**UNIFORM_SCALES, **SPECTRA, **FILTERING}),
+    Variant("pivotmerge_no_filtering_no_layer_weighting", "pivotmerge", fixed={**UNIFORM, "filtering": False},
+            grid={**UNIFORM_SCALES, **SPECTRA}),
 )
 
 
@@ -114,6 +120,5 @@ def merge(variant: Variant, params: dict[str, Any], experts: list[State], base: 
 def data_params(method: str, key: str, calibration: Calibration) -> dict[str, Any]:
     """The per-tensor, data-derived parameters a data-using method takes."""
     layer = _layer(key)
-    if method == "pivotmerge":
-        return {"alignment": calibration.alignment[layer]}
-    return {"grams": [g[layer] for g in calibration.grams]}
+    grams = {"grams": [g[layer] for g in calibration.grams]}
+    return {**grams, "alignment": calibration.alignment[layer]} if method == "pivotmerge" else grams

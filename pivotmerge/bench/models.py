@@ -145,10 +145,10 @@ def _row_loss(lm: LanguageModel, projector: Projector, data: Encoded, rows: torc
     return ce, logits.argmax(-1) == targets
 
 
-def train_projector(projector: Projector, lm: LanguageModel, data: list[Encoded], steps: int,
+def train_projector(projector: Projector, lm: LanguageModel, data: list[Encoded], steps: int, lr: float,
                     gen: torch.Generator, snapshots: tuple[int, ...] = ()) -> dict[int, State]:
     """Adam on the scored tokens of captions and QA rows; returns the state at ``snapshots`` and at the end."""
-    opt = torch.optim.Adam(projector.parameters(), lr=5e-3)
+    opt = torch.optim.Adam(projector.parameters(), lr=lr)
     sizes = torch.tensor([len(d.split.texts) for d in data], dtype=torch.float)
     saved: dict[int, State] = {}
     for step in range(1, steps + 1):

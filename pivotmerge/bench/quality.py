@@ -27,6 +27,9 @@ from .merging import VARIANTS, Calibration, Variant, calibrate, merge
 from .models import (Encoded, LanguageModel, Projector, State, Towers, encode_split, evaluate, pretrain_lm,
                      pretrain_vision, train_projector)
 
+# Experts and the joint projector fine-tune the warmed-up initialisation at a
+# lower rate, so they stay near it, as fine-tunes of one checkpoint do.
+LR, WARM_LR = 2e-3, 5e-3
 SCORES = ("caption_loss", "token_accuracy", "qa_exact_match")
 Progress = Callable[[str], None]
 
@@ -38,6 +41,8 @@ class Config:
     n_dev: int
     n_test: int
     n_calib: int  # calibration images per domain, for RegMean and PivotMerge's data mode
+    n_warm: int  # images per domain in the shared initialisation's brief warm-up
+    warm_steps: int
     vision_steps: int
     lm_steps: int
     expert_steps: int
@@ -45,10 +50,10 @@ class Config:
     short_steps: int  # the "short training" snapshot of the merge-success scenarios
 
 
-QUICK = Config(seeds=1, n_train=400, n_dev=100, n_test=150, n_calib=64,
+QUICK = Config(seeds=1, n_train=400, n_dev=100, n_test=150, n_calib=64, n_warm=16, warm_steps=100,
                vision_steps=200, lm_steps=300, expert_steps=300, joint_steps=600, short_steps=100)
-FULL = Config(seeds=3, n_train=600, n_dev=150, n_test=300, n_calib=64,
-              vision_steps=300, lm_steps=500, expert_steps=800, joint_steps=1600, short_steps=200)
+FULL = Config(seeds=3, n_train=600, n_dev=150, n_test=300, n_calib=64, n_warm=16, warm_steps=100,
+              vision_steps=300, lm_steps=500, expert_steps=800, joint_steps=1200, short_steps=200)
 
 
 @dataclass
@@ -64,7 +69,7 @@ class World:
 
 def build_world(cfg: Config, seed: int, progress: Progress) -> World:
     gen = torch.Generator().manual_seed(seed)
-    sizes = {"train": cfg.n_train, "dev": cfg.n_dev, "test": cfg.n_test, "calib": cfg.n_calib}
+    sizes = {"train": cfg.n_train, "dev": cfg.n_dev, "test": cfg.n_test, "calib": cfg.n_calib, "warm": cfg.n_warm}
     raw = {name: {d: make_split(d, n, seed=1000 * seed + 10 * i + j) for j, d in enumerate(DOMAINS)}
            for i, (name, n) in enumerate(sizes.items())}
     progress("pre-training the vision tower")
@@ -73,15 +78,17 @@ def build_world(cfg: Config, seed: int, progress: Progress) -> World:
     lm = pretrain_lm(list(raw["train"].values()), cfg.lm_steps, gen)
     splits = {name: {d: encode_split(vision, s) for d, s in by_domain.items()} for name, by_domain in raw.items()}
     torch.manual_seed(seed)
-    base = {k: v.detach().clone() for k, v in Projector().state_dict().items()}
+    progress("warming up the shared initialisation")
+    warm = list(splits.pop("warm").values())
+    base = train_projector(Projector(), lm, warm, cfg.warm_steps, WARM_LR, gen)[cfg.warm_steps]
     experts: dict[int, list[State]] = {cfg.short_steps: [], cfg.expert_steps: []}
     for d in DOMAINS:
         progress(f"training the {d} expert")
-        snaps = train_projector(_from(base), lm, [splits["train"][d]], cfg.expert_steps, gen, (cfg.short_steps,))
+        snaps = train_projector(_from(base), lm, [splits["train"][d]], cfg.expert_steps, LR, gen, (cfg.short_steps,))
         for steps in experts:
             experts[steps].append(snaps[steps])
     progress("training the joint projector")
-    joint = train_projector(_from(base), lm, list(splits["train"].values()), cfg.joint_steps, gen)[cfg.joint_steps]
+    joint = train_projector(_from(base), lm, list(splits["train"].values()), cfg.joint_steps, LR, gen)[cfg.joint_steps]
     return World(lm, splits, base, experts, joint)
 
 
