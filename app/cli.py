@@ -141,12 +141,15 @@ def ensure_default_key(settings: Settings) -> Path:
 
 
 def start_worker(env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "celery", "-A", "workers.worker", "worker", "-Q", GPU_QUEUE,
+    return subprocess.Popen([sys.executable, "-m", "celery", "--quiet", "-A", "workers.worker", "worker", "-Q", GPU_QUEUE,
                              "-c", "1", "-l", "warning", "--without-gossip", "--without-mingle"],
                             cwd=Path(__file__).resolve().parent.parent, env=env)
 
 
-def stop_process(process: subprocess.Popen[bytes], timeout: float = 20) -> None:
+WORKER_STOP_SECONDS = 20
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = WORKER_STOP_SECONDS) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -154,6 +157,10 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 20) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
 
 
 @click.command("serve")
@@ -185,6 +192,9 @@ def serve(host: str, port: int, worker: bool) -> None:
         click.echo(f"embedded mode: data in {settings.data_dir}; models are read from "
                    f"{os.pathsep.join(map(str, settings.allowed_roots))}\nAPI key of team '{DEFAULT_TEAM}': {key_file}")
     worker_process = start_worker() if worker else None
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; as SystemExit
+    # it reaches the `finally` below instead of killing us with the worker left running.
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         click.echo(f"API on http://{host}:{port} (docs at /docs)")
         uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
@@ -307,7 +317,7 @@ def quickstart(workdir: Path) -> None:
                 download(client, artifact, out / artifact["name"])
             console.print(f"[bold]4.[/] Downloaded {len(artifacts)} files to {out} (sha256 of each checked)")
     finally:
-        stop_process(server)
+        stop_process(server, timeout=WORKER_STOP_SECONDS + 10)  # serve first waits for its worker
 
     report = json.loads((out / "merge_report.json").read_text())
     console.print(f"[bold]5.[/] The merge report (all of it: {out / 'merge_report.json'}):")

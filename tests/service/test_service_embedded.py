@@ -34,6 +34,18 @@ def test_quickstart_runs_the_embedded_service_end_to_end(tmp_path: Path) -> None
     assert (state, kind) == ("succeeded", "merge")
     assert records == {p.name: file_sha256(p) for p in merged.iterdir()}
     assert (tmp_path / "service" / "broker.db").exists()  # the broker needed no server
+    assert processes_with_env(f"PIVOTMERGE_DATA_DIR={tmp_path / 'service'}") == []  # API and worker have exited
+
+
+def processes_with_env(entry: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and entry.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
 
 
 def test_admin_creates_teams_and_keys_that_the_api_accepts(client, settings_values, monkeypatch) -> None:
