@@ -127,8 +127,13 @@ class JobTask(Task):
     def on_failure(self, exc: BaseException, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                    einfo: ExceptionInfo) -> None:
         # Reached for what run_job cannot catch itself, chiefly the hard time
-        # limit, which kills the process (this runs in the worker's parent).
-        fail(context().sessions, uuid.UUID(args[0]), f"the worker gave up on the job: {type(exc).__name__}: {exc}")
+        # limit, which kills the process; this runs in the worker's parent, so
+        # it uses an engine of its own rather than one the next child would inherit.
+        engine = make_engine(Settings().database_url)
+        try:
+            fail(make_sessionmaker(engine), uuid.UUID(args[0]), f"the worker gave up on the job: {type(exc).__name__}: {exc}")
+        finally:
+            engine.dispose()
 
 
 @shared_task(name=RUN_JOB, bind=True, base=JobTask)
