@@ -7,12 +7,15 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 from fastapi.testclient import TestClient
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
-from app.models import FINAL_STATES
+from app.models import FINAL_STATES, Job
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
@@ -36,6 +39,49 @@ def wait_final(client: TestClient, url: str, headers: dict[str, str], timeout: f
 def merge_spec(example: Any, method: str = "task_arithmetic", **extra: Any) -> dict[str, Any]:
     return {"method": method, "base_model": str(example.base), "models": [{"model": str(p)} for p in example.experts],
             "device": "cpu", **extra}
+
+
+def freeze_mid_job(sessions, job_id: str, attempt: int) -> int | None:
+    """SIGSTOP the process running the job's `attempt`-th attempt while the job is mid-way.
+
+    Returns its pid, or None when the job finished before it could be caught.
+    The process is frozen holding no lock on the job row, so the API can still
+    update the row; an in-flight write is let through first.
+    """
+    def started() -> Job | None:
+        with sessions() as session:
+            job = session.get(Job, uuid.UUID(job_id))
+            return job if job.attempts >= attempt and job.state.value != "queued" else None
+
+    job = wait_for(started, 60, f"attempt {attempt} of {job_id} to start", interval=0.005)
+    if job.state.value != "running" or job.attempts != attempt:
+        return None
+    pid = int(job.worker.rsplit(":", 1)[1])
+    while True:
+        os.kill(pid, signal.SIGSTOP)
+        with sessions() as session:
+            try:
+                state = session.scalars(select(Job.state).where(Job.id == job.id).with_for_update(nowait=True)).one()
+            except OperationalError:  # frozen inside a write: let it finish
+                session.rollback()
+                os.kill(pid, signal.SIGCONT)
+                time.sleep(0.002)
+                continue
+        if state.value == "running":
+            return pid
+        os.kill(pid, signal.SIGCONT)
+        return None
+
+
+def submit_and_freeze(client, team, sessions, spec) -> tuple[str, int]:
+    """Submit merges until one is caught mid-way (a tiny merge can finish before it is seen running)."""
+    for _ in range(10):
+        job_id = client.post("/v1/merges", json=spec, headers=team).json()["id"]
+        pid = freeze_mid_job(sessions, job_id, 1)
+        if pid is not None:
+            return job_id, pid
+        wait_final(client, f"/v1/merges/{job_id}", team)
+    raise AssertionError("no job could be caught running")
 
 
 class WorkerProcess:

@@ -9,14 +9,16 @@ import signal
 import time
 import uuid
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
 from transformers import LlavaForConditionalGeneration
 
-from app.models import Artifact, Job
-from tests.service.conftest import MAX_ATTEMPTS
-from tests.service.service_support import merge_spec, wait_final, wait_for
+from app.main import create_app
+from app.models import Artifact
+from app.settings import Settings
+from tests.service.conftest import MAX_ATTEMPTS, PREFIX_ROOT
+from tests.service.service_support import WorkerProcess, freeze_mid_job, merge_spec, service_env, submit_and_freeze, wait_final
 
 
 def test_submit_merge_download_and_load(client: TestClient, team, tiny, worker, sessions, tmp_path) -> None:
@@ -58,49 +60,6 @@ def test_submit_merge_download_and_load(client: TestClient, team, tiny, worker, 
     states = [e["data"]["state"] for e in events if e["type"] == "state"]
     assert states == ["queued", "running", "succeeded"]
     assert any(e["type"] == "progress" for e in events)
-
-
-def freeze_mid_job(sessions, job_id: str, attempt: int) -> int | None:
-    """SIGSTOP the process running the job's `attempt`-th attempt while the job is mid-way.
-
-    Returns its pid, or None when the job finished before it could be caught.
-    The process is frozen holding no lock on the job row, so the API can still
-    update the row; an in-flight write is let through first.
-    """
-    def started() -> Job | None:
-        with sessions() as session:
-            job = session.get(Job, uuid.UUID(job_id))
-            return job if job.attempts >= attempt and job.state.value != "queued" else None
-
-    job = wait_for(started, 60, f"attempt {attempt} of {job_id} to start", interval=0.005)
-    if job.state.value != "running" or job.attempts != attempt:
-        return None
-    pid = int(job.worker.rsplit(":", 1)[1])
-    while True:
-        os.kill(pid, signal.SIGSTOP)
-        with sessions() as session:
-            try:
-                state = session.scalars(select(Job.state).where(Job.id == job.id).with_for_update(nowait=True)).one()
-            except OperationalError:  # frozen inside a write: let it finish
-                session.rollback()
-                os.kill(pid, signal.SIGCONT)
-                time.sleep(0.002)
-                continue
-        if state.value == "running":
-            return pid
-        os.kill(pid, signal.SIGCONT)
-        return None
-
-
-def submit_and_freeze(client, team, sessions, spec) -> tuple[str, int]:
-    """Submit merges until one is caught mid-way (a tiny merge can finish before it is seen running)."""
-    for _ in range(10):
-        job_id = client.post("/v1/merges", json=spec, headers=team).json()["id"]
-        pid = freeze_mid_job(sessions, job_id, 1)
-        if pid is not None:
-            return job_id, pid
-        wait_final(client, f"/v1/merges/{job_id}", team)
-    raise AssertionError("no job could be caught running")
 
 
 def test_cancel_running_job_stops_it_and_leaves_no_output(client, team, tiny, worker, sessions, settings) -> None:
@@ -176,3 +135,29 @@ def test_event_stream_follows_the_job_and_resumes(client, team, tiny, worker) ->
 
     resumed = client.get(f"/v1/merges/{job_id}/events", headers={**sse, "Last-Event-ID": str(ids[-2])}).text
     assert [b.split("\n")[0] for b in resumed.split("\n\n") if b.startswith("id:")] == [f"id: {ids[-1]}"]
+
+
+@pytest.fixture(scope="module")
+def strict_worker(settings_values, service_dir):  # type: ignore[no-untyped-def]
+    """A worker on its own queue whose jobs may run 2 s (soft limit), then are killed at 4 s (hard limit)."""
+    values = {**settings_values, "broker_key_prefix": f"{PREFIX_ROOT}-strict:",
+              "task_soft_time_limit": "2", "task_time_limit": "4"}
+    process = WorkerProcess(service_env(values), service_dir / "strict-worker.log", "pmtest-strict")
+    yield Settings(**values)
+    process.stop()
+
+
+def test_time_limits_fail_the_job(strict_worker, sessions, team, tiny) -> None:
+    with TestClient(create_app(strict_worker)) as client:
+        # Soft: the job is held past 2 s; on resuming, the worker stops it and fails it.
+        job_id, pid = submit_and_freeze(client, team, sessions, merge_spec(tiny))
+        time.sleep(2.5)
+        os.kill(pid, signal.SIGCONT)
+        done = wait_final(client, f"/v1/merges/{job_id}", team)
+        assert done["state"] == "failed" and done["error"] == "stopped after the time limit of 2 s"
+
+        # Hard: held past 4 s, the process is killed; the job is failed, not redelivered.
+        job_id, pid = submit_and_freeze(client, team, sessions, merge_spec(tiny))
+        done = wait_final(client, f"/v1/merges/{job_id}", team)
+        assert done["state"] == "failed" and "TimeLimitExceeded" in done["error"] and done["attempts"] == 1
+        assert client.get(f"/v1/merges/{job_id}/artifacts", headers=team).json() == {"artifacts": []}
