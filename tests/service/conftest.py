@@ -49,13 +49,22 @@ def service_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def settings_values(database_url: str, service_dir: Path) -> dict[str, str]:
+def broker_prefix() -> Iterator[str]:
+    """This session's Redis key prefix; set up first, so torn down after every worker and client."""
+    yield f"{PREFIX_ROOT}:"
+    redis = Redis.from_url(REDIS_URL)
+    for key in redis.scan_iter(f"{PREFIX_ROOT}*"):
+        redis.delete(key)
+
+
+@pytest.fixture(scope="session")
+def settings_values(broker_prefix: str, database_url: str, service_dir: Path) -> dict[str, str]:
     """PIVOTMERGE_* settings shared by the in-process API and the worker process."""
     (service_dir / "models").mkdir()
     return {
         "database_url": database_url,
         "broker_url": REDIS_URL,
-        "broker_key_prefix": f"{PREFIX_ROOT}:",
+        "broker_key_prefix": broker_prefix,
         "data_dir": str(service_dir / "data"),
         "allowed_roots": str(service_dir / "models"),
         "max_attempts": str(MAX_ATTEMPTS),
@@ -64,11 +73,8 @@ def settings_values(database_url: str, service_dir: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def settings(settings_values: dict[str, str]) -> Iterator[Settings]:
-    yield Settings(**settings_values)
-    redis = Redis.from_url(REDIS_URL)
-    for key in redis.scan_iter(f"{PREFIX_ROOT}*"):  # what this session's queues left behind
-        redis.delete(key)
+def settings(settings_values: dict[str, str]) -> Settings:
+    return Settings(**settings_values)
 
 
 @pytest.fixture(scope="session")
