@@ -13,6 +13,7 @@ pread also releases the GIL, so reads overlap with maths in other threads.
 
 from __future__ import annotations
 
+import math
 import json
 import os
 import re
@@ -45,10 +46,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _within(path: Path, roots: Sequence[Path]) -> bool:

@@ -7,6 +7,7 @@ appended the moment it is merged: memory never holds more than one tensor.
 
 from __future__ import annotations
 
+import math
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -32,10 +33,7 @@ class OutputTensor:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass
