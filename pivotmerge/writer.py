@@ -7,9 +7,9 @@ appended the moment it is merged: memory never holds more than one tensor.
 
 from __future__ import annotations
 
-import math
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Collection, Sequence
