@@ -13,8 +13,8 @@ pread also releases the GIL, so reads overlap with maths in other threads.
 
 from __future__ import annotations
 
-import math
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
