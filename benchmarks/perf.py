@@ -148,17 +148,26 @@ class Run:
     peak_rss_mb: float
 
 
+# Measures one command from a small process: Linux carries the exec-ing process's
+# peak RSS into the child's ru_maxrss, so a child forked straight from this
+# benchmark (holding generated models) would report this process's memory.
+_LAUNCHER = """
+import os, subprocess, sys, time
+with open(sys.argv[1], "wb") as log:
+    start = time.perf_counter()
+    proc = subprocess.Popen(sys.argv[2:], stdout=log, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)
+print(time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_measured(cmd: Sequence[str], log: Path) -> Run:
-    """Run `cmd` in a fresh process; its wall time and its own peak RSS (not the parent's)."""
-    with open(log, "wb") as fh:
-        start = time.perf_counter()
-        proc = subprocess.Popen(list(cmd), stdout=fh, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}); see {log}:\n{log.read_text()[-3000:]}")
-    return Run(wall, usage.ru_maxrss / 1024)  # Linux reports kilobytes
+    """Run `cmd` in a fresh process; its wall time and its own peak RSS (not ours)."""
+    out = subprocess.run([sys.executable, "-c", _LAUNCHER, str(log), *cmd], capture_output=True, text=True, check=True)
+    wall, rss_kb, rc = out.stdout.split()
+    if int(rc) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({rc}); see {log}:\n{log.read_text()[-3000:]}")
+    return Run(float(wall), int(rss_kb) / 1024)  # Linux reports kilobytes
 
 
 def mergekit_config(method: str, base: Path, experts: Sequence[Path]) -> dict[str, Any]:
