@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+from importlib import metadata
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -19,11 +20,9 @@ if TYPE_CHECKING:
 
 
 def versions() -> dict[str, str]:
-    import safetensors
-    import transformers
-
-    return {"pivotmerge": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "safetensors": safetensors.__version__, "python": platform.python_version()}
+    # Package metadata, not imports: importing transformers alone costs seconds per merge.
+    return {"pivotmerge": __version__, "torch": torch.__version__, "transformers": metadata.version("transformers"),
+            "safetensors": metadata.version("safetensors"), "python": platform.python_version()}
 
 
 def build_report(plan: "MergePlan", device: torch.device, entries: Sequence[dict[str, Any]],
