@@ -30,7 +30,9 @@ def quality(quick: bool, seeds: int | None, out: Path, threads: int) -> None:
         cfg = replace(cfg, seeds=seeds)
     console = Console(stderr=True)
     with console.status("starting") as status:
-        result = run(cfg, out, lambda message: status.update(message), threads)
+        # A spinner on a terminal; timestamped lines in logs (nohup, CI), where a spinner shows nothing.
+        show = status.update if console.is_terminal else lambda message: console.log(message)
+        result = run(cfg, out, show, threads)
     avg = result["table"]
     console.print(f"done in {result['seconds']:.0f}s; wrote {out}/results.md")
     for name, row in avg.items():

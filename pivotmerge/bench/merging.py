@@ -33,10 +33,10 @@ class Variant:
         return [{**self.fixed, **dict(zip(keys, values))} for values in itertools.product(*self.grid.values())]
 
 
-SCALES = [0.1, 0.25, 0.5, 0.75, 1.0, 1.5]
+SCALES = [0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5]
 # PivotMerge's layer scale runs from lambda_min (layer score 0) to lambda_max (score 1).
-LAYER_SCALES = {"lambda_max": [0.25, 0.5, 0.75, 1.0], "lambda_min": [0.1, 0.25, 0.5]}
-UNIFORM_SCALES = {"lambda_max": [0.1, 0.25, 0.5, 0.75, 1.0]}  # uniform weighting uses lambda_max alone
+LAYER_SCALES = {"lambda_max": [0.1, 0.25, 0.5, 0.75, 1.0], "lambda_min": [0.1, 0.25, 0.5]}
+UNIFORM_SCALES = {"lambda_max": [0.05, 0.1, 0.25, 0.5, 0.75, 1.0]}  # uniform weighting uses lambda_max alone
 SPECTRA = {"spectrum": ["flatten", "flatten_total"]}
 FILTERING = {"conflict_threshold": [0.5, 0.8]}
 UNIFORM = {"layer_weighting": "uniform"}
@@ -52,7 +52,9 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("regmean", "regmean", grid={"alpha": [0.5, 0.9, 1.0]}, data=True),
     Variant("pivotmerge", "pivotmerge", grid={**LAYER_SCALES, **SPECTRA, **FILTERING}),
     Variant("pivotmerge_data", "pivotmerge", fixed={"layer_weighting": "data"},
-            grid={**LAYER_SCALES, "spectrum": ["keep", "flatten_total"], **FILTERING}, data=True),
+            # residual_weight 1 keeps whole deltas, so keep + lambda 1/K reaches RegMean's matrices.
+            grid={"lambda_max": [0.25, 0.5], "lambda_min": [0.25, 0.5], "spectrum": ["keep", "flatten_total"],
+                  "residual_weight": [0.5, 1.0], **FILTERING}, data=True),
     Variant("pivotmerge_no_filtering", "pivotmerge", fixed={"filtering": False}, grid={**LAYER_SCALES, **SPECTRA}),
     Variant("pivotmerge_no_layer_weighting", "pivotmerge", fixed=UNIFORM, grid={**UNIFORM_SCALES, **SPECTRA, **FILTERING}),
     Variant("pivotmerge_no_filtering_no_layer_weighting", "pivotmerge", fixed={**UNIFORM, "filtering": False},
