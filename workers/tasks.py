@@ -14,7 +14,7 @@ from typing import Any
 
 from billiard.einfo import ExceptionInfo
 from celery import Task, shared_task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -123,15 +123,25 @@ def cancelled(sessions: sessionmaker[Session], job_id: uuid.UUID) -> None:
         session.commit()
 
 
+def failure_message(exc: BaseException, settings: Settings) -> str:
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return f"stopped after the time limit of {settings.task_soft_time_limit} s"
+    if isinstance(exc, TimeLimitExceeded):
+        return f"killed after the hard time limit of {settings.task_time_limit} s"
+    return f"the worker gave up on the job: {type(exc).__name__}: {exc}"
+
+
 class JobTask(Task):
     def on_failure(self, exc: BaseException, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                    einfo: ExceptionInfo) -> None:
-        # Reached for what run_job cannot catch itself, chiefly the hard time
-        # limit, which kills the process; this runs in the worker's parent, so
-        # it uses an engine of its own rather than one the next child would inherit.
-        engine = make_engine(Settings().database_url)
+        # Reached for what run_job cannot catch itself: the hard time limit,
+        # which kills the process (then this runs in the worker's parent, so it
+        # uses an engine of its own rather than one the next child would
+        # inherit), or a soft limit firing outside run_job's try.
+        settings = Settings()
+        engine = make_engine(settings.database_url)
         try:
-            fail(make_sessionmaker(engine), uuid.UUID(args[0]), f"the worker gave up on the job: {type(exc).__name__}: {exc}")
+            fail(make_sessionmaker(engine), uuid.UUID(args[0]), failure_message(exc, settings))
         finally:
             engine.dispose()
 
@@ -150,11 +160,11 @@ def run_job(self: Task, job_id: str) -> None:
 
     assert ctx.settings.work_dir is not None
     work = ctx.settings.work_dir / job_id
-    shutil.rmtree(work, ignore_errors=True)  # what an attempt whose worker died left behind
-    work.mkdir(parents=True)
-    reporter = JobReporter(ctx.sessions, jid)
     succeeded = False
     try:
+        shutil.rmtree(work, ignore_errors=True)  # what an attempt whose worker died left behind
+        work.mkdir(parents=True)
+        reporter = JobReporter(ctx.sessions, jid)
         report, metrics = run_engine(job.kind, job.spec, work / "out", ctx.settings, reporter)
         with ctx.sessions() as session:
             publish(ctx, session, jid, work / "out")
@@ -168,8 +178,8 @@ def run_job(self: Task, job_id: str) -> None:
         cancelled(ctx.sessions, jid)
     except PivotMergeError as exc:
         fail(ctx.sessions, jid, str(exc))
-    except SoftTimeLimitExceeded:
-        fail(ctx.sessions, jid, f"stopped after the time limit of {ctx.settings.task_soft_time_limit} s")
+    except SoftTimeLimitExceeded as exc:
+        fail(ctx.sessions, jid, failure_message(exc, ctx.settings))
     except Exception as exc:  # a bug, not the user's fault: keep the traceback in the worker log
         log.exception("job %s failed", job_id)
         fail(ctx.sessions, jid, f"internal error: {type(exc).__name__}: {exc}")
