@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import torch
 from pydantic import Field
 
 from . import Method, Tensor, per_model, register
-from ._ops import consensus_merge, magnitude_trim_, stacked_deltas
+from ._ops import consensus_merge, flat_pieces, magnitude_cut, stacked_deltas
 from ._params import LambdaParams, PerModel, scale
 
 
@@ -19,12 +20,27 @@ class Params(LambdaParams):
 
 def ties(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
          params: Params, generator: torch.Generator | None = None) -> Tensor:
+    """Two passes over flat pieces, so no temporary is larger than a piece: each
+    expert's cut-off over its whole delta, then trim, election and disjoint mean
+    piece by piece. Same bits as on whole tensors (see ``PIECE``)."""
     assert base is not None
-    deltas = stacked_deltas(tensors, base)
-    for d, density in zip(deltas, per_model(params.density, len(tensors), "density")):
-        magnitude_trim_(d, density)
-    merged = consensus_merge(deltas, weights, params.normalize)
-    return merged.mul_(scale(params)).add_(base)
+    flat_base = base.reshape(-1)
+    # One float32 copy of each expert (the engine converts on access); pieces are views of it.
+    experts = [t.reshape(-1) for t in tensors]
+    n = flat_base.numel()
+    cuts = [magnitude_cut(partial(_delta_piece, x, flat_base), n, density)
+            for x, density in zip(experts, per_model(params.density, len(experts), "density"))]
+    merged = torch.empty_like(flat_base)
+    for piece in flat_pieces(n):
+        deltas = stacked_deltas([x[piece] for x in experts], flat_base[piece])
+        for d, cut in zip(deltas, cuts):
+            cut.apply_(d)
+        merged[piece] = consensus_merge(deltas, weights, params.normalize)
+    return merged.view(base.shape).mul_(scale(params)).add_(base)
+
+
+def _delta_piece(expert: Tensor, base: Tensor, piece: slice) -> Tensor:
+    return expert[piece] - base[piece]
 
 
 METHOD = register(Method(
