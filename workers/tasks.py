@@ -15,7 +15,7 @@ from typing import Any
 from billiard.einfo import ExceptionInfo
 from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
-from sqlalchemy import update
+from sqlalchemy import Engine, update
 from sqlalchemy.orm import Session, sessionmaker
 
 import pivotmerge
@@ -39,6 +39,7 @@ PROGRESS_INTERVAL_SECONDS = 0.5
 @dataclass
 class WorkerContext:
     settings: Settings
+    engine: Engine
     sessions: sessionmaker[Session]
     store: ArtifactStore
     pid: int
@@ -52,8 +53,8 @@ def context() -> WorkerContext:
     global _context
     if _context is None or _context.pid != os.getpid():
         settings = Settings()
-        _context = WorkerContext(settings, make_sessionmaker(make_engine(settings.database_url)),
-                                 make_store(settings), os.getpid())
+        engine = make_engine(settings.database_url)
+        _context = WorkerContext(settings, engine, make_sessionmaker(engine), make_store(settings), os.getpid())
     return _context
 
 
@@ -179,6 +180,9 @@ def run_job(self: Task, job_id: str) -> None:
     except PivotMergeError as exc:
         fail(ctx.sessions, jid, str(exc))
     except SoftTimeLimitExceeded as exc:
+        # The limit's signal may have interrupted a query mid-way, leaving its
+        # connection unusable: start the pool afresh before recording the failure.
+        ctx.engine.dispose()
         fail(ctx.sessions, jid, failure_message(exc, ctx.settings))
     except Exception as exc:  # a bug, not the user's fault: keep the traceback in the worker log
         log.exception("job %s failed", job_id)
