@@ -186,8 +186,9 @@ def masked_merge(weighted: Tensor, w: Tensor, mask: Tensor, normalize: bool) -> 
     ``w`` is shaped by ``column_weights``. Without ``normalize`` the division is
     skipped; entries no expert takes part in divide by 1, as in mergekit.
     """
-    # Accumulated one expert at a time, in the order sum(dim=0) adds them (same
-    # bits), without its (K, *shape) product temporaries.
+    # Accumulated one expert at a time, without sum(dim=0)'s (K, *shape) product
+    # temporaries: the same bits for up to four experts; from five on, torch's
+    # vectorised sum groups the terms differently (last-bit differences).
     merged = weighted[0] * mask[0]
     for d, m in zip(weighted[1:], mask[1:]):
         merged.addcmul_(d, m)
