@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,7 +32,8 @@ def quality(quick: bool, seeds: int | None, out: Path, threads: int) -> None:
     console = Console(stderr=True)
     with console.status("starting") as status:
         # A spinner on a terminal; timestamped lines in logs (nohup, CI), where a spinner shows nothing.
-        show = status.update if console.is_terminal else lambda message: console.log(message)
+        show = status.update if console.is_terminal else lambda message: console.print(
+            f"{time.strftime('%H:%M:%S')} {message}", highlight=False)
         result = run(cfg, out, show, threads)
     avg = result["table"]
     console.print(f"done in {result['seconds']:.0f}s; wrote {out}/results.md")
