@@ -15,7 +15,7 @@ from typing import Any
 from billiard.einfo import ExceptionInfo
 from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
-from sqlalchemy import Engine, update
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 import pivotmerge
@@ -39,7 +39,6 @@ PROGRESS_INTERVAL_SECONDS = 0.5
 @dataclass
 class WorkerContext:
     settings: Settings
-    engine: Engine
     sessions: sessionmaker[Session]
     store: ArtifactStore
     pid: int
@@ -53,8 +52,8 @@ def context() -> WorkerContext:
     global _context
     if _context is None or _context.pid != os.getpid():
         settings = Settings()
-        engine = make_engine(settings.database_url)
-        _context = WorkerContext(settings, engine, make_sessionmaker(engine), make_store(settings), os.getpid())
+        _context = WorkerContext(settings, make_sessionmaker(make_engine(settings.database_url)),
+                                 make_store(settings), os.getpid())
     return _context
 
 
@@ -124,10 +123,18 @@ def cancelled(sessions: sessionmaker[Session], job_id: uuid.UUID) -> None:
         session.commit()
 
 
+def time_limit_in(exc: BaseException | None) -> BaseException | None:
+    """The time limit behind `exc`, if any: it may surface as the error of whatever it interrupted."""
+    while exc is not None and not isinstance(exc, (SoftTimeLimitExceeded, TimeLimitExceeded)):
+        exc = exc.__context__
+    return exc
+
+
 def failure_message(exc: BaseException, settings: Settings) -> str:
-    if isinstance(exc, SoftTimeLimitExceeded):
+    limit = time_limit_in(exc)
+    if isinstance(limit, SoftTimeLimitExceeded):
         return f"stopped after the time limit of {settings.task_soft_time_limit} s"
-    if isinstance(exc, TimeLimitExceeded):
+    if isinstance(limit, TimeLimitExceeded):
         return f"killed after the hard time limit of {settings.task_time_limit} s"
     return f"the worker gave up on the job: {type(exc).__name__}: {exc}"
 
@@ -135,10 +142,9 @@ def failure_message(exc: BaseException, settings: Settings) -> str:
 class JobTask(Task):
     def on_failure(self, exc: BaseException, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any],
                    einfo: ExceptionInfo) -> None:
-        # Reached for what run_job cannot catch itself: the hard time limit,
-        # which kills the process (then this runs in the worker's parent, so it
-        # uses an engine of its own rather than one the next child would
-        # inherit), or a soft limit firing outside run_job's try.
+        # Records time limits and whatever else escapes run_job, on an engine of
+        # its own: the job's connection may be broken, and for the hard limit
+        # this runs in the worker's parent, whose connections children would inherit.
         settings = Settings()
         engine = make_engine(settings.database_url)
         try:
@@ -179,13 +185,12 @@ def run_job(self: Task, job_id: str) -> None:
         cancelled(ctx.sessions, jid)
     except PivotMergeError as exc:
         fail(ctx.sessions, jid, str(exc))
-    except SoftTimeLimitExceeded as exc:
-        # The limit's signal may have interrupted a query mid-way, leaving its
-        # connection unusable: start the pool afresh before recording the failure.
-        ctx.engine.dispose()
-        fail(ctx.sessions, jid, failure_message(exc, ctx.settings))
-    except Exception as exc:  # a bug, not the user's fault: keep the traceback in the worker log
-        log.exception("job %s failed", job_id)
+    except Exception as exc:
+        if time_limit_in(exc):
+            # The limit's signal can cut a query mid-way and leave our connection
+            # unusable: JobTask.on_failure records it on a connection of its own.
+            raise
+        log.exception("job %s failed", job_id)  # a bug, not the user's fault: keep the traceback
         fail(ctx.sessions, jid, f"internal error: {type(exc).__name__}: {exc}")
     finally:
         if not succeeded:  # files a failed or cancelled job had already stored
