@@ -1,8 +1,8 @@
 """What calibration data tells the merge: Gram matrices and per-layer alignment scores.
 
 * `collect_grams`: for each linear layer, ``G = X^T X`` of the inputs it sees on
-  the calibration set (forward pre-hooks, float64 sums, padding left out). RegMean
-  and RegMean folding take these.
+  the calibration set (forward pre-hooks, float64 sums, padding left out). RegMean,
+  RegMean folding and PivotMerge's ``combine: gram`` take these.
 * `alignment_scores`: for each expert and merged layer, how much the expert's
   caption loss rises when that layer's update is put back to the base: the
   layer's alignment contribution, which PivotMerge's ``layer_weighting: data``
@@ -25,7 +25,7 @@ from .errors import CompatibilityError, SpecError
 from .evaluate import Loaded, caption_batches, caption_stats, load_model
 from .progress import Progress, ProgressFn
 from .repos import ModelRepo
-from .spec import DatasetRef, MergeSpec
+from .spec import DatasetRef, FilteredValue, MergeSpec
 
 if TYPE_CHECKING:
     from .engine import MergePlan
@@ -186,8 +186,20 @@ def alignment_scores(base_dir: str | Path, expert_dirs: Sequence[str | Path], da
 # ----------------------------------------------------------------- engine hook
 
 
+def _set_anywhere(value: Any, wanted: str) -> bool:
+    """Whether a spec parameter takes `wanted` for some tensor: as a scalar or in one of its filtered entries."""
+    if isinstance(value, list):
+        return any(isinstance(v, FilteredValue) and v.value == wanted for v in value)
+    return value == wanted
+
+
 def wants_alignment(spec: MergeSpec) -> bool:
     return spec.method == "pivotmerge" and spec.parameters.get("layer_weighting") == "data"
+
+
+def wants_grams(spec: MergeSpec) -> bool:
+    """RegMean always; PivotMerge when `combine: gram` applies to some tensor (e.g. only the first projector layer)."""
+    return spec.method == "regmean" or (spec.method == "pivotmerge" and _set_anywhere(spec.parameters.get("combine"), "gram"))
 
 
 def expert_calibration(spec: MergeSpec) -> list[DatasetRef]:
@@ -223,20 +235,24 @@ def calibration_extras(plan: MergePlan, device: torch.device, *, allowed_roots: 
                        ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Per-tensor method parameters measured on calibration data, and their report.
 
-    RegMean gets each expert's Gram matrices (``grams``); PivotMerge with
-    ``layer_weighting: data`` gets per-expert ``alignment`` scores per layer. Each
-    expert is measured on its own calibration set when it has one (`expert_calibration`).
+    RegMean, and PivotMerge with ``combine: gram``, get each expert's Gram matrices
+    (``grams``); PivotMerge with ``layer_weighting: data`` gets per-expert
+    ``alignment`` scores per layer. Each expert is measured on its own calibration
+    set when it has one (`expert_calibration`).
     """
     spec = plan.spec
-    needs_grams = spec.method == "regmean"
-    if not (needs_grams or wants_alignment(spec)):
+    needs_grams, needs_alignment = wants_grams(spec), wants_alignment(spec)
+    if not (needs_grams or needs_alignment):
         return {}, {}
+    if needs_alignment and plan.base is None:
+        raise SpecError("base_model: layer_weighting: data removes each layer's update, so it needs the base")
     datasets = load_expert_calibration(expert_calibration(spec), allowed_roots=allowed_roots, relative_to=relative_to)
     names = sorted(plan.merged)
     report: dict[str, Any] = {"datasets": [{"model": m.model, "dataset": str(d.path), "samples": len(d.records)}
                                            for m, d in zip(spec.models, datasets)]}
     if progress is not None:
         progress(Progress("calibrate", 0, len(plan.models), message="calibration data: " + ", ".join(dict.fromkeys(d.name for d in datasets))))
+    extras: dict[str, dict[str, Any]] = {}
     if needs_grams:
         per_model = []
         for i, (repo, data) in enumerate(zip(plan.models, datasets)):
@@ -244,10 +260,12 @@ def calibration_extras(plan: MergePlan, device: torch.device, *, allowed_roots: 
             if progress is not None:
                 progress(Progress("calibrate", i + 1, len(plan.models)))
         report["gram_tensors"] = sorted(per_model[0])
-        return {n: {"grams": [g[n] for g in per_model]} for n in per_model[0]}, report
-    if plan.base is None:
-        raise SpecError("base_model: layer_weighting: data removes each layer's update, so it needs the base")
-    scores = alignment_scores(plan.base.path, [m.path for m in plan.models], datasets, names, device=device.type,
-                              groups=layer_groups(names, plan.reference.model_type))
-    report["alignment"] = scores.report()
-    return {n: {"alignment": scores.for_tensor(n)} for n in names}, report
+        extras = {n: {"grams": [g[n] for g in per_model]} for n in per_model[0]}
+    if needs_alignment:
+        assert plan.base is not None  # checked above, before any data is read
+        scores = alignment_scores(plan.base.path, [m.path for m in plan.models], datasets, names, device=device.type,
+                                  groups=layer_groups(names, plan.reference.model_type))
+        report["alignment"] = scores.report()
+        for n in names:
+            extras.setdefault(n, {})["alignment"] = scores.for_tensor(n)
+    return extras, report

@@ -109,3 +109,31 @@ def test_evaluate_inputs_puts_base_and_experts_beside_the_merge_in_report_and_cl
 def test_evaluate_inputs_needs_evaluate_datasets(example):
     with pytest.raises(SpecError, match="^evaluate_inputs: needs `evaluate` datasets"):
         pivotmerge.spec_from_dict({**_spec(example, "linear"), "evaluate_inputs": True})
+
+
+def test_pivotmerge_combine_gram_receives_each_experts_grams(example, tmp_path):
+    # Everything else off and lambda = 1/K: the merge is RegMean's closed form on the engine's Grams.
+    off = {"shared_space": False, "filtering": False, "spectrum": "keep", "layer_weighting": "uniform",
+           "lambda_max": 0.5, "combine": "gram", "gram_alpha": 0.8}
+    spec = _spec(example, "pivotmerge", parameters=off)
+    for entry, domain in zip(spec["models"], ["shapes", "dots"]):
+        entry["calibration"] = {"dataset": str(example.datasets[domain])}
+    report = pivotmerge.merge(spec, tmp_path / "out")
+    grams = [collect_grams(e, load_dataset(example.datasets[d]), [W1], device="cpu")[W1]
+             for e, d in zip(example.experts, ["shapes", "dots"])]
+    weights = [load_file(e / "model.safetensors")[W1] for e in example.experts]
+    merged = load_file(tmp_path / "out" / "model.safetensors")[W1]
+    assert torch.allclose(merged, regmean_solve(weights, grams, [1.0, 1.0], 0.8), atol=1e-5)
+    assert W1 in report["calibration"]["gram_tensors"] and "alignment" not in report["calibration"]
+    entry = next(e for e in report["layers"] if e["tensor"] == W1)
+    assert entry["info"]["combine"] == "gram"
+
+
+def test_pivotmerge_gram_combine_on_one_layer_with_data_weights(example, tmp_path):
+    combine = [{"filter": "linear_1", "value": "gram"}, {"value": "sum"}]
+    spec = _spec(example, "pivotmerge", parameters={"layer_weighting": "data", "combine": combine})
+    report = pivotmerge.merge(spec, tmp_path / "out")
+    layers = {e["tensor"]: e for e in report["layers"]}
+    assert layers[W1]["info"]["combine"] == "gram" and layers[W1]["params"]["combine"] == "gram"
+    assert layers[W1.replace("linear_1", "linear_2")]["info"]["combine"] == "sum"
+    assert set(report["calibration"]["alignment"]["scores"]) == {"projector.1", "projector.2"}

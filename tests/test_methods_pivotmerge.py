@@ -161,7 +161,7 @@ def _grams(k, n, seed=1):
 def test_equal_grams_give_the_plain_sum():
     base, models = experts()
     gram = _grams(1, 5)[0]
-    out = run(models, base, [1.0, 0.5, 2.0], grams=[gram] * 3, **{**OFF, "shared_space": True})
+    out = run(models, base, [1.0, 0.5, 2.0], combine="gram", grams=[gram] * 3, **{**OFF, "shared_space": True})
     plain = run(models, base, [1.0, 0.5, 2.0], **{**OFF, "shared_space": True})
     assert torch.allclose(out.tensor, plain.tensor, atol=1e-4)
 
@@ -171,8 +171,16 @@ def test_grams_with_everything_off_is_regmean_on_the_deltas():
     # W0 + sum_k (W_k - W0) G_k (sum G)^-1 = (sum_k W_k G_k)(sum G)^-1.
     base, models = experts()
     grams = _grams(3, 5)
-    out = run(models, base, grams=grams, gram_alpha=0.9, lambda_max=1 / 3, **OFF)
+    out = run(models, base, combine="gram", grams=grams, gram_alpha=0.9, lambda_max=1 / 3, **OFF)
     assert torch.allclose(out.tensor, other("regmean", models, None, grams=grams, alpha=0.9), atol=1e-4)
+    assert out.info["combine"] == "gram"
+
+
+def test_grams_count_only_under_combine_gram():
+    base, models = experts()
+    ignored = run(models, base, grams=_grams(3, 5), lambda_max=1 / 3, **OFF)
+    assert torch.allclose(ignored.tensor, run(models, base, lambda_max=1 / 3, **OFF).tensor)
+    assert ignored.info["combine"] == "sum"
 
 
 def test_flatten_total_flattens_the_update_with_its_residuals():

@@ -51,7 +51,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("iso_cts", "iso_cts", grid={"alpha": SCALES + [2.0], "common_space_fraction": [0.6, 0.8]}),
     Variant("regmean", "regmean", grid={"alpha": [0.5, 0.9, 1.0]}, data=True),
     Variant("pivotmerge", "pivotmerge", grid={**LAYER_SCALES, **SPECTRA, **FILTERING}),
-    Variant("pivotmerge_data", "pivotmerge", fixed={"layer_weighting": "data"},
+    Variant("pivotmerge_data", "pivotmerge", fixed={"layer_weighting": "data", "combine": "gram"},
             # residual_weight 1 keeps whole deltas, so keep + lambda 1/K reaches RegMean's matrices.
             grid={"lambda_max": [0.25, 0.5], "lambda_min": [0.25, 0.5], "spectrum": ["keep", "flatten_total"],
                   "residual_weight": [0.5, 1.0], **FILTERING}, data=True),

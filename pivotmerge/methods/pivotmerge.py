@@ -8,7 +8,7 @@ formulas); docs/methods.md states every formula. For one tensor of layer ``l``:
    energy fraction / max rank; coefficients ``C_k = U^T d_k``, residuals ``d_k - U C_k``;
 3. filtering: direction ``j`` is suppressed when the experts' coefficient rows
    cancel: ``1 - ||sum_k a_k C_k[j]|| / sum_k |a_k| ||C_k[j]|| > threshold``;
-   with calibration Gram matrices ``G_k`` of the layer's inputs, experts are
+   with ``combine: gram`` and calibration Gram matrices ``G_k`` of the layer's inputs, experts are
    combined as their inputs see them: ``(sum_k a_k X_k G_k)(sum_k a_k G_k)^-1 sum_k a_k``
    in place of ``sum_k a_k X_k`` (equal Grams give the plain sum);
 4. spectrum of the merged shared update kept or flattened (Iso-C), or of the
@@ -47,7 +47,10 @@ class Params(MethodParams):
     spectrum: Literal["keep", "flatten", "flatten_total"] = Field(
         "flatten", description="keep the singular values; flatten: replace those of the merged shared update by their mean (Iso-C); "
                                "flatten_total: do so for the whole merged update, residuals included.")
-    grams: list[Any] | None = Field(None, exclude=True, description="Per-expert Gram matrices of this layer's inputs (calibration data; set by the engine): combine experts as their inputs see them.")
+    combine: Literal["sum", "gram"] = Field(
+        "sum", description="sum: weighted sum of the experts' parts; gram: combine them as the layer's inputs see them, "
+                           "with per-expert Gram matrices from calibration data (tensors without them take the sum).")
+    grams: list[Any] | None = Field(None, exclude=True, description="combine: gram: per-expert Gram matrices of this layer's inputs (set by the engine from calibration data).")
     gram_alpha: float = Field(0.9, ge=0, le=1, description="Scale of the Gram matrices' off-diagonal entries, as RegMean's alpha.")
     layer_weighting: Literal["uniform", "weight", "data"] = Field(
         "weight", description="uniform: weights as given, lambda_max; weight: data-free shared-energy proxy; data: calibration alignment.")
@@ -148,7 +151,9 @@ def _merge_matrix(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[fl
         u, coef, shares = None, deltas, torch.ones(k)
     alpha, score = layer_weights(params, weights, shares)
     a = torch.tensor(alpha, dtype=flat.dtype, device=flat.device)
-    combine = _combiner(a, params.grams, params.gram_alpha)
+    # Only linear layers' weights have input Gram matrices; other matrices (embeddings, kernels) take the sum.
+    grams = params.grams if params.combine == "gram" else None
+    combine = _combiner(a, grams, params.gram_alpha)
     combined = combine(coef)
     suppressed = _conflict_filter(coef, a, combined, params.conflict_threshold) if params.filtering else 0
     if params.spectrum == "flatten":
@@ -161,6 +166,7 @@ def _merge_matrix(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[fl
         merged = _flattened(merged)
     kept = 1.0 if total_energy == 0 else float(coef.square().sum()) / total_energy
     info = {"rank": int(coef.shape[0]), "energy_kept": kept, "directions_suppressed": suppressed,
+            "combine": "sum" if grams is None else "gram",
             "expert_weights": alpha, "layer_score": score}
     return merged, info
 
