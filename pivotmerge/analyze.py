@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .engine import plan_merge, resolve_device
+from .engine import as_spec, check, plan_merge, resolve_device
 from .errors import MergeCancelled, SpecError
 from .metrics import TensorMetrics, aggregate, pairwise
 from .progress import CancelFn, Progress, ProgressFn
@@ -22,13 +22,26 @@ def layer_key(component: str, layer: int | None) -> str:
     return f"{component}.{layer}" if layer is not None else f"{component}.other"
 
 
+def _require_pairs(spec: MergeSpec) -> None:
+    if len(spec.models) < 2:
+        raise SpecError("models: analysis compares models, so it needs at least two")
+
+
+def check_analysis(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[str | Path] | None = None,
+                   relative_to: Path | None = None) -> None:
+    """`check` for an analysis: also refuses a spec with fewer than two models."""
+    spec = as_spec(spec)
+    _require_pairs(spec)
+    check(spec, allowed_roots=allowed_roots, relative_to=relative_to)
+
+
 def analyze(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[str | Path] | None = None,
             relative_to: Path | None = None, progress: ProgressFn | None = None,
             should_cancel: CancelFn | None = None) -> dict[str, Any]:
     """Metrics averaged over all pairs of models, on task vectors when the spec has a base."""
+    spec = as_spec(spec)
+    _require_pairs(spec)
     with plan_merge(spec, allowed_roots=allowed_roots, relative_to=relative_to) as plan:
-        if len(plan.models) < 2:
-            raise SpecError("models: analysis compares models, so it needs at least two")
         device = resolve_device(plan.spec.device)
         names = [n for n in plan.names if n in plan.merged]
         records = []

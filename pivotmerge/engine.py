@@ -21,7 +21,7 @@ import torch
 
 from . import __version__
 from .architectures import Architecture, TensorPlace, architecture_for, place_tensors
-from .errors import CompatibilityError, MergeCancelled, SpecError
+from .errors import CompatibilityError, MergeCancelled, RepoError, SpecError
 from .methods import Method, get_method
 from .output import building, carry_side_files, check_out_dir
 from .params import resolve_params
@@ -85,8 +85,8 @@ def plan_merge(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[s
     method = get_method(spec.method)
     roots = resolve_roots(allowed_roots)
     resolve_device(spec.device)
-    base = ModelRepo.open(spec.base_model, allowed_roots=roots, relative_to=relative_to) if spec.base_model else None
-    models = [ModelRepo.open(m.model, allowed_roots=roots, relative_to=relative_to) for m in spec.models]
+    base = _open_repo(spec.base_model, "base_model", roots, relative_to) if spec.base_model else None
+    models = [_open_repo(m.model, f"models.{i}.model", roots, relative_to) for i, m in enumerate(spec.models)]
     reference = base or models[0]
     _check_architectures(reference, [r for r in [base, *models] if r is not None])
     architecture = architecture_for(reference.model_type)
@@ -103,6 +103,16 @@ def plan_merge(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[s
         for n in names
     ]
     return MergePlan(spec, method, base, models, architecture, places, names, merged, outputs)
+
+
+def _open_repo(ref: str, field: str, roots: Sequence[Path] | None, relative_to: Path | None) -> ModelRepo:
+    """Open a repo; errors name the spec field that points at it."""
+    try:
+        return ModelRepo.open(ref, allowed_roots=roots, relative_to=relative_to)
+    except RepoError as exc:
+        raise RepoError(f"{field}: {exc}") from None
+    except OSError as exc:  # e.g. a path too long for the filesystem
+        raise RepoError(f"{field}: cannot read {ref!r}: {exc.strerror}") from None
 
 
 def check(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[str | Path] | None = None,

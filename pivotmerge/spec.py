@@ -43,7 +43,27 @@ class FilteredValue(BaseModel):
         return v
 
 
-ParamValue = Union[Scalar, list[Number], list[FilteredValue]]
+PARAM_FORMS = "a number, a string, a list of numbers (over depth) or a list of {filter, value} entries"
+
+
+def _param_shape(value: Any) -> Any:
+    """Refuse a value that fits no form with one message, not one error per form of the union."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, (dict, FilteredValue)) for v in value):
+        entries = []
+        for i, entry in enumerate(value):
+            try:
+                entries.append(FilteredValue.model_validate(entry))
+            except ValidationError as exc:
+                raise ValueError(f"entry {i}: {format_validation_error(exc)}") from None
+        return entries
+    raise ValueError(f"expected {PARAM_FORMS}")
+
+
+ParamValue = Annotated[Union[Scalar, list[Number], list[FilteredValue]], BeforeValidator(_param_shape)]
 
 
 class Component(str, Enum):

@@ -108,8 +108,10 @@ def test_repos_outside_allowed_roots_are_refused_even_through_symlinks(trio, tmp
     root.mkdir()
     os.symlink(e1, root / "link")
     spec = {"method": "linear", "models": [{"model": str(root / "link")}]}
-    with pytest.raises(RepoError, match="outside the allowed roots"):
+    with pytest.raises(RepoError, match=r"^models\.0\.model: .*outside the allowed roots"):
         pivotmerge.check(spec, allowed_roots=[root])
+    with pytest.raises(RepoError, match=r"^models\.0\.model: cannot read .*too long"):
+        pivotmerge.check({"method": "linear", "models": [{"model": "x" * 5000}]})
     pivotmerge.check(spec, allowed_roots=[tmp_path])
 
 

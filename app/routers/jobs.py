@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 import pivotmerge
+from pivotmerge.analyze import check_analysis
 from pivotmerge.spec import MergeSpec
 from workers.celery_app import enqueue_job
 
@@ -117,6 +118,8 @@ def sse_events(make_session: sessionmaker[Session], job_id: uuid.UUID, after_seq
 
 def job_router(kind: JobKind, collection: str, noun: str) -> APIRouter:
     router = APIRouter(prefix=f"/v1/{collection}", tags=[collection], responses=ERROR_RESPONSES)
+    # An analysis also needs two models to compare; the engine checks everything else.
+    preflight = pivotmerge.check if kind == JobKind.merge else check_analysis
 
     def load(session: Session, team: Team, job_id: uuid.UUID) -> Job:
         job = session.scalar(select(Job).where(Job.id == job_id, Job.team_id == team.id, Job.kind == kind))
@@ -164,10 +167,7 @@ def job_router(kind: JobKind, collection: str, noun: str) -> APIRouter:
             raise ApiError(429, f"team has {active} active jobs, the limit is {settings.max_active_jobs_per_team}; "
                                 "retry when one has finished", headers={"Retry-After": str(settings.retry_after_seconds)})
 
-        try:
-            pivotmerge.check(spec, allowed_roots=settings.allowed_roots)
-        except OSError as exc:  # e.g. a model path too long for the filesystem: the request's fault
-            raise ApiError(422, f"models: cannot read {exc.filename!r}: {exc.strerror}", "models") from None
+        preflight(spec, allowed_roots=settings.allowed_roots)
 
         job = Job(team_id=team.id, kind=kind, spec=spec.model_dump(mode="json"), idempotency_key=idempotency_key,
                   request_sha256=digest)
