@@ -53,6 +53,8 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
 
 
 def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400:  # FastAPI's answer to a body it cannot decode, e.g. bytes that are not UTF-8
+        return error_response(422, "body: not valid JSON", "body")
     return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
 

@@ -106,6 +106,13 @@ def test_oversized_bodies_answer_413(client, team, settings) -> None:
     assert chunked.status_code == 413
 
 
+@pytest.mark.parametrize("raw", [b"{not json", b"k\xe9gc\xf1Wf%\xa2E"])
+def test_undecodable_bodies_answer_422_naming_the_body(client, team, raw) -> None:
+    response = client.post("/v1/merges", content=raw, headers={**team, "Content-Type": "application/json"})
+    assert response.status_code == 422
+    assert response.json() == {"detail": "body: not valid JSON", "field": "body"}
+
+
 @pytest.mark.parametrize(("body", "field", "words"), [
     ({"method": "linear"}, "models", "Field required"),
     ({"method": "no_such_method", "models": [{"model": "x"}]}, "method", "no_such_method"),
