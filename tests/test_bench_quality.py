@@ -76,3 +76,29 @@ def test_metric_correlations_cover_every_metric(quick_run: Path) -> None:
     for rho in result["spearman"].values():
         assert {"l2", "cosine", "sign_dissimilarity", "soft_sign_dissimilarity", "truncated_sign_dissimilarity"} <= set(rho)
         assert all(-1 <= v <= 1 for v in rho.values())
+
+
+def test_pivotmerge_data_can_merge_fc1_regmean_style() -> None:
+    # The per-layer option: fc1's weight is RegMean's closed form (PivotMerge's gram reduction),
+    # fc2 is untouched by the choice.
+    import torch
+
+    from pivotmerge.bench.merging import Calibration, merge
+    from pivotmerge.bench.models import Projector
+    from pivotmerge.methods.regmean import regmean_solve
+
+    torch.manual_seed(0)
+    base = Projector().state_dict()
+    experts = [{k: v + 0.1 * torch.randn_like(v) for k, v in base.items()} for _ in range(3)]
+    grams = [{"fc1": (x := torch.randn(40, 32)).T @ x, "fc2": (h := torch.randn(40, 128)).T @ h} for _ in range(3)]
+    calibration = Calibration(grams, {"fc1": [1.0, 0.5, 0.2], "fc2": [0.3, 1.0, 0.6]})
+    variant = next(v for v in VARIANTS if v.name == "pivotmerge_data")
+    assert {"fc1": "regmean_style"} in [{"fc1": c["fc1"]} for c in variant.candidates()]
+    params = {**variant.candidates()[0], "spectrum": "keep"}
+    split = merge(variant, {**params, "fc1": "regmean_style"}, experts, base, calibration)
+    whole = merge(variant, {**params, "fc1": "pivotmerge"}, experts, base, calibration)
+    regmean = regmean_solve([e["fc1.weight"] for e in experts], [g["fc1"] for g in grams], [1.0] * 3, 0.9)
+    assert torch.allclose(split["fc1.weight"], regmean, atol=1e-4)
+    assert not torch.allclose(whole["fc1.weight"], regmean, atol=1e-3)
+    for key in ("fc2.weight", "fc2.bias"):
+        assert torch.equal(split[key], whole[key])

@@ -108,6 +108,14 @@ def test_filtering_suppresses_cancelling_rows_without_shared_space():
     assert out.info["directions_suppressed"] == 1
 
 
+def test_filtering_is_off_unless_asked():
+    d1, d2 = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[-1.0, 0.0], [0.0, 1.0]])
+    off = {k: v for k, v in OFF.items() if k != "filtering"}
+    out = run([d1, d2], torch.zeros(2, 2), **off)
+    assert out.info["directions_suppressed"] == 0
+    assert torch.allclose(out.tensor, d1 + d2)
+
+
 def test_filtering_in_the_shared_basis():
     # e1 carries a (expert 1) and -a (expert 2): suppressed; e2 carries b from both: kept.
     a, b = [1.0, 2.0, 0.0], [0.0, 0.0, 3.0]

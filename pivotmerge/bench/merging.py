@@ -38,7 +38,14 @@ SCALES = [0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5]
 LAYER_SCALES = {"lambda_max": [0.1, 0.25, 0.5, 0.75, 1.0], "lambda_min": [0.1, 0.25, 0.5]}
 UNIFORM_SCALES = {"lambda_max": [0.05, 0.1, 0.25, 0.5, 0.75, 1.0]}  # uniform weighting uses lambda_max alone
 SPECTRA = {"spectrum": ["flatten", "flatten_total"]}
+# PivotMerge's filtering is off by default; the rows that search its threshold turn it on.
 FILTERING = {"conflict_threshold": [0.5, 0.8]}
+FILTERED = {"filtering": True}
+# Bench-only grid key ``fc1``: "regmean_style" merges the first projector layer with PivotMerge's own
+# ``combine: gram`` reduction to RegMean (everything else off, lambda 1/K), the rest with the row's values.
+PER_LAYER = {"fc1": ["pivotmerge", "regmean_style"]}
+REGMEAN_STYLE = {"shared_space": False, "filtering": False, "spectrum": "keep", "layer_weighting": "uniform",
+                 "combine": "gram"}  # lambda_max is set at merge time
 UNIFORM = {"layer_weighting": "uniform"}
 
 VARIANTS: tuple[Variant, ...] = (
@@ -50,13 +57,13 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("iso_c", "iso_c", grid={"alpha": SCALES + [2.0]}),
     Variant("iso_cts", "iso_cts", grid={"alpha": SCALES + [2.0], "common_space_fraction": [0.6, 0.8]}),
     Variant("regmean", "regmean", grid={"alpha": [0.5, 0.9, 1.0]}, data=True),
-    Variant("pivotmerge", "pivotmerge", grid={**LAYER_SCALES, **SPECTRA, **FILTERING}),
-    Variant("pivotmerge_data", "pivotmerge", fixed={"layer_weighting": "data", "combine": "gram"},
+    Variant("pivotmerge", "pivotmerge", fixed=FILTERED, grid={**LAYER_SCALES, **SPECTRA, **FILTERING}),
+    Variant("pivotmerge_data", "pivotmerge", fixed={"layer_weighting": "data", "combine": "gram", **FILTERED},
             # residual_weight 1 keeps whole deltas, so keep + lambda 1/K reaches RegMean's matrices.
             grid={"lambda_max": [0.25, 0.5], "lambda_min": [0.25, 0.5], "spectrum": ["keep", "flatten_total"],
-                  "residual_weight": [0.5, 1.0], **FILTERING}, data=True),
+                  "residual_weight": [0.5, 1.0], **FILTERING, **PER_LAYER}, data=True),
     Variant("pivotmerge_no_filtering", "pivotmerge", fixed={"filtering": False}, grid={**LAYER_SCALES, **SPECTRA}),
-    Variant("pivotmerge_no_layer_weighting", "pivotmerge", fixed=UNIFORM, grid={**UNIFORM_SCALES, **SPECTRA, **FILTERING}),
+    Variant("pivotmerge_no_layer_weighting", "pivotmerge", fixed={**UNIFORM, **FILTERED}, grid={**UNIFORM_SCALES, **SPECTRA, **FILTERING}),
     Variant("pivotmerge_no_filtering_no_layer_weighting", "pivotmerge", fixed={**UNIFORM, "filtering": False},
             grid={**UNIFORM_SCALES, **SPECTRA}),
 )
@@ -108,8 +115,16 @@ def merge(variant: Variant, params: dict[str, Any], experts: list[State], base: 
     method = get_method(variant.method)
     weights = [1.0] * len(experts)
     out: State = {}
+    params = dict(params)
+    fc1 = params.pop("fc1", "pivotmerge")
+    if fc1 not in ("pivotmerge", "regmean_style"):
+        raise ValueError(f"fc1: expected pivotmerge or regmean_style, got {fc1!r}")
     for i, key in enumerate(base):
         values = dict(params)
+        if fc1 == "regmean_style" and _layer(key) == "fc1":
+            # Weights: lambda 1/K makes the gram combination RegMean's closed form. Biases (no Grams)
+            # take PivotMerge's sign-consistent mean of the deltas at scale 1, near RegMean's plain mean.
+            values.update(REGMEAN_STYLE, lambda_max=1 / len(experts) if base[key].dim() >= 2 else 1.0)
         if variant.data:
             assert calibration is not None, f"{variant.name} needs calibration data"
             values.update(data_params(variant.method, key, calibration))

@@ -40,7 +40,7 @@ class Params(MethodParams):
     shared_space: bool = Field(True, description="Split each delta into its part in the experts' shared subspace and a residual.")
     energy: float = Field(0.9, gt=0, le=1, description="Shared subspace: fewest directions holding this fraction of the stacked deltas' energy.")
     max_rank: int | None = Field(None, ge=1, description="Shared subspace: at most this many directions (required with svd: randomized).")
-    filtering: bool = Field(True, description="Suppress shared directions on which the experts' updates cancel.")
+    filtering: bool = Field(False, description="Suppress shared directions on which the experts' updates cancel (off by default: it never helped on the bench's dev splits).")
     conflict_threshold: float = Field(0.5, ge=0, le=1, description="Suppress a direction whose conflict score 1 - |sum| / sum|.| exceeds this.")
     residual_weight: float = Field(0.5, ge=0, description="Weight of the experts' residuals outside the shared space; 0 drops them.")
     residual_rank: int | None = Field(None, ge=1, description="Truncate each expert's residual to this rank; None keeps it whole.")
