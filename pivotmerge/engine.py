@@ -26,6 +26,7 @@ from .methods import Method, get_method
 from .output import building, carry_side_files, check_out_dir
 from .params import resolve_params
 from .progress import CancelFn, Progress, ProgressFn
+from .report import build_report, write_model_card, write_report
 from .repos import ModelRepo, resolve_roots
 from .spec import MergeSpec, spec_from_dict
 from .writer import OutputTensor, ShardWriter, WrittenFile
@@ -388,7 +389,6 @@ def _add_data_reports(report: dict[str, Any], models: Mapping[str, Path], device
                       should_cancel: CancelFn | None) -> None:
     """Calibration and evaluation sections of the report in `models["merged"]`, rewritten there."""
     from .evaluate import evaluate_merge
-    from .report import write_report
 
     if calibration:
         report["calibration"] = calibration
@@ -438,8 +438,6 @@ def _write_merge(plan: MergePlan, folder: Path, device: torch.device, progress: 
 def _finish(plan: MergePlan, folder: Path, device: torch.device, entries: Sequence[dict[str, Any]],
             files: Sequence[WrittenFile], timings: Timings, started: float) -> dict[str, Any]:
     """Side files, merge report and model card around the written shards."""
-    from .report import build_report, write_model_card, write_report
-
     carry_side_files(plan.reference.path, folder, plan.spec.dtype)
     report = build_report(plan, device, entries, files, timings, time.perf_counter() - started)
     write_report(folder, report)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import platform
-from importlib import metadata
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
