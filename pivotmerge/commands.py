@@ -18,23 +18,32 @@ console = Console(stderr=True)
 
 
 class ProgressBar:
-    """A rich progress bar fed by the engine's progress callback."""
+    """A rich progress bar fed by the engine's progress callback.
+
+    It appears with the first progress report, so a spec refused during the
+    checks prints its one error line and no empty bar.
+    """
 
     def __init__(self, label: str) -> None:
         self._bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("{task.fields[tensor]}", style="dim"), console=console, transient=False)
         self._task = self._bar.add_task(label, total=None, tensor="")
+        self._shown = False
 
     def __enter__(self) -> "ProgressBar":
-        self._bar.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._bar.__exit__(*exc)
+        if self._shown:
+            self._bar.stop()
 
     def __call__(self, p: Progress) -> None:
-        if p.stage != "done":
-            self._bar.update(self._task, completed=p.done, total=p.total, tensor=p.tensor or "")
+        if p.stage == "done":
+            return
+        if not self._shown:
+            self._bar.start()
+            self._shown = True
+        self._bar.update(self._task, completed=p.done, total=p.total, tensor=p.tensor or "")
 
 
 @click.command("merge")
