@@ -184,6 +184,30 @@ def test_grams_with_everything_off_is_regmean_on_the_deltas():
     assert out.info["combine"] == "gram"
 
 
+def test_merged_inputs_fit_every_expert_on_the_merged_models_inputs():
+    # gram_inputs: merged, lambda 1/K, everything else off: the least-squares W minimising
+    # sum_k ||X~_k W^T - X_k W_k^T||^2 (merged inputs X~_k, expert inputs X_k), solved here by lstsq.
+    base, models = experts()
+    g = torch.Generator().manual_seed(3)
+    own = [torch.randn(40, 5, generator=g, dtype=torch.float64) for _ in models]
+    merged_in = [x + 0.3 * torch.randn(40, 5, generator=g, dtype=torch.float64) for x in own]
+    out = run(models, base, combine="gram", gram_inputs="merged", gram_alpha=1.0, lambda_max=1 / 3,
+              grams=[x.T @ x for x in merged_in], cross_grams=[x.T @ xm for x, xm in zip(own, merged_in)], **OFF)
+    lhs = torch.cat(merged_in)
+    rhs = torch.cat([x @ w.double().T for x, w in zip(own, models)])
+    expected = torch.linalg.lstsq(lhs, rhs).solution.T
+    assert torch.allclose(out.tensor.double(), expected, atol=1e-4)
+    assert out.info["combine"] == "gram (merged inputs)"
+
+
+def test_merged_inputs_equal_to_the_experts_give_regmean():
+    base, models = experts()
+    grams = _grams(3, 5)
+    params = dict(combine="gram", gram_alpha=0.9, lambda_max=1 / 3, grams=grams, **OFF)
+    out = run(models, base, gram_inputs="merged", cross_grams=grams, **params)
+    assert torch.allclose(out.tensor, run(models, base, **params).tensor, atol=1e-4)
+
+
 def test_grams_count_only_under_combine_gram():
     base, models = experts()
     ignored = run(models, base, grams=_grams(3, 5), lambda_max=1 / 3, **OFF)

@@ -10,7 +10,10 @@ formulas); docs/methods.md states every formula. For one tensor of layer ``l``:
    cancel: ``1 - ||sum_k a_k C_k[j]|| / sum_k |a_k| ||C_k[j]|| > threshold``;
    with ``combine: gram`` and calibration Gram matrices ``G_k`` of the layer's inputs, experts are
    combined as their inputs see them: ``(sum_k a_k X_k G_k)(sum_k a_k G_k)^-1 sum_k a_k``
-   in place of ``sum_k a_k X_k`` (equal Grams give the plain sum);
+   in place of ``sum_k a_k X_k`` (equal Grams give the plain sum); with ``gram_inputs: merged`` the
+   layer is fitted on the inputs the merged model feeds it: ``G_k`` is then the Gram of those and
+   ``C_k = X_k^T X~_k`` (expert inputs against merged inputs) replaces ``G_k`` on the left, plus the
+   pivot's own correction ``W0 ((sum_k a_k C_k)(sum_k a_k G_k)^-1 - I) sum_k a_k``;
 4. spectrum of the merged shared update kept or flattened (Iso-C), or of the
    whole merged update, residuals included (``flatten_total``);
 5. per-expert weights ``a_k`` and layer scale ``lambda_l`` from a score in [0, 1]:
@@ -52,6 +55,11 @@ class Params(MethodParams):
                            "with per-expert Gram matrices from calibration data (tensors without them take the sum).")
     grams: list[Any] | None = Field(None, exclude=True, description="combine: gram: per-expert Gram matrices of this layer's inputs (set by the engine from calibration data).")
     gram_alpha: float = Field(0.9, ge=0, le=1, description="Scale of the Gram matrices' off-diagonal entries, as RegMean's alpha.")
+    gram_inputs: Literal["expert", "merged"] = Field(
+        "expert", description="combine: gram: fit each layer on each expert's own inputs (RegMean), or on the inputs the "
+                              "merged model feeds it, so each layer also corrects what the merged layers before it changed "
+                              "(RegMean++'s idea; the engine merges twice, the second time with the first merge's inputs).")
+    cross_grams: list[Any] | None = Field(None, exclude=True, description="gram_inputs: merged: per-expert X_k^T X~_k, the expert's own inputs of this layer against the merged model's (set by the engine).")
     layer_weighting: Literal["uniform", "weight", "data"] = Field(
         "weight", description="uniform: weights as given, lambda_max; weight: data-free shared-energy proxy; data: calibration alignment.")
     alignment: list[float] | None = Field(None, description="data mode: per-expert alignment scores in [0, 1] for this layer (set by the engine).")
@@ -104,21 +112,36 @@ def _interleaved_deltas(tensors: Sequence[Tensor], base: Tensor) -> Tensor:
     return out
 
 
-def _combiner(alpha: Tensor, grams: Sequence[Tensor] | None, shrink: float) -> Callable[[Tensor], Tensor]:
+def _combiner(alpha: Tensor, grams: Sequence[Tensor] | None, cross: Sequence[Tensor] | None,
+              shrink: float) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor] | None]:
     """``(r, K, n)`` expert stacks -> ``sum_k a_k X_k``, or with Gram matrices of the inputs
-    ``(sum_k a_k X_k G_k)(sum_k a_k G_k)^-1 sum_k a_k``: each expert counts most along the
-    input directions its own domain uses (RegMean's weighting); equal Grams give the plain sum.
+    ``(sum_k a_k X_k C_k)(sum_k a_k G_k)^-1 sum_k a_k`` with ``C_k = G_k``: each expert counts most
+    along the input directions its own domain uses (RegMean's weighting); equal Grams give the plain sum.
+
+    With cross Grams ``C_k = X_k^T X~_k`` (``G_k = X~_k^T X~_k``) the layer is the least-squares fit
+    of every expert's outputs on the merged model's inputs ``X~_k``; the pivot then needs its own
+    correction, returned second: ``W0 -> W0 ((sum_k a_k C_k)(sum_k a_k G_k)^-1 - I) sum_k a_k``.
     """
     if grams is None:
-        return lambda x: torch.einsum("rkn,k->rn", x, alpha)
-    if len(grams) != len(alpha):
-        raise ValueError(f"grams: expected {len(alpha)} Gram matrices (one per expert), got {len(grams)}")
-    g = [shrink_off_diagonal(gk.double(), shrink) * a for gk, a in zip(grams, alpha.tolist())]
+        return (lambda x: torch.einsum("rkn,k->rn", x, alpha)), None
+    for name, given in (("grams", grams), ("cross_grams", cross)):
+        if given is not None and len(given) != len(alpha):
+            raise ValueError(f"{name}: expected {len(alpha)} matrices (one per expert), got {len(given)}")
+    a = alpha.tolist()
+    g = [shrink_off_diagonal(gk.double(), shrink) * ak for gk, ak in zip(grams, a)]
     right = torch.linalg.pinv(sum(g), hermitian=True) * float(alpha.sum())
+    if cross is None:
+        left = g
+    else:  # shrunk like G_k: alpha C_k + (1 - alpha) diag(G_k), so C_k = G_k gives RegMean back
+        left = [(shrink * ck.double() + (1 - shrink) * torch.diag_embed(torch.diagonal(gk.double()))) * ak
+                for ck, gk, ak in zip(cross, grams, a)]
 
     def combine(x: Tensor) -> Tensor:
-        return (sum(x[:, k].double() @ gk for k, gk in enumerate(g)) @ right).to(x.dtype)
-    return combine
+        return (sum(x[:, k].double() @ lk for k, lk in enumerate(left)) @ right).to(x.dtype)
+    if cross is None:
+        return combine, None
+    pivot_map = sum(left) @ right - float(alpha.sum()) * torch.eye(right.shape[0], dtype=right.dtype, device=right.device)
+    return combine, lambda pivot: (pivot.double() @ pivot_map).to(pivot.dtype)
 
 
 def _flattened(m: Tensor) -> Tensor:
@@ -153,7 +176,8 @@ def _merge_matrix(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[fl
     a = torch.tensor(alpha, dtype=flat.dtype, device=flat.device)
     # Only linear layers' weights have input Gram matrices; other matrices (embeddings, kernels) take the sum.
     grams = params.grams if params.combine == "gram" else None
-    combine = _combiner(a, grams, params.gram_alpha)
+    cross = params.cross_grams if grams is not None and params.gram_inputs == "merged" else None
+    combine, pivot_correction = _combiner(a, grams, cross, params.gram_alpha)
     combined = combine(coef)
     suppressed = _conflict_filter(coef, a, combined, params.conflict_threshold) if params.filtering else 0
     if params.spectrum == "flatten":
@@ -164,9 +188,11 @@ def _merge_matrix(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[fl
         merged.add_(combine(_truncated_residuals(deltas, params, generator)), alpha=params.residual_weight)
     if params.spectrum == "flatten_total":
         merged = _flattened(merged)
+    if pivot_correction is not None:  # not an expert's update, so outside the spectrum's treatment
+        merged.add_(pivot_correction(pivot))
     kept = 1.0 if total_energy == 0 else float(coef.square().sum()) / total_energy
     info = {"rank": int(coef.shape[0]), "energy_kept": kept, "directions_suppressed": suppressed,
-            "combine": "sum" if grams is None else "gram",
+            "combine": "sum" if grams is None else ("gram" if cross is None else "gram (merged inputs)"),
             "expert_weights": alpha, "layer_score": score}
     return merged, info
 
@@ -215,5 +241,5 @@ METHOD = register(Method(
     params=Params,
     merge=pivotmerge,
     base="optional",
-    engine_params=("alignment", "grams"),
+    engine_params=("alignment", "grams", "cross_grams"),
 ))
