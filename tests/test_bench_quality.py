@@ -78,27 +78,33 @@ def test_metric_correlations_cover_every_metric(quick_run: Path) -> None:
         assert all(-1 <= v <= 1 for v in rho.values())
 
 
-def test_pivotmerge_data_can_merge_fc1_regmean_style() -> None:
-    # The per-layer option: fc1's weight is RegMean's closed form (PivotMerge's gram reduction),
-    # fc2 is untouched by the choice.
+def test_pivotmerge_data_refit_fits_fc2_on_the_merged_fc1() -> None:
+    # gram_inputs: merged with everything that scales or filters off: fc1's inputs are the vision
+    # features either way, so fc1 is RegMean's closed form; fc2 is the least-squares fit of every
+    # expert's fc2 outputs (on its own hidden activations) from the merged fc1's hidden activations.
     import torch
 
     from pivotmerge.bench.merging import Calibration, merge
-    from pivotmerge.bench.models import Projector
+    from pivotmerge.bench.models import Projector, layer_inputs
     from pivotmerge.methods.regmean import regmean_solve
 
     torch.manual_seed(0)
     base = Projector().state_dict()
     experts = [{k: v + 0.1 * torch.randn_like(v) for k, v in base.items()} for _ in range(3)]
-    grams = [{"fc1": (x := torch.randn(40, 32)).T @ x, "fc2": (h := torch.randn(40, 128)).T @ h} for _ in range(3)]
-    calibration = Calibration(grams, {"fc1": [1.0, 0.5, 0.2], "fc2": [0.3, 1.0, 0.6]})
+    feats = [torch.randn(20, 4, 32) for _ in experts]
+    inputs = [layer_inputs(e, f) for e, f in zip(experts, feats)]
+    grams = [{layer: x.T @ x for layer, x in own.items()} for own in inputs]
+    calibration = Calibration(grams, {"fc1": [1.0] * 3, "fc2": [1.0] * 3}, inputs, feats)
     variant = next(v for v in VARIANTS if v.name == "pivotmerge_data")
-    assert {"fc1": "regmean_style"} in [{"fc1": c["fc1"]} for c in variant.candidates()]
-    params = {**variant.candidates()[0], "spectrum": "keep"}
-    split = merge(variant, {**params, "fc1": "regmean_style"}, experts, base, calibration)
-    whole = merge(variant, {**params, "fc1": "pivotmerge"}, experts, base, calibration)
-    regmean = regmean_solve([e["fc1.weight"] for e in experts], [g["fc1"] for g in grams], [1.0] * 3, 0.9)
-    assert torch.allclose(split["fc1.weight"], regmean, atol=1e-4)
-    assert not torch.allclose(whole["fc1.weight"], regmean, atol=1e-3)
-    for key in ("fc2.weight", "fc2.bias"):
-        assert torch.equal(split[key], whole[key])
+    params = {**variant.fixed, "gram_inputs": "merged", "lambda_max": 1 / 3, "lambda_min": 1 / 3, "spectrum": "keep",
+              "residual_weight": 1.0, "gram_alpha": 1.0}
+    assert variant.grid["gram_inputs"] == ["expert", "merged"]  # the dev search weighs the refit against RegMean's inputs
+    merged = merge(variant, params, experts, base, calibration)
+    regmean = regmean_solve([e["fc1.weight"] for e in experts], [g["fc1"] for g in grams], [1.0] * 3, 1.0)
+    assert torch.allclose(merged["fc1.weight"], regmean, atol=1e-4)
+    hidden = [layer_inputs(merged, f)["fc2"] for f in feats]
+    targets = [own["fc2"] @ e["fc2.weight"].T for own, e in zip(inputs, experts)]
+    fit = torch.linalg.lstsq(torch.cat(hidden).double(), torch.cat(targets).double()).solution.T
+    assert torch.allclose(merged["fc2.weight"].double(), fit, atol=1e-3)
+    expert_inputs = merge(variant, {**params, "gram_inputs": "expert"}, experts, base, calibration)
+    assert not torch.allclose(expert_inputs["fc2.weight"], merged["fc2.weight"], atol=1e-3)

@@ -41,11 +41,6 @@ SPECTRA = {"spectrum": ["flatten", "flatten_total"]}
 # PivotMerge's filtering is off by default; the rows that search its threshold turn it on.
 FILTERING = {"conflict_threshold": [0.5, 0.8]}
 FILTERED = {"filtering": True}
-# Bench-only grid key ``fc1``: "regmean_style" merges the first projector layer with PivotMerge's own
-# ``combine: gram`` reduction to RegMean (everything else off, lambda 1/K), the rest with the row's values.
-PER_LAYER = {"fc1": ["pivotmerge", "regmean_style"]}
-REGMEAN_STYLE = {"shared_space": False, "filtering": False, "spectrum": "keep", "layer_weighting": "uniform",
-                 "combine": "gram"}  # lambda_max is set at merge time
 UNIFORM = {"layer_weighting": "uniform"}
 
 VARIANTS: tuple[Variant, ...] = (
@@ -58,10 +53,12 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("iso_cts", "iso_cts", grid={"alpha": SCALES + [2.0], "common_space_fraction": [0.6, 0.8]}),
     Variant("regmean", "regmean", grid={"alpha": [0.5, 0.9, 1.0]}, data=True),
     Variant("pivotmerge", "pivotmerge", fixed=FILTERED, grid={**LAYER_SCALES, **SPECTRA, **FILTERING}),
-    Variant("pivotmerge_data", "pivotmerge", fixed={"layer_weighting": "data", "combine": "gram", **FILTERED},
-            # residual_weight 1 keeps whole deltas, so keep + lambda 1/K reaches RegMean's matrices.
-            grid={"lambda_max": [0.25, 0.5], "lambda_min": [0.25, 0.5], "spectrum": ["keep", "flatten_total"],
-                  "residual_weight": [0.5, 1.0], **FILTERING, **PER_LAYER}, data=True),
+    Variant("pivotmerge_data", "pivotmerge", fixed={"layer_weighting": "data", "combine": "gram"},
+            # residual_weight 1 keeps whole deltas, so keep + lambda 1/K reaches RegMean's matrices
+            # (gram_inputs: expert) or the least-squares refit on the merged inputs (merged).
+            grid={"gram_inputs": ["expert", "merged"], "lambda_max": [0.25, 0.5], "lambda_min": [0.25, 0.5],
+                  "spectrum": ["keep", "flatten_total"], "residual_weight": [0.5, 1.0], "gram_alpha": [0.9, 1.0]},
+            data=True),
     Variant("pivotmerge_no_filtering", "pivotmerge", fixed={"filtering": False}, grid={**LAYER_SCALES, **SPECTRA}),
     Variant("pivotmerge_no_layer_weighting", "pivotmerge", fixed={**UNIFORM, **FILTERED}, grid={**UNIFORM_SCALES, **SPECTRA, **FILTERING}),
     Variant("pivotmerge_no_filtering_no_layer_weighting", "pivotmerge", fixed={**UNIFORM, "filtering": False},
@@ -75,6 +72,18 @@ class Calibration:
 
     grams: list[dict[str, torch.Tensor]]  # expert -> layer -> X^T X of that layer's inputs on its domain
     alignment: dict[str, list[float]]  # layer -> per-expert score in [0, 1]
+    inputs: list[dict[str, torch.Tensor]]  # expert -> layer -> X, that layer's inputs on its domain
+    feats: list[torch.Tensor]  # expert -> its domain's calibration vision features
+
+    def merged_inputs(self, merged: State) -> list[dict[str, dict[str, torch.Tensor]]]:
+        """``grams`` and ``cross_grams`` per expert and layer when the layers see ``merged``'s inputs:
+        ``X~^T X~`` and ``X^T X~`` on each expert's calibration features (what the engine's refit pass measures)."""
+        out = []
+        for own, feats in zip(self.inputs, self.feats):
+            seen = layer_inputs(merged, feats)
+            out.append({layer: {"grams": seen[layer].T @ seen[layer], "cross_grams": own[layer].T @ seen[layer]}
+                        for layer in own})
+        return out
 
 
 def _layer(key: str) -> str:
@@ -98,7 +107,8 @@ def calibrate(experts: list[State], base: State, lm: LanguageModel, calib: list[
     largest such rise over layers, so the layer that carries the expert's
     alignment scores 1.
     """
-    grams = [{name: x.T @ x for name, x in layer_inputs(e, c.feats).items()} for e, c in zip(experts, calib)]
+    inputs = [layer_inputs(e, c.feats) for e, c in zip(experts, calib)]
+    grams = [{name: x.T @ x for name, x in own.items()} for own in inputs]
     rises: dict[str, list[float]] = {layer: [] for layer in PROJECTOR_LAYERS}
     for expert, data in zip(experts, calib):
         own = _caption_loss(expert, lm, data)
@@ -106,28 +116,37 @@ def calibrate(experts: list[State], base: State, lm: LanguageModel, calib: list[
             reverted = {k: (base[k] if _layer(k) == layer else v) for k, v in expert.items()}
             rises[layer].append(max(0.0, _caption_loss(reverted, lm, data) - own))
     top = [max(rises[layer][k] for layer in PROJECTOR_LAYERS) or 1.0 for k in range(len(experts))]
-    return Calibration(grams, {layer: [r / t for r, t in zip(rises[layer], top)] for layer in PROJECTOR_LAYERS})
+    alignment = {layer: [r / t for r, t in zip(rises[layer], top)] for layer in PROJECTOR_LAYERS}
+    return Calibration(grams, alignment, inputs, [c.feats for c in calib])
 
 
 def merge(variant: Variant, params: dict[str, Any], experts: list[State], base: State,
           calibration: Calibration | None = None, seed: int = 0) -> State:
-    """Merge the experts' projectors tensor by tensor with the registry's method."""
+    """Merge the experts' projectors tensor by tensor with the registry's method.
+
+    ``gram_inputs: merged`` merges twice, as the engine does: the second pass fits
+    each layer on the inputs the first pass's merged projector feeds it.
+    """
+    first = _merge_pass(variant, params, experts, base, calibration, seed)
+    if params.get("gram_inputs") != "merged":
+        return first
+    assert calibration is not None, f"{variant.name} needs calibration data"
+    return _merge_pass(variant, params, experts, base, calibration, seed, calibration.merged_inputs(first))
+
+
+def _merge_pass(variant: Variant, params: dict[str, Any], experts: list[State], base: State,
+                calibration: Calibration | None, seed: int,
+                refit: list[dict[str, dict[str, torch.Tensor]]] | None = None) -> State:
     method = get_method(variant.method)
     weights = [1.0] * len(experts)
     out: State = {}
-    params = dict(params)
-    fc1 = params.pop("fc1", "pivotmerge")
-    if fc1 not in ("pivotmerge", "regmean_style"):
-        raise ValueError(f"fc1: expected pivotmerge or regmean_style, got {fc1!r}")
     for i, key in enumerate(base):
         values = dict(params)
-        if fc1 == "regmean_style" and _layer(key) == "fc1":
-            # Weights: lambda 1/K makes the gram combination RegMean's closed form. Biases (no Grams)
-            # take PivotMerge's sign-consistent mean of the deltas at scale 1, near RegMean's plain mean.
-            values.update(REGMEAN_STYLE, lambda_max=1 / len(experts) if base[key].dim() >= 2 else 1.0)
         if variant.data:
             assert calibration is not None, f"{variant.name} needs calibration data"
             values.update(data_params(variant.method, key, calibration))
+            if refit is not None:
+                values.update({name: [r[_layer(key)][name] for r in refit] for name in ("grams", "cross_grams")})
         generator = torch.Generator().manual_seed(seed * 1000 + i)
         tensors = [e[key] for e in experts]
         out[key] = method(tensors, base[key], weights, method.params(**values), generator).tensor
