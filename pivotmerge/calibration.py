@@ -3,6 +3,9 @@
 * `collect_grams`: for each linear layer, ``G = X^T X`` of the inputs it sees on
   the calibration set (forward pre-hooks, float64 sums, padding left out). RegMean,
   RegMean folding and PivotMerge's ``combine: gram`` take these.
+* `collect_merged_input_grams`: for PivotMerge's ``gram_inputs: merged``, the
+  same on the inputs a (first-pass) merged model feeds each layer, ``X~^T X~``,
+  and against the expert's own inputs on the same rows, ``X^T X~``.
 * `alignment_scores`: for each expert and merged layer, how much the expert's
   caption loss rises when that layer's update is put back to the base: the
   layer's alignment contribution, which PivotMerge's ``layer_weighting: data``
@@ -12,6 +15,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, TypeVar
@@ -21,9 +25,9 @@ from torch import nn
 
 from .architectures import architecture_for, place_tensors
 from .data import Dataset, load_ref
-from .errors import CompatibilityError, SpecError
+from .errors import CompatibilityError, MergeCancelled, SpecError
 from .evaluate import Loaded, caption_batches, caption_stats, load_model
-from .progress import Progress, ProgressFn
+from .progress import CancelFn, Progress, ProgressFn
 from .repos import ModelRepo
 from .spec import DatasetRef, FilteredValue, MergeSpec
 
@@ -54,8 +58,11 @@ def linear_modules(model: nn.Module, tensor_names: Iterable[str]) -> dict[str, n
     return out
 
 
-class GramCollector:
-    """Forward pre-hooks summing ``x^T x`` of each module's input in float64.
+Hooks = TypeVar("Hooks", bound="LayerInputs")
+
+
+class LayerInputs(ABC):
+    """Forward pre-hooks handing each module's input to `take` as float64 rows, padding left out.
 
     Set `token_mask` (batch x sequence) before a forward pass so padded positions
     of sequence activations are left out; inputs of other shapes (image patches,
@@ -63,8 +70,6 @@ class GramCollector:
     """
 
     def __init__(self, modules: Mapping[str, nn.Module]):
-        self.grams: dict[str, torch.Tensor] = {}
-        self.rows: dict[str, int] = {}
         self.token_mask: torch.Tensor | None = None
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
 
@@ -73,21 +78,65 @@ class GramCollector:
             x = args[0]
             if self.token_mask is not None and x.shape[:-1] == self.token_mask.shape:
                 x = x[self.token_mask]
-            x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-            gram = x.T @ x
-            self.grams[name] = self.grams[name] + gram if name in self.grams else gram
-            self.rows[name] = self.rows.get(name, 0) + x.shape[0]
+            self.take(name, x.reshape(-1, x.shape[-1]).to(torch.float64))
         return hook
+
+    @abstractmethod
+    def take(self, name: str, rows: torch.Tensor) -> None:
+        """Receive one run of module `name`: its input as a (rows x features) float64 matrix."""
 
     def close(self) -> None:
         for h in self._handles:
             h.remove()
 
-    def __enter__(self) -> "GramCollector":
+    def __enter__(self: Hooks) -> Hooks:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _add(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    """Add `value` into `sums[name]`; the first value starts the sum, as a layer's width is known only then."""
+    sums[name] = sums[name] + value if name in sums else value
+
+
+class GramCollector(LayerInputs):
+    """Sums ``x^T x`` of each module's input in float64 (`grams`), and counts the rows (`rows`)."""
+
+    def __init__(self, modules: Mapping[str, nn.Module]):
+        self.grams: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, int] = {}
+        super().__init__(modules)
+
+    def take(self, name: str, rows: torch.Tensor) -> None:
+        _add(self.grams, name, rows.T @ rows)
+        self.rows[name] = self.rows.get(name, 0) + rows.shape[0]
+
+
+class InputCapture(LayerInputs):
+    """Keeps each module's inputs of the current batch, until `pop` hands them over."""
+
+    def __init__(self, modules: Mapping[str, nn.Module]):
+        self._inputs: dict[str, list[torch.Tensor]] = {}
+        super().__init__(modules)
+
+    def take(self, name: str, rows: torch.Tensor) -> None:
+        self._inputs.setdefault(name, []).append(rows)
+
+    def pop(self) -> dict[str, torch.Tensor]:
+        """Name -> the rows captured since the last pop (a module run twice in a pass gives both runs' rows)."""
+        out = {name: torch.cat(parts) for name, parts in self._inputs.items()}
+        self._inputs.clear()
+        return out
+
+
+def _forward(loaded: Loaded, inputs: Mapping[str, torch.Tensor], hooks: LayerInputs) -> None:
+    """One forward pass of `loaded` on a caption batch, with `hooks` masking out its padding."""
+    on_device = {k: v.to(loaded.device) for k, v in inputs.items()}
+    on_device["pixel_values"] = on_device["pixel_values"].to(loaded.model.dtype)
+    hooks.token_mask = on_device["attention_mask"].bool()
+    loaded.model(**on_device)
 
 
 @torch.no_grad()
@@ -96,10 +145,7 @@ def grams_of_loaded(loaded: Loaded, dataset: Dataset, tensor_names: Iterable[str
     modules = linear_modules(loaded.model, tensor_names)
     with GramCollector(modules) as collector:
         for batch in caption_batches(loaded.processor, dataset.records, batch_size):
-            inputs = {k: v.to(loaded.device) for k, v in batch.inputs.items()}
-            inputs["pixel_values"] = inputs["pixel_values"].to(loaded.model.dtype)
-            collector.token_mask = inputs["attention_mask"].bool()
-            loaded.model(**inputs)
+            _forward(loaded, batch.inputs, collector)
     return {name: g.cpu() for name, g in collector.grams.items()}
 
 
@@ -110,6 +156,59 @@ def collect_grams(model_dir: str | Path, dataset: Dataset, tensor_names: Iterabl
     Names that are not weights of an nn.Linear are left out: RegMean averages them.
     """
     return grams_of_loaded(load_model(model_dir, device), dataset, tensor_names, batch_size)
+
+
+@dataclass
+class MergedInputGrams:
+    """One expert's statistics for fitting layers on a merged model's inputs (PivotMerge's ``gram_inputs: merged``).
+
+    Per linear weight, with ``X~`` the inputs the merged model feeds the layer and
+    ``X`` those the expert's own model feeds it, on the same calibration rows.
+    """
+
+    grams: dict[str, torch.Tensor]  # X~^T X~
+    cross_grams: dict[str, torch.Tensor]  # X^T X~
+
+
+@torch.no_grad()
+def merged_input_grams_of_loaded(merged: Loaded, expert: Loaded, dataset: Dataset, tensor_names: Iterable[str],
+                                 batch_size: int = 8) -> MergedInputGrams:
+    names = list(tensor_names)
+    grams: dict[str, torch.Tensor] = {}
+    cross: dict[str, torch.Tensor] = {}
+    with InputCapture(linear_modules(expert.model, names)) as own, \
+            InputCapture(linear_modules(merged.model, names)) as seen:
+        # The expert's processor tokenises, as for its own Grams; both models then run on the very
+        # same tensors, so the captured rows pair up. Only one batch's inputs are held at a time.
+        for batch in caption_batches(expert.processor, dataset.records, batch_size):
+            _forward(expert, batch.inputs, own)
+            _forward(merged, batch.inputs, seen)
+            expert_rows = own.pop()
+            for name, rows in seen.pop().items():
+                _add(grams, name, rows.T @ rows)
+                _add(cross, name, expert_rows[name].T @ rows)
+    return MergedInputGrams({n: g.cpu() for n, g in grams.items()}, {n: c.cpu() for n, c in cross.items()})
+
+
+def collect_merged_input_grams(merged_dir: str | Path, expert_dirs: Sequence[str | Path], datasets: Sequence[Dataset],
+                               tensor_names: Iterable[str], *, device: str = "auto", batch_size: int = 8,
+                               progress: ProgressFn | None = None,
+                               should_cancel: CancelFn | None = None) -> list[MergedInputGrams]:
+    """Per expert, on its own calibration set: each linear layer's merged-input Gram and expert-x-merged cross Gram.
+
+    The merged model is loaded once and the experts one at a time, so at most two
+    models are in memory.
+    """
+    names = list(tensor_names)
+    merged = load_model(merged_dir, device)
+    out = []
+    for i, (expert_dir, data) in enumerate(zip(expert_dirs, datasets, strict=True)):
+        if should_cancel is not None and should_cancel():
+            raise MergeCancelled("merge cancelled")
+        out.append(merged_input_grams_of_loaded(merged, load_model(expert_dir, device), data, names, batch_size))
+        if progress is not None:
+            progress(Progress("refit", i + 1, len(expert_dirs)))
+    return out
 
 
 # ----------------------------------------------------------------- alignment
@@ -202,6 +301,14 @@ def wants_grams(spec: MergeSpec) -> bool:
     return spec.method == "regmean" or (spec.method == "pivotmerge" and _set_anywhere(spec.parameters.get("combine"), "gram"))
 
 
+def wants_merged_inputs(spec: MergeSpec) -> bool:
+    """PivotMerge with `gram_inputs: merged` for some tensor: two passes, the second fitted on the first's inputs.
+
+    Without `combine: gram` the method ignores `gram_inputs`, so one pass does.
+    """
+    return wants_grams(spec) and spec.method == "pivotmerge" and _set_anywhere(spec.parameters.get("gram_inputs"), "merged")
+
+
 def expert_calibration(spec: MergeSpec) -> list[DatasetRef]:
     """Each expert's calibration set: its own `models[].calibration`, else the spec-wide one.
 
@@ -230,9 +337,17 @@ def load_expert_calibration(refs: Sequence[DatasetRef], *, allowed_roots: Sequen
     return [loaded[ref.model_dump_json()] for ref in refs]
 
 
+@dataclass
+class Calibrated:
+    """What calibration data gave a merge."""
+
+    extras: dict[str, dict[str, Any]]  # tensor name -> engine-set method parameters
+    report: dict[str, Any]  # the merge report's `calibration` section
+    datasets: list[Dataset]  # each expert's calibration set; empty when the method reads none
+
+
 def calibration_extras(plan: MergePlan, device: torch.device, *, allowed_roots: Sequence[Path] | None = None,
-                       relative_to: Path | None = None, progress: ProgressFn | None = None,
-                       ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+                       relative_to: Path | None = None, progress: ProgressFn | None = None) -> Calibrated:
     """Per-tensor method parameters measured on calibration data, and their report.
 
     RegMean, and PivotMerge with ``combine: gram``, get each expert's Gram matrices
@@ -243,7 +358,7 @@ def calibration_extras(plan: MergePlan, device: torch.device, *, allowed_roots: 
     spec = plan.spec
     needs_grams, needs_alignment = wants_grams(spec), wants_alignment(spec)
     if not (needs_grams or needs_alignment):
-        return {}, {}
+        return Calibrated({}, {}, [])
     if needs_alignment and plan.base is None:
         raise SpecError("base_model: layer_weighting: data removes each layer's update, so it needs the base")
     datasets = load_expert_calibration(expert_calibration(spec), allowed_roots=allowed_roots, relative_to=relative_to)
@@ -268,4 +383,24 @@ def calibration_extras(plan: MergePlan, device: torch.device, *, allowed_roots: 
         report["alignment"] = scores.report()
         for n in names:
             extras.setdefault(n, {})["alignment"] = scores.for_tensor(n)
-    return extras, report
+    return Calibrated(extras, report, datasets)
+
+
+def merged_input_calibration(plan: MergePlan, first_pass: Path, calibrated: Calibrated, device: torch.device, *,
+                             progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> Calibrated:
+    """`calibrated` for a second merge pass that fits each layer on the inputs of the first pass's model.
+
+    Each linear weight's ``grams`` become those of the inputs the model in
+    `first_pass` feeds it, with the matching ``cross_grams``; other parameters
+    (alignment scores) stay as measured once on the experts.
+    """
+    if progress is not None:
+        progress(Progress("refit", 0, len(plan.models), message="layer inputs of the first merge pass, beside each expert's own"))
+    per_expert = collect_merged_input_grams(first_pass, [m.path for m in plan.models], calibrated.datasets,
+                                            sorted(plan.merged), device=device.type, progress=progress,
+                                            should_cancel=should_cancel)
+    extras = {n: dict(e) for n, e in calibrated.extras.items()}
+    for name in per_expert[0].grams:
+        extras.setdefault(name, {}).update(grams=[p.grams[name] for p in per_expert],
+                                           cross_grams=[p.cross_grams[name] for p in per_expert])
+    return Calibrated(extras, {**calibrated.report, "gram_inputs": "merged", "passes": 2}, calibrated.datasets)

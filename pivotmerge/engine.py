@@ -8,14 +8,15 @@ output folder appears only when complete.
 from __future__ import annotations
 
 import re
+import tempfile
 import time
 import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Collection, Iterator, Mapping, Sequence, overload
+from typing import TYPE_CHECKING, Any, Collection, Iterator, Mapping, Sequence, overload
 
 import torch
 
@@ -30,6 +31,9 @@ from .report import build_report, write_model_card, write_report
 from .repos import ModelRepo, resolve_roots
 from .spec import MergeSpec, spec_from_dict
 from .writer import OutputTensor, ShardWriter, WrittenFile
+
+if TYPE_CHECKING:
+    from .calibration import Calibrated
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -340,18 +344,25 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | Path, *, progress:
 
     The output is built in a hidden sibling folder and moved into place only when
     complete; on error or cancellation (MergeCancelled) nothing is left behind.
+    PivotMerge with ``gram_inputs: merged`` merges twice (`_refit_on_first_pass`).
     """
+    from .calibration import wants_merged_inputs  # calibration imports evaluate, which imports this module
+
     started = time.perf_counter()
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)
     with plan_merge(spec, allowed_roots=allowed_roots, relative_to=relative_to) as plan:
         device = resolve_device(plan.spec.device)
-        extras, calibration, eval_data = _data_for_merge(plan, device, allowed_roots, relative_to, progress)
+        calibrated, eval_data = _data_for_merge(plan, device, allowed_roots, relative_to, progress)
         with building(out_dir) as partial:
-            report = _write_merge(plan, partial, device, progress, should_cancel, extras, started)
-            if calibration or eval_data:
-                _add_data_reports(report, _evaluated_models(plan, partial), device, calibration, eval_data, progress,
-                                  should_cancel)
+            merge_progress = progress
+            if wants_merged_inputs(plan.spec):
+                calibrated = _refit_on_first_pass(plan, out_dir, device, calibrated, progress, should_cancel)
+                merge_progress = _with_message(progress, "second pass: each layer fitted on the first pass's inputs")
+            report = _write_merge(plan, partial, device, merge_progress, should_cancel, calibrated.extras, started)
+            if calibrated.report or eval_data:
+                _add_data_reports(report, _evaluated_models(plan, partial), device, calibrated.report, eval_data,
+                                  progress, should_cancel)
     if progress is not None:
         progress(Progress("done", 1, 1))
     return report
@@ -361,15 +372,41 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | Path, *, progress:
 
 
 def _data_for_merge(plan: MergePlan, device: torch.device, allowed_roots: Sequence[str | Path] | None,
-                    relative_to: Path | None, progress: ProgressFn | None) -> tuple[dict[str, dict[str, Any]], dict[str, Any], list]:
+                    relative_to: Path | None, progress: ProgressFn | None) -> tuple[Calibrated, list]:
     """Per-tensor parameters measured on calibration data, and the checked evaluation datasets."""
     from .calibration import calibration_extras
     from .evaluate import evaluation_data
 
     roots = resolve_roots(allowed_roots)
     eval_data = evaluation_data(plan.spec.evaluate, allowed_roots=roots, relative_to=relative_to)
-    extras, calibration = calibration_extras(plan, device, allowed_roots=roots, relative_to=relative_to, progress=progress)
-    return extras, calibration, eval_data
+    calibrated = calibration_extras(plan, device, allowed_roots=roots, relative_to=relative_to, progress=progress)
+    return calibrated, eval_data
+
+
+def _refit_on_first_pass(plan: MergePlan, out_dir: Path, device: torch.device, calibrated: Calibrated,
+                         progress: ProgressFn | None, should_cancel: CancelFn | None) -> Calibrated:
+    """`calibrated` for PivotMerge's ``gram_inputs: merged``: merge once as usual, then measure each
+    layer's inputs in that model against the experts' own.
+
+    The first pass has no ``cross_grams``, so the method fits on the experts' own
+    inputs, as with ``gram_inputs: expert``. Its model lives in a hidden folder
+    beside `out_dir` (the output's disk, not /tmp's), removed whatever happens.
+    """
+    from .calibration import merged_input_calibration
+
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.first-pass-", dir=out_dir.parent) as tmp:
+        first = Path(tmp)
+        _write_shards(plan, first, device, _with_message(progress, "first pass: each layer fitted on the experts' own inputs"),
+                      should_cancel, calibrated.extras)
+        carry_side_files(plan.reference.path, first, plan.spec.dtype)  # config and processor, so it loads
+        return merged_input_calibration(plan, first, calibrated, device, progress=progress, should_cancel=should_cancel)
+
+
+def _with_message(progress: ProgressFn | None, message: str) -> ProgressFn | None:
+    """`progress` with `message` on the reports that carry none, so a listener can tell the passes apart."""
+    if progress is None:
+        return None
+    return lambda p: progress(p if p.message else replace(p, message=message))
 
 
 def _evaluated_models(plan: MergePlan, folder: Path) -> dict[str, Path]:
