@@ -48,7 +48,7 @@ class ErrorOut(BaseModel):
 
 class ProgressOut(BaseModel):
     fraction: float = Field(..., ge=0, le=1)
-    stage: str | None = Field(None, description="check, merge, write, evaluate, analyze or done.")
+    stage: str | None = Field(None, description="check, calibrate, merge, refit (second merge pass of gram_inputs: merged), write, evaluate, analyze or done.")
     layer: int | None = Field(None, description="The layer being merged.")
     message: str | None = None
 

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 @dataclass(frozen=True)
 class Progress:
-    stage: str  # "check", "merge", "write", "evaluate", "analyze", "done"
+    stage: str  # "check", "calibrate", "merge", "refit", "write", "evaluate", "analyze", "done"
     done: int
     total: int
     tensor: str | None = None
