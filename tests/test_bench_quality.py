@@ -39,7 +39,7 @@ def test_writes_table_plot_and_raw_scores(quick_run: Path) -> None:
         assert (quick_run / name).stat().st_size > 0, name
     assert (quick_run / "accuracy_by_domain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = _table(quick_run)
-    expected = ["base"] + [f"expert_{d}" for d in DOMAINS] + ["joint"] + [v.name for v in VARIANTS]
+    expected = ["base"] + [f"expert_{d}" for d in DOMAINS] + ["joint", "task_vector_oracle"] + [v.name for v in VARIANTS]
     assert list(table) == expected
     for row in table.values():
         assert set(row) == {*DOMAINS, "average"}
@@ -129,3 +129,22 @@ def test_one_seed_builds_one_world() -> None:
         assert torch.equal(a, b)
     assert torch.equal(first.splits["dev"]["shapes"].feats, second.splits["dev"]["shapes"].feats)
     assert not torch.equal(first.base["fc1.weight"], other.base["fc1.weight"])
+
+
+def test_task_vector_oracle_recovers_a_joint_update_inside_the_experts_span() -> None:
+    import torch
+
+    from pivotmerge.bench.quality import task_vector_oracle
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(6, 4, generator=g), "b": torch.randn(6, generator=g)}
+    experts = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    inside = {k: base[k] + 0.3 * (experts[0][k] - base[k]) - 0.5 * (experts[2][k] - base[k]) for k in base}
+    oracle = task_vector_oracle(experts, base, inside)
+    for k in base:
+        assert torch.allclose(oracle[k], inside[k], atol=1e-5)
+    # Outside the span it keeps only the projection: the residual is orthogonal to every task vector.
+    outside = {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}
+    residual = task_vector_oracle(experts, base, outside)["w"] - outside["w"]
+    for e in experts:
+        assert abs(float((residual * (e["w"] - base["w"])).sum())) < 1e-4

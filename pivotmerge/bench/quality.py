@@ -100,6 +100,18 @@ def _from(state: State) -> Projector:
     return p
 
 
+def task_vector_oracle(experts: list[State], base: State, joint: State) -> State:
+    """A reference, not a merge: per tensor, the combination ``W0 + sum_k c_k d_k`` of the experts'
+    task vectors closest (least squares) to the joint projector's weights. It knows the joint
+    projector, so it bounds what any per-tensor weighting of whole task vectors can reach."""
+    out: State = {}
+    for key, pivot in base.items():
+        deltas = torch.stack([(e[key] - pivot).reshape(-1) for e in experts], dim=1).double()
+        coef = torch.linalg.lstsq(deltas, (joint[key] - pivot).reshape(-1, 1).double()).solution
+        out[key] = pivot + (deltas @ coef).to(pivot.dtype).view_as(pivot)
+    return out
+
+
 def score(state: State, world: World, split: str, domains: tuple[str, ...] = DOMAINS) -> dict[str, dict[str, float]]:
     """Scores per domain, plus their mean under ``"average"``."""
     per = {d: evaluate(state, world.lm, world.splits[split][d]).as_dict() for d in domains}
@@ -165,6 +177,7 @@ def run_seed(cfg: Config, seed: int, progress: Progress) -> dict[str, Any]:
     rows: dict[str, Any] = {"base": {"test": score(world.base, world, "test")}}
     rows.update({f"expert_{d}": {"test": score(e, world, "test")} for d, e in zip(DOMAINS, experts)})
     rows["joint"] = {"test": score(world.joint, world, "test")}
+    rows["task_vector_oracle"] = {"test": score(task_vector_oracle(experts, world.base, world.joint), world, "test")}
     for variant in VARIANTS:
         progress(f"merging: {variant.name}")
         rows[variant.name] = select(variant, world, calibration, seed)
