@@ -3,7 +3,7 @@
 * `collect_grams`: for each linear layer, ``G = X^T X`` of the inputs it sees on
   the calibration set (forward pre-hooks, float64 sums, padding left out). RegMean,
   RegMean folding and PivotMerge's ``combine: gram`` take these.
-* `collect_merged_input_grams`: for PivotMerge's ``gram_inputs: merged``, the
+* `collect_merged_input_grams`: for ``gram_inputs: merged`` (RegMean++, PivotMerge), the
   same on the inputs a (first-pass) merged model feeds each layer, ``X~^T X~``,
   and against the expert's own inputs on the same rows, ``X^T X~``.
 * `alignment_scores`: for each expert and merged layer, how much the expert's
@@ -160,7 +160,7 @@ def collect_grams(model_dir: str | Path, dataset: Dataset, tensor_names: Iterabl
 
 @dataclass
 class MergedInputGrams:
-    """One expert's statistics for fitting layers on a merged model's inputs (PivotMerge's ``gram_inputs: merged``).
+    """One expert's statistics for fitting layers on a merged model's inputs (``gram_inputs: merged``).
 
     Per linear weight, with ``X~`` the inputs the merged model feeds the layer and
     ``X`` those the expert's own model feeds it, on the same calibration rows.
@@ -302,11 +302,10 @@ def wants_grams(spec: MergeSpec) -> bool:
 
 
 def wants_merged_inputs(spec: MergeSpec) -> bool:
-    """PivotMerge with `gram_inputs: merged` for some tensor: two passes, the second fitted on the first's inputs.
-
-    Without `combine: gram` the method ignores `gram_inputs`, so one pass does.
+    """RegMean or PivotMerge with `gram_inputs: merged` for some tensor: two passes, the second fitted
+    on the first's inputs. Without `combine: gram` PivotMerge ignores `gram_inputs`, so one pass does.
     """
-    return wants_grams(spec) and spec.method == "pivotmerge" and _set_anywhere(spec.parameters.get("gram_inputs"), "merged")
+    return wants_grams(spec) and _set_anywhere(spec.parameters.get("gram_inputs"), "merged")
 
 
 def expert_calibration(spec: MergeSpec) -> list[DatasetRef]:

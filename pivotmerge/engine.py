@@ -344,7 +344,7 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | Path, *, progress:
 
     The output is built in a hidden sibling folder and moved into place only when
     complete; on error or cancellation (MergeCancelled) nothing is left behind.
-    PivotMerge with ``gram_inputs: merged`` merges twice (`_refit_on_first_pass`).
+    RegMean or PivotMerge with ``gram_inputs: merged`` merges twice (`_refit_on_first_pass`).
     """
     from .calibration import wants_merged_inputs  # calibration imports evaluate, which imports this module
 
@@ -385,7 +385,7 @@ def _data_for_merge(plan: MergePlan, device: torch.device, allowed_roots: Sequen
 
 def _refit_on_first_pass(plan: MergePlan, out_dir: Path, device: torch.device, calibrated: Calibrated,
                          progress: ProgressFn | None, should_cancel: CancelFn | None) -> Calibrated:
-    """`calibrated` for PivotMerge's ``gram_inputs: merged``: merge once as usual, then measure each
+    """`calibrated` for ``gram_inputs: merged``: merge once as usual, then measure each
     layer's inputs in that model against the experts' own.
 
     The first pass has no ``cross_grams``, so the method fits on the experts' own

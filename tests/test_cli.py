@@ -76,7 +76,7 @@ def test_methods_marks_the_parameters_the_engine_sets(tmp_path, run_cli):
 
     result = run_cli("methods", "--json", cwd=tmp_path)
     listed = json.loads(result.stdout)
-    assert listed["regmean"]["engine_params"] == ["grams"] and listed["pivotmerge"]["engine_params"] == ["alignment", "grams", "cross_grams"]
+    assert listed["regmean"]["engine_params"] == ["grams", "cross_grams"] and listed["pivotmerge"]["engine_params"] == ["alignment", "grams", "cross_grams"]
     assert listed["linear"]["engine_params"] == []
     table = run_cli("methods", cwd=tmp_path).stdout
     assert "grams (set by the engine)" in table and "alignment (set by the engine)" in table

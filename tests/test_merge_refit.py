@@ -1,4 +1,4 @@
-"""PivotMerge's `gram_inputs: merged`: the engine merges twice, the second time fitting each layer on the
+"""`gram_inputs: merged` (PivotMerge's, and RegMean's: RegMean++): the engine merges twice, the second time fitting each layer on the
 inputs the first merge feeds it (RegMean++'s idea)."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pivotmerge.data import Dataset, load_dataset
 from pivotmerge.errors import MergeCancelled, SpecError
 from pivotmerge.evaluate import caption_batches, load_model
 from pivotmerge.methods import get_method
+from pivotmerge.methods.regmean import regmean_solve
 from pivotmerge.progress import Progress
 from tests.test_merge_data import W1, _spec, example  # noqa: F401  (example is a fixture)
 
@@ -69,6 +70,24 @@ def test_second_pass_refits_linear_2_on_the_merged_linear_1_and_keeps_linear_1(e
     assert torch.allclose(twice[W2], expected, atol=1e-5)
     layers = {e["tensor"]: e for e in report["layers"]}
     assert layers[W2]["info"]["combine"] == "gram (merged inputs)"
+
+
+def test_regmean_with_merged_inputs_is_regmean_plus_plus_end_to_end(example, tmp_path):
+    spec = _refit_spec(example, "merged")
+    spec.update(method="regmean", parameters={"alpha": 0.8, "gram_inputs": "merged"})
+    first_spec = {**spec, "parameters": {"alpha": 0.8}}
+    pivotmerge.merge(first_spec, tmp_path / "first")
+    report = pivotmerge.merge(spec, tmp_path / "out")
+    merged = _weights(tmp_path / "out")
+    grams, cross = [], []
+    for expert, domain in zip(example.experts, OWN):
+        data = load_dataset(example.datasets[domain])
+        own, seen = _linear_2_inputs(expert, data), _linear_2_inputs(tmp_path / "first", data)
+        grams.append(seen.T @ seen)
+        cross.append(own.T @ seen)
+    experts = [_weights(e)[W2] for e in example.experts]
+    assert torch.allclose(merged[W2], regmean_solve(experts, grams, [1.0, 1.0], 0.8, cross_grams=cross), atol=1e-5)
+    assert report["calibration"]["passes"] == 2
 
 
 def test_report_and_progress_show_two_passes(example, tmp_path):

@@ -38,6 +38,25 @@ def test_alpha_one_is_the_least_squares_fit_to_every_expert_on_its_inputs():
     assert torch.allclose(regmean_solve(ws, [xk.T @ xk for xk in xs], [2.0, 1.0], alpha=1.0), doubled, atol=1e-10)
 
 
+def test_merged_inputs_are_regmean_plus_plus_the_least_squares_fit_on_the_merged_models_inputs():
+    # RegMean++: min_W sum_k ||X~_k W^T - X_k W_k^T||^2, X~_k the merged model's inputs on expert k's data.
+    g = torch.Generator().manual_seed(1)
+    own = [torch.randn(10, 4, generator=g, dtype=torch.float64), torch.randn(12, 4, generator=g, dtype=torch.float64)]
+    seen = [x + 0.5 * torch.randn(x.shape, generator=g, dtype=torch.float64) for x in own]
+    ws = [torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in own]
+    y = torch.cat([x @ w.T for x, w in zip(own, ws)])
+    expected = torch.linalg.lstsq(torch.cat(seen), y).solution.T
+    method = get_method("regmean")
+    params = method.params.model_validate({"alpha": 1.0, "gram_inputs": "merged", "grams": [x.T @ x for x in seen],
+                                           "cross_grams": [x.T @ xs for x, xs in zip(own, seen)]})
+    out = method(ws, None, [1.0, 1.0], params)
+    assert torch.allclose(out.tensor, expected, atol=1e-10)
+    assert out.info == {"regmean": True, "inputs": "merged"}
+    # Cross Grams equal to the Grams (the merged model sees what each expert saw) give RegMean back.
+    grams = [x.T @ x for x in own]
+    assert torch.allclose(regmean_solve(ws, grams, [1.0, 1.0], 0.7, cross_grams=grams), regmean_solve(ws, grams, [1.0, 1.0], 0.7))
+
+
 def test_identical_inputs_and_diagonal_grams_reduce_to_the_mean():
     ws = [torch.randn(3, 4), torch.randn(3, 4)]
     gram = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0]))
@@ -50,7 +69,7 @@ def test_registered_method_uses_grams_for_matrices_and_averages_the_rest():
     grams = [torch.tensor([[2.0, 1.0], [1.0, 2.0]]), torch.tensor([[1.0, 0.0], [0.0, 3.0]])]
     params = method.params.model_validate({"alpha": 0.5, "grams": grams})
     out = method(ws, None, [1.0, 1.0], params)
-    assert out.info == {"regmean": True}
+    assert out.info == {"regmean": True, "inputs": "expert"}
     assert torch.allclose(out.tensor, regmean_solve(ws, grams, [1.0, 1.0], 0.5))
     assert "grams" not in params.model_dump()  # never written into the merge report
     bias = method([torch.ones(3), torch.zeros(3)], None, [3.0, 1.0], params)

@@ -52,6 +52,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("iso_c", "iso_c", grid={"alpha": SCALES + [2.0]}),
     Variant("iso_cts", "iso_cts", grid={"alpha": SCALES + [2.0], "common_space_fraction": [0.6, 0.8]}),
     Variant("regmean", "regmean", grid={"alpha": [0.5, 0.9, 1.0]}, data=True),
+    # RegMean++: the baseline for what PivotMerge's gram_inputs: merged borrows from it.
+    Variant("regmean_plus_plus", "regmean", fixed={"gram_inputs": "merged"}, grid={"alpha": [0.5, 0.9, 1.0]}, data=True),
     Variant("pivotmerge", "pivotmerge", fixed=FILTERED, grid={**LAYER_SCALES, **SPECTRA, **FILTERING}),
     Variant("pivotmerge_data", "pivotmerge", fixed={"layer_weighting": "data", "combine": "gram"},
             # residual_weight 1 keeps whole deltas, so keep + lambda 1/K reaches RegMean's matrices

@@ -34,7 +34,7 @@ import torch
 from pydantic import Field, model_validator
 
 from . import Merged, Method, MethodParams, Tensor, register
-from .regmean import shrink_off_diagonal
+from .regmean import shrink_cross, shrink_off_diagonal
 from ._ops import (SvdMode, column_weights, elected_mask, energy_rank, flatten_spectrum, masked_merge,
                    significant, svd, weighted_sum)
 
@@ -133,8 +133,7 @@ def _combiner(alpha: Tensor, grams: Sequence[Tensor] | None, cross: Sequence[Ten
     if cross is None:
         left = g
     else:  # shrunk like G_k: alpha C_k + (1 - alpha) diag(G_k), so C_k = G_k gives RegMean back
-        left = [(shrink * ck.double() + (1 - shrink) * torch.diag_embed(torch.diagonal(gk.double()))) * ak
-                for ck, gk, ak in zip(cross, grams, a)]
+        left = [shrink_cross(ck.double(), gk.double(), shrink) * ak for ck, gk, ak in zip(cross, grams, a)]
 
     def combine(x: Tensor) -> Tensor:
         return (sum(x[:, k].double() @ lk for k, lk in enumerate(left)) @ right).to(x.dtype)

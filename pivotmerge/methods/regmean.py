@@ -9,6 +9,12 @@ which minimises ``sum_k w_k ||X_k W^T - X_k W_k^T||^2`` (with the off-diagonal
 entries shrunk by ``alpha``, which keeps the solve well conditioned). Tensors
 without Gram matrices (biases, norms, embeddings) take the weighted mean, as
 in the paper. The engine fills ``grams`` from the spec's calibration data.
+
+``gram_inputs: merged`` is RegMean++ (Nguyen et al., 2025): the layer is fitted on
+the inputs ``X~_k`` the merged model feeds it, ``min sum_k w_k ||X~_k W^T - X_k W_k^T||^2``,
+so ``W = (sum_k w_k W_k C~_k)(sum_k w_k G~_k)^-1`` with ``G_k = X~_k^T X~_k`` and the
+cross Gram ``C_k = X_k^T X~_k`` (``C~_k = alpha C_k + (1 - alpha) diag(G_k)``); the
+engine measures both in a first merge pass.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+from typing import Literal
+
 from pydantic import Field, field_validator
 
 from . import Merged, Method, MethodParams, Tensor, register
@@ -26,8 +34,13 @@ from .linear import linear
 class Params(MethodParams):
     alpha: float = Field(0.9, ge=0, le=1, description="Scale of the Gram matrices' off-diagonal entries (1: plain RegMean; 0: diagonal only).")
     grams: list[Any] | None = Field(None, exclude=True, description="Per-expert Gram matrices of this layer's inputs; set by the engine from calibration data, never in a spec.")
+    gram_inputs: Literal["expert", "merged"] = Field(
+        "expert", description="expert: fit each layer on each expert's own inputs (RegMean); merged: on the inputs the merged "
+                              "model feeds it, so each layer corrects what the merged layers before it changed (RegMean++; "
+                              "the engine merges twice).")
+    cross_grams: list[Any] | None = Field(None, exclude=True, description="gram_inputs: merged: per-expert X_k^T X~_k, the expert's own inputs against the merged model's (set by the engine).")
 
-    @field_validator("grams")
+    @field_validator("grams", "cross_grams")
     @classmethod
     def _tensors(cls, v: list[Any] | None) -> list[Any] | None:
         if v is not None and not all(isinstance(g, torch.Tensor) and g.ndim == 2 for g in v):
@@ -40,18 +53,27 @@ def shrink_off_diagonal(gram: Tensor, alpha: float) -> Tensor:
     return alpha * gram + (1 - alpha) * torch.diag_embed(torch.diagonal(gram))
 
 
-def regmean_solve(weights: Sequence[Tensor], grams: Sequence[Tensor], scales: Sequence[float], alpha: float) -> Tensor:
-    """The RegMean closed form for ``out x in`` weights and ``in x in`` Grams, solved in float64."""
-    if len(weights) != len(grams) or len(scales) != len(weights):
-        raise ValueError(f"regmean: {len(weights)} weights, {len(grams)} Gram matrices and {len(scales)} scales")
+def shrink_cross(cross: Tensor, gram: Tensor, alpha: float) -> Tensor:
+    """``alpha C + (1 - alpha) diag(G)``: a cross Gram shrunk like its Gram, so ``C = G`` gives ``G~``."""
+    return alpha * cross + (1 - alpha) * torch.diag_embed(torch.diagonal(gram))
+
+
+def regmean_solve(weights: Sequence[Tensor], grams: Sequence[Tensor], scales: Sequence[float], alpha: float,
+                  cross_grams: Sequence[Tensor] | None = None) -> Tensor:
+    """The RegMean closed form for ``out x in`` weights and ``in x in`` Grams, solved in float64;
+    with `cross_grams` (``X_k^T X~_k``, Grams then of the merged inputs ``X~_k``) RegMean++'s."""
+    if len(weights) != len(grams) or len(scales) != len(weights) or (cross_grams is not None and len(cross_grams) != len(grams)):
+        raise ValueError(f"regmean: {len(weights)} weights, {len(grams)} Gram matrices"
+                         f"{'' if cross_grams is None else f', {len(cross_grams)} cross Gram matrices'} and {len(scales)} scales")
     lhs = torch.zeros_like(grams[0], dtype=torch.float64)  # sum_k w_k G~_k          (in x in)
-    rhs = torch.zeros_like(weights[0], dtype=torch.float64)  # sum_k w_k W_k G~_k   (out x in)
-    for w, g, s in zip(weights, grams, scales):
+    rhs = torch.zeros_like(weights[0], dtype=torch.float64)  # sum_k w_k W_k C~_k   (out x in)
+    for k, (w, g, s) in enumerate(zip(weights, grams, scales)):
         if g.shape != (w.shape[1], w.shape[1]):
             raise ValueError(f"regmean: Gram matrix {list(g.shape)} does not fit a weight {list(w.shape)}")
-        g = shrink_off_diagonal(g.to(device=lhs.device, dtype=torch.float64), alpha) * s
-        lhs += g
-        rhs += w.to(torch.float64) @ g
+        g = g.to(device=lhs.device, dtype=torch.float64)
+        c = g if cross_grams is None else cross_grams[k].to(device=lhs.device, dtype=torch.float64)
+        lhs += shrink_off_diagonal(g, alpha) * s
+        rhs += w.to(torch.float64) @ (shrink_cross(c, g, alpha) * s)
     # W lhs = rhs with lhs symmetric, so W^T = lhs^-1 rhs^T; pinv covers inputs that never vary.
     try:
         merged_t = torch.linalg.solve(lhs, rhs.T)
@@ -66,14 +88,17 @@ def regmean(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[fl
         return Merged(linear(tensors, None, weights, LinearParams()), {"regmean": False})
     if len(params.grams) != len(tensors):
         raise ValueError(f"grams: expected {len(tensors)} Gram matrices (one per expert), got {len(params.grams)}")
-    return Merged(regmean_solve(tensors, params.grams, weights, params.alpha), {"regmean": True})
+    cross = params.cross_grams if params.gram_inputs == "merged" else None
+    return Merged(regmean_solve(tensors, params.grams, weights, params.alpha, cross),
+                  {"regmean": True, "inputs": "expert" if cross is None else "merged"})
 
 
 METHOD = register(Method(
     name="regmean",
-    summary="RegMean: per linear layer, (sum_k W_k G_k)(sum_k G_k)^-1 with Gram matrices of its inputs on calibration data.",
+    summary="RegMean: per linear layer, (sum_k W_k G_k)(sum_k G_k)^-1 with Gram matrices of its inputs on calibration data "
+            "(gram_inputs: merged: RegMean++, fitted on the merged model's inputs).",
     params=Params,
     merge=regmean,
     base="unused",
-    engine_params=("grams",),
+    engine_params=("grams", "cross_grams"),
 ))
