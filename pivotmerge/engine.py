@@ -25,7 +25,7 @@ from .architectures import Architecture, TensorPlace, architecture_for, place_te
 from .errors import CompatibilityError, MergeCancelled, RepoError, SpecError
 from .methods import Method, get_method
 from .output import building, carry_side_files, check_out_dir
-from .params import resolve_params
+from .params import check_params, resolve_params
 from .progress import CancelFn, Progress, ProgressFn
 from .report import build_report, write_model_card, write_report
 from .repos import ModelRepo, resolve_roots
@@ -101,6 +101,7 @@ def plan_merge(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[s
     if not merged:
         raise SpecError("components: no tensor of the base matches the components/include/exclude given")
     _check_tensors(reference, [m for m in models if m is not reference], merged)
+    check_params(spec, method, {n: places[n].depth for n in sorted(merged)})
     out_dtype = DTYPES[spec.dtype] if spec.dtype else None
     outputs = [
         OutputTensor(n, reference.tensors[n].shape,

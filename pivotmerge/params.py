@@ -7,10 +7,13 @@ name-filtered entries).
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
+from pydantic import ValidationError
+
+from .errors import SpecError
 from .methods import Method, MethodParams
-from .spec import FilteredValue, MergeSpec, ParamValue
+from .spec import FilteredValue, MergeSpec, ParamValue, format_validation_error
 
 
 def interpolate(values: Sequence[float], depth: float) -> float:
@@ -58,3 +61,16 @@ def resolve_params(spec: MergeSpec, method: Method, tensor: str, depth: float,
         values[name] = per
     values.update(extra or {})
     return weights, method.params.model_validate(values)
+
+
+def check_params(spec: MergeSpec, method: Method, depths: Mapping[str, float]) -> None:
+    """Validate the parameters every merged tensor (name -> depth) will get, before any tensor is read.
+
+    A value can differ per tensor (depth lists, filters), so each tensor's resolved
+    set is checked; the error names the parameter and the first tensor it fails for.
+    """
+    for tensor, depth in depths.items():
+        try:
+            resolve_params(spec, method, tensor, depth)
+        except ValidationError as exc:
+            raise SpecError(f"parameters.{format_validation_error(exc)} (for tensor {tensor})") from None

@@ -179,6 +179,21 @@ def test_an_existing_output_folder_is_kept_unless_overwrite(trio, tmp_path):
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
 
 
+def test_parameter_values_are_checked_for_every_merged_tensor_before_merging(trio, tmp_path):
+    base, e1, e2 = trio
+    bad_choice = spec_for(base, e1, e2, method="pivotmerge", parameters={"spectrum": "sideways"})
+    with pytest.raises(SpecError, match=r"^parameters\.spectrum: Input should be 'keep', 'flatten' or 'flatten_total' \(for tensor "):
+        pivotmerge.check(bad_choice)
+    # A filtered value that is out of range only for the second projector layer is found too.
+    out_of_range = spec_for(base, e1, e2, method="regmean", components=["projector"],
+                            parameters={"alpha": [{"filter": "linear_2", "value": 2.0}, {"value": 0.9}]})
+    with pytest.raises(SpecError, match=r"^parameters\.alpha: .*less than or equal to 1 \(for tensor .*linear_2"):
+        pivotmerge.check(out_of_range)
+    with pytest.raises(SpecError, match=r"^parameters\.spectrum"):
+        pivotmerge.merge(bad_choice, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "e1", "e2"]
+
+
 def test_spec_errors_name_the_field_before_any_tensor_is_read(tmp_path):
     with pytest.raises(SpecError, match=r"^models\.0\.parameters\.density: not a per-model parameter of 'linear'"):
         pivotmerge.check({"method": "linear", "models": [{"model": "/nonexistent", "parameters": {"density": 0.5}}]})
