@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from . import Merged, Method, MethodParams, Tensor, register
 from .linear import Params as LinearParams
@@ -42,9 +42,9 @@ class Params(MethodParams):
 
     @field_validator("grams", "cross_grams")
     @classmethod
-    def _tensors(cls, v: list[Any] | None) -> list[Any] | None:
+    def _tensors(cls, v: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
         if v is not None and not all(isinstance(g, torch.Tensor) and g.ndim == 2 for g in v):
-            raise ValueError("grams: set by the engine from `calibration` data, not in a spec")
+            raise ValueError(f"{info.field_name}: set by the engine from `calibration` data, not in a spec")
         return v
 
 
