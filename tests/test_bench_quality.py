@@ -148,3 +148,49 @@ def test_task_vector_oracle_recovers_a_joint_update_inside_the_experts_span() ->
     residual = task_vector_oracle(experts, base, outside)["w"] - outside["w"]
     for e in experts:
         assert abs(float((residual * (e["w"] - base["w"])).sum())) < 1e-4
+
+
+def test_layer_attribution_splits_the_difference_by_layer() -> None:
+    # Ours differs from theirs in fc1 only: swapping fc1 into theirs gives ours, so the fc1 entry
+    # is the whole difference and fc2's is nothing; the total is the two rows' scores apart.
+    import torch
+
+    from pivotmerge.bench.quality import Config, build_world, layer_attribution, score
+
+    tiny = Config(seeds=1, n_train=8, n_dev=4, n_test=6, n_calib=4, n_warm=4, warm_steps=2, vision_steps=2,
+                  lm_steps=2, expert_steps=2, joint_steps=2, short_steps=1)
+    world = build_world(tiny, 0, lambda _: None)
+    g = torch.Generator().manual_seed(0)
+    theirs = world.base
+    ours = {k: v + (torch.randn(v.shape, generator=g) if k.startswith("fc1") else 0) for k, v in theirs.items()}
+    got = layer_attribution(ours, theirs, world)
+    accuracy = {name: score(s, world, "test")["average"]["token_accuracy"] for name, s in (("ours", ours), ("theirs", theirs))}
+    assert got["total"] == accuracy["ours"] - accuracy["theirs"] != 0
+    assert got["fc1"] == got["total"] and got["fc2"] == 0
+
+
+def test_rival_is_the_best_baseline_on_dev() -> None:
+    from pivotmerge.bench.quality import rival
+
+    rows = {"tsv": {"search": [{"dev_token_accuracy": 0.61}, {"dev_token_accuracy": 0.70}]},
+            "iso_c": {"search": [{"dev_token_accuracy": 0.69}]},
+            "linear": {"search": [{"dev_token_accuracy": 0.71}]}}
+    assert rival(rows, ("tsv", "iso_c")) == "tsv"
+    assert rival(rows, ("tsv", "iso_c", "linear")) == "linear"
+
+
+def test_layer_attribution_is_reported_per_seed(quick_run: Path) -> None:
+    from pivotmerge.bench.quality import DATA_FREE_BASELINES
+
+    result = json.loads((quick_run / "results.json").read_text())
+    rows = json.loads((quick_run / "raw_scores.json").read_text())[0]["rows"]
+    [comparisons] = result["layer_attribution"]
+    free, data = comparisons
+    best_dev = {n: max(s["dev_token_accuracy"] for s in rows[n]["search"]) for n in DATA_FREE_BASELINES}
+    assert (free["ours"], free["theirs"]) == ("pivotmerge", max(best_dev, key=best_dev.get))
+    assert (data["ours"], data["theirs"]) == ("pivotmerge_data", "regmean")
+    for c in comparisons:
+        total = rows[c["ours"]]["test"]["average"]["token_accuracy"] - rows[c["theirs"]]["test"]["average"]["token_accuracy"]
+        assert abs(c["test_token_accuracy"]["total"] - total) < 1e-9
+        assert set(c["test_token_accuracy"]) == {"total", "fc1", "fc2"}
+    assert f"| 0 | pivotmerge_data | regmean | {data['test_token_accuracy']['total']:+.4f} |" in (quick_run / "results.md").read_text()

@@ -74,12 +74,6 @@ class Projector(nn.Module):
         return self.fc2(self.hidden(feats))
 
 
-@dataclass
-class Towers:
-    vision: VisionTower
-    lm: LanguageModel
-
-
 def _batches(n: int, batch: int, steps: int, gen: torch.Generator):
     for _ in range(steps):
         yield torch.randint(n, (batch,), generator=gen)

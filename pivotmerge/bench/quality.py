@@ -24,13 +24,16 @@ from scipy.stats import spearmanr
 from .. import metrics
 from .domains import DOMAINS, make_split
 from .merging import VARIANTS, Calibration, Variant, calibrate, merge
-from .models import (Encoded, LanguageModel, Projector, State, Towers, encode_split, evaluate, pretrain_lm,
-                     pretrain_vision, train_projector)
+from .models import (PROJECTOR_LAYERS, Encoded, LanguageModel, Projector, State, encode_split, evaluate,
+                     pretrain_lm, pretrain_vision, train_projector)
 
 # Experts and the joint projector fine-tune the warmed-up initialisation at a
 # lower rate, so they stay near it, as fine-tunes of one checkpoint do.
 LR, WARM_LR = 2e-3, 5e-3
 SCORES = ("caption_loss", "token_accuracy", "qa_exact_match")
+# The baselines the bar asks data-free PivotMerge to beat; its layer attribution takes, per seed,
+# the one with the best dev accuracy as the rival.
+DATA_FREE_BASELINES = ("linear", "task_arithmetic", "ties", "dare_ties", "tsv", "iso_c", "iso_cts")
 Progress = Callable[[str], None]
 
 
@@ -131,6 +134,41 @@ def select(variant: Variant, world: World, calibration: Calibration, seed: int) 
     return {"params": best["params"], "search": search, "test": score(merged, world, "test")}
 
 
+def rival(rows: dict[str, Any], candidates: tuple[str, ...]) -> str:
+    """The candidate row with the best dev token accuracy (what a user choosing on dev would run)."""
+    return max(candidates, key=lambda name: max(r["dev_token_accuracy"] for r in rows[name]["search"]))
+
+
+def layer_attribution(ours: State, theirs: State, world: World) -> dict[str, float]:
+    """Where ``ours`` gains or loses against ``theirs``, layer by layer, on the test splits.
+
+    ``total``: ours minus theirs in mean token accuracy; ``<layer>``: theirs with
+    that layer's tensors taken from ours, minus theirs. Layers that add up to the
+    total act independently; a gap between them is the layers' interaction.
+    """
+    def accuracy(state: State) -> float:
+        return score(state, world, "test")["average"]["token_accuracy"]
+
+    reference = accuracy(theirs)
+    out = {"total": accuracy(ours) - reference}
+    for layer in PROJECTOR_LAYERS:
+        swapped = {k: (ours[k] if k.split(".")[0] == layer else v) for k, v in theirs.items()}
+        out[layer] = accuracy(swapped) - reference
+    return out
+
+
+def attributions(rows: dict[str, Any], world: World, calibration: Calibration, seed: int) -> list[dict[str, Any]]:
+    """Layer attribution of the bar's two comparisons: data-free PivotMerge against the strongest
+    data-free baseline (by dev), and PivotMerge with calibration data against RegMean."""
+    experts = world.experts[max(world.experts)]
+    variants = {v.name: v for v in VARIANTS}
+    out = []
+    for ours, theirs in (("pivotmerge", rival(rows, DATA_FREE_BASELINES)), ("pivotmerge_data", "regmean")):
+        states = [merge(variants[n], rows[n]["params"], experts, world.base, calibration, seed) for n in (ours, theirs)]
+        out.append({"ours": ours, "theirs": theirs, "test_token_accuracy": layer_attribution(*states, world)})
+    return out
+
+
 def _flat_task_vector(state: State, base: State) -> torch.Tensor:
     return torch.cat([(state[k] - base[k]).reshape(-1) for k in base])
 
@@ -181,9 +219,11 @@ def run_seed(cfg: Config, seed: int, progress: Progress) -> dict[str, Any]:
     for variant in VARIANTS:
         progress(f"merging: {variant.name}")
         rows[variant.name] = select(variant, world, calibration, seed)
+    progress("layer attribution")
+    layers = attributions(rows, world, calibration, seed)
     progress("merge-success scenarios")
     scenario_methods = {v.name: v for v in VARIANTS if v.name in ("linear", "pivotmerge")}
-    return {"seed": seed, "rows": rows, "alignment": calibration.alignment,
+    return {"seed": seed, "rows": rows, "alignment": calibration.alignment, "layer_attribution": layers,
             "scenarios": scenarios(world, seed, scenario_methods)}
 
 
@@ -222,6 +262,7 @@ def _run(cfg: Config, out: Path, progress: Progress) -> dict[str, Any]:
         "domains": list(DOMAINS),
         "table": summarize(runs),
         "spearman": correlations([s for r in runs for s in r["scenarios"]]),
+        "layer_attribution": [r["layer_attribution"] for r in runs],
         "seconds": time.perf_counter() - start,
         "threads": torch.get_num_threads(),
     }

@@ -41,7 +41,23 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["| merge | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for method, rho in spearman.items():
         lines.append(f"| {method} | " + " | ".join(f"{rho[n]:+.2f}" for n in names) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _attribution_lines(result["layer_attribution"])) + "\n"
+
+
+def _attribution_lines(per_seed: list[list[dict[str, Any]]]) -> list[str]:
+    """Per seed, the bar's comparisons split by layer: the total difference in test token
+    accuracy, and the rival with one layer taken from PivotMerge."""
+    layers = [k for k in per_seed[0][0]["test_token_accuracy"] if k != "total"]
+    lines = ["", "Layer attribution (test token accuracy; `rival + ours' <layer>`: the rival with that layer"
+             " taken from the PivotMerge row, minus the rival):", "",
+             "| seed | ours | rival | ours - rival | " + " | ".join(f"rival + ours' {layer}" for layer in layers) + " |",
+             "|---|---|---|---|" + "---|" * len(layers)]
+    for seed, comparisons in enumerate(per_seed):
+        for c in comparisons:
+            delta = c["test_token_accuracy"]
+            lines.append(f"| {seed} | {c['ours']} | {c['theirs']} | {delta['total']:+.4f} | "
+                         + " | ".join(f"{delta[layer]:+.4f}" for layer in layers) + " |")
+    return lines
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
