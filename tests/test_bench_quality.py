@@ -13,10 +13,14 @@ import pytest
 
 from pivotmerge.bench.domains import DOMAINS
 from pivotmerge.bench.merging import VARIANTS
+from pivotmerge.bench.quality import Config
 from pivotmerge.cli import main
 
 # Own-domain token accuracy must exceed every other expert's by this much.
 SPECIALISATION_MARGIN = 0.05
+# A world built in seconds, for the tests of how worlds are built and scored.
+TINY = Config(seeds=1, n_train=8, n_dev=4, n_test=6, n_calib=4, n_warm=4, warm_steps=2, vision_steps=2,
+              lm_steps=2, expert_steps=2, joint_steps=2, short_steps=1)
 
 
 @pytest.fixture(scope="module")
@@ -115,14 +119,12 @@ def test_one_seed_builds_one_world() -> None:
     # initial weights once came from the unseeded global generator and moved rows by 2 points).
     import torch
 
-    from pivotmerge.bench.quality import Config, build_world
+    from pivotmerge.bench.quality import build_world
 
-    tiny = Config(seeds=1, n_train=8, n_dev=4, n_test=4, n_calib=4, n_warm=4, warm_steps=2, vision_steps=2,
-                  lm_steps=2, expert_steps=2, joint_steps=2, short_steps=1)
     torch.manual_seed(123)  # whatever the global generator held before must not matter
-    first = build_world(tiny, 0, lambda _: None)
-    second = build_world(tiny, 0, lambda _: None)
-    other = build_world(tiny, 1, lambda _: None)
+    first = build_world(TINY, 0, lambda _: None)
+    second = build_world(TINY, 0, lambda _: None)
+    other = build_world(TINY, 1, lambda _: None)
     for key in first.base:
         assert torch.equal(first.base[key], second.base[key]) and torch.equal(first.joint[key], second.joint[key])
     for a, b in zip(first.lm.state_dict().values(), second.lm.state_dict().values()):
@@ -155,11 +157,9 @@ def test_layer_attribution_splits_the_difference_by_layer() -> None:
     # is the whole difference and fc2's is nothing; the total is the two rows' scores apart.
     import torch
 
-    from pivotmerge.bench.quality import Config, build_world, layer_attribution, score
+    from pivotmerge.bench.quality import build_world, layer_attribution, score
 
-    tiny = Config(seeds=1, n_train=8, n_dev=4, n_test=6, n_calib=4, n_warm=4, warm_steps=2, vision_steps=2,
-                  lm_steps=2, expert_steps=2, joint_steps=2, short_steps=1)
-    world = build_world(tiny, 0, lambda _: None)
+    world = build_world(TINY, 0, lambda _: None)
     g = torch.Generator().manual_seed(0)
     theirs = world.base
     ours = {k: v + (torch.randn(v.shape, generator=g) if k.startswith("fc1") else 0) for k, v in theirs.items()}
@@ -194,3 +194,19 @@ def test_layer_attribution_is_reported_per_seed(quick_run: Path) -> None:
         assert abs(c["test_token_accuracy"]["total"] - total) < 1e-9
         assert set(c["test_token_accuracy"]) == {"total", "fc1", "fc2"}
     assert f"| 0 | pivotmerge_data | regmean | {data['test_token_accuracy']['total']:+.4f} |" in (quick_run / "results.md").read_text()
+
+
+def test_experts_and_joint_train_at_the_configs_rate() -> None:
+    # Config.lr drives the experts and the joint projector (benchmarks/quality_regimes.py varies it):
+    # at rate 0 Adam moves nothing, so every expert and the joint projector stay at the shared start.
+    from dataclasses import replace
+
+    import torch
+
+    from pivotmerge.bench.quality import build_world
+
+    frozen = build_world(replace(TINY, lr=0.0), 0, lambda _: None)
+    for state in [frozen.joint, *frozen.experts[2]]:
+        assert all(torch.equal(state[k], frozen.base[k]) for k in frozen.base)
+    trained = build_world(TINY, 0, lambda _: None)
+    assert not torch.equal(trained.joint["fc1.weight"], trained.base["fc1.weight"])
