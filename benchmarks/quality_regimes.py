@@ -40,14 +40,21 @@ def run(regime: str, seed: int) -> None:
     accuracy = {"base": score(world.base, world, "test"), "joint": score(world.joint, world, "test")}
     variants = {v.name: v for v in VARIANTS}
     for name in ROWS:
-        accuracy[name] = select(variants[name], world, calibration, seed)["test"]
+        accuracy[name] = select(variants[name], world, calibration, seed).row["test"]
     print("  " + "  ".join(f"{n} {a['average']['token_accuracy']:.3f}" for n, a in accuracy.items()), flush=True)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--regime", action="append", choices=list(REGIMES), help="regime(s) to run (default: all)")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per regime")
+    parser.add_argument("--seeds", type=_positive, default=1, help="seeds 0..N-1 per regime")
     args = parser.parse_args()
     torch.set_num_threads(1)
     for regime in args.regime or list(REGIMES):

@@ -88,7 +88,8 @@ class Calibration:
         return out
 
 
-def _layer(key: str) -> str:
+def layer_of(key: str) -> str:
+    """The projector layer a tensor belongs to: ``fc1.weight`` -> ``fc1``."""
     return key.split(".")[0]
 
 
@@ -115,7 +116,7 @@ def calibrate(experts: list[State], base: State, lm: LanguageModel, calib: list[
     for expert, data in zip(experts, calib):
         own = _caption_loss(expert, lm, data)
         for layer in PROJECTOR_LAYERS:
-            reverted = {k: (base[k] if _layer(k) == layer else v) for k, v in expert.items()}
+            reverted = {k: (base[k] if layer_of(k) == layer else v) for k, v in expert.items()}
             rises[layer].append(max(0.0, _caption_loss(reverted, lm, data) - own))
     top = [max(rises[layer][k] for layer in PROJECTOR_LAYERS) or 1.0 for k in range(len(experts))]
     alignment = {layer: [r / t for r, t in zip(rises[layer], top)] for layer in PROJECTOR_LAYERS}
@@ -148,7 +149,7 @@ def _merge_pass(variant: Variant, params: dict[str, Any], experts: list[State], 
             assert calibration is not None, f"{variant.name} needs calibration data"
             values.update(data_params(variant.method, key, calibration))
             if refit is not None:
-                values.update({name: [r[_layer(key)][name] for r in refit] for name in ("grams", "cross_grams")})
+                values.update({name: [r[layer_of(key)][name] for r in refit] for name in ("grams", "cross_grams")})
         generator = torch.Generator().manual_seed(seed * 1000 + i)
         tensors = [e[key] for e in experts]
         out[key] = method(tensors, base[key], weights, method.params(**values), generator).tensor
@@ -157,6 +158,6 @@ def _merge_pass(variant: Variant, params: dict[str, Any], experts: list[State], 
 
 def data_params(method: str, key: str, calibration: Calibration) -> dict[str, Any]:
     """The per-tensor, data-derived parameters a data-using method takes."""
-    layer = _layer(key)
+    layer = layer_of(key)
     grams = {"grams": [g[layer] for g in calibration.grams]}
     return {**grams, "alignment": calibration.alignment[layer]} if method == "pivotmerge" else grams

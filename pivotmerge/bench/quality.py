@@ -23,7 +23,7 @@ from scipy.stats import spearmanr
 
 from .. import metrics
 from .domains import DOMAINS, make_split
-from .merging import VARIANTS, Calibration, Variant, calibrate, merge
+from .merging import VARIANTS, Calibration, Variant, calibrate, layer_of, merge
 from .models import (PROJECTOR_LAYERS, Encoded, LanguageModel, Projector, State, encode_split, evaluate,
                      pretrain_lm, pretrain_vision, train_projector)
 
@@ -124,16 +124,25 @@ def score(state: State, world: World, split: str, domains: tuple[str, ...] = DOM
     return per
 
 
-def select(variant: Variant, world: World, calibration: Calibration, seed: int) -> dict[str, Any]:
-    """Grid search on the dev splits (mean token accuracy); the choice is scored on test."""
+@dataclass
+class Selected:
+    """A variant's dev-chosen merge: its raw record (params, the dev search, test scores) and the merge itself."""
+
+    row: dict[str, Any]
+    merged: State
+
+
+def select(variant: Variant, world: World, calibration: Calibration, seed: int) -> Selected:
+    """Grid search on the dev splits (mean token accuracy); the first best choice is scored on test."""
     experts = world.experts[max(world.experts)]
-    search = []
+    search: list[dict[str, Any]] = []
+    best: dict[str, Any] = {}
     for params in variant.candidates():
         merged = merge(variant, params, experts, world.base, calibration, seed)
         search.append({"params": params, "dev_token_accuracy": score(merged, world, "dev")["average"]["token_accuracy"]})
-    best = max(search, key=lambda r: r["dev_token_accuracy"])
-    merged = merge(variant, best["params"], experts, world.base, calibration, seed)
-    return {"params": best["params"], "search": search, "test": score(merged, world, "test")}
+        if not best or search[-1]["dev_token_accuracy"] > best["dev_token_accuracy"]:
+            best = {**search[-1], "merged": merged}
+    return Selected({"params": best["params"], "search": search, "test": score(best["merged"], world, "test")}, best["merged"])
 
 
 def rival(rows: dict[str, Any], candidates: tuple[str, ...]) -> str:
@@ -154,20 +163,18 @@ def layer_attribution(ours: State, theirs: State, world: World) -> dict[str, flo
     reference = accuracy(theirs)
     out = {"total": accuracy(ours) - reference}
     for layer in PROJECTOR_LAYERS:
-        swapped = {k: (ours[k] if k.split(".")[0] == layer else v) for k, v in theirs.items()}
+        swapped = {k: (ours[k] if layer_of(k) == layer else v) for k, v in theirs.items()}
         out[layer] = accuracy(swapped) - reference
     return out
 
 
-def attributions(rows: dict[str, Any], world: World, calibration: Calibration, seed: int) -> list[dict[str, Any]]:
+def attributions(rows: dict[str, Any], chosen: dict[str, State], world: World) -> list[dict[str, Any]]:
     """Layer attribution of the bar's two comparisons: data-free PivotMerge against the strongest
     data-free baseline (by dev), and PivotMerge with calibration data against RegMean."""
-    experts = world.experts[max(world.experts)]
-    variants = {v.name: v for v in VARIANTS}
     out = []
     for ours, theirs in (("pivotmerge", rival(rows, DATA_FREE_BASELINES)), ("pivotmerge_data", "regmean")):
-        states = [merge(variants[n], rows[n]["params"], experts, world.base, calibration, seed) for n in (ours, theirs)]
-        out.append({"ours": ours, "theirs": theirs, "test_token_accuracy": layer_attribution(*states, world)})
+        out.append({"ours": ours, "theirs": theirs,
+                    "test_token_accuracy": layer_attribution(chosen[ours], chosen[theirs], world)})
     return out
 
 
@@ -218,11 +225,13 @@ def run_seed(cfg: Config, seed: int, progress: Progress) -> dict[str, Any]:
     rows.update({f"expert_{d}": {"test": score(e, world, "test")} for d, e in zip(DOMAINS, experts)})
     rows["joint"] = {"test": score(world.joint, world, "test")}
     rows["task_vector_oracle"] = {"test": score(task_vector_oracle(experts, world.base, world.joint), world, "test")}
+    chosen: dict[str, State] = {}
     for variant in VARIANTS:
         progress(f"merging: {variant.name}")
-        rows[variant.name] = select(variant, world, calibration, seed)
+        selected = select(variant, world, calibration, seed)
+        rows[variant.name], chosen[variant.name] = selected.row, selected.merged
     progress("layer attribution")
-    layers = attributions(rows, world, calibration, seed)
+    layers = attributions(rows, chosen, world)
     progress("merge-success scenarios")
     scenario_methods = {v.name: v for v in VARIANTS if v.name in ("linear", "pivotmerge")}
     return {"seed": seed, "rows": rows, "alignment": calibration.alignment, "layer_attribution": layers,

@@ -19,11 +19,9 @@ engine measures both in a first merge pass.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
-from typing import Literal
-
 from pydantic import Field, ValidationInfo, field_validator
 
 from . import Merged, Method, MethodParams, Tensor, register
@@ -50,7 +48,7 @@ class Params(MethodParams):
 
 def shrink_off_diagonal(gram: Tensor, alpha: float) -> Tensor:
     """``alpha G + (1 - alpha) diag(G)``."""
-    return alpha * gram + (1 - alpha) * torch.diag_embed(torch.diagonal(gram))
+    return shrink_cross(gram, gram, alpha)
 
 
 def shrink_cross(cross: Tensor, gram: Tensor, alpha: float) -> Tensor:
