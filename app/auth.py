@@ -9,7 +9,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from .models import ApiKey, Team, utcnow
+from core.models import ApiKey, Team, utcnow
 
 KEY_PREFIX = "pm_"
 

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import click
 
-from .settings import GPU_QUEUE, Settings
+from core.settings import GPU_QUEUE, Settings
 
 API_KEY_FILE = "api-key"
 DEFAULT_TEAM = "default"
@@ -28,7 +28,7 @@ def load_settings() -> Settings:
 
 
 def open_db(settings: Settings):  # type: ignore[no-untyped-def]
-    from .db import make_engine, make_sessionmaker
+    from core.db import make_engine, make_sessionmaker
 
     return make_sessionmaker(make_engine(settings.database_url))
 
@@ -44,7 +44,7 @@ def admin() -> None:
 @admin.command("migrate")
 def migrate_command() -> None:
     """Create or upgrade the database schema (alembic upgrade head)."""
-    from .db import migrate
+    from core.db import migrate
 
     migrate(load_settings().database_url)
     click.echo("database is up to date")
@@ -56,7 +56,7 @@ def create_team_command(name: str) -> None:
     """Create team NAME and print its first API key (shown once, stored hashed)."""
     from sqlalchemy.exc import IntegrityError
 
-    from .auth import create_api_key, create_team
+    from app.auth import create_api_key, create_team
 
     with open_db(load_settings())() as session:
         try:
@@ -71,7 +71,7 @@ def create_team_command(name: str) -> None:
 def _team(session: Any, name: str) -> Any:
     from sqlalchemy import select
 
-    from .models import Team
+    from core.models import Team
 
     team = session.scalar(select(Team).where(Team.name == name))
     if team is None:
@@ -83,7 +83,7 @@ def _team(session: Any, name: str) -> Any:
 @click.argument("team")
 def create_key_command(team: str) -> None:
     """Print a new API key for TEAM (by name)."""
-    from .auth import create_api_key
+    from app.auth import create_api_key
 
     with open_db(load_settings())() as session:
         row, key = create_api_key(session, _team(session, team))
@@ -95,7 +95,7 @@ def create_key_command(team: str) -> None:
 @click.argument("key_id", type=click.UUID)
 def revoke_key_command(key_id: Any) -> None:
     """Revoke the key with id KEY_ID; requests with it answer 401 from now on."""
-    from .auth import revoke_api_key
+    from app.auth import revoke_api_key
 
     with open_db(load_settings())() as session:
         if revoke_api_key(session, key_id) is None:
@@ -109,7 +109,7 @@ def list_teams_command() -> None:
     """Teams and their keys (prefixes only)."""
     from sqlalchemy import select
 
-    from .models import Team
+    from core.models import Team
 
     with open_db(load_settings())() as session:
         for team in session.scalars(select(Team).order_by(Team.name)):
@@ -126,8 +126,8 @@ def ensure_default_key(settings: Settings) -> Path:
     """Embedded mode: a `default` team and its key in data_dir/api-key, made on first start."""
     from sqlalchemy import func, select
 
-    from .auth import create_api_key, create_team
-    from .models import Team
+    from app.auth import create_api_key, create_team
+    from core.models import Team
 
     key_file = settings.data_dir / API_KEY_FILE
     with open_db(settings)() as session:
@@ -179,8 +179,8 @@ def serve(host: str, port: int, worker: bool) -> None:
     """
     import uvicorn
 
-    from .db import migrate
-    from .main import create_app
+    from core.db import migrate
+    from app.main import create_app
 
     settings = load_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -235,7 +235,7 @@ def start_embedded_service(data_dir: Path) -> tuple[subprocess.Popen[bytes], str
     env["PIVOTMERGE_DATA_DIR"] = str(data_dir)
     log = data_dir / "service.log"
     with log.open("wb") as out:
-        server = subprocess.Popen([sys.executable, "-c", "from pivotmerge.cli import main; main()", "serve",
+        server = subprocess.Popen([sys.executable, "-c", "from pivotmerge.cli.main import main; main()", "serve",
                                    "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
     return server, f"http://127.0.0.1:{port}", log
 
@@ -289,7 +289,7 @@ def quickstart(workdir: Path) -> None:
         import yaml
         from rich.console import Console
 
-        from pivotmerge.example import make_example
+        from pivotmerge.data.example import make_example
 
         console = Console()
         example = make_example(data_dir / "models" / "example", n_experts=3)

@@ -8,11 +8,11 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from .auth import team_for_key
-from .errors import ApiError
-from .models import Team
-from .settings import Settings
-from .storage import ArtifactStore
+from app.auth import team_for_key
+from app.errors import ApiError
+from core.models import Team
+from core.settings import Settings
+from core.storage import ArtifactStore
 
 bearer = HTTPBearer(auto_error=False, description="A team API key: `Authorization: Bearer pm_...`.")
 

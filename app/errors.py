@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pivotmerge.errors import PivotMergeError
 
-from .schemas import ErrorOut
+from app.schemas import ErrorOut
 
 log = logging.getLogger(__name__)
 

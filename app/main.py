@@ -10,12 +10,12 @@ from fastapi import FastAPI
 from pivotmerge import __version__
 from workers.celery_app import make_celery
 
-from .db import make_engine, make_sessionmaker
-from .errors import install_error_handlers
-from .limits import BodySizeLimit
-from .routers import analyses, health, merges
-from .settings import Settings, get_settings
-from .storage import make_store
+from core.db import make_engine, make_sessionmaker
+from app.errors import install_error_handlers
+from app.limits import BodySizeLimit
+from app.routers import analyses, health, merges
+from core.settings import Settings, get_settings
+from core.storage import make_store
 
 DESCRIPTION = """Merge multimodal (LLaVA-style) models as jobs.
 

@@ -13,9 +13,9 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
 
 from pivotmerge.errors import SpecError
-from pivotmerge.spec import MergeSpec, spec_from_dict
+from pivotmerge.spec.schema import MergeSpec, spec_from_dict
 
-from .models import JobKind, JobState
+from core.models import JobKind, JobState
 
 
 def _accept_mergekit_config(value: Any) -> Any:

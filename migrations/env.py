@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from alembic import context
 
-from app.db import make_engine
-from app.models import Base
-from app.settings import get_settings
+from core.db import make_engine
+from core.models import Base
+from core.settings import get_settings
 
 config = context.config
 url = config.attributes.get("database_url") or get_settings().database_url

@@ -2,12 +2,13 @@
 
 __version__ = "0.1.0"
 
-from .analyze import analyze
-from .engine import check, merge, plan_merge
-from .errors import CompatibilityError, MergeCancelled, PivotMergeError, RepoError, SpecError
-from .fold_model import fold
-from .progress import Progress
-from .spec import MergeSpec, load_spec, spec_from_dict
+from pivotmerge.analysis.analyze import analyze
+from pivotmerge.plan.plan import check, plan_merge
+from pivotmerge.run.engine import merge
+from pivotmerge.errors import CompatibilityError, MergeCancelled, PivotMergeError, RepoError, SpecError
+from pivotmerge.analysis.fold_repo import fold
+from pivotmerge.progress import Progress
+from pivotmerge.spec.schema import MergeSpec, load_spec, spec_from_dict
 
 __all__ = [
     "merge", "check", "analyze", "fold", "plan_merge", "MergeSpec", "load_spec", "spec_from_dict", "Progress",

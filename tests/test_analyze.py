@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from pivotmerge.analyze import analyze
+from pivotmerge.analysis.analyze import analyze
 from pivotmerge.errors import SpecError
 from tests.repo_factory import llava_like, write_repo
 
@@ -45,7 +45,7 @@ def test_analysis_needs_two_models(opposite_experts, tmp_path):
 
 
 def test_cli_prints_json(opposite_experts, tmp_path, capsys):
-    from pivotmerge.cli import main
+    from pivotmerge.cli.main import main
 
     (tmp_path / "spec.json").write_text(json.dumps(opposite_experts))  # JSON is YAML too
     main(["analyze", str(tmp_path / "spec.json"), "--json"])

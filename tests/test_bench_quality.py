@@ -14,7 +14,7 @@ import pytest
 from pivotmerge.bench.domains import DOMAINS
 from pivotmerge.bench.merging import VARIANTS
 from pivotmerge.bench.quality import Config
-from pivotmerge.cli import main
+from pivotmerge.cli.main import main
 
 # Own-domain token accuracy must exceed every other expert's by this much.
 SPECIALISATION_MARGIN = 0.05

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file, save_file
 
-from pivotmerge.calibration import alignment_scores, layer_groups
-from pivotmerge.data import load_dataset
-from pivotmerge.evaluate import caption_batches, load_model
-from pivotmerge.example import make_example
+from pivotmerge.data.calibration import alignment_scores, layer_groups
+from pivotmerge.data.datasets import load_dataset
+from pivotmerge.data.evaluate import caption_batches, load_model
+from pivotmerge.data.example import make_example
 from pivotmerge.methods.pivotmerge import Params, layer_weights
 
 L1, L2 = "model.multi_modal_projector.linear_1.", "model.multi_modal_projector.linear_2."

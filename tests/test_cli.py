@@ -15,7 +15,7 @@ from tests.repo_factory import llava_like, write_repo
 @pytest.fixture
 def run_cli(capsys, monkeypatch):
     """Run the CLI in-process, as `main` does for the console script."""
-    from pivotmerge.cli import main
+    from pivotmerge.cli.main import main
 
     def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         monkeypatch.chdir(cwd)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pivotmerge.data import DatasetError, load_dataset, load_ref
-from pivotmerge.spec import DatasetRef
+from pivotmerge.data.datasets import DatasetError, load_dataset, load_ref
+from pivotmerge.spec.schema import DatasetRef
 
 
 def _write(folder: Path, records: list[dict], images: dict[str, bytes | None] | None = None) -> Path:

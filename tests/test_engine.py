@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import pivotmerge
 from pivotmerge.errors import CompatibilityError, MergeCancelled, PivotMergeError, RepoError, SpecError
-from pivotmerge.repos import ModelRepo
+from pivotmerge.repos.model_repo import ModelRepo
 from tests.repo_factory import llava_like, write_repo
 
 P1W = "multi_modal_projector.linear_1.weight"

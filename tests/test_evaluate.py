@@ -19,11 +19,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from pivotmerge.data import load_dataset
-from pivotmerge.evaluate import (
+from pivotmerge.data.datasets import load_dataset
+from pivotmerge.data.evaluate import (
     evaluate_models, load_model, metrics_json, normalize_answer, target_mask, token_stats,
 )
-from pivotmerge.example import make_example
+from pivotmerge.data.example import make_example
 
 Z0, Z1 = 3.0, 2.0
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
 
-from pivotmerge.example import make_dataset, make_example
+from pivotmerge.data.example import make_dataset, make_example
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_dataset_records_point_at_images(tmp_path):
 
 
 def test_cli_writes_a_spec_naming_the_repos(tmp_path):
-    from pivotmerge.cli import cli
+    from pivotmerge.cli.main import cli
 
     result = CliRunner().invoke(cli, ["make-example", str(tmp_path / "out"), "--experts", "2", "--seed", "1"])
     assert result.exit_code == 0, result.output

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from pivotmerge.calibration import GramCollector
+from pivotmerge.data.calibration import GramCollector
 from pivotmerge.errors import CompatibilityError, SpecError
-from pivotmerge.folding import FoldSpec, fold_state
+from pivotmerge.analysis.folding import FoldSpec, fold_state
 
 MAPS = {"vision": {"pattern": r"\.mlp\.vision\.", "replace": ".mlp."},
         "text": {"pattern": r"\.mlp\.text\.", "replace": ".mlp."}}

@@ -8,7 +8,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import pivotmerge
-from pivotmerge.example import make_example
+from pivotmerge.data.example import make_example
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 import pivotmerge
-from pivotmerge.calibration import collect_grams
-from pivotmerge.data import load_dataset
+from pivotmerge.data.calibration import collect_grams
+from pivotmerge.data.datasets import load_dataset
 from pivotmerge.errors import SpecError
-from pivotmerge.example import make_example
+from pivotmerge.data.example import make_example
 from pivotmerge.methods.regmean import regmean_solve
 
 W1 = "model.multi_modal_projector.linear_1.weight"
@@ -86,8 +86,8 @@ def test_every_expert_needs_calibration_data(example, tmp_path):
 
 
 def test_evaluate_inputs_puts_base_and_experts_beside_the_merge_in_report_and_cli(example, tmp_path, capsys):
-    from pivotmerge.cli import main
-    from pivotmerge.evaluate import evaluate_model
+    from pivotmerge.cli.main import main
+    from pivotmerge.data.evaluate import evaluate_model
 
     spec = _spec(example, "linear", evaluate=[{"dataset": str(example.datasets["dots"]), "limit": 2}], evaluate_inputs=True)
     del spec["calibration"]

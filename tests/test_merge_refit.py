@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 import pivotmerge
-from pivotmerge.data import Dataset, load_dataset
+from pivotmerge.data.datasets import Dataset, load_dataset
 from pivotmerge.errors import MergeCancelled, SpecError
-from pivotmerge.evaluate import caption_batches, load_model
+from pivotmerge.data.evaluate import caption_batches, load_model
 from pivotmerge.methods import get_method
 from pivotmerge.methods.regmean import regmean_solve
 from pivotmerge.progress import Progress

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 import pivotmerge
 from pivotmerge.errors import SpecError
-from pivotmerge.spec import spec_from_dict
+from pivotmerge.spec.schema import spec_from_dict
 from tests.repo_factory import llava_like, write_repo
 
 TIES_YAML = """

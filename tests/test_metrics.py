@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pivotmerge.metrics import (TensorMetrics, aggregate, cosine_similarity, l2_distance, pair_metrics, pairwise,
+from pivotmerge.analysis.metrics import (TensorMetrics, aggregate, cosine_similarity, l2_distance, pair_metrics, pairwise,
                                 relative_l2_distance, sign_dissimilarity, soft_sign_dissimilarity,
                                 truncated_sign_dissimilarity)
 

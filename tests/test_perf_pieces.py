@@ -9,10 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 import pivotmerge
-import pivotmerge.engine as engine
+import pivotmerge.run.engine as engine
 from pivotmerge.methods import get_method
-from pivotmerge.params import resolve_params
-from pivotmerge.spec import spec_from_dict
+from pivotmerge.plan.params import resolve_params
+from pivotmerge.spec.schema import spec_from_dict
 from tests.repo_factory import llava_like, write_repo
 
 

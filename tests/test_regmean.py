@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from pivotmerge.calibration import GramCollector, collect_grams
-from pivotmerge.data import load_dataset
-from pivotmerge.example import make_example
+from pivotmerge.data.calibration import GramCollector, collect_grams
+from pivotmerge.data.datasets import load_dataset
+from pivotmerge.data.example import make_example
 from pivotmerge.methods import get_method
 from pivotmerge.methods.regmean import regmean_solve
 
@@ -108,7 +108,7 @@ def test_grams_of_a_llava_projector_on_calibration_images(tmp_path):
 @pytest.mark.parametrize("method, name", [("regmean", "grams"), ("pivotmerge", "alignment"), ("pivotmerge", "grams")])
 def test_engine_set_parameters_are_rejected_in_a_spec_naming_the_field(method, name):
     from pivotmerge.errors import SpecError
-    from pivotmerge.spec import spec_from_dict
+    from pivotmerge.spec.schema import spec_from_dict
 
     assert name in get_method(method).engine_params
     spec = {"method": method, "base_model": "base", "models": [{"model": "a"}, {"model": "b"}]}

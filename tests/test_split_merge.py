@@ -9,7 +9,7 @@ import pytest
 
 import pivotmerge
 from pivotmerge.errors import PivotMergeError
-from pivotmerge.split import finalize, merge_shards, partition, shard_count
+from pivotmerge.run.split import finalize, merge_shards, partition, shard_count
 from tests.repo_factory import llava_like, write_repo
 
 

@@ -6,7 +6,7 @@ initialises CUDA, so no process forks after CUDA is up; the child keeps its CUDA
 context from job to job (recycling it per job cost seconds of start-up each
 time). Late acknowledgement plus reject-on-worker-lost puts a job whose process
 died back on the queue, and the pool forks a new child for it; the attempts
-counter on the job row (see app.jobs.start_attempt) stops such a job from
+counter on the job row (see core.job_states.start_attempt) stops such a job from
 coming back forever.
 """
 
@@ -16,7 +16,7 @@ import uuid
 
 from celery import Celery
 
-from app.settings import GPU_QUEUE, Settings
+from core.settings import GPU_QUEUE, Settings
 
 RUN_JOB = "pivotmerge.run_job"
 

@@ -25,12 +25,12 @@ from typing import Any
 from celery import Celery, chord
 from celery.result import AsyncResult
 
-from pivotmerge.engine import as_spec
-from pivotmerge.split import PartResult, finalize, merge_shards, partition, shard_count
+from pivotmerge.plan.plan import as_spec
+from pivotmerge.run.split import PartResult, finalize, merge_shards, partition, shard_count
 
 SPLIT_QUEUE = "split"
-MERGE_PART = "pivotmerge.split.merge_part"
-FINALIZE = "pivotmerge.split.finalize"
+MERGE_PART = "pivotmerge.run.split.merge_part"
+FINALIZE = "pivotmerge.run.split.finalize"
 
 
 def make_split_celery(broker_url: str, backend_url: str) -> Celery:

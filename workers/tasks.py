@@ -19,16 +19,16 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 import pivotmerge
-from app.db import make_engine, make_sessionmaker
-from app.jobs import add_event, current_state, start_attempt, transition
-from app.models import ACTIVE_STATES, Artifact, Job, JobKind, JobState, utcnow
-from app.settings import Settings
-from app.storage import ArtifactStore, artifact_key, file_sha256, make_store
+from core.db import make_engine, make_sessionmaker
+from core.job_states import add_event, current_state, start_attempt, transition
+from core.models import ACTIVE_STATES, Artifact, Job, JobKind, JobState, utcnow
+from core.settings import Settings
+from core.storage import ArtifactStore, artifact_key, file_sha256, make_store
 from pivotmerge.errors import MergeCancelled, PivotMergeError
 from pivotmerge.progress import Progress
-from pivotmerge.spec import spec_from_dict
+from pivotmerge.spec.schema import spec_from_dict
 
-from .celery_app import RUN_JOB
+from workers.celery_app import RUN_JOB
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from typing import Any
 
 from celery.signals import worker_init
 
-from app.settings import Settings
+from core.settings import Settings
 
-from .celery_app import make_celery
+from workers.celery_app import make_celery
 
 celery = make_celery(Settings())
 

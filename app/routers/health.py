@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from ..schemas import HealthOut
+from app.schemas import HealthOut
 
 router = APIRouter(tags=["health"])
 

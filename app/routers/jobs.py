@@ -21,15 +21,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 import pivotmerge
-from pivotmerge.analyze import check_analysis
-from pivotmerge.spec import MergeSpec
+from pivotmerge.analysis.analyze import check_analysis
+from pivotmerge.spec.schema import MergeSpec
 from workers.celery_app import enqueue_job
 
-from ..deps import SessionDep, SettingsDep, StoreDep, TeamDep
-from ..errors import ERROR_RESPONSES, NOT_FOUND, ApiError
-from ..jobs import add_event, current_state, request_cancel, transition
-from ..models import ACTIVE_STATES, FINAL_STATES, Artifact, Job, JobEvent, JobKind, JobState, Team
-from ..schemas import MAX_SEQ, ArtifactList, ArtifactOut, ErrorOut, EventOut, EventPage, JobOut, JobPage, MetricsOut, ProgressOut, SpecBody
+from app.deps import SessionDep, SettingsDep, StoreDep, TeamDep
+from app.errors import ERROR_RESPONSES, NOT_FOUND, ApiError
+from core.job_states import add_event, current_state, request_cancel, transition
+from core.models import ACTIVE_STATES, FINAL_STATES, Artifact, Job, JobEvent, JobKind, JobState, Team
+from app.schemas import MAX_SEQ, ArtifactList, ArtifactOut, ErrorOut, EventOut, EventPage, JobOut, JobPage, MetricsOut, ProgressOut, SpecBody
 
 SSE_POLL_SECONDS = 0.5
 SSE_KEEPALIVE_SECONDS = 15.0

@@ -1,6 +1,6 @@
 """/v1/merges: merge jobs."""
 
-from ..models import JobKind
-from .jobs import job_router
+from core.models import JobKind
+from app.routers.jobs import job_router
 
 router = job_router(JobKind.merge, "merges", "merge")

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from ..methods import get_method
-from .models import PROJECTOR_LAYERS, Encoded, LanguageModel, State, _row_loss, Projector, layer_inputs
+from pivotmerge.methods import get_method
+from pivotmerge.bench.models import PROJECTOR_LAYERS, Encoded, LanguageModel, State, _row_loss, Projector, layer_inputs
 
 
 @dataclass(frozen=True)

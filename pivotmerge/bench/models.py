@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .domains import PAD, SIZE, VOCAB, Split
+from pivotmerge.bench.domains import PAD, SIZE, VOCAB, Split
 
 D_VISION, D_HIDDEN, D_LM, D_GRU = 32, 128, 64, 128
 PREFIX = 4  # vision tokens: a 2x2 grid of pooled patches

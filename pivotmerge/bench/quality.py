@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from .. import metrics
-from .domains import DOMAINS, make_split
-from .merging import VARIANTS, Calibration, Variant, calibrate, layer_of, merge
-from .models import (PROJECTOR_LAYERS, Encoded, LanguageModel, Projector, State, encode_split, evaluate,
+from pivotmerge.analysis import metrics
+from pivotmerge.bench.domains import DOMAINS, make_split
+from pivotmerge.bench.merging import VARIANTS, Calibration, Variant, calibrate, layer_of, merge
+from pivotmerge.bench.models import (PROJECTOR_LAYERS, Encoded, LanguageModel, Projector, State, encode_split, evaluate,
                      pretrain_lm, pretrain_vision, train_projector)
 
 # Experts and the joint projector fine-tune the warmed-up initialisation at a lower rate
@@ -282,7 +282,7 @@ def _run(cfg: Config, out: Path, progress: Progress) -> dict[str, Any]:
 
 
 def write(result: dict[str, Any], runs: list[dict[str, Any]], out: Path) -> None:
-    from .report import markdown, plot  # matplotlib is only needed here
+    from pivotmerge.bench.tables import markdown, plot  # matplotlib is only needed here
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))

@@ -10,9 +10,9 @@ from typing import Literal, Sequence
 import torch
 from pydantic import Field
 
-from . import Method, Tensor, per_model, register
-from ._ops import consensus_merge, normalize_by_weight_sum, random_drop_, stacked_deltas, weighted_sum
-from ._params import LambdaParams, PerModel, scale
+from pivotmerge.methods import Method, Tensor, per_model, register
+from pivotmerge.methods._ops import consensus_merge, normalize_by_weight_sum, random_drop_, stacked_deltas, weighted_sum
+from pivotmerge.methods.fields import LambdaParams, PerModel, scale
 
 
 class Params(LambdaParams):

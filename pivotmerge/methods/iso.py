@@ -12,8 +12,8 @@ from typing import Sequence
 import torch
 from pydantic import Field
 
-from . import Merged, Method, MethodParams, Tensor, register
-from ._ops import SvdMode, column_weights, flatten_spectrum, orthogonalize, significant, stacked_deltas, svd, weighted_sum
+from pivotmerge.methods import Merged, Method, MethodParams, Tensor, register
+from pivotmerge.methods._ops import SvdMode, column_weights, flatten_spectrum, orthogonalize, significant, stacked_deltas, svd, weighted_sum
 
 
 class IsoCParams(MethodParams):

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from pydantic import Field
 
-from . import Method, MethodParams, Tensor, register
+from pivotmerge.methods import Method, MethodParams, Tensor, register
 
 
 class Params(MethodParams):

@@ -33,9 +33,9 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from pydantic import Field, model_validator
 
-from . import Merged, Method, MethodParams, Tensor, register
-from .regmean import shrink_cross, shrink_off_diagonal
-from ._ops import (SvdMode, column_weights, elected_mask, energy_rank, flatten_spectrum, masked_merge,
+from pivotmerge.methods import Merged, Method, MethodParams, Tensor, register
+from pivotmerge.methods.regmean import shrink_cross, shrink_off_diagonal
+from pivotmerge.methods._ops import (SvdMode, column_weights, elected_mask, energy_rank, flatten_spectrum, masked_merge,
                    significant, svd, weighted_sum)
 
 

@@ -24,9 +24,9 @@ from typing import Any, Literal, Sequence
 import torch
 from pydantic import Field, ValidationInfo, field_validator
 
-from . import Merged, Method, MethodParams, Tensor, register
-from .linear import Params as LinearParams
-from .linear import linear
+from pivotmerge.methods import Merged, Method, MethodParams, Tensor, register
+from pivotmerge.methods.linear import Params as LinearParams
+from pivotmerge.methods.linear import linear
 
 
 class Params(MethodParams):

@@ -7,9 +7,9 @@ from typing import Sequence
 import torch
 from pydantic import Field
 
-from . import Method, Tensor, register
-from ._ops import normalize_by_weight_sum, weighted_sum
-from ._params import LambdaParams, scale
+from pivotmerge.methods import Method, Tensor, register
+from pivotmerge.methods._ops import normalize_by_weight_sum, weighted_sum
+from pivotmerge.methods.fields import LambdaParams, scale
 
 
 class Params(LambdaParams):

@@ -8,9 +8,9 @@ from typing import Sequence
 import torch
 from pydantic import Field
 
-from . import Method, Tensor, per_model, register
-from ._ops import consensus_merge, flat_pieces, magnitude_cut, stacked_deltas
-from ._params import LambdaParams, PerModel, scale
+from pivotmerge.methods import Method, Tensor, per_model, register
+from pivotmerge.methods._ops import consensus_merge, flat_pieces, magnitude_cut, stacked_deltas
+from pivotmerge.methods.fields import LambdaParams, PerModel, scale
 
 
 class Params(LambdaParams):

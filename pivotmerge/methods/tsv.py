@@ -13,8 +13,8 @@ from typing import Sequence
 import torch
 from pydantic import Field
 
-from . import Merged, Method, MethodParams, Tensor, register
-from ._ops import SvdMode, orthogonalize, significant, svd, weighted_sum
+from pivotmerge.methods import Merged, Method, MethodParams, Tensor, register
+from pivotmerge.methods._ops import SvdMode, orthogonalize, significant, svd, weighted_sum
 
 
 class Params(MethodParams):

@@ -18,10 +18,10 @@ from fastapi.testclient import TestClient
 from redis import Redis
 
 from app.auth import create_api_key, create_team
-from app.db import make_engine, make_sessionmaker, migrate
+from core.db import make_engine, make_sessionmaker, migrate
 from app.main import create_app
-from app.settings import Settings
-from pivotmerge.example import ExampleSet, make_example
+from core.settings import Settings
+from pivotmerge.data.example import ExampleSet, make_example
 from tests.service.service_support import WorkerProcess, merge_spec, service_env, wait_final
 
 PG_ADMIN_URL = os.environ.get("PIVOTMERGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")

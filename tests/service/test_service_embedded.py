@@ -13,13 +13,13 @@ from click.testing import CliRunner
 from transformers import LlavaForConditionalGeneration
 
 from app.cli import admin
-from app.storage import file_sha256
+from core.storage import file_sha256
 
 
 def test_quickstart_runs_the_embedded_service_end_to_end(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIVOTMERGE_")}
     env["COLUMNS"] = "120"
-    result = subprocess.run([sys.executable, "-c", "from pivotmerge.cli import main; main()", "quickstart",
+    result = subprocess.run([sys.executable, "-c", "from pivotmerge.cli.main import main; main()", "quickstart",
                              "--dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Submitted a pivotmerge merge: POST /v1/merges -> 202" in result.stdout

@@ -17,10 +17,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, select
 
 from app.auth import hash_key
-from app.db import migrate
+from core.db import migrate
 from app.main import create_app
-from app.models import ApiKey, Artifact, Base, Job, JobKind, JobState
-from app.storage import ArtifactStore, LocalStore, S3Store, artifact_key, file_sha256, make_store
+from core.models import ApiKey, Artifact, Base, Job, JobKind, JobState
+from core.storage import ArtifactStore, LocalStore, S3Store, artifact_key, file_sha256, make_store
 
 
 def test_migrations_produce_exactly_the_models(database_url: str) -> None:

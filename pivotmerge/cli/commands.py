@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .progress import Progress
-from .spec import load_spec
+from pivotmerge.progress import Progress
+from pivotmerge.spec.schema import load_spec
 
 console = Console(stderr=True)
 
@@ -63,7 +63,7 @@ def merge_command(spec_file: Path, out_dir: Path, force: bool, device: str | Non
     the spec lists `evaluate` datasets, the metrics are printed as a table
     (with `evaluate_inputs: true`, the base and each expert beside the merge).
     """
-    from .engine import merge
+    from pivotmerge.run.engine import merge
 
     spec = load_spec(spec_file)
     if device:
@@ -77,7 +77,7 @@ def merge_command(spec_file: Path, out_dir: Path, force: bool, device: str | Non
     console.print(f"[green]merged[/] {report['tensors']['merged']} of {report['tensors']['total']} tensors "
                   f"with {report['method']} in {t['total_s']:.2f} s on {report['device']} -> {out_dir}")
     if "evaluation" in report:
-        from .evaluate import metrics_from_json, metrics_table
+        from pivotmerge.data.evaluate import metrics_from_json, metrics_table
 
         Console().print(metrics_table(metrics_from_json(report["evaluation"])))
 
@@ -93,7 +93,7 @@ def _type_name(annotation: Any) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def methods_command(as_json: bool) -> None:
     """List the merge methods and their parameters."""
-    from .methods import all_methods
+    from pivotmerge.methods import all_methods
 
     methods = all_methods()
     if as_json:
@@ -131,7 +131,7 @@ def analyze_command(spec_file: Path, as_json: bool) -> None:
     pairs of models. Higher distance and sign dissimilarity predict a harder
     merge (docs/metrics.md defines each metric).
     """
-    from .analyze import analyze
+    from pivotmerge.analysis.analyze import analyze
 
     spec = load_spec(spec_file)
     with ProgressBar("analyzing") as bar:

@@ -1,4 +1,4 @@
-"""The merge engine: plan, check, and stream a merge one tensor at a time.
+"""The merge engine: stream a planned merge one tensor at a time.
 
 Peak memory stays near (number of models + 1) x the largest tensor: inputs are
 memory-mapped, each merged tensor is written out as soon as it exists, and the
@@ -7,163 +7,53 @@ output folder appears only when complete.
 
 from __future__ import annotations
 
-import re
 import tempfile
 import time
 import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Collection, Iterator, Mapping, Sequence, overload
+from typing import Any, Collection, Iterator, Mapping, Sequence, overload
 
 import torch
 
-from . import __version__
-from .architectures import Architecture, TensorPlace, architecture_for, place_tensors
-from .errors import CompatibilityError, MergeCancelled, RepoError, SpecError
-from .methods import Method, get_method
-from .output import building, carry_side_files, check_out_dir
-from .params import check_params, resolve_params
-from .progress import CancelFn, Progress, ProgressFn
-from .report import build_report, write_model_card, write_report
-from .repos import ModelRepo, resolve_roots
-from .spec import MergeSpec, spec_from_dict
-from .writer import OutputTensor, ShardWriter, WrittenFile
-
-if TYPE_CHECKING:
-    from .calibration import Calibrated
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from pivotmerge import __version__
+from pivotmerge.data.calibration import Calibrated, calibration_extras, merged_input_calibration, wants_merged_inputs
+from pivotmerge.data.evaluate import evaluate_merge, evaluation_data
+from pivotmerge.errors import MergeCancelled
+from pivotmerge.methods import Method
+from pivotmerge.plan.device import resolve_device
+from pivotmerge.plan.params import resolve_params
+from pivotmerge.plan.plan import MergePlan, Timings, check, plan_merge
+from pivotmerge.progress import CancelFn, Progress, ProgressFn
+from pivotmerge.report.merge_report import build_report, write_model_card, write_report
+from pivotmerge.repos.model_repo import ModelRepo, resolve_roots
+from pivotmerge.repos.output import building, carry_side_files, check_out_dir
+from pivotmerge.repos.writer import ShardWriter, WrittenFile
+from pivotmerge.spec.schema import MergeSpec
 
 
-def as_spec(spec: MergeSpec | Mapping[str, Any]) -> MergeSpec:
-    return spec if isinstance(spec, MergeSpec) else spec_from_dict(dict(spec))
 
 
-def resolve_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise SpecError("device: 'cuda' requested but no CUDA device is available")
-    return torch.device(requested)
 
 
-@dataclass
-class MergePlan:
-    """Everything a merge needs, checked, before any tensor data is read."""
-
-    spec: MergeSpec
-    method: Method
-    base: ModelRepo | None
-    models: list[ModelRepo]
-    architecture: Architecture
-    places: dict[str, TensorPlace]
-    names: list[str]  # output tensors, in the reference repo's order
-    merged: set[str]
-    outputs: list[OutputTensor] = field(default_factory=list)
-
-    @property
-    def reference(self) -> ModelRepo:
-        """The repo whose unmerged tensors and side files the output carries: the base, else the first model."""
-        return self.base or self.models[0]
-
-    def repos(self) -> list[ModelRepo]:
-        return ([self.base] if self.base else []) + self.models
-
-    def close(self) -> None:
-        for repo in self.repos():
-            repo.close()
-
-    def __enter__(self) -> "MergePlan":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
-def plan_merge(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[str | Path] | None = None,
-               relative_to: Path | None = None) -> MergePlan:
-    """Open the repos (headers only) and check that the spec can run on them."""
-    spec = as_spec(spec)
-    method = get_method(spec.method)
-    roots = resolve_roots(allowed_roots)
-    resolve_device(spec.device)
-    base = _open_repo(spec.base_model, "base_model", roots, relative_to) if spec.base_model else None
-    models = [_open_repo(m.model, f"models.{i}.model", roots, relative_to) for i, m in enumerate(spec.models)]
-    reference = base or models[0]
-    _check_architectures(reference, [r for r in [base, *models] if r is not None])
-    architecture = architecture_for(reference.model_type)
-    names = list(reference.tensors)
-    places = place_tensors(architecture, names)
-    merged = _select(spec, names, places, reference)
-    if not merged:
-        raise SpecError("components: no tensor of the base matches the components/include/exclude given")
-    _check_tensors(reference, [m for m in models if m is not reference], merged)
-    check_params(spec, method, {n: places[n].depth for n in sorted(merged)})
-    out_dtype = DTYPES[spec.dtype] if spec.dtype else None
-    outputs = [
-        OutputTensor(n, reference.tensors[n].shape,
-                     out_dtype if out_dtype is not None and reference.tensors[n].dtype.is_floating_point else reference.tensors[n].dtype)
-        for n in names
-    ]
-    return MergePlan(spec, method, base, models, architecture, places, names, merged, outputs)
 
 
-def _open_repo(ref: str, field: str, roots: Sequence[Path] | None, relative_to: Path | None) -> ModelRepo:
-    """Open a repo; errors name the spec field that points at it."""
-    try:
-        return ModelRepo.open(ref, allowed_roots=roots, relative_to=relative_to)
-    except RepoError as exc:
-        raise RepoError(f"{field}: {exc}") from None
-    except OSError as exc:  # e.g. a path too long for the filesystem
-        raise RepoError(f"{field}: cannot read {ref!r}: {exc.strerror}") from None
 
 
-def check(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[str | Path] | None = None,
-          relative_to: Path | None = None) -> None:
-    """Full pre-flight validation; raises a PivotMergeError naming the problem."""
-    plan_merge(spec, allowed_roots=allowed_roots, relative_to=relative_to).close()
 
 
-def _check_architectures(reference: ModelRepo, repos: Sequence[ModelRepo]) -> None:
-    for repo in repos:
-        if repo.model_type != reference.model_type:
-            raise CompatibilityError(f"{repo.ref}: architecture {repo.model_type!r} differs from {reference.ref}'s {reference.model_type!r}")
 
 
-def _select(spec: MergeSpec, names: Sequence[str], places: Mapping[str, TensorPlace], reference: ModelRepo) -> set[str]:
-    components = set(spec.components) if spec.components else None
-    chosen = set()
-    for name in names:
-        if not reference.tensors[name].dtype.is_floating_point:
-            continue  # integer buffers (position ids and the like) are carried, never averaged
-        by_component = components is None and not spec.include or (components is not None and places[name].component in components)
-        by_pattern = any(re.search(p, name) for p in spec.include)
-        if (by_component or by_pattern) and not any(re.search(p, name) for p in spec.exclude):
-            chosen.add(name)
-    return chosen
 
 
-def _check_tensors(reference: ModelRepo, others: Sequence[ModelRepo], merged: set[str]) -> None:
-    for repo in others:
-        for name in sorted(merged):
-            want = reference.tensors[name]
-            got = repo.tensors.get(name)
-            if got is None:
-                raise CompatibilityError(f"{repo.ref}: tensor {name} is missing (present in {reference.ref})")
-            if got.shape != want.shape:
-                raise CompatibilityError(f"{repo.ref}: tensor {name} has shape {list(got.shape)}, {reference.ref} has {list(want.shape)}")
-            if got.dtype != want.dtype:
-                raise CompatibilityError(f"{repo.ref}: tensor {name} has dtype {got.dtype}, {reference.ref} has {want.dtype}")
 
 
-@dataclass
-class Timings:
-    read_s: float = 0.0
-    merge_s: float = 0.0
-    write_s: float = 0.0
+
 
 
 # Tensors read ahead of the one being merged, by a reader thread: reads (pread,
@@ -347,8 +237,6 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | Path, *, progress:
     complete; on error or cancellation (MergeCancelled) nothing is left behind.
     RegMean or PivotMerge with ``gram_inputs: merged`` merges twice (`_refit_on_first_pass`).
     """
-    from .calibration import wants_merged_inputs  # calibration imports evaluate, which imports this module
-
     started = time.perf_counter()
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)
@@ -375,9 +263,6 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | Path, *, progress:
 def _data_for_merge(plan: MergePlan, device: torch.device, allowed_roots: Sequence[str | Path] | None,
                     relative_to: Path | None, progress: ProgressFn | None) -> tuple[Calibrated, list]:
     """Per-tensor parameters measured on calibration data, and the checked evaluation datasets."""
-    from .calibration import calibration_extras
-    from .evaluate import evaluation_data
-
     roots = resolve_roots(allowed_roots)
     eval_data = evaluation_data(plan.spec.evaluate, allowed_roots=roots, relative_to=relative_to)
     calibrated = calibration_extras(plan, device, allowed_roots=roots, relative_to=relative_to, progress=progress)
@@ -393,8 +278,6 @@ def _refit_on_first_pass(plan: MergePlan, out_dir: Path, device: torch.device, c
     inputs, as with ``gram_inputs: expert``. Its model lives in a hidden folder
     beside `out_dir` (the output's disk, not /tmp's), removed whatever happens.
     """
-    from .calibration import merged_input_calibration
-
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.first-pass-", dir=out_dir.parent) as tmp:
         first = Path(tmp)
         _write_shards(plan, first, device, _with_message(progress, "first pass: each layer fitted on the experts' own inputs"),
@@ -426,8 +309,6 @@ def _add_data_reports(report: dict[str, Any], models: Mapping[str, Path], device
                       calibration: dict[str, Any], eval_data: list, progress: ProgressFn | None,
                       should_cancel: CancelFn | None) -> None:
     """Calibration and evaluation sections of the report in `models["merged"]`, rewritten there."""
-    from .evaluate import evaluate_merge
-
     if calibration:
         report["calibration"] = calibration
     if eval_data:

@@ -27,8 +27,8 @@ from typing import Any, Literal, Mapping
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .errors import CompatibilityError, SpecError
-from .methods.regmean import regmean_solve
+from pivotmerge.errors import CompatibilityError, SpecError
+from pivotmerge.methods.regmean import regmean_solve
 
 Tensor = torch.Tensor
 

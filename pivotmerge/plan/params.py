@@ -11,9 +11,9 @@ from typing import Any, Mapping, Sequence
 
 from pydantic import ValidationError
 
-from .errors import SpecError
-from .methods import Method, MethodParams
-from .spec import FilteredValue, MergeSpec, ParamValue, format_validation_error
+from pivotmerge.errors import SpecError
+from pivotmerge.methods import Method, MethodParams
+from pivotmerge.spec.schema import FilteredValue, MergeSpec, ParamValue, format_validation_error
 
 
 def interpolate(values: Sequence[float], depth: float) -> float:

@@ -23,11 +23,11 @@ from typing import Any, Mapping, Sequence
 import click
 import torch
 
-from .data import CAPTION_PROMPT, Dataset, Record, load_dataset, load_image, load_ref
-from .engine import resolve_device
-from .errors import MergeCancelled, PivotMergeError
-from .progress import CancelFn, Progress, ProgressFn
-from .spec import DatasetRef
+from pivotmerge.data.datasets import CAPTION_PROMPT, Dataset, Record, load_dataset, load_image, load_ref
+from pivotmerge.plan.device import resolve_device
+from pivotmerge.errors import MergeCancelled, PivotMergeError
+from pivotmerge.progress import CancelFn, Progress, ProgressFn
+from pivotmerge.spec.schema import DatasetRef
 
 
 @dataclass(frozen=True)

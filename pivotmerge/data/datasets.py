@@ -20,8 +20,8 @@ from typing import Sequence
 
 from PIL import Image, UnidentifiedImageError
 
-from .errors import PivotMergeError
-from .spec import DatasetRef
+from pivotmerge.errors import PivotMergeError
+from pivotmerge.spec.schema import DatasetRef
 
 
 # What a captioning model is asked before the caption it is scored on.

@@ -21,11 +21,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .engine import MergePlan, Timings, _finish, _write_shards, as_spec, plan_merge, resolve_device
-from .errors import PivotMergeError, SpecError
-from .progress import CancelFn, ProgressFn
-from .spec import MergeSpec
-from .writer import WrittenFile, plan_shards, write_index
+from pivotmerge.plan.device import resolve_device
+from pivotmerge.plan.plan import MergePlan, Timings, as_spec, plan_merge
+from pivotmerge.run.engine import _finish, _write_shards
+from pivotmerge.errors import PivotMergeError, SpecError
+from pivotmerge.progress import CancelFn, ProgressFn
+from pivotmerge.spec.schema import MergeSpec
+from pivotmerge.repos.writer import WrittenFile, plan_shards, write_index
 
 PartResult = dict[str, Any]  # JSON-serialisable, so it can travel as a task result
 

@@ -6,7 +6,7 @@ from typing import Union
 
 from pydantic import Field, create_model
 
-from . import MethodParams
+from pivotmerge.methods import MethodParams
 
 # A per-model value: one float for all experts, or one per expert.
 PerModel = Union[float, list[float]]

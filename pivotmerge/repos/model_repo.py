@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import RepoError
+from pivotmerge.errors import RepoError
 
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_FILE = "model.safetensors.index.json"

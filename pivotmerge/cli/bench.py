@@ -24,7 +24,7 @@ def quality(quick: bool, seeds: int | None, out: Path, threads: int) -> None:
     """Merge quality on the synthetic heterogeneous post-alignment suite."""
     from rich.console import Console
 
-    from .quality import FULL, QUICK, run
+    from pivotmerge.bench.quality import FULL, QUICK, run
 
     cfg = QUICK if quick else FULL
     if seeds is not None:

@@ -18,21 +18,20 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, Iterable, Mapping, Sequence, TypeVar
 
 import torch
 from torch import nn
 
-from .architectures import architecture_for, place_tensors
-from .data import Dataset, load_ref
-from .errors import CompatibilityError, MergeCancelled, SpecError
-from .evaluate import Loaded, caption_batches, caption_stats, load_model
-from .progress import CancelFn, Progress, ProgressFn
-from .repos import ModelRepo
-from .spec import DatasetRef, FilteredValue, MergeSpec
+from pivotmerge.repos.architectures import architecture_for, place_tensors
+from pivotmerge.data.datasets import Dataset, load_ref
+from pivotmerge.errors import CompatibilityError, MergeCancelled, SpecError
+from pivotmerge.data.evaluate import Loaded, caption_batches, caption_stats, load_model
+from pivotmerge.progress import CancelFn, Progress, ProgressFn
+from pivotmerge.repos.model_repo import ModelRepo
+from pivotmerge.spec.schema import DatasetRef, FilteredValue, MergeSpec
+from pivotmerge.plan.plan import MergePlan
 
-if TYPE_CHECKING:
-    from .engine import MergePlan
 
 T = TypeVar("T")
 

@@ -20,8 +20,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import SpecError
-from .methods import MethodParams, get_method
+from pivotmerge.errors import SpecError
+from pivotmerge.methods import MethodParams, get_method
 
 Number = Union[int, float]
 Scalar = Union[bool, int, float, str]
@@ -191,7 +191,7 @@ def spec_from_dict(data: Any) -> MergeSpec:
     if not isinstance(data, dict):
         raise SpecError("spec: expected a mapping at the top level")
     if "merge_method" in data:
-        from .mergekit_config import from_mergekit
+        from pivotmerge.spec.mergekit import from_mergekit
 
         data = from_mergekit(data)
     try:

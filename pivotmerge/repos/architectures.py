@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
-from .spec import Component
+from pivotmerge.spec.schema import Component
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,12 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .engine import as_spec, check, plan_merge, resolve_device
-from .errors import MergeCancelled, SpecError
-from .metrics import TensorMetrics, aggregate, pairwise
-from .progress import CancelFn, Progress, ProgressFn
-from .spec import MergeSpec
+from pivotmerge.plan.device import resolve_device
+from pivotmerge.plan.plan import as_spec, check, plan_merge
+from pivotmerge.errors import MergeCancelled, SpecError
+from pivotmerge.analysis.metrics import TensorMetrics, aggregate, pairwise
+from pivotmerge.progress import CancelFn, Progress, ProgressFn
+from pivotmerge.spec.schema import MergeSpec
 
 
 def layer_key(component: str, layer: int | None) -> str:

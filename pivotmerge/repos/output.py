@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import PivotMergeError
-from .repos import PICKLED_SUFFIXES
-from .writer import INDEX_FILE
+from pivotmerge.errors import PivotMergeError
+from pivotmerge.repos.model_repo import PICKLED_SUFFIXES
+from pivotmerge.repos.writer import INDEX_FILE
 
 REPORT_FILE = "merge_report.json"
 FOLD_REPORT_FILE = "fold_report.json"

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator, Protocol
 
-from .settings import Settings
+from core.settings import Settings
 
 CHUNK = 1 << 20
 

@@ -7,16 +7,15 @@ import platform
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from . import __version__
-from .output import REPORT_FILE
-from .writer import WrittenFile
+from pivotmerge import __version__
+from pivotmerge.repos.output import REPORT_FILE
+from pivotmerge.repos.writer import WrittenFile
+from pivotmerge.plan.plan import MergePlan, Timings
 
-if TYPE_CHECKING:
-    from .engine import MergePlan, Timings
 
 
 def versions() -> dict[str, str]:
@@ -25,8 +24,8 @@ def versions() -> dict[str, str]:
             "safetensors": metadata.version("safetensors"), "python": platform.python_version()}
 
 
-def build_report(plan: "MergePlan", device: torch.device, entries: Sequence[dict[str, Any]],
-                 files: Sequence[WrittenFile], timings: "Timings", total_s: float) -> dict[str, Any]:
+def build_report(plan: MergePlan, device: torch.device, entries: Sequence[dict[str, Any]],
+                 files: Sequence[WrittenFile], timings: Timings, total_s: float) -> dict[str, Any]:
     return {
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
@@ -50,7 +49,7 @@ def write_report(folder: Path, report: dict[str, Any], name: str = REPORT_FILE) 
     (folder / name).write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
-def write_model_card(folder: Path, plan: "MergePlan", report: dict[str, Any]) -> None:
+def write_model_card(folder: Path, plan: MergePlan, report: dict[str, Any]) -> None:
     spec = plan.spec
     base = spec.base_model or "none (the experts' mean is the pivot)"
     lines = [

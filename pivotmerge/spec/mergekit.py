@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from .errors import SpecError
+from pivotmerge.errors import SpecError
 
 SHARED_METHODS = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"}
 # Top-level keys we map; tokenizer/chat-template keys are accepted only where they mean "the base's".

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from .models import FINAL_STATES, Job, JobEvent, JobState, utcnow
+from core.models import FINAL_STATES, Job, JobEvent, JobState, utcnow
 
 
 def add_event(session: Session, job_id: uuid.UUID, type: str, data: dict[str, Any]) -> JobEvent:

@@ -11,17 +11,17 @@ import sys
 
 import click
 
-from .errors import PivotMergeError
+from pivotmerge.errors import PivotMergeError
 
 # name -> "module:attribute" of a click command
 COMMANDS: dict[str, str] = {
-    "bench": "pivotmerge.bench.cli:bench",
-    "merge": "pivotmerge.commands:merge_command",
-    "methods": "pivotmerge.commands:methods_command",
-    "analyze": "pivotmerge.commands:analyze_command",
-    "make-example": "pivotmerge.example:make_example_command",
-    "evaluate": "pivotmerge.evaluate:evaluate_command",
-    "fold": "pivotmerge.fold_model:fold_command",
+    "bench": "pivotmerge.cli.bench:bench",
+    "merge": "pivotmerge.cli.commands:merge_command",
+    "methods": "pivotmerge.cli.commands:methods_command",
+    "analyze": "pivotmerge.cli.commands:analyze_command",
+    "make-example": "pivotmerge.data.example:make_example_command",
+    "evaluate": "pivotmerge.data.evaluate:evaluate_command",
+    "fold": "pivotmerge.analysis.fold_repo:fold_command",
     "serve": "app.cli:serve",
     "quickstart": "app.cli:quickstart",
     "admin": "app.cli:admin",

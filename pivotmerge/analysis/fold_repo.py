@@ -27,15 +27,15 @@ import click
 import torch
 from pydantic import Field, ValidationError, model_validator
 
-from . import __version__
-from .engine import DTYPES, resolve_device
-from .errors import CompatibilityError, MergeCancelled, SpecError
-from .folding import FoldSpec, fold_plan, fold_tensor
-from .output import FOLD_REPORT_FILE, building, carry_side_files, check_out_dir
-from .progress import CancelFn, Progress, ProgressFn
-from .repos import ModelRepo, resolve_roots
-from .spec import ByteSize, DatasetRef, format_validation_error, read_yaml
-from .writer import OutputTensor, ShardWriter
+from pivotmerge import __version__
+from pivotmerge.plan.device import DTYPES, resolve_device
+from pivotmerge.errors import CompatibilityError, MergeCancelled, SpecError
+from pivotmerge.analysis.folding import FoldSpec, fold_plan, fold_tensor
+from pivotmerge.repos.output import FOLD_REPORT_FILE, building, carry_side_files, check_out_dir
+from pivotmerge.progress import CancelFn, Progress, ProgressFn
+from pivotmerge.repos.model_repo import ModelRepo, resolve_roots
+from pivotmerge.spec.schema import ByteSize, DatasetRef, format_validation_error, read_yaml
+from pivotmerge.repos.writer import OutputTensor, ShardWriter
 
 Folded = dict[str, dict[str, str]]  # folded name -> {modality: source tensor name}
 
@@ -110,8 +110,8 @@ def _grams(spec: FoldJobSpec, repo: ModelRepo, folded: Folded, roots: Sequence[P
     """Gram matrices of each source tensor's inputs on the calibration set (regmean only), and their report."""
     if spec.calibration is None:
         return {}, {}
-    from .calibration import collect_grams
-    from .data import load_ref
+    from pivotmerge.data.calibration import collect_grams
+    from pivotmerge.data.datasets import load_ref
 
     dataset = load_ref(spec.calibration, allowed_roots=roots, relative_to=relative_to)
     if progress is not None:
@@ -124,7 +124,7 @@ def _grams(spec: FoldJobSpec, repo: ModelRepo, folded: Folded, roots: Sequence[P
 def _write_folded(repo: ModelRepo, w0: ModelRepo | None, spec: FoldJobSpec, folded: Folded, grams: Mapping[str, torch.Tensor],
                   folder: Path, progress: ProgressFn | None, should_cancel: CancelFn | None) -> list[dict[str, Any]]:
     """Fold and write every output tensor, one at a time; returns the written files' report."""
-    from .report import files_json
+    from pivotmerge.report.merge_report import files_json
 
     outputs = output_tensors(repo, folded, DTYPES[spec.dtype] if spec.dtype else None)
     writer = ShardWriter(folder, outputs, spec.out_shard_size, metadata={"folded_by": f"pivotmerge {__version__}"})
@@ -180,7 +180,7 @@ def fold(spec: FoldJobSpec | Mapping[str, Any], out_dir: str | Path, *, progress
 
 def _fold_report(spec: FoldJobSpec, folded: Folded, files: list[dict[str, Any]], calibration: dict[str, Any],
                  total_s: float) -> dict[str, Any]:
-    from .report import versions
+    from pivotmerge.report.merge_report import versions
 
     return {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions(),
             "spec": spec.model_dump(mode="json", by_alias=True), "method": spec.method,
@@ -189,7 +189,7 @@ def _fold_report(spec: FoldJobSpec, folded: Folded, files: list[dict[str, Any]],
 
 
 def _write_report_and_card(folder: Path, spec: FoldJobSpec, report: dict[str, Any]) -> None:
-    from .report import write_report
+    from pivotmerge.report.merge_report import write_report
 
     write_report(folder, report, FOLD_REPORT_FILE)
     formula = {"interpolation": "sum_m w_m W_m / sum_m w_m", "modality_arithmetic": f"W0 + {spec.lambda_} * sum_m (W_m - W0)",
@@ -228,7 +228,7 @@ def fold_command(spec_file: Path, out_dir: Path, force: bool, as_json: bool) -> 
     `calibration` dataset. OUT holds sharded safetensors, the model's config
     and tokenizer files, fold_report.json and a model card (docs/evaluation.md).
     """
-    from .commands import ProgressBar, console
+    from pivotmerge.cli.commands import ProgressBar, console
 
     spec = fold_spec_from_dict(read_yaml(spec_file))
     with ProgressBar(f"folding ({spec.method})") as bar:

@@ -1,0 +1,142 @@
+"""The merge plan: a spec checked against its repos before any tensor data is read.
+
+`plan_merge` opens every repo (headers only), checks architectures, shapes and
+dtypes, chooses the merged tensors and checks the method's parameters for each.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from pivotmerge.errors import CompatibilityError, RepoError, SpecError
+from pivotmerge.methods import Method, get_method
+from pivotmerge.plan.device import DTYPES, resolve_device
+from pivotmerge.plan.params import check_params
+from pivotmerge.repos.architectures import Architecture, TensorPlace, architecture_for, place_tensors
+from pivotmerge.repos.model_repo import ModelRepo, resolve_roots
+from pivotmerge.repos.writer import OutputTensor
+from pivotmerge.spec.schema import MergeSpec, spec_from_dict
+
+
+def as_spec(spec: MergeSpec | Mapping[str, Any]) -> MergeSpec:
+    return spec if isinstance(spec, MergeSpec) else spec_from_dict(dict(spec))
+
+
+@dataclass
+class MergePlan:
+    """Everything a merge needs, checked, before any tensor data is read."""
+
+    spec: MergeSpec
+    method: Method
+    base: ModelRepo | None
+    models: list[ModelRepo]
+    architecture: Architecture
+    places: dict[str, TensorPlace]
+    names: list[str]  # output tensors, in the reference repo's order
+    merged: set[str]
+    outputs: list[OutputTensor] = field(default_factory=list)
+
+    @property
+    def reference(self) -> ModelRepo:
+        """The repo whose unmerged tensors and side files the output carries: the base, else the first model."""
+        return self.base or self.models[0]
+
+    def repos(self) -> list[ModelRepo]:
+        return ([self.base] if self.base else []) + self.models
+
+    def close(self) -> None:
+        for repo in self.repos():
+            repo.close()
+
+    def __enter__(self) -> "MergePlan":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def plan_merge(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[str | Path] | None = None,
+               relative_to: Path | None = None) -> MergePlan:
+    """Open the repos (headers only) and check that the spec can run on them."""
+    spec = as_spec(spec)
+    method = get_method(spec.method)
+    roots = resolve_roots(allowed_roots)
+    resolve_device(spec.device)
+    base = _open_repo(spec.base_model, "base_model", roots, relative_to) if spec.base_model else None
+    models = [_open_repo(m.model, f"models.{i}.model", roots, relative_to) for i, m in enumerate(spec.models)]
+    reference = base or models[0]
+    _check_architectures(reference, [r for r in [base, *models] if r is not None])
+    architecture = architecture_for(reference.model_type)
+    names = list(reference.tensors)
+    places = place_tensors(architecture, names)
+    merged = _select(spec, names, places, reference)
+    if not merged:
+        raise SpecError("components: no tensor of the base matches the components/include/exclude given")
+    _check_tensors(reference, [m for m in models if m is not reference], merged)
+    check_params(spec, method, {n: places[n].depth for n in sorted(merged)})
+    out_dtype = DTYPES[spec.dtype] if spec.dtype else None
+    outputs = [
+        OutputTensor(n, reference.tensors[n].shape,
+                     out_dtype if out_dtype is not None and reference.tensors[n].dtype.is_floating_point else reference.tensors[n].dtype)
+        for n in names
+    ]
+    return MergePlan(spec, method, base, models, architecture, places, names, merged, outputs)
+
+
+def _open_repo(ref: str, field: str, roots: Sequence[Path] | None, relative_to: Path | None) -> ModelRepo:
+    """Open a repo; errors name the spec field that points at it."""
+    try:
+        return ModelRepo.open(ref, allowed_roots=roots, relative_to=relative_to)
+    except RepoError as exc:
+        raise RepoError(f"{field}: {exc}") from None
+    except OSError as exc:  # e.g. a path too long for the filesystem
+        raise RepoError(f"{field}: cannot read {ref!r}: {exc.strerror}") from None
+
+
+def check(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[str | Path] | None = None,
+          relative_to: Path | None = None) -> None:
+    """Full pre-flight validation; raises a PivotMergeError naming the problem."""
+    plan_merge(spec, allowed_roots=allowed_roots, relative_to=relative_to).close()
+
+
+def _check_architectures(reference: ModelRepo, repos: Sequence[ModelRepo]) -> None:
+    for repo in repos:
+        if repo.model_type != reference.model_type:
+            raise CompatibilityError(f"{repo.ref}: architecture {repo.model_type!r} differs from {reference.ref}'s {reference.model_type!r}")
+
+
+def _select(spec: MergeSpec, names: Sequence[str], places: Mapping[str, TensorPlace], reference: ModelRepo) -> set[str]:
+    components = set(spec.components) if spec.components else None
+    chosen = set()
+    for name in names:
+        if not reference.tensors[name].dtype.is_floating_point:
+            continue  # integer buffers (position ids and the like) are carried, never averaged
+        by_component = components is None and not spec.include or (components is not None and places[name].component in components)
+        by_pattern = any(re.search(p, name) for p in spec.include)
+        if (by_component or by_pattern) and not any(re.search(p, name) for p in spec.exclude):
+            chosen.add(name)
+    return chosen
+
+
+def _check_tensors(reference: ModelRepo, others: Sequence[ModelRepo], merged: set[str]) -> None:
+    for repo in others:
+        for name in sorted(merged):
+            want = reference.tensors[name]
+            got = repo.tensors.get(name)
+            if got is None:
+                raise CompatibilityError(f"{repo.ref}: tensor {name} is missing (present in {reference.ref})")
+            if got.shape != want.shape:
+                raise CompatibilityError(f"{repo.ref}: tensor {name} has shape {list(got.shape)}, {reference.ref} has {list(want.shape)}")
+            if got.dtype != want.dtype:
+                raise CompatibilityError(f"{repo.ref}: tensor {name} has dtype {got.dtype}, {reference.ref} has {want.dtype}")
+
+
+@dataclass
+class Timings:
+    read_s: float = 0.0
+    merge_s: float = 0.0
+    write_s: float = 0.0
+

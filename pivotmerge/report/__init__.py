@@ -1,0 +1,3 @@
+"""Stage 6, the report: the merge report written beside a merged model, and its model card.
+
+May import: plan, repos, errors."""
