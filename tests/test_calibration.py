@@ -58,6 +58,5 @@ def test_useless_layer_update_gets_no_weight(tmp_path):
     assert max(max(s) for s in scores.values()) == 1.0 and all(0 <= x <= 1 for s in scores.values() for x in s)
     assert result.for_tensor(L2 + "weight") == scores["projector.2"]
     # PivotMerge's data mode then gives expert 2 no weight in that layer (the shares are unused there).
-    weights, _ = layer_weights(Params(layer_weighting="data", alignment=scores["projector.2"]), [1.0, 1.0],
-                               torch.tensor([0.5, 0.5]))
+    weights, _ = layer_weights(Params(layer_weighting="data"), [1.0, 1.0], torch.tensor([0.5, 0.5]), scores["projector.2"])
     assert weights == [2.0, 0.0]

@@ -61,7 +61,7 @@ def test_cli_fold_writes_w0_plus_lambda_times_summed_deltas(tmp_path, repos, run
     report = json.loads((out / "fold_report.json").read_text())
     assert report["folded"]["layers.0.mlp.up.weight"] == {"vision": "layers.0.mlp.vision.up.weight",
                                                           "text": "layers.0.mlp.text.up.weight"}
-    assert report["spec"]["lambda"] == 0.5
+    assert report["spec"]["scale"] == 0.5
     assert sorted(f["name"] for f in report["files"]) == sorted(set(index.values()))
     assert (out / "tokenizer_config.json").is_file() and "modality_arithmetic" in (out / "README.md").read_text()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial folder left

@@ -13,7 +13,7 @@ import pivotmerge
 from pivotmerge.data.datasets import Dataset, load_dataset
 from pivotmerge.errors import MergeCancelled, SpecError
 from pivotmerge.data.evaluate import caption_batches, load_model
-from pivotmerge.methods import get_method
+from pivotmerge.methods import Calibration, get_method
 from pivotmerge.methods.regmean import regmean_solve
 from pivotmerge.progress import Progress
 from tests.test_merge_data import W1, _spec, example  # noqa: F401  (example is a fixture)
@@ -64,9 +64,9 @@ def test_second_pass_refits_linear_2_on_the_merged_linear_1_and_keeps_linear_1(e
         grams.append(merged.T @ merged)
         cross.append(own.T @ merged)
     method = get_method("pivotmerge")
-    params = method.params.model_validate({**GRAM, "gram_inputs": "merged", "grams": grams, "cross_grams": cross})
+    params = method.params.model_validate({**GRAM, "gram_inputs": "merged"})
     experts = [_weights(e)[W2] for e in example.experts]
-    expected = method(experts, _weights(example.base)[W2], [1.0, 1.0], params).tensor
+    expected = method(experts, _weights(example.base)[W2], [1.0, 1.0], params, None, Calibration(grams=grams, cross_grams=cross)).tensor
     assert torch.allclose(twice[W2], expected, atol=1e-5)
     layers = {e["tensor"]: e for e in report["layers"]}
     assert layers[W2]["info"]["combine"] == "gram (merged inputs)"

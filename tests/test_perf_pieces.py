@@ -29,8 +29,8 @@ def test_elementwise_methods_merged_in_pieces_equal_the_whole_tensor_call(tmp_pa
     for name, base in states[0].items():
         if not base.is_floating_point():
             continue
-        weights, params = resolve_params(spec_from_dict(spec), m, name, 0.0)
-        expected = m([s[name] for s in states[1:]], base, weights, params).tensor
+        resolved = resolve_params(spec_from_dict(spec), m, name, 0.0)
+        expected = m([s[name] for s in states[1:]], base, resolved.weights, resolved.params).tensor
         assert torch.allclose(merged[name], expected, rtol=0, atol=1e-6), name
 
 

@@ -192,7 +192,7 @@ def _write_report_and_card(folder: Path, spec: FoldJobSpec, report: dict[str, An
     from pivotmerge.report.merge_report import write_report
 
     write_report(folder, report, FOLD_REPORT_FILE)
-    formula = {"interpolation": "sum_m w_m W_m / sum_m w_m", "modality_arithmetic": f"W0 + {spec.lambda_} * sum_m (W_m - W0)",
+    formula = {"interpolation": "sum_m w_m W_m / sum_m w_m", "modality_arithmetic": f"W0 + {spec.scale} * sum_m (W_m - W0)",
                "regmean": "RegMean over the modalities with each modality's input Gram matrices"}[spec.method]
     lines = ["---", "library_name: transformers", "tags: [folded, pivotmerge]", "---", "",
              f"# Folded with PivotMerge ({spec.method})", "",

@@ -9,7 +9,7 @@ and ``text: {pattern: '\\.mlp\\.text\\.', replace: '.mlp.'}``, the tensors
 ``layers.0.mlp.fc.weight``. Methods, for the modalities' tensors ``W_m``:
 
 * ``interpolation``: ``sum_m w_m W_m / sum_m w_m``;
-* ``modality_arithmetic``: ``W0 + lambda * sum_m (W_m - W0)``, each delta against
+* ``modality_arithmetic``: ``W0 + scale * sum_m (W_m - W0)``, each delta against
   the untouched shared weight ``W0`` (the folded name in `w0`, e.g. the
   pre-trained model the experts were split from);
 * ``regmean``: RegMean over the modalities with the Gram matrices of each
@@ -25,9 +25,10 @@ import re
 from typing import Any, Literal, Mapping
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pivotmerge.errors import CompatibilityError, SpecError
+from pivotmerge.methods._ops import add_weighted_deltas
 from pivotmerge.methods.regmean import regmean_solve
 
 Tensor = torch.Tensor
@@ -51,12 +52,15 @@ class NameMap(BaseModel):
 class FoldSpec(BaseModel):
     """How to fold one model's modality-specific groups into one."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid")
     method: Literal["interpolation", "modality_arithmetic", "regmean"]
     groups: dict[str, NameMap] = Field(..., min_length=2, description="Modality name -> name map.")
     weights: dict[str, float] = Field(default_factory=dict, description="Interpolation/RegMean weight per modality; default 1.")
-    lambda_: float = Field(1.0, alias="lambda", description="modality_arithmetic: scale of the summed deltas.")
-    alpha: float = Field(0.9, ge=0, le=1, description="regmean: scale of the Gram matrices' off-diagonal entries.")
+    # The methods' names for the same concepts (docs/methods.md); the old spellings stay accepted.
+    scale: float = Field(1.0, validation_alias=AliasChoices("scale", "lambda"),
+                         description="modality_arithmetic: scale of the summed deltas.")
+    off_diagonal_scale: float = Field(0.9, ge=0, le=1, validation_alias=AliasChoices("off_diagonal_scale", "alpha"),
+                                      description="regmean: scale of the Gram matrices' off-diagonal entries.")
 
     @model_validator(mode="after")
     def _known_modalities(self) -> "FoldSpec":
@@ -101,9 +105,9 @@ def fold_tensor(sources: Mapping[str, Tensor], spec: FoldSpec, w0: Tensor | None
         if w0 is None:
             raise CompatibilityError("modality_arithmetic needs the untouched shared weight W0 for every folded tensor")
         w0 = w0.to(torch.float32)
-        return w0 + spec.lambda_ * sum(w - w0 for w in ws)
+        return add_weighted_deltas(w0, (w - w0 for w in ws), [1.0] * len(ws), spec.scale)
     if spec.method == "regmean" and grams is not None and ws[0].ndim == 2:
-        return regmean_solve(ws, [grams[m] for m in modalities], scales, spec.alpha)
+        return regmean_solve(ws, [grams[m] for m in modalities], scales, spec.off_diagonal_scale)
     return sum(s * w for s, w in zip(scales, ws)) / sum(scales)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, get_args
 
@@ -11,6 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pivotmerge.methods import Search, all_methods
 from pivotmerge.progress import Progress
 from pivotmerge.spec.schema import load_spec
 
@@ -93,27 +95,46 @@ def _type_name(annotation: Any) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def methods_command(as_json: bool) -> None:
     """List the merge methods and their parameters."""
-    from pivotmerge.methods import all_methods
 
     methods = all_methods()
     if as_json:
         click.echo(json.dumps({name: {"summary": m.summary, "base_model": m.base, "min_models": m.min_models,
                                       "max_models": m.max_models, "per_model": list(m.per_model),
                                       "engine_params": list(m.engine_params),
+                                      "aliases": {old: new for old, new in m.aliases().items() if old != new},
+                                      "search": {p: asdict(s) for p, s in m.search_space.items()},
                                       "parameters": m.params.model_json_schema().get("properties", {})}
                                for name, m in methods.items()}, indent=2))
         return
     out = Console()
     for name, m in methods.items():
         table = Table(title=f"[bold]{name}[/] — {m.summary}", title_justify="left", show_edge=False)
-        for col in ("parameter", "type", "default", "description"):
+        for col in ("parameter", "type", "default", "search", "description"):
             table.add_column(col, no_wrap=col == "parameter")  # names stay whole, so they can be searched
+        old_names = {}
+        for old, new in m.aliases().items():
+            if old != new:
+                old_names.setdefault(new, []).append(old)
+        search = m.search_space
         for pname, field in m.params.model_fields.items():
-            per = " (per model)" if pname in m.per_model else " (set by the engine)" if pname in m.engine_params else ""
-            table.add_row(pname + per, _type_name(field.annotation), repr(field.default), field.description or "")
+            per = " (per model)" if pname in m.per_model else ""
+            also = f" (also: {', '.join(old_names[pname])})" if pname in old_names else ""
+            table.add_row(pname + per, _type_name(field.annotation), repr(field.default),
+                          _search_text(search.get(pname)), (field.description or "") + also)
+        for need in m.engine_params:
+            table.add_row(f"{need} (set by the engine)", "calibration", "", "", "Measured on the spec's calibration data when "
+                          "the parameters need it; never set in a spec.")
         models = f"{m.min_models}" + ("" if m.max_models == m.min_models else f"..{m.max_models or 'n'}")
         out.print(table)
         out.print(f"  base_model: {m.base}; models: {models}\n")
+
+
+def _search_text(search: Search | None) -> str:
+    if search is None:
+        return ""
+    if search.choices is not None:
+        return " | ".join(map(str, search.choices))
+    return f"{search.low:g}..{search.high:g}" + (" (log)" if search.log else "")
 
 
 METRIC_LABELS = {"l2": "L2", "relative_l2": "rel L2", "cosine": "cos", "sign_dissimilarity": "sign dis",

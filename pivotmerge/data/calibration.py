@@ -11,12 +11,16 @@
   layer's alignment contribution, which PivotMerge's ``layer_weighting: data``
   turns into per-expert weights and a layer scale. Cost: (layers + 1) passes
   over the calibration set per expert.
+* `gram`, `cross_gram`, `loss_rises`, `normalised_alignment`: the maths itself, pure
+  tensor functions, so the benchmark measures exactly what the engine does.
+* `calibrate`: the engine's step: measures what the plan's tensors need
+  (`MergePlan.needs`, from each method's ``needs(params)``) and hands it to the plan.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence, TypeVar
 
@@ -29,7 +33,8 @@ from pivotmerge.errors import CompatibilityError, MergeCancelled, SpecError
 from pivotmerge.data.evaluate import Loaded, caption_batches, caption_stats, load_model
 from pivotmerge.progress import CancelFn, Progress, ProgressFn
 from pivotmerge.repos.model_repo import ModelRepo
-from pivotmerge.spec.schema import DatasetRef, FilteredValue, MergeSpec
+from pivotmerge.methods import Calibration, Need
+from pivotmerge.spec.schema import DatasetRef, MergeSpec
 from pivotmerge.plan.plan import MergePlan
 
 
@@ -95,6 +100,33 @@ class LayerInputs(ABC):
         self.close()
 
 
+# ----------------------------------------------------------------- the maths, as pure tensor functions
+# The engine's hooks and the benchmark's in-memory projectors both call these, so both measure the same thing.
+
+
+def gram(rows: torch.Tensor) -> torch.Tensor:
+    """``X^T X`` of a layer's inputs ``X`` (rows x features)."""
+    return rows.T @ rows
+
+
+def cross_gram(own: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """``X^T X~``: an expert's own inputs ``X`` of a layer against those a merged model feeds it, ``X~``, row for row."""
+    return own.T @ seen
+
+
+def loss_rises(baseline: Sequence[float], ablated: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
+    """Layer group -> each expert's alignment contribution: the rise of its caption loss when the group's
+    update is put back to the base (`ablated`) over its loss as it is (`baseline`); a harmful or idle update counts 0."""
+    return {g: [max(0.0, a - b) for a, b in zip(losses, baseline)] for g, losses in ablated.items()}
+
+
+def normalised_alignment(contributions: Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
+    """Contributions over the largest one of all experts and groups, in [0, 1], so layers and experts
+    stay comparable for the layer scale (all 0 when no update helps)."""
+    top = max((c for cs in contributions.values() for c in cs), default=0.0)
+    return {g: [c / top if top > 0 else 0.0 for c in cs] for g, cs in contributions.items()}
+
+
 def _add(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
     """Add `value` into `sums[name]`; the first value starts the sum, as a layer's width is known only then."""
     sums[name] = sums[name] + value if name in sums else value
@@ -109,7 +141,7 @@ class GramCollector(LayerInputs):
         super().__init__(modules)
 
     def take(self, name: str, rows: torch.Tensor) -> None:
-        _add(self.grams, name, rows.T @ rows)
+        _add(self.grams, name, gram(rows))
         self.rows[name] = self.rows.get(name, 0) + rows.shape[0]
 
 
@@ -184,8 +216,8 @@ def merged_input_grams_of_loaded(merged: Loaded, expert: Loaded, dataset: Datase
             _forward(merged, batch.inputs, seen)
             expert_rows = own.pop()
             for name, rows in seen.pop().items():
-                _add(grams, name, rows.T @ rows)
-                _add(cross, name, expert_rows[name].T @ rows)
+                _add(grams, name, gram(rows))
+                _add(cross, name, cross_gram(expert_rows[name], rows))
     return MergedInputGrams({n: g.cpu() for n, g in grams.items()}, {n: c.cpu() for n, c in cross.items()})
 
 
@@ -231,15 +263,11 @@ class AlignmentScores:
 
     @property
     def contributions(self) -> dict[str, list[float]]:
-        """Rise in caption loss when the update is removed; a harmful or idle update counts 0."""
-        return {g: [max(0.0, a - b) for a, b in zip(losses, self.baseline)] for g, losses in self.ablated.items()}
+        return loss_rises(self.baseline, self.ablated)
 
     @property
     def scores(self) -> dict[str, list[float]]:
-        """Contributions over the largest one, in [0, 1], so layers stay comparable for the layer scale."""
-        contrib = self.contributions
-        top = max((c for cs in contrib.values() for c in cs), default=0.0)
-        return {g: [c / top if top > 0 else 0.0 for c in cs] for g, cs in contrib.items()}
+        return normalised_alignment(self.contributions)
 
     def for_tensor(self, name: str) -> list[float] | None:
         scores = self.scores
@@ -284,29 +312,6 @@ def alignment_scores(base_dir: str | Path, expert_dirs: Sequence[str | Path], da
 # ----------------------------------------------------------------- engine hook
 
 
-def _set_anywhere(value: Any, wanted: str) -> bool:
-    """Whether a spec parameter takes `wanted` for some tensor: as a scalar or in one of its filtered entries."""
-    if isinstance(value, list):
-        return any(isinstance(v, FilteredValue) and v.value == wanted for v in value)
-    return value == wanted
-
-
-def wants_alignment(spec: MergeSpec) -> bool:
-    return spec.method == "pivotmerge" and spec.parameters.get("layer_weighting") == "data"
-
-
-def wants_grams(spec: MergeSpec) -> bool:
-    """RegMean always; PivotMerge when `combine: gram` applies to some tensor (e.g. only the first projector layer)."""
-    return spec.method == "regmean" or (spec.method == "pivotmerge" and _set_anywhere(spec.parameters.get("combine"), "gram"))
-
-
-def wants_merged_inputs(spec: MergeSpec) -> bool:
-    """RegMean or PivotMerge with `gram_inputs: merged` for some tensor: two passes, the second fitted
-    on the first's inputs. Without `combine: gram` PivotMerge ignores `gram_inputs`, so one pass does.
-    """
-    return wants_grams(spec) and _set_anywhere(spec.parameters.get("gram_inputs"), "merged")
-
-
 def expert_calibration(spec: MergeSpec) -> list[DatasetRef]:
     """Each expert's calibration set: its own `models[].calibration`, else the spec-wide one.
 
@@ -337,27 +342,26 @@ def load_expert_calibration(refs: Sequence[DatasetRef], *, allowed_roots: Sequen
 
 @dataclass
 class Calibrated:
-    """What calibration data gave a merge."""
+    """What calibration data gave a merge (the per-tensor values themselves went to the plan)."""
 
-    extras: dict[str, dict[str, Any]]  # tensor name -> engine-set method parameters
     report: dict[str, Any]  # the merge report's `calibration` section
     datasets: list[Dataset]  # each expert's calibration set; empty when the method reads none
 
 
-def calibration_extras(plan: MergePlan, device: torch.device, *, allowed_roots: Sequence[Path] | None = None,
-                       relative_to: Path | None = None, progress: ProgressFn | None = None) -> Calibrated:
-    """Per-tensor method parameters measured on calibration data, and their report.
+def calibrate(plan: MergePlan, device: torch.device, *, allowed_roots: Sequence[Path] | None = None,
+              relative_to: Path | None = None, progress: ProgressFn | None = None) -> Calibrated:
+    """Measure what the plan's tensors need (`MergePlan.needs`) on calibration data and hand it to the plan.
 
-    RegMean, and PivotMerge with ``combine: gram``, get each expert's Gram matrices
-    (``grams``); PivotMerge with ``layer_weighting: data`` gets per-expert
-    ``alignment`` scores per layer. Each expert is measured on its own calibration
-    set when it has one (`expert_calibration`).
+    Gram matrices for ``Need.GRAMS`` (RegMean, PivotMerge's ``combine: gram``), per-expert
+    alignment scores per layer for ``Need.ALIGNMENT`` (PivotMerge's ``layer_weighting:
+    data``). Each expert is measured on its own calibration set when it has one
+    (`expert_calibration`).
     """
     spec = plan.spec
-    needs_grams, needs_alignment = wants_grams(spec), wants_alignment(spec)
-    if not (needs_grams or needs_alignment):
-        return Calibrated({}, {}, [])
-    if needs_alignment and plan.base is None:
+    needs = plan.needs
+    if not needs:
+        return Calibrated({}, [])
+    if Need.ALIGNMENT in needs and plan.base is None:
         raise SpecError("base_model: layer_weighting: data removes each layer's update, so it needs the base")
     datasets = load_expert_calibration(expert_calibration(spec), allowed_roots=allowed_roots, relative_to=relative_to)
     names = sorted(plan.merged)
@@ -365,40 +369,40 @@ def calibration_extras(plan: MergePlan, device: torch.device, *, allowed_roots: 
                                            for m, d in zip(spec.models, datasets)]}
     if progress is not None:
         progress(Progress("calibrate", 0, len(plan.models), message="calibration data: " + ", ".join(dict.fromkeys(d.name for d in datasets))))
-    extras: dict[str, dict[str, Any]] = {}
-    if needs_grams:
+    grams: dict[str, list[torch.Tensor]] = {}
+    if Need.GRAMS in needs:
         per_model = []
         for i, (repo, data) in enumerate(zip(plan.models, datasets)):
             per_model.append(collect_grams(repo.path, data, names, device=device.type))
             if progress is not None:
                 progress(Progress("calibrate", i + 1, len(plan.models)))
         report["gram_tensors"] = sorted(per_model[0])
-        extras = {n: {"grams": [g[n] for g in per_model]} for n in per_model[0]}
-    if needs_alignment:
+        grams = {n: [g[n] for g in per_model] for n in per_model[0]}
+    alignment: dict[str, list[float] | None] = {}
+    if Need.ALIGNMENT in needs:
         assert plan.base is not None  # checked above, before any data is read
         scores = alignment_scores(plan.base.path, [m.path for m in plan.models], datasets, names, device=device.type,
                                   groups=layer_groups(names, plan.reference.model_type))
         report["alignment"] = scores.report()
-        for n in names:
-            extras.setdefault(n, {})["alignment"] = scores.for_tensor(n)
-    return Calibrated(extras, report, datasets)
+        alignment = {n: scores.for_tensor(n) for n in names}
+    plan.calibrate({n: Calibration(grams=grams.get(n), alignment=alignment.get(n)) for n in names})
+    return Calibrated(report, datasets)
 
 
 def merged_input_calibration(plan: MergePlan, first_pass: Path, calibrated: Calibrated, device: torch.device, *,
                              progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> Calibrated:
-    """`calibrated` for a second merge pass that fits each layer on the inputs of the first pass's model.
+    """Hand the plan, for a second merge pass, what fits each layer on the inputs of the first pass's model.
 
     Each linear weight's ``grams`` become those of the inputs the model in
-    `first_pass` feeds it, with the matching ``cross_grams``; other parameters
-    (alignment scores) stay as measured once on the experts.
+    `first_pass` feeds it, with the matching ``cross_grams``; the alignment scores
+    stay as measured once on the experts.
     """
     if progress is not None:
         progress(Progress("refit", 0, len(plan.models), message="layer inputs of the first merge pass, beside each expert's own"))
     per_expert = collect_merged_input_grams(first_pass, [m.path for m in plan.models], calibrated.datasets,
                                             sorted(plan.merged), device=device.type, progress=progress,
                                             should_cancel=should_cancel)
-    extras = {n: dict(e) for n, e in calibrated.extras.items()}
-    for name in per_expert[0].grams:
-        extras.setdefault(name, {}).update(grams=[p.grams[name] for p in per_expert],
-                                           cross_grams=[p.cross_grams[name] for p in per_expert])
-    return Calibrated(extras, {**calibrated.report, "gram_inputs": "merged", "passes": 2}, calibrated.datasets)
+    plan.calibrate({name: replace(plan.tensor_params[name].calibration, grams=[p.grams[name] for p in per_expert],
+                                  cross_grams=[p.cross_grams[name] for p in per_expert])
+                    for name in per_expert[0].grams})
+    return Calibrated({**calibrated.report, "gram_inputs": "merged", "passes": 2}, calibrated.datasets)

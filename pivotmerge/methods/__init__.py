@@ -1,8 +1,9 @@
-"""The merge-method registry.
+"""Stage 4, the methods: pure functions of tensors, each described once, where it is defined.
 
-A method is a pure function of tensors and parameters:
+A method is one module that registers itself with the `method` decorator:
 
-    merge(tensors, base, weights, params, generator) -> Tensor | Merged
+    @method("task_arithmetic", summary="W0 + scale * sum_k w_k (W_k - W0).", params=Params, elementwise=True)
+    def task_arithmetic(tensors, base, weights, params, generator=None) -> Tensor | Merged: ...
 
 * ``tensors``: the experts' versions of one tensor (same shape, float32, same device).
 * ``base``: the pivot / shared starting point, or ``None`` when the spec has none.
@@ -11,16 +12,28 @@ A method is a pure function of tensors and parameters:
   (per-layer gradients and name filters already applied; per-model values such as
   ``density`` arrive as a list with one entry per expert).
 * ``generator``: a ``torch.Generator`` seeded for this tensor, for random methods.
+* ``calibration`` (only for a method registered with ``needs``): what calibration
+  data measured for this tensor (`Calibration`), passed as its own argument.
 
 It returns the merged tensor, or ``Merged(tensor, info)`` when it has choices worth
 recording in the merge report (ranks kept, directions suppressed, layer scales).
-I/O, devices and scheduling never enter method code.
+
+Everything else about a method is read from that one description: the fields of
+``Params`` carry their own markers (`PER_MODEL`: each model may set its own value;
+`Search`: worth tuning, over this range), and ``needs(params)`` says which
+calibration data (`Need`) a merge with those parameters takes. Spec validation,
+`pivotmerge methods`, the engine's calibration step and tuning all read it.
+I/O, devices and scheduling never enter method code; this package imports no other part of
+pivotmerge.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence, Union
+from enum import Enum
+from typing import Any, Callable, Literal, Sequence, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -34,6 +47,59 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+@dataclass(frozen=True)
+class PerModel:
+    """Field marker: each model may set its own value under ``models[].parameters``; the method
+    receives one value per expert."""
+
+
+PER_MODEL = PerModel()
+
+
+@dataclass(frozen=True)
+class Search:
+    """Field marker: a parameter worth searching when tuning a method, and where.
+
+    Numbers are searched in ``[low, high]`` (log-uniformly when ``log``; integers when
+    both bounds are ints); other parameters over ``choices``.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.choices is None) == (self.low is None or self.high is None):
+            raise ValueError("Search: give low and high, or choices")
+
+
+class Need(str, Enum):
+    """Calibration data a merge can need; the value names it in `pivotmerge methods` and in errors."""
+
+    ALIGNMENT = "alignment"  # per expert and layer: how much its caption loss rises without the layer's update
+    GRAMS = "grams"  # per expert and linear weight: X_k^T X_k of the layer's inputs
+    MERGED_INPUTS = "cross_grams"  # a second pass: Grams of the merged model's inputs X~ and X_k^T X~
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What calibration data measured for one tensor, one entry per expert; None where not measured."""
+
+    grams: Sequence[Tensor] | None = None
+    cross_grams: Sequence[Tensor] | None = None  # with MERGED_INPUTS: X_k^T X~_k; `grams` then hold X~_k^T X~_k
+    alignment: Sequence[float] | None = None  # scores in [0, 1]
+
+    def __post_init__(self) -> None:
+        for name in ("grams", "cross_grams"):
+            value = getattr(self, name)
+            if value is not None and not all(isinstance(g, torch.Tensor) and g.ndim == 2 for g in value):
+                raise ValueError(f"{name}: expected one 2-D tensor per expert")
+
+
+NO_CALIBRATION = Calibration()
+
+
 @dataclass
 class Merged:
     tensor: Tensor
@@ -41,7 +107,7 @@ class Merged:
 
 
 MethodResult = Union[Tensor, Merged]
-MergeFn = Callable[[Sequence[Tensor], "Tensor | None", Sequence[float], Any, "torch.Generator | None"], MethodResult]
+MergeFn = Callable[..., MethodResult]
 
 
 @dataclass(frozen=True)
@@ -51,32 +117,71 @@ class Method:
     params: type[MethodParams]
     merge: MergeFn
     # "required": needs base_model; "optional": uses it when given; "unused": ignores it.
-    base: str = "required"
+    base: Literal["required", "optional", "unused"] = "required"
     min_models: int = 1
     max_models: int | None = None
-    # Parameters that each model may set for itself under models[].parameters.
-    per_model: tuple[str, ...] = ()
-    # Parameters the engine fills from calibration data (RegMean's Gram matrices, PivotMerge's
-    # alignment scores): a spec that sets them is rejected up front instead of failing mid-merge.
-    engine_params: tuple[str, ...] = ()
     # True when each output element depends only on the inputs' same element (and the
     # parameters): the engine may then merge a large tensor in cache-sized pieces.
     elementwise: bool = False
+    # The calibration data a merge with these parameters takes; None: the method reads none
+    # (and its merge function takes no `calibration` argument).
+    needs: Callable[[Any], set[Need]] | None = None
+    # Every Need `needs` may answer, for listings and for refusing them in a spec.
+    data: tuple[Need, ...] = ()
+
+    @property
+    def per_model(self) -> tuple[str, ...]:
+        """Parameters each model may set for itself."""
+        return tuple(n for n, f in self.params.model_fields.items() if PER_MODEL in f.metadata)
+
+    @property
+    def engine_params(self) -> tuple[str, ...]:
+        """Names of the calibration data the engine may hand this method (never set in a spec)."""
+        return tuple(n.value for n in Need if n in self.data)
+
+    @property
+    def search_space(self) -> dict[str, Search]:
+        """Parameter -> where tuning should search it."""
+        return {n: m for n, f in self.params.model_fields.items() for m in f.metadata if isinstance(m, Search)}
+
+    def aliases(self) -> dict[str, str]:
+        """Every accepted spelling of a parameter (old names included) -> its canonical name."""
+        out = {}
+        for name, f in self.params.model_fields.items():
+            out[name] = name
+            choices = getattr(f.validation_alias, "choices", None) or ()
+            out.update({c: name for c in choices if isinstance(c, str)})
+        return out
+
+    def needs_for(self, params: MethodParams) -> set[Need]:
+        return set() if self.needs is None else set(self.needs(params))
 
     def __call__(self, tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
-                 params: MethodParams, generator: torch.Generator | None = None) -> Merged:
-        out = self.merge(tensors, base, weights, params, generator)
+                 params: MethodParams, generator: torch.Generator | None = None,
+                 calibration: Calibration = NO_CALIBRATION) -> Merged:
+        if self.needs is None:
+            out = self.merge(tensors, base, weights, params, generator)
+        else:
+            out = self.merge(tensors, base, weights, params, generator, calibration)
         return out if isinstance(out, Merged) else Merged(out)
 
 
 _REGISTRY: dict[str, Method] = {}
 
 
-def register(method: Method) -> Method:
-    if method.name in _REGISTRY:
-        raise ValueError(f"method {method.name!r} registered twice")
-    _REGISTRY[method.name] = method
-    return method
+def method(name: str, *, summary: str, params: type[MethodParams], base: Literal["required", "optional", "unused"] = "required",
+           min_models: int = 1, max_models: int | None = None, elementwise: bool = False,
+           needs: Callable[[Any], set[Need]] | None = None, data: Sequence[Need] = ()) -> Callable[[MergeFn], MergeFn]:
+    """Register the decorated merge function as method `name`; the function itself is returned unchanged."""
+    if (needs is None) != (not data):
+        raise ValueError(f"method {name!r}: give `needs` together with the `data` it may answer")
+
+    def register(merge: MergeFn) -> MergeFn:
+        if name in _REGISTRY:
+            raise ValueError(f"method {name!r} registered twice")
+        _REGISTRY[name] = Method(name, summary, params, merge, base, min_models, max_models, elementwise, needs, tuple(data))
+        return merge
+    return register
 
 
 def get_method(name: str) -> Method:
@@ -92,14 +197,11 @@ def all_methods() -> dict[str, Method]:
     return dict(sorted(_REGISTRY.items()))
 
 
-_BUILTIN = ("linear", "task_arithmetic", "ties", "dare", "slerp", "tsv", "iso", "pivotmerge", "regmean")
-
-
 def _load_builtin() -> None:
-    import importlib
-
-    for module in _BUILTIN:
-        importlib.import_module(f"{__name__}.{module}")
+    """Import every public module of this package, so a method file dropped here registers itself."""
+    for module in pkgutil.iter_modules(__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{module.name}")
 
 
 def per_model(value: float | Sequence[float], k: int, name: str) -> list[float]:

@@ -42,6 +42,21 @@ def weighted_sum(deltas: Iterable[Tensor], weights: Sequence[float]) -> Tensor:
     return acc
 
 
+def onto_base(delta: Tensor, base: Tensor, scale: float) -> Tensor:
+    """``W0 + scale * delta``, written into ``delta``: how every update-merging method ends."""
+    return delta.mul_(scale).add_(base)
+
+
+def add_weighted_deltas(base: Tensor, deltas: Iterable[Tensor], weights: Sequence[float], scale: float,
+                        normalize: bool = False) -> Tensor:
+    """Task arithmetic, ``W0 + scale * sum_k w_k d_k`` (over ``sum_k w_k`` when ``normalize``);
+    ``deltas`` may be a lazy generator (``t - base for t in tensors``), so one is formed at a time."""
+    delta = weighted_sum(deltas, weights)
+    if normalize:
+        normalize_by_weight_sum(delta, weights)
+    return onto_base(delta, base, scale)
+
+
 def column_weights(weights: Sequence[float], like: Tensor) -> Tensor:
     """Weights shaped ``(K, 1, ..., 1)`` to broadcast against a ``(K, *shape)`` stack."""
     w = torch.tensor(list(weights), dtype=like.dtype, device=like.device)

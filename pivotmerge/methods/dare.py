@@ -10,13 +10,14 @@ from typing import Literal, Sequence
 import torch
 from pydantic import Field
 
-from pivotmerge.methods import Method, Tensor, per_model, register
-from pivotmerge.methods._ops import consensus_merge, normalize_by_weight_sum, random_drop_, stacked_deltas, weighted_sum
-from pivotmerge.methods.fields import LambdaParams, PerModel, scale
+from pivotmerge.methods import MethodParams, Tensor, method, per_model
+from pivotmerge.methods._ops import add_weighted_deltas, consensus_merge, onto_base, random_drop_, stacked_deltas
+from pivotmerge.methods.fields import Density, Scale, scale_field
 
 
-class Params(LambdaParams):
-    density: PerModel = Field(1.0, description="Probability of keeping each delta entry (per model).")
+class Params(MethodParams):
+    scale: Scale = scale_field("lambda")
+    density: Density = Field(1.0, description="Probability of keeping each delta entry (per model).")
     rescale: Literal["inverse_density", "l1", "none"] = Field(
         "inverse_density",
         description="After dropping: divide by density (DARE paper), restore the L1 norm (mergekit's rescale: true), or nothing.")
@@ -28,37 +29,20 @@ def _dropped(tensors: Sequence[Tensor], base: Tensor, params: Params, generator:
         yield random_drop_(t - base, density, generator, params.rescale)
 
 
+@method("dare_linear", summary="Randomly drop delta entries (keep with probability density), rescale, weighted sum.",
+        params=Params)
 def dare_linear(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
                 params: Params, generator: torch.Generator | None = None) -> Tensor:
     assert base is not None
-    delta = weighted_sum(_dropped(tensors, base, params, generator), weights)
-    if params.normalize:
-        normalize_by_weight_sum(delta, weights)
-    return delta.mul_(scale(params)).add_(base)
+    return add_weighted_deltas(base, _dropped(tensors, base, params, generator), weights, params.scale, params.normalize)
 
 
+@method("dare_ties", summary="Randomly drop delta entries, rescale, then TIES sign election and disjoint mean.",
+        params=Params)
 def dare_ties(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
               params: Params, generator: torch.Generator | None = None) -> Tensor:
     assert base is not None
     deltas = stacked_deltas(tensors, base)
     for d, density in zip(deltas, per_model(params.density, len(tensors), "density")):
         random_drop_(d, density, generator, params.rescale)
-    merged = consensus_merge(deltas, weights, params.normalize)
-    return merged.mul_(scale(params)).add_(base)
-
-
-LINEAR = register(Method(
-    name="dare_linear",
-    summary="Randomly drop delta entries (keep with probability density), rescale, weighted sum.",
-    params=Params,
-    merge=dare_linear,
-    per_model=("density",),
-))
-
-TIES = register(Method(
-    name="dare_ties",
-    summary="Randomly drop delta entries, rescale, then TIES sign election and disjoint mean.",
-    params=Params,
-    merge=dare_ties,
-    per_model=("density",),
-))
+    return onto_base(consensus_merge(deltas, weights, params.normalize), base, params.scale)

@@ -7,46 +7,52 @@ Tensors that are not 2-D take task arithmetic.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import torch
 from pydantic import Field
 
-from pivotmerge.methods import Merged, Method, MethodParams, Tensor, register
-from pivotmerge.methods._ops import SvdMode, column_weights, flatten_spectrum, orthogonalize, significant, stacked_deltas, svd, weighted_sum
+from pivotmerge.methods import Merged, MethodParams, Search, Tensor, method
+from pivotmerge.methods._ops import (SvdMode, add_weighted_deltas, column_weights, flatten_spectrum, onto_base, orthogonalize,
+                                     significant, stacked_deltas, svd, weighted_sum)
+from pivotmerge.methods.fields import Scale, scale_field
 
 
 class IsoCParams(MethodParams):
-    alpha: float = Field(1.0, description="Scale of the merged delta: W0 + alpha * delta.")
+    scale: Scale = scale_field("alpha")
 
 
 class IsoCTSParams(IsoCParams):
-    common_space_fraction: float = Field(
+    common_space_fraction: Annotated[float, Search(0.5, 0.95)] = Field(
         0.8, ge=0, le=1, description="Share of min(m, n) directions taken from the summed update's top singular vectors.")
     svd: SvdMode = Field("exact", description="Truncated SVDs: exact, or seeded randomized low-rank.")
 
 
-def _task_arithmetic(tensors: Sequence[Tensor], base: Tensor, weights: Sequence[float], alpha: float) -> Merged:
-    return Merged(weighted_sum((t - base for t in tensors), weights).mul_(alpha).add_(base))
+def _task_arithmetic(tensors: Sequence[Tensor], base: Tensor, weights: Sequence[float], scale: float) -> Merged:
+    return Merged(add_weighted_deltas(base, (t - base for t in tensors), weights, scale))
 
 
+@method("iso_c", summary="Iso-C: SVD of the summed task update with every singular value replaced by their mean.",
+        params=IsoCParams)
 def iso_c(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
           params: IsoCParams, generator: torch.Generator | None = None) -> Merged:
     assert base is not None
     if base.dim() != 2:
-        return _task_arithmetic(tensors, base, weights, params.alpha)
+        return _task_arithmetic(tensors, base, weights, params.scale)
     # The full spectrum is needed for its mean, so this SVD is always exact.
     u, s, vh = svd(weighted_sum((t - base for t in tensors), weights))
     flat = flatten_spectrum(s, base.shape)
     delta = (u * flat) @ vh
-    return Merged(delta.mul_(params.alpha).add_(base), {"rank": int((flat > 0).sum()), "sigma": float(flat.max())})
+    return Merged(onto_base(delta, base, params.scale), {"rank": int((flat > 0).sum()), "sigma": float(flat.max())})
 
 
+@method("iso_cts", summary="Iso-CTS: common subspace of the summed update plus task-specific orthogonal directions, "
+                           "flattened spectrum.", params=IsoCTSParams)
 def iso_cts(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
             params: IsoCTSParams, generator: torch.Generator | None = None) -> Merged:
     assert base is not None
     if base.dim() != 2:
-        return _task_arithmetic(tensors, base, weights, params.alpha)
+        return _task_arithmetic(tensors, base, weights, params.scale)
     full = min(base.shape)
     common = max(1, int(params.common_space_fraction * full))
     specific = (full - common) // len(tensors)
@@ -68,19 +74,5 @@ def iso_cts(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[fl
     vh_perp = orthogonalize(torch.cat(vhs, dim=0))
     delta = (u_perp * flat) @ vh_perp
     info = {"common_rank": int(s_c.numel()), "task_rank": specific}
-    return Merged(delta.mul_(params.alpha).add_(base), info)
+    return Merged(onto_base(delta, base, params.scale), info)
 
-
-ISO_C = register(Method(
-    name="iso_c",
-    summary="Iso-C: SVD of the summed task update with every singular value replaced by their mean.",
-    params=IsoCParams,
-    merge=iso_c,
-))
-
-ISO_CTS = register(Method(
-    name="iso_cts",
-    summary="Iso-CTS: common subspace of the summed update plus task-specific orthogonal directions, flattened spectrum.",
-    params=IsoCTSParams,
-    merge=iso_cts,
-))

@@ -7,13 +7,15 @@ from typing import Sequence
 import torch
 from pydantic import Field
 
-from pivotmerge.methods import Method, MethodParams, Tensor, register
+from pivotmerge.methods import MethodParams, Tensor, method
 
 
 class Params(MethodParams):
     normalize: bool = Field(True, description="Divide by the sum of the weights.")
 
 
+@method("linear", summary="Weighted average of the models: sum_k w_k W_k / sum_k w_k.", params=Params, base="unused",
+        elementwise=True)
 def linear(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
            params: Params, generator: torch.Generator | None = None) -> Tensor:
     w = torch.tensor(weights, dtype=tensors[0].dtype, device=tensors[0].device)
@@ -21,13 +23,3 @@ def linear(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[flo
     if params.normalize:
         out = out / w.sum()
     return out
-
-
-METHOD = register(Method(
-    name="linear",
-    summary="Weighted average of the models: sum_k w_k W_k / sum_k w_k.",
-    params=Params,
-    merge=linear,
-    base="unused",
-    elementwise=True,
-))

@@ -16,55 +16,55 @@ formulas); docs/methods.md states every formula. For one tensor of layer ``l``:
    pivot's own correction ``W0 ((sum_k a_k C_k)(sum_k a_k G_k)^-1 - I) sum_k a_k``;
 4. spectrum of the merged shared update kept or flattened (Iso-C), or of the
    whole merged update, residuals included (``flatten_total``);
-5. per-expert weights ``a_k`` and layer scale ``lambda_l`` from a score in [0, 1]:
+5. per-expert weights ``a_k`` and layer scale ``scale_l`` from a score in [0, 1]:
    the expert's energy share in the shared space (``weight``) or calibration
    alignment (``data``);
-6. ``W = W0 + lambda_l (U M + rho * combine(trunc(R_k)))`` (flattened as a whole under ``flatten_total``).
+6. ``W = W0 + scale_l (U M + rho * combine(trunc(R_k)))`` (flattened as a whole under ``flatten_total``).
 
 Vectors (biases, norms) take a sign-consistent mean of the deltas, scaled like a layer.
 With shared space, filtering and flattening off and uniform weights, this is
-task arithmetic with ``lambda = lambda_max``.
+task arithmetic with ``scale = scale_max``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Sequence
+from typing import Annotated, Any, Callable, Literal, Sequence
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 
-from pivotmerge.methods import Merged, Method, MethodParams, Tensor, register
-from pivotmerge.methods.regmean import shrink_cross, shrink_off_diagonal
+from pivotmerge.methods import NO_CALIBRATION, Calibration, Merged, MethodParams, Need, Search, Tensor, method
 from pivotmerge.methods._ops import (SvdMode, column_weights, elected_mask, energy_rank, flatten_spectrum, masked_merge,
-                   significant, svd, weighted_sum)
+                                     onto_base, significant, svd, weighted_sum)
+from pivotmerge.methods.fields import OffDiagonalScale, Scale, off_diagonal_scale_field
+from pivotmerge.methods.regmean import regmean_solve
 
 
 class Params(MethodParams):
     shared_space: bool = Field(True, description="Split each delta into its part in the experts' shared subspace and a residual.")
-    energy: float = Field(0.9, gt=0, le=1, description="Shared subspace: fewest directions holding this fraction of the stacked deltas' energy.")
+    energy: Annotated[float, Search(0.5, 0.99)] = Field(0.9, gt=0, le=1, description="Shared subspace: fewest directions holding this fraction of the stacked deltas' energy.")
     max_rank: int | None = Field(None, ge=1, description="Shared subspace: at most this many directions (required with svd: randomized).")
     filtering: bool = Field(False, description="Suppress shared directions on which the experts' updates cancel (off by default: it never helped on the bench's dev splits).")
-    conflict_threshold: float = Field(0.5, ge=0, le=1, description="Suppress a direction whose conflict score 1 - |sum| / sum|.| exceeds this.")
-    residual_weight: float = Field(0.5, ge=0, description="Weight of the experts' residuals outside the shared space; 0 drops them.")
+    conflict_threshold: Annotated[float, Search(0.3, 0.9)] = Field(0.5, ge=0, le=1, description="Suppress a direction whose conflict score 1 - |sum| / sum|.| exceeds this.")
+    residual_weight: Annotated[float, Search(0.0, 1.0)] = Field(0.5, ge=0, description="Weight of the experts' residuals outside the shared space; 0 drops them.")
     residual_rank: int | None = Field(None, ge=1, description="Truncate each expert's residual to this rank; None keeps it whole.")
-    spectrum: Literal["keep", "flatten", "flatten_total"] = Field(
+    spectrum: Annotated[Literal["keep", "flatten", "flatten_total"], Search(choices=("keep", "flatten", "flatten_total"))] = Field(
         "flatten", description="keep the singular values; flatten: replace those of the merged shared update by their mean (Iso-C); "
                                "flatten_total: do so for the whole merged update, residuals included.")
     combine: Literal["sum", "gram"] = Field(
         "sum", description="sum: weighted sum of the experts' parts; gram: combine them as the layer's inputs see them, "
                            "with per-expert Gram matrices from calibration data (tensors without them take the sum).")
-    grams: list[Any] | None = Field(None, exclude=True, description="combine: gram: per-expert Gram matrices of this layer's inputs (set by the engine from calibration data).")
-    gram_alpha: float = Field(0.9, ge=0, le=1, description="Scale of the Gram matrices' off-diagonal entries, as RegMean's alpha.")
+    off_diagonal_scale: OffDiagonalScale = off_diagonal_scale_field("gram_alpha")
     gram_inputs: Literal["expert", "merged"] = Field(
         "expert", description="combine: gram: fit each layer on each expert's own inputs (RegMean), or on the inputs the "
                               "merged model feeds it, so each layer also corrects what the merged layers before it changed "
                               "(RegMean++'s idea; the engine merges twice, the second time with the first merge's inputs).")
-    cross_grams: list[Any] | None = Field(None, exclude=True, description="gram_inputs: merged: per-expert X_k^T X~_k, the expert's own inputs of this layer against the merged model's (set by the engine).")
     layer_weighting: Literal["uniform", "weight", "data"] = Field(
-        "weight", description="uniform: weights as given, lambda_max; weight: data-free shared-energy proxy; data: calibration alignment.")
-    alignment: list[float] | None = Field(None, description="data mode: per-expert alignment scores in [0, 1] for this layer (set by the engine).")
-    lambda_min: float = Field(0.5, description="Layer scale for a layer scoring 0: lambda_l = lambda_min + (lambda_max - lambda_min) * s_l.")
-    lambda_max: float = Field(1.0, description="Layer scale for a layer scoring 1 (and every layer under uniform weighting).")
+        "weight", description="uniform: weights as given, scale_max; weight: data-free shared-energy proxy; data: calibration alignment.")
+    scale_min: Scale = Field(0.5, validation_alias=AliasChoices("scale_min", "lambda_min"),
+                             description="Layer scale for a layer scoring 0: scale_l = scale_min + (scale_max - scale_min) * s_l.")
+    scale_max: Scale = Field(1.0, validation_alias=AliasChoices("scale_max", "lambda_max"),
+                             description="Layer scale for a layer scoring 1 (and every layer under uniform weighting).")
     svd: SvdMode = Field("exact", description="Shared-space and residual SVDs: exact, or seeded randomized low-rank.")
 
     @model_validator(mode="after")
@@ -74,7 +74,15 @@ class Params(MethodParams):
         return self
 
 
-def layer_weights(params: Params, weights: Sequence[float], shares: Tensor) -> tuple[list[float], float]:
+def needs(params: Params) -> set[Need]:
+    out = {Need.ALIGNMENT} if params.layer_weighting == "data" else set()
+    if params.combine == "gram":
+        out |= {Need.GRAMS, Need.MERGED_INPUTS} if params.gram_inputs == "merged" else {Need.GRAMS}
+    return out
+
+
+def layer_weights(params: Params, weights: Sequence[float], shares: Tensor,
+                  alignment: Sequence[float] | None = None) -> tuple[list[float], float]:
     """Per-expert weights ``a_k`` and the layer score ``s_l`` in [0, 1].
 
     Scores ``e_k`` (shares, or alignment in data mode) reweight the experts with
@@ -84,24 +92,24 @@ def layer_weights(params: Params, weights: Sequence[float], shares: Tensor) -> t
     if params.layer_weighting == "uniform":
         return [float(w) for w in weights], 1.0
     if params.layer_weighting == "data":
-        if params.alignment is None:
+        if alignment is None:
             raise ValueError("layer_weighting: data needs alignment scores (from calibration data)")
-        if len(params.alignment) != len(weights):
-            raise ValueError(f"alignment: expected {len(weights)} scores (one per expert), got {len(params.alignment)}")
-        if not all(0 <= a <= 1 for a in params.alignment):
+        if len(alignment) != len(weights):
+            raise ValueError(f"alignment: expected {len(weights)} scores (one per expert), got {len(alignment)}")
+        if not all(0 <= a <= 1 for a in alignment):
             raise ValueError("alignment: scores must lie in [0, 1]")
-        scores = [float(a) for a in params.alignment]
+        scores = [float(a) for a in alignment]
     else:
         scores = shares.tolist()
     total_w = sum(weights)
     scored = sum(w * e for w, e in zip(weights, scores))
-    alpha = [float(w) for w in weights] if scored == 0 else [total_w * w * e / scored for w, e in zip(weights, scores)]
+    expert_weights = [float(w) for w in weights] if scored == 0 else [total_w * w * e / scored for w, e in zip(weights, scores)]
     score = scored / total_w if total_w else sum(scores) / len(scores)
-    return alpha, min(1.0, max(0.0, score))
+    return expert_weights, min(1.0, max(0.0, score))
 
 
 def _layer_scale(params: Params, score: float) -> float:
-    return params.lambda_min + (params.lambda_max - params.lambda_min) * score
+    return params.scale_min + (params.scale_max - params.scale_min) * score
 
 
 def _interleaved_deltas(tensors: Sequence[Tensor], base: Tensor) -> Tensor:
@@ -112,35 +120,34 @@ def _interleaved_deltas(tensors: Sequence[Tensor], base: Tensor) -> Tensor:
     return out
 
 
-def _combiner(alpha: Tensor, grams: Sequence[Tensor] | None, cross: Sequence[Tensor] | None,
-              shrink: float) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor] | None]:
+def _combiner(expert_weights: Tensor, grams: Sequence[Tensor] | None, cross: Sequence[Tensor] | None,
+              off_diagonal_scale: float) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor] | None]:
     """``(r, K, n)`` expert stacks -> ``sum_k a_k X_k``, or with Gram matrices of the inputs
     ``(sum_k a_k X_k C_k)(sum_k a_k G_k)^-1 sum_k a_k`` with ``C_k = G_k``: each expert counts most
-    along the input directions its own domain uses (RegMean's weighting); equal Grams give the plain sum.
+    along the input directions its own domain uses (RegMean's weighting, solved by `regmean_solve`);
+    equal Grams give the plain sum.
 
     With cross Grams ``C_k = X_k^T X~_k`` (``G_k = X~_k^T X~_k``) the layer is the least-squares fit
     of every expert's outputs on the merged model's inputs ``X~_k``; the pivot then needs its own
-    correction, returned second: ``W0 -> W0 ((sum_k a_k C_k)(sum_k a_k G_k)^-1 - I) sum_k a_k``.
+    correction, returned second: ``W0 -> W0 ((sum_k a_k C_k)(sum_k a_k G_k)^-1 - I) sum_k a_k``,
+    which is RegMean's solve of K copies of ``W0``, minus ``W0``, times ``sum_k a_k``.
     """
     if grams is None:
-        return (lambda x: torch.einsum("rkn,k->rn", x, alpha)), None
+        return (lambda x: torch.einsum("rkn,k->rn", x, expert_weights)), None
     for name, given in (("grams", grams), ("cross_grams", cross)):
-        if given is not None and len(given) != len(alpha):
-            raise ValueError(f"{name}: expected {len(alpha)} matrices (one per expert), got {len(given)}")
-    a = alpha.tolist()
-    g = [shrink_off_diagonal(gk.double(), shrink) * ak for gk, ak in zip(grams, a)]
-    right = torch.linalg.pinv(sum(g), hermitian=True) * float(alpha.sum())
-    if cross is None:
-        left = g
-    else:  # shrunk like G_k: alpha C_k + (1 - alpha) diag(G_k), so C_k = G_k gives RegMean back
-        left = [shrink_cross(ck.double(), gk.double(), shrink) * ak for ck, gk, ak in zip(cross, grams, a)]
+        if given is not None and len(given) != len(expert_weights):
+            raise ValueError(f"{name}: expected {len(expert_weights)} matrices (one per expert), got {len(given)}")
+    a = expert_weights.tolist()
+    total = float(expert_weights.sum())
+
+    def solve(xs: Sequence[Tensor]) -> Tensor:
+        return regmean_solve(xs, grams, a, off_diagonal_scale, cross).mul_(total)
 
     def combine(x: Tensor) -> Tensor:
-        return (sum(x[:, k].double() @ lk for k, lk in enumerate(left)) @ right).to(x.dtype)
+        return solve(x.unbind(dim=1))
     if cross is None:
         return combine, None
-    pivot_map = sum(left) @ right - float(alpha.sum()) * torch.eye(right.shape[0], dtype=right.dtype, device=right.device)
-    return combine, lambda pivot: (pivot.double() @ pivot_map).to(pivot.dtype)
+    return combine, lambda pivot: solve([pivot] * len(a)).sub_(pivot, alpha=total)
 
 
 def _flattened(m: Tensor) -> Tensor:
@@ -148,9 +155,9 @@ def _flattened(m: Tensor) -> Tensor:
     return (left * flatten_spectrum(sv, m.shape)) @ right
 
 
-def _conflict_filter(coef: Tensor, alpha: Tensor, combined: Tensor, threshold: float) -> int:
+def _conflict_filter(coef: Tensor, expert_weights: Tensor, combined: Tensor, threshold: float) -> int:
     """Zero rows of ``combined`` (r, n) where the experts' rows of ``coef`` (r, K, n) cancel."""
-    mass = (coef.norm(dim=2) * alpha.abs()).sum(dim=1)
+    mass = (coef.norm(dim=2) * expert_weights.abs()).sum(dim=1)
     agreement = combined.norm(dim=1) / mass.clamp_min(torch.finfo(mass.dtype).tiny)
     suppress = (mass > 0) & (1 - agreement > threshold)
     combined[suppress] = 0
@@ -158,7 +165,7 @@ def _conflict_filter(coef: Tensor, alpha: Tensor, combined: Tensor, threshold: f
 
 
 def _merge_matrix(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[float], params: Params,
-                  generator: torch.Generator | None) -> tuple[Tensor, dict[str, Any]]:
+                  generator: torch.Generator | None, calibration: Calibration) -> tuple[Tensor, dict[str, Any]]:
     m, n, k = pivot.shape[0], pivot.shape[1], len(tensors)
     deltas = _interleaved_deltas(tensors, pivot)
     flat = deltas.view(m, k * n)
@@ -171,12 +178,12 @@ def _merge_matrix(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[fl
         shares = coef.square().sum(dim=(0, 2)) / expert_energy.clamp_min(torch.finfo(flat.dtype).tiny)
     else:
         u, coef, shares = None, deltas, torch.ones(k)
-    alpha, score = layer_weights(params, weights, shares)
-    a = torch.tensor(alpha, dtype=flat.dtype, device=flat.device)
+    expert_weights, score = layer_weights(params, weights, shares, calibration.alignment)
+    a = torch.tensor(expert_weights, dtype=flat.dtype, device=flat.device)
     # Only linear layers' weights have input Gram matrices; other matrices (embeddings, kernels) take the sum.
-    grams = params.grams if params.combine == "gram" else None
-    cross = params.cross_grams if grams is not None and params.gram_inputs == "merged" else None
-    combine, pivot_correction = _combiner(a, grams, cross, params.gram_alpha)
+    grams = calibration.grams if params.combine == "gram" else None
+    cross = calibration.cross_grams if grams is not None and params.gram_inputs == "merged" else None
+    combine, pivot_correction = _combiner(a, grams, cross, params.off_diagonal_scale)
     combined = combine(coef)
     suppressed = _conflict_filter(coef, a, combined, params.conflict_threshold) if params.filtering else 0
     if params.spectrum == "flatten":
@@ -192,7 +199,7 @@ def _merge_matrix(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[fl
     kept = 1.0 if total_energy == 0 else float(coef.square().sum()) / total_energy
     info = {"rank": int(coef.shape[0]), "energy_kept": kept, "directions_suppressed": suppressed,
             "combine": "sum" if grams is None else ("gram" if cross is None else "gram (merged inputs)"),
-            "expert_weights": alpha, "layer_score": score}
+            "expert_weights": expert_weights, "layer_score": score}
     return merged, info
 
 
@@ -208,37 +215,32 @@ def _truncated_residuals(residuals: Tensor, params: Params, generator: torch.Gen
 
 
 def _merge_vector(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[float],
-                  params: Params) -> tuple[Tensor, dict[str, Any]]:
+                  params: Params, alignment: Sequence[float] | None) -> tuple[Tensor, dict[str, Any]]:
     deltas = torch.stack([t - pivot for t in tensors])
     mask = elected_mask(deltas * column_weights(weights, deltas))
     # Data-free score of a vector: the share of each expert's mass agreeing with the elected sign.
     mags = deltas.abs().reshape(len(tensors), -1)
     shares = (mags * mask.reshape(len(tensors), -1)).sum(dim=1) / mags.sum(dim=1).clamp_min(torch.finfo(deltas.dtype).tiny)
-    alpha, score = layer_weights(params, weights, shares)
-    a = column_weights(alpha, deltas)
+    expert_weights, score = layer_weights(params, weights, shares, alignment)
+    a = column_weights(expert_weights, deltas)
     merged = masked_merge(deltas.mul_(a), a, mask, normalize=True)
-    return merged, {"expert_weights": alpha, "layer_score": score}
+    return merged, {"expert_weights": expert_weights, "layer_score": score}
 
 
+@method("pivotmerge", summary="PivotMerge (our reading): shared-space decomposition, conflict filtering, flattened spectrum, "
+                             "layer-wise weights.",
+        params=Params, base="optional", needs=needs, data=(Need.ALIGNMENT, Need.GRAMS, Need.MERGED_INPUTS))
 def pivotmerge(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
-               params: Params, generator: torch.Generator | None = None) -> Merged:
+               params: Params, generator: torch.Generator | None = None,
+               calibration: Calibration = NO_CALIBRATION) -> Merged:
     pivot = weighted_sum(iter(tensors), [1 / len(tensors)] * len(tensors)) if base is None else base
     if pivot.dim() < 2:
-        delta, info = _merge_vector(tensors, pivot, weights, params)
+        delta, info = _merge_vector(tensors, pivot, weights, params, calibration.alignment)
     else:
         # Convolution kernels and the like: output channels by everything else.
         as_matrix = [t.reshape(t.shape[0], -1) for t in tensors]
-        delta, info = _merge_matrix(as_matrix, pivot.reshape(pivot.shape[0], -1), weights, params, generator)
+        delta, info = _merge_matrix(as_matrix, pivot.reshape(pivot.shape[0], -1), weights, params, generator, calibration)
         delta = delta.reshape(pivot.shape)
-    info["lambda"] = scale = _layer_scale(params, info["layer_score"])
-    return Merged(delta.mul_(scale).add_(pivot), info)
+    info["scale"] = scale = _layer_scale(params, info["layer_score"])
+    return Merged(onto_base(delta, pivot, scale), info)
 
-
-METHOD = register(Method(
-    name="pivotmerge",
-    summary="PivotMerge (our reading): shared-space decomposition, conflict filtering, flattened spectrum, layer-wise weights.",
-    params=Params,
-    merge=pivotmerge,
-    base="optional",
-    engine_params=("alignment", "grams", "cross_grams"),
-))

@@ -6,9 +6,9 @@ expert ``k`` with Gram matrix ``G_k = X_k^T X_k`` of its layer inputs,
     W = (sum_k w_k W_k G~_k) (sum_k w_k G~_k)^-1,   G~_k = alpha G_k + (1 - alpha) diag(G_k),
 
 which minimises ``sum_k w_k ||X_k W^T - X_k W_k^T||^2`` (with the off-diagonal
-entries shrunk by ``alpha``, which keeps the solve well conditioned). Tensors
+entries scaled by ``alpha``, the ``off_diagonal_scale``, which keeps the solve well conditioned). Tensors
 without Gram matrices (biases, norms, embeddings) take the weighted mean, as
-in the paper. The engine fills ``grams`` from the spec's calibration data.
+in the paper. The engine measures the Gram matrices on the spec's calibration data.
 
 ``gram_inputs: merged`` is RegMean++ (Nguyen et al., 2025): the layer is fitted on
 the inputs ``X~_k`` the merged model feeds it, ``min sum_k w_k ||X~_k W^T - X_k W_k^T||^2``,
@@ -19,31 +19,27 @@ engine measures both in a first merge pass.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
 import torch
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field
 
-from pivotmerge.methods import Merged, Method, MethodParams, Tensor, register
+from pivotmerge.methods import NO_CALIBRATION, Calibration, Merged, MethodParams, Need, Tensor, method
+from pivotmerge.methods.fields import OffDiagonalScale, off_diagonal_scale_field
 from pivotmerge.methods.linear import Params as LinearParams
 from pivotmerge.methods.linear import linear
 
 
 class Params(MethodParams):
-    alpha: float = Field(0.9, ge=0, le=1, description="Scale of the Gram matrices' off-diagonal entries (1: plain RegMean; 0: diagonal only).")
-    grams: list[Any] | None = Field(None, exclude=True, description="Per-expert Gram matrices of this layer's inputs; set by the engine from calibration data, never in a spec.")
+    off_diagonal_scale: OffDiagonalScale = off_diagonal_scale_field("alpha")
     gram_inputs: Literal["expert", "merged"] = Field(
         "expert", description="expert: fit each layer on each expert's own inputs (RegMean); merged: on the inputs the merged "
                               "model feeds it, so each layer corrects what the merged layers before it changed (RegMean++; "
                               "the engine merges twice).")
-    cross_grams: list[Any] | None = Field(None, exclude=True, description="gram_inputs: merged: per-expert X_k^T X~_k, the expert's own inputs against the merged model's (set by the engine).")
 
-    @field_validator("grams", "cross_grams")
-    @classmethod
-    def _tensors(cls, v: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
-        if v is not None and not all(isinstance(g, torch.Tensor) and g.ndim == 2 for g in v):
-            raise ValueError(f"{info.field_name}: set by the engine from `calibration` data, not in a spec")
-        return v
+
+def needs(params: Params) -> set[Need]:
+    return {Need.GRAMS, Need.MERGED_INPUTS} if params.gram_inputs == "merged" else {Need.GRAMS}
 
 
 def shrink_off_diagonal(gram: Tensor, alpha: float) -> Tensor:
@@ -80,23 +76,15 @@ def regmean_solve(weights: Sequence[Tensor], grams: Sequence[Tensor], scales: Se
     return merged_t.T.to(weights[0].dtype)
 
 
+@method("regmean", summary="RegMean: per linear layer, (sum_k W_k G_k)(sum_k G_k)^-1 with Gram matrices of its inputs on "
+                           "calibration data (gram_inputs: merged: RegMean++, fitted on the merged model's inputs).",
+        params=Params, base="unused", needs=needs, data=(Need.GRAMS, Need.MERGED_INPUTS))
 def regmean(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
-            params: Params, generator: torch.Generator | None = None) -> Merged:
-    if params.grams is None or tensors[0].ndim != 2:
+            params: Params, generator: torch.Generator | None = None, calibration: Calibration = NO_CALIBRATION) -> Merged:
+    if calibration.grams is None or tensors[0].ndim != 2:
         return Merged(linear(tensors, None, weights, LinearParams()), {"regmean": False})
-    if len(params.grams) != len(tensors):
-        raise ValueError(f"grams: expected {len(tensors)} Gram matrices (one per expert), got {len(params.grams)}")
-    cross = params.cross_grams if params.gram_inputs == "merged" else None
-    return Merged(regmean_solve(tensors, params.grams, weights, params.alpha, cross),
+    if len(calibration.grams) != len(tensors):
+        raise ValueError(f"grams: expected {len(tensors)} Gram matrices (one per expert), got {len(calibration.grams)}")
+    cross = calibration.cross_grams if params.gram_inputs == "merged" else None
+    return Merged(regmean_solve(tensors, calibration.grams, weights, params.off_diagonal_scale, cross),
                   {"regmean": True, "inputs": "expert" if cross is None else "merged"})
-
-
-METHOD = register(Method(
-    name="regmean",
-    summary="RegMean: per linear layer, (sum_k W_k G_k)(sum_k G_k)^-1 with Gram matrices of its inputs on calibration data "
-            "(gram_inputs: merged: RegMean++, fitted on the merged model's inputs).",
-    params=Params,
-    merge=regmean,
-    base="unused",
-    engine_params=("grams", "cross_grams"),
-))

@@ -3,23 +3,25 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import torch
 from pydantic import Field
 
-from pivotmerge.methods import Method, MethodParams, Tensor, register
+from pivotmerge.methods import MethodParams, Search, Tensor, method
 
 _EPS = 1e-8
 
 
 class Params(MethodParams):
-    t: float = Field(0.5, description="Interpolation position: 0 gives the first model, 1 the second.")
+    t: Annotated[float, Search(0.0, 1.0)] = Field(0.5, description="Interpolation position: 0 gives the first model, 1 the second.")
     dot_threshold: float = Field(
         0.9995, gt=0, le=1,
         description="Above this |cosine| between the two tensors, interpolate linearly (mergekit's value).")
 
 
+@method("slerp", summary="Spherical interpolation of two models along the great circle through them (whole tensor as one vector).",
+        params=Params, base="unused", min_models=2, max_models=2)
 def slerp(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
           params: Params, generator: torch.Generator | None = None) -> Tensor:
     v0, v1 = tensors
@@ -33,14 +35,3 @@ def slerp(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[floa
     s0 = math.sin((1 - t) * theta) / math.sin(theta)
     s1 = math.sin(t * theta) / math.sin(theta)
     return v0 * s0 + v1 * s1
-
-
-METHOD = register(Method(
-    name="slerp",
-    summary="Spherical interpolation of two models along the great circle through them (whole tensor as one vector).",
-    params=Params,
-    merge=slerp,
-    base="unused",
-    min_models=2,
-    max_models=2,
-))

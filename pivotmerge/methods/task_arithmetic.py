@@ -7,28 +7,18 @@ from typing import Sequence
 import torch
 from pydantic import Field
 
-from pivotmerge.methods import Method, Tensor, register
-from pivotmerge.methods._ops import normalize_by_weight_sum, weighted_sum
-from pivotmerge.methods.fields import LambdaParams, scale
+from pivotmerge.methods import MethodParams, Tensor, method
+from pivotmerge.methods._ops import add_weighted_deltas
+from pivotmerge.methods.fields import Scale, scale_field
 
 
-class Params(LambdaParams):
+class Params(MethodParams):
+    scale: Scale = scale_field("lambda")
     normalize: bool = Field(False, description="Divide the summed delta by the sum of the weights (mergekit's default: false).")
 
 
+@method("task_arithmetic", summary="W0 + scale * sum_k w_k (W_k - W0).", params=Params, elementwise=True)
 def task_arithmetic(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
                     params: Params, generator: torch.Generator | None = None) -> Tensor:
     assert base is not None  # the registry marks base as required
-    delta = weighted_sum((t - base for t in tensors), weights)
-    if params.normalize:
-        normalize_by_weight_sum(delta, weights)
-    return delta.mul_(scale(params)).add_(base)
-
-
-METHOD = register(Method(
-    name="task_arithmetic",
-    summary="W0 + lambda * sum_k w_k (W_k - W0).",
-    params=Params,
-    merge=task_arithmetic,
-    elementwise=True,
-))
+    return add_weighted_deltas(base, (t - base for t in tensors), weights, params.scale, params.normalize)

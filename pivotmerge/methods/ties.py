@@ -8,16 +8,19 @@ from typing import Sequence
 import torch
 from pydantic import Field
 
-from pivotmerge.methods import Method, Tensor, per_model, register
-from pivotmerge.methods._ops import consensus_merge, flat_pieces, magnitude_cut, stacked_deltas
-from pivotmerge.methods.fields import LambdaParams, PerModel, scale
+from pivotmerge.methods import MethodParams, Tensor, method, per_model
+from pivotmerge.methods._ops import consensus_merge, flat_pieces, magnitude_cut, onto_base, stacked_deltas
+from pivotmerge.methods.fields import Density, Scale, scale_field
 
 
-class Params(LambdaParams):
-    density: PerModel = Field(1.0, description="Fraction of each expert's delta kept, by magnitude (per model).")
+class Params(MethodParams):
+    scale: Scale = scale_field("lambda")
+    density: Density = Field(1.0, description="Fraction of each expert's delta kept, by magnitude (per model).")
     normalize: bool = Field(True, description="Divide by the summed weights of the agreeing experts (disjoint mean).")
 
 
+@method("ties", summary="Trim each delta to its top-density magnitudes, elect signs by mass, average the agreeing entries.",
+        params=Params)
 def ties(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
          params: Params, generator: torch.Generator | None = None) -> Tensor:
     """Two passes over flat pieces, so no temporary is larger than a piece: each
@@ -36,17 +39,8 @@ def ties(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float
         for d, cut in zip(deltas, cuts):
             cut.apply_(d)
         merged[piece] = consensus_merge(deltas, weights, params.normalize)
-    return merged.view(base.shape).mul_(scale(params)).add_(base)
+    return onto_base(merged.view(base.shape), base, params.scale)
 
 
 def _delta_piece(expert: Tensor, base: Tensor, piece: slice) -> Tensor:
     return expert[piece] - base[piece]
-
-
-METHOD = register(Method(
-    name="ties",
-    summary="Trim each delta to its top-density magnitudes, elect signs by mass, average the agreeing entries.",
-    params=Params,
-    merge=ties,
-    per_model=("density",),
-))

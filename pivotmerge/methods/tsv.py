@@ -13,12 +13,13 @@ from typing import Sequence
 import torch
 from pydantic import Field
 
-from pivotmerge.methods import Merged, Method, MethodParams, Tensor, register
-from pivotmerge.methods._ops import SvdMode, orthogonalize, significant, svd, weighted_sum
+from pivotmerge.methods import Merged, MethodParams, Tensor, method
+from pivotmerge.methods._ops import SvdMode, add_weighted_deltas, onto_base, orthogonalize, significant, svd
+from pivotmerge.methods.fields import Scale, scale_field
 
 
 class Params(MethodParams):
-    alpha: float = Field(1.0, description="Scale of the merged delta: W0 + alpha * delta.")
+    scale: Scale = scale_field("alpha")
     rank_fraction: float | None = Field(
         None, gt=0, le=1,
         description="Fraction of each task's rank kept (min(m, n) * fraction, at least 1); default 1/K.")
@@ -30,12 +31,13 @@ def task_rank(shape: Sequence[int], fraction: float) -> int:
     return max(1, int(fraction * min(shape)))
 
 
+@method("tsv", summary="Task Singular Vectors: per-task low-rank SVD, decorrelated (orthogonalised) singular vectors, rebuilt sum.",
+        params=Params)
 def tsv(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
         params: Params, generator: torch.Generator | None = None) -> Merged:
     assert base is not None
     if base.dim() != 2:
-        delta = weighted_sum((t - base for t in tensors), weights)
-        return Merged(delta.mul_(params.alpha).add_(base))
+        return Merged(add_weighted_deltas(base, (t - base for t in tensors), weights, params.scale))
     rank = task_rank(base.shape, params.rank_fraction or 1 / len(tensors))
     us, ss, vhs = [], [], []
     for t, w in zip(tensors, weights):
@@ -46,12 +48,5 @@ def tsv(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float]
     u_perp = orthogonalize(torch.cat(us, dim=1))
     vh_perp = orthogonalize(torch.cat(vhs, dim=0))
     delta = (u_perp * torch.cat(ss)) @ vh_perp
-    return Merged(delta.mul_(params.alpha).add_(base), {"rank_per_task": [int(u.shape[1]) for u in us]})
+    return Merged(onto_base(delta, base, params.scale), {"rank_per_task": [int(u.shape[1]) for u in us]})
 
-
-METHOD = register(Method(
-    name="tsv",
-    summary="Task Singular Vectors: per-task low-rank SVD, decorrelated (orthogonalised) singular vectors, rebuilt sum.",
-    params=Params,
-    merge=tsv,
-))

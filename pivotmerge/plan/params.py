@@ -7,12 +7,13 @@ name-filtered entries).
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from pydantic import ValidationError
 
 from pivotmerge.errors import SpecError
-from pivotmerge.methods import Method, MethodParams
+from pivotmerge.methods import NO_CALIBRATION, Calibration, Method, MethodParams
 from pivotmerge.spec.schema import FilteredValue, MergeSpec, ParamValue, format_validation_error
 
 
@@ -38,12 +39,23 @@ def resolve_value(value: ParamValue, tensor: str, depth: float) -> Any:
     return value
 
 
-def resolve_params(spec: MergeSpec, method: Method, tensor: str, depth: float,
-                   extra: dict[str, Any] | None = None) -> tuple[list[float], MethodParams]:
+@dataclass(frozen=True)
+class TensorParams:
+    """What the method gets for one merged tensor: each model's weight, the method's
+    parameters resolved for this tensor, and what calibration data measured for it
+    (set when the engine's calibration step returns, `NO_CALIBRATION` until then)."""
+
+    weights: list[float]
+    params: MethodParams
+    calibration: Calibration = NO_CALIBRATION
+
+
+def resolve_params(spec: MergeSpec, method: Method, tensor: str, depth: float) -> TensorParams:
     """Per-model weights and the method's parameters for one tensor.
 
     Per-model parameters become one value per model: the model's own, else the
-    spec-wide value, else the method's default.
+    spec-wide value, else the method's default. Names stay as the spec spells them
+    (old spellings included), so a validation error names what the user wrote.
     """
     global_values = {k: resolve_value(v, tensor, depth) for k, v in spec.parameters.items()}
     global_values = {k: v for k, v in global_values.items() if v is not None}
@@ -52,25 +64,28 @@ def resolve_params(spec: MergeSpec, method: Method, tensor: str, depth: float,
         w = resolve_value(entry.weight, tensor, depth)
         weights.append(1.0 if w is None else float(w))
     values: dict[str, Any] = dict(global_values)
+    canonical = method.aliases()
     for name in method.per_model:
-        default = global_values.get(name, method.params.model_fields[name].default)
+        spelled = {k: v for k, v in global_values.items() if canonical[k] == name}
+        key, default = next(iter(spelled.items()), (name, method.params.model_fields[name].default))
         per = []
         for entry in spec.models:
-            own = resolve_value(entry.parameters[name], tensor, depth) if name in entry.parameters else None
+            own = next((resolve_value(v, tensor, depth) for k, v in entry.parameters.items() if canonical[k] == name), None)
             per.append(default if own is None else own)
-        values[name] = per
-    values.update(extra or {})
-    return weights, method.params.model_validate(values)
+        values[key] = per
+    return TensorParams(weights, method.params.model_validate(values))
 
 
-def check_params(spec: MergeSpec, method: Method, depths: Mapping[str, float]) -> None:
-    """Validate the parameters every merged tensor (name -> depth) will get, before any tensor is read.
+def resolve_all(spec: MergeSpec, method: Method, depths: Mapping[str, float]) -> dict[str, TensorParams]:
+    """The parameters of every merged tensor (name -> depth), resolved once, before any tensor is read.
 
     A value can differ per tensor (depth lists, filters), so each tensor's resolved
     set is checked; the error names the parameter and the first tensor it fails for.
     """
+    out = {}
     for tensor, depth in depths.items():
         try:
-            resolve_params(spec, method, tensor, depth)
+            out[tensor] = resolve_params(spec, method, tensor, depth)
         except ValidationError as exc:
             raise SpecError(f"parameters.{format_validation_error(exc)} (for tensor {tensor})") from None
+    return out

@@ -1,20 +1,21 @@
 """The merge plan: a spec checked against its repos before any tensor data is read.
 
 `plan_merge` opens every repo (headers only), checks architectures, shapes and
-dtypes, chooses the merged tensors and checks the method's parameters for each.
+dtypes, chooses the merged tensors and resolves the method's parameters for each, once:
+the plan holds them, and calibration data measured later joins them there (`MergePlan.calibrate`).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pivotmerge.errors import CompatibilityError, RepoError, SpecError
-from pivotmerge.methods import Method, get_method
+from pivotmerge.methods import Calibration, Method, Need, get_method
 from pivotmerge.plan.device import DTYPES, resolve_device
-from pivotmerge.plan.params import check_params
+from pivotmerge.plan.params import TensorParams, resolve_all
 from pivotmerge.repos.architectures import Architecture, TensorPlace, architecture_for, place_tensors
 from pivotmerge.repos.model_repo import ModelRepo, resolve_roots
 from pivotmerge.repos.writer import OutputTensor
@@ -37,7 +38,19 @@ class MergePlan:
     places: dict[str, TensorPlace]
     names: list[str]  # output tensors, in the reference repo's order
     merged: set[str]
+    tensor_params: dict[str, TensorParams]  # merged tensor -> its weights, parameters and calibration
     outputs: list[OutputTensor] = field(default_factory=list)
+
+    @property
+    def needs(self) -> set[Need]:
+        """The calibration data some merged tensor's parameters need."""
+        return set().union(*(self.method.needs_for(p.params) for p in self.tensor_params.values()))
+
+    def calibrate(self, measured: Mapping[str, Calibration]) -> None:
+        """Hand each tensor what calibration data measured for it (the tensors whose parameters need it)."""
+        for name, calibration in measured.items():
+            if self.method.needs_for(self.tensor_params[name].params):
+                self.tensor_params[name] = replace(self.tensor_params[name], calibration=calibration)
 
     @property
     def reference(self) -> ModelRepo:
@@ -76,14 +89,14 @@ def plan_merge(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[s
     if not merged:
         raise SpecError("components: no tensor of the base matches the components/include/exclude given")
     _check_tensors(reference, [m for m in models if m is not reference], merged)
-    check_params(spec, method, {n: places[n].depth for n in sorted(merged)})
+    tensor_params = resolve_all(spec, method, {n: places[n].depth for n in sorted(merged)})
     out_dtype = DTYPES[spec.dtype] if spec.dtype else None
     outputs = [
         OutputTensor(n, reference.tensors[n].shape,
                      out_dtype if out_dtype is not None and reference.tensors[n].dtype.is_floating_point else reference.tensors[n].dtype)
         for n in names
     ]
-    return MergePlan(spec, method, base, models, architecture, places, names, merged, outputs)
+    return MergePlan(spec, method, base, models, architecture, places, names, merged, tensor_params, outputs)
 
 
 def _open_repo(ref: str, field: str, roots: Sequence[Path] | None, relative_to: Path | None) -> ModelRepo:

@@ -20,12 +20,12 @@ from typing import Any, Collection, Iterator, Mapping, Sequence, overload
 import torch
 
 from pivotmerge import __version__
-from pivotmerge.data.calibration import Calibrated, calibration_extras, merged_input_calibration, wants_merged_inputs
+from pivotmerge.data.calibration import Calibrated, calibrate, merged_input_calibration
 from pivotmerge.data.evaluate import evaluate_merge, evaluation_data
 from pivotmerge.errors import MergeCancelled
-from pivotmerge.methods import Method
+from pivotmerge.methods import Calibration, Method, Need
 from pivotmerge.plan.device import resolve_device
-from pivotmerge.plan.params import resolve_params
+from pivotmerge.plan.params import TensorParams
 from pivotmerge.plan.plan import MergePlan, Timings, check, plan_merge
 from pivotmerge.progress import CancelFn, Progress, ProgressFn
 from pivotmerge.report.merge_report import build_report, write_model_card, write_report
@@ -142,7 +142,8 @@ class _Float32On(Sequence[torch.Tensor]):
 
 
 def _apply(method: Method, models: Sequence[torch.Tensor], base: torch.Tensor | None, weights: list[float],
-           params: Any, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, Any]]:
+           params: Any, calibration: Calibration, generator: torch.Generator, device: torch.device,
+           dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, Any]]:
     """Run `method` in float32 on `device` and return the result in `dtype` with its info.
 
     An elementwise method runs over flat pieces of the tensor, so its float32
@@ -153,7 +154,8 @@ def _apply(method: Method, models: Sequence[torch.Tensor], base: torch.Tensor | 
 
     with _single_threaded(device):
         if not method.elementwise:
-            result = method(_Float32On(models, device), None if base is None else f32(base), weights, params, generator)
+            result = method(_Float32On(models, device), None if base is None else f32(base), weights, params, generator,
+                            calibration)
             return result.tensor.to(dtype), result.info
         out = torch.empty(models[0].shape, dtype=dtype, device=device)
         flat = out.view(-1)
@@ -162,7 +164,7 @@ def _apply(method: Method, models: Sequence[torch.Tensor], base: torch.Tensor | 
         for start in range(0, flat.numel(), step):
             piece = slice(start, start + step)
             result = method([f32(m.reshape(-1)[piece]) for m in models],
-                            None if base is None else f32(base.reshape(-1)[piece]), weights, params, generator)
+                            None if base is None else f32(base.reshape(-1)[piece]), weights, params, generator, calibration)
             flat[piece].copy_(result.tensor)
             info = result.info
         return out, info
@@ -190,8 +192,7 @@ def _single_threaded(device: torch.device) -> Iterator[None]:
 
 
 def _merge_tensors(plan: MergePlan, outputs: Sequence[OutputTensor], device: torch.device, timings: Timings,
-                   progress: ProgressFn | None, should_cancel: CancelFn | None,
-                   extras: Mapping[str, dict[str, Any]]) -> Iterator[tuple[str, torch.Tensor, dict[str, Any] | None]]:
+                   progress: ProgressFn | None, should_cancel: CancelFn | None) -> Iterator[tuple[str, torch.Tensor, dict[str, Any] | None]]:
     """Yield (name, output tensor, report entry or None) for `outputs`, in order."""
     spec = plan.spec
     total = len(outputs)
@@ -212,15 +213,25 @@ def _merge_tensors(plan: MergePlan, outputs: Sequence[OutputTensor], device: tor
                 yield name, inputs[0].to(out.dtype), None
                 continue
             base, models = (inputs[0], inputs[1:]) if plan.base else (None, inputs)
-            weights, params = resolve_params(spec, plan.method, name, place.depth, extras.get(name))
+            resolved = plan.tensor_params[name]
+            weights, params = resolved.weights, resolved.params
             generator = torch.Generator(device=device).manual_seed(_tensor_seed(spec.seed, name))
-            tensor, info = _apply(plan.method, models, base, weights, params, generator, device, out.dtype)
+            tensor, info = _apply(plan.method, models, base, weights, params, resolved.calibration, generator, device, out.dtype)
             timings.merge_s += time.perf_counter() - t1
             entry = {"tensor": name, "component": place.component.value, "layer": place.layer,
-                     "weights": weights, "params": params.model_dump(exclude_defaults=True), **({"info": info} if info else {})}
+                     "weights": weights, "params": _reported_params(resolved), **({"info": info} if info else {})}
             yield name, tensor, entry
     if progress is not None:
         progress(Progress("merge", total, total))
+
+
+def _reported_params(resolved: TensorParams) -> dict[str, Any]:
+    """The parameters as set for a tensor, with the alignment scores calibration gave it (the Gram
+    matrices are too large for a report; `calibration.gram_tensors` names the tensors that had them)."""
+    out = resolved.params.model_dump(exclude_defaults=True)
+    if resolved.calibration.alignment is not None:
+        out["alignment"] = list(resolved.calibration.alignment)
+    return out
 
 
 def _tensor_seed(seed: int, name: str) -> int:
@@ -245,10 +256,10 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | Path, *, progress:
         calibrated, eval_data = _data_for_merge(plan, device, allowed_roots, relative_to, progress)
         with building(out_dir) as partial:
             merge_progress = progress
-            if wants_merged_inputs(plan.spec):
+            if Need.MERGED_INPUTS in plan.needs:
                 calibrated = _refit_on_first_pass(plan, out_dir, device, calibrated, progress, should_cancel)
                 merge_progress = _with_message(progress, "second pass: each layer fitted on the first pass's inputs")
-            report = _write_merge(plan, partial, device, merge_progress, should_cancel, calibrated.extras, started)
+            report = _write_merge(plan, partial, device, merge_progress, should_cancel, started)
             if calibrated.report or eval_data:
                 _add_data_reports(report, _evaluated_models(plan, partial), device, calibrated.report, eval_data,
                                   progress, should_cancel)
@@ -262,17 +273,17 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | Path, *, progress:
 
 def _data_for_merge(plan: MergePlan, device: torch.device, allowed_roots: Sequence[str | Path] | None,
                     relative_to: Path | None, progress: ProgressFn | None) -> tuple[Calibrated, list]:
-    """Per-tensor parameters measured on calibration data, and the checked evaluation datasets."""
+    """Calibration data measured for the plan's tensors (handed to the plan), and the checked evaluation datasets."""
     roots = resolve_roots(allowed_roots)
     eval_data = evaluation_data(plan.spec.evaluate, allowed_roots=roots, relative_to=relative_to)
-    calibrated = calibration_extras(plan, device, allowed_roots=roots, relative_to=relative_to, progress=progress)
+    calibrated = calibrate(plan, device, allowed_roots=roots, relative_to=relative_to, progress=progress)
     return calibrated, eval_data
 
 
 def _refit_on_first_pass(plan: MergePlan, out_dir: Path, device: torch.device, calibrated: Calibrated,
                          progress: ProgressFn | None, should_cancel: CancelFn | None) -> Calibrated:
     """`calibrated` for ``gram_inputs: merged``: merge once as usual, then measure each
-    layer's inputs in that model against the experts' own.
+    layer's inputs in that model against the experts' own (handed to the plan for the second pass).
 
     The first pass has no ``cross_grams``, so the method fits on the experts' own
     inputs, as with ``gram_inputs: expert``. Its model lives in a hidden folder
@@ -281,7 +292,7 @@ def _refit_on_first_pass(plan: MergePlan, out_dir: Path, device: torch.device, c
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.first-pass-", dir=out_dir.parent) as tmp:
         first = Path(tmp)
         _write_shards(plan, first, device, _with_message(progress, "first pass: each layer fitted on the experts' own inputs"),
-                      should_cancel, calibrated.extras)
+                      should_cancel)
         carry_side_files(plan.reference.path, first, plan.spec.dtype)  # config and processor, so it loads
         return merged_input_calibration(plan, first, calibrated, device, progress=progress, should_cancel=should_cancel)
 
@@ -318,8 +329,7 @@ def _add_data_reports(report: dict[str, Any], models: Mapping[str, Path], device
 
 
 def _write_shards(plan: MergePlan, folder: Path, device: torch.device, progress: ProgressFn | None,
-                  should_cancel: CancelFn | None, extras: Mapping[str, dict[str, Any]],
-                  only: Collection[int] | None = None) -> tuple[list[WrittenFile], list[dict[str, Any]], Timings]:
+                  should_cancel: CancelFn | None, only: Collection[int] | None = None) -> tuple[list[WrittenFile], list[dict[str, Any]], Timings]:
     """Merge and write every shard, or the shards `only` names; returns files, report entries, timings.
 
     A writer thread writes tensor i while tensor i + 1 merges; one write at a time
@@ -332,7 +342,7 @@ def _write_shards(plan: MergePlan, folder: Path, device: torch.device, progress:
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pivotmerge-write") as write_pool:
             pending: Future[None] | None = None
-            for name, tensor, entry in _merge_tensors(plan, writer.tensors, device, timings, progress, should_cancel, extras):
+            for name, tensor, entry in _merge_tensors(plan, writer.tensors, device, timings, progress, should_cancel):
                 t0 = time.perf_counter()
                 if pending is not None:
                     pending.result()
@@ -349,8 +359,8 @@ def _write_shards(plan: MergePlan, folder: Path, device: torch.device, progress:
 
 
 def _write_merge(plan: MergePlan, folder: Path, device: torch.device, progress: ProgressFn | None,
-                 should_cancel: CancelFn | None, extras: Mapping[str, dict[str, Any]], started: float) -> dict[str, Any]:
-    files, entries, timings = _write_shards(plan, folder, device, progress, should_cancel, extras)
+                 should_cancel: CancelFn | None, started: float) -> dict[str, Any]:
+    files, entries, timings = _write_shards(plan, folder, device, progress, should_cancel)
     return _finish(plan, folder, device, entries, files, timings, started)
 
 

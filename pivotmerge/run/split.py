@@ -67,7 +67,7 @@ def merge_shards(spec: MergeSpec | Mapping[str, Any], folder: str | Path, shards
         if not shards or any(not 0 <= i < n for i in shards):
             raise PivotMergeError(f"shards: expected indices in 0..{n - 1}, got {list(shards)}")
         files, entries, timings = _write_shards(plan, folder, resolve_device(plan.spec.device), progress,
-                                                should_cancel, {}, only=set(shards))
+                                                should_cancel, only=set(shards))
     return {"shards": sorted(set(shards)), "files": [asdict(f) for f in files], "layers": entries,
             "timings": asdict(timings), "total_s": time.perf_counter() - started}
 

@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pivotmerge.errors import SpecError
-from pivotmerge.methods import MethodParams, get_method
+from pivotmerge.methods import Method, MethodParams, get_method
 
 Number = Union[int, float]
 Scalar = Union[bool, int, float, str]
@@ -159,23 +159,35 @@ class MergeSpec(BaseModel):
             raise ValueError(f"models: method {self.method!r} takes {want} models, got {k}")
         if method.base == "required" and self.base_model is None:
             raise ValueError(f"base_model: method {self.method!r} needs a base_model (the experts' shared starting point)")
-        known = set(method.params.model_fields) - set(method.engine_params)
-        for name in self.parameters:
-            if name in method.engine_params:
-                raise ValueError(engine_set(f"parameters.{name}"))
-            if name not in known:
-                raise ValueError(f"parameters.{name}: not a parameter of {self.method!r}; it takes: {', '.join(sorted(known)) or 'none'}")
+        _check_names(self.parameters, method, "parameters")
+        names = method.aliases()
         for i, entry in enumerate(self.models):
             for name in entry.parameters:
                 if name in method.engine_params:
                     raise ValueError(engine_set(f"models.{i}.parameters.{name}"))
-                if name not in method.per_model:
+                if names.get(name) not in method.per_model:
                     allowed = ", ".join(method.per_model) or "none"
                     raise ValueError(f"models.{i}.parameters.{name}: not a per-model parameter of {self.method!r} (per-model: {allowed})")
         return self
 
     def method_params(self) -> type[MethodParams]:
         return get_method(self.method).params
+
+
+def _check_names(parameters: dict[str, ParamValue], method: Method, where: str) -> None:
+    """Every name is a parameter of `method` under one of its spellings (old ones such as ``lambda``
+    accepted, and kept as written), given once; calibration data is refused, naming the field."""
+    names = method.aliases()
+    seen: dict[str, str] = {}
+    for given in parameters:
+        if given in method.engine_params:
+            raise ValueError(engine_set(f"{where}.{given}"))
+        if given not in names:
+            known = ", ".join(sorted(method.params.model_fields)) or "none"
+            raise ValueError(f"{where}.{given}: not a parameter of {method.name!r}; it takes: {known}")
+        if names[given] in seen:
+            raise ValueError(f"{where}.{given}: the same parameter as {seen[names[given]]} ({names[given]})")
+        seen[names[given]] = given
 
 
 def format_validation_error(exc: ValidationError) -> str:

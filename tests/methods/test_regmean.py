@@ -9,7 +9,7 @@ from torch import nn
 from pivotmerge.data.calibration import GramCollector, collect_grams
 from pivotmerge.data.datasets import load_dataset
 from pivotmerge.data.example import make_example
-from pivotmerge.methods import get_method
+from pivotmerge.methods import Calibration, get_method
 from pivotmerge.methods.regmean import regmean_solve
 
 
@@ -47,9 +47,9 @@ def test_merged_inputs_are_regmean_plus_plus_the_least_squares_fit_on_the_merged
     y = torch.cat([x @ w.T for x, w in zip(own, ws)])
     expected = torch.linalg.lstsq(torch.cat(seen), y).solution.T
     method = get_method("regmean")
-    params = method.params.model_validate({"alpha": 1.0, "gram_inputs": "merged", "grams": [x.T @ x for x in seen],
-                                           "cross_grams": [x.T @ xs for x, xs in zip(own, seen)]})
-    out = method(ws, None, [1.0, 1.0], params)
+    params = method.params.model_validate({"alpha": 1.0, "gram_inputs": "merged"})
+    data = Calibration(grams=[x.T @ x for x in seen], cross_grams=[x.T @ xs for x, xs in zip(own, seen)])
+    out = method(ws, None, [1.0, 1.0], params, None, data)
     assert torch.allclose(out.tensor, expected, atol=1e-10)
     assert out.info == {"regmean": True, "inputs": "merged"}
     # Cross Grams equal to the Grams (the merged model sees what each expert saw) give RegMean back.
@@ -67,15 +67,15 @@ def test_registered_method_uses_grams_for_matrices_and_averages_the_rest():
     method = get_method("regmean")
     ws = [torch.randn(3, 2), torch.randn(3, 2)]
     grams = [torch.tensor([[2.0, 1.0], [1.0, 2.0]]), torch.tensor([[1.0, 0.0], [0.0, 3.0]])]
-    params = method.params.model_validate({"alpha": 0.5, "grams": grams})
-    out = method(ws, None, [1.0, 1.0], params)
+    params = method.params.model_validate({"alpha": 0.5})
+    out = method(ws, None, [1.0, 1.0], params, None, Calibration(grams=grams))
     assert out.info == {"regmean": True, "inputs": "expert"}
     assert torch.allclose(out.tensor, regmean_solve(ws, grams, [1.0, 1.0], 0.5))
     assert "grams" not in params.model_dump()  # never written into the merge report
-    bias = method([torch.ones(3), torch.zeros(3)], None, [3.0, 1.0], params)
+    bias = method([torch.ones(3), torch.zeros(3)], None, [3.0, 1.0], params, None, Calibration(grams=grams))
     assert torch.allclose(bias.tensor, torch.full((3,), 0.75)) and bias.info == {"regmean": False}
-    with pytest.raises(ValueError, match="set by the engine"):
-        method.params.model_validate({"grams": [[1.0, 2.0]]})
+    with pytest.raises(ValueError, match="grams: expected one 2-D tensor per expert"):
+        Calibration(grams=[[1.0, 2.0]])
 
 
 def test_hooks_sum_x_transpose_x_without_padding():

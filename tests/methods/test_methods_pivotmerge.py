@@ -6,21 +6,24 @@ import pydantic
 import pytest
 import torch
 
-from pivotmerge.methods import get_method
+from pivotmerge.methods import Calibration, get_method
 
 T = torch.tensor
 OFF = dict(shared_space=False, filtering=False, spectrum="keep", layer_weighting="uniform")
+DATA = ("grams", "cross_grams", "alignment")  # calibration data, the method's own argument
 
 
 def run(tensors, base, weights=None, generator=None, **params):
     method = get_method("pivotmerge")
     weights = [1.0] * len(tensors) if weights is None else weights
-    return method(tensors, base, weights, method.params.model_validate(params), generator)
+    data = Calibration(**{k: params.pop(k) for k in DATA if k in params})
+    return method(tensors, base, weights, method.params.model_validate(params), generator, data)
 
 
 def other(name, tensors, base, **params):
     method = get_method(name)
-    return method(tensors, base, [1.0] * len(tensors), method.params.model_validate(params)).tensor
+    data = Calibration(**{k: params.pop(k) for k in DATA if k in params})
+    return method(tensors, base, [1.0] * len(tensors), method.params.model_validate(params), None, data).tensor
 
 
 def experts(k=3, shape=(6, 5), seed=0):
@@ -40,7 +43,7 @@ def test_all_parts_off_is_task_arithmetic():
     out = run(models, base, [1.0, 0.5, 2.0], lambda_max=0.7, **OFF)
     expected = base + 0.7 * sum(w * (m - base) for w, m in zip([1.0, 0.5, 2.0], models))
     assert torch.allclose(out.tensor, expected, atol=1e-5)
-    assert out.info["lambda"] == 0.7 and out.info["directions_suppressed"] == 0
+    assert out.info["scale"] == 0.7 and out.info["directions_suppressed"] == 0
 
 
 def test_flatten_alone_is_iso_c():
@@ -144,7 +147,7 @@ def test_weight_mode_uses_shared_energy_shares():
     out = run([d1, d2], torch.zeros(2, 2), **{**OFF, "shared_space": True, "energy": 0.75,
                                               "residual_weight": 0.0, "layer_weighting": "weight"})
     assert out.info["expert_weights"] == pytest.approx([2.0, 0.0])
-    assert out.info["layer_score"] == pytest.approx(0.5) and out.info["lambda"] == pytest.approx(0.75)
+    assert out.info["layer_score"] == pytest.approx(0.5) and out.info["scale"] == pytest.approx(0.75)
     assert torch.allclose(out.tensor, 0.75 * 2 * d1, atol=1e-5)
 
 
@@ -155,7 +158,7 @@ def test_data_mode_uses_alignment_scores():
     # weights 2 * [1, .5] / 1.5; score .75 -> lambda .2 + .8 * .75 = .8
     expected = base + 0.8 * (4 / 3 * (models[0] - base) + 2 / 3 * (models[1] - base))
     assert torch.allclose(out.tensor, expected, atol=1e-5)
-    assert out.info["lambda"] == pytest.approx(0.8)
+    assert out.info["scale"] == pytest.approx(0.8)
 
 
 # --- calibration Gram matrices and the whole-update spectrum ------------------
