@@ -186,7 +186,7 @@ def _check_names(parameters: dict[str, ParamValue], method: Method, where: str) 
             known = ", ".join(sorted(method.params.model_fields)) or "none"
             raise ValueError(f"{where}.{given}: not a parameter of {method.name!r}; it takes: {known}")
         if names[given] in seen:
-            raise ValueError(f"{where}.{given}: the same parameter as {seen[names[given]]} ({names[given]})")
+            raise ValueError(f"{where}.{given}: names the same parameter as {seen[names[given]]} (give {names[given]} once)")
         seen[names[given]] = given
 
 
