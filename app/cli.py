@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import click
 
 from core.settings import GPU_QUEUE, Settings
+from pivotmerge.report.merge_report import MergeReport, read_report
 
 API_KEY_FILE = "api-key"
 DEFAULT_TEAM = "default"
@@ -319,7 +320,7 @@ def quickstart(workdir: Path) -> None:
     finally:
         stop_process(server, timeout=WORKER_STOP_SECONDS + 10)  # serve first waits for its worker
 
-    report = json.loads((out / "merge_report.json").read_text())
+    report = read_report(out)
     console.print(f"[bold]5.[/] The merge report (all of it: {out / 'merge_report.json'}):")
     print_report(console, report)
     console.print(f"\nDone in {time.monotonic() - started:.1f} s. Next: `pivotmerge serve` runs the service "
@@ -347,14 +348,17 @@ def compact(value: Any) -> str:
     return json.dumps(value)
 
 
-def print_report(console: Any, report: dict[str, Any]) -> None:
-    """What was merged and how: the summary, then each merged tensor's recorded choices."""
+def print_report(console: Any, report: MergeReport) -> None:
+    """What was merged and how: the summary, then each merged tensor's recorded choices, then any evaluation."""
     from rich.table import Table
 
-    summary = {k: report.get(k) for k in ("method", "architecture", "device", "tensors", "timings", "metrics")}
-    console.print_json(data={k: v for k, v in summary.items() if v is not None})
+    from pivotmerge.data.evaluate import metrics_table
+
+    console.print_json(data=report.model_dump(mode="json", include={"method", "architecture", "device", "tensors", "timings"}))
     table = Table("merged tensor", "layer", "choices (lambda, expert weights, ranks...)")
-    for entry in report.get("layers", []):
-        info = ", ".join(f"{k}={compact(v)}" for k, v in entry.get("info", {}).items())
-        table.add_row(entry["tensor"], str(entry.get("layer")), info)
+    for entry in report.layers:
+        info = ", ".join(f"{k}={compact(v)}" for k, v in (entry.info or {}).items())
+        table.add_row(entry.tensor, str(entry.layer), info)
     console.print(table)
+    if report.evaluation is not None:
+        console.print(metrics_table(report.evaluation))

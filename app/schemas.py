@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
 
+from pivotmerge.data.evaluate import Evaluation
 from pivotmerge.errors import SpecError
 from pivotmerge.spec.schema import MergeSpec, spec_from_dict
 
@@ -97,9 +98,11 @@ class ArtifactList(BaseModel):
 class MetricsOut(BaseModel):
     job_id: uuid.UUID
     state: JobState
-    metrics: dict[str, Any] | None = Field(
-        None, description="Evaluation metrics of a merge (when its spec asks to evaluate), the distance metrics of an "
-                          "analysis; null until the job has succeeded.")
+    metrics: Evaluation | dict[str, Any] | None = Field(
+        None, description="A merge's evaluation (when its spec lists `evaluate` datasets): model label ('merged', "
+                          "and with evaluate_inputs 'base' and each expert) -> metrics per dataset, as in its "
+                          "merge_report.json; an analysis's distance metrics; null until the job has succeeded "
+                          "or when a merge evaluated nothing.")
 
 
 class HealthOut(BaseModel):

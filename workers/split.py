@@ -69,7 +69,7 @@ def finalize_parts(parts: list[PartResult], spec: dict[str, Any], staging: str, 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return {"out_dir": out_dir, "files": report["files"], "workers": sorted({p["worker"] for p in parts})}
+    return {"out_dir": out_dir, "files": [f.model_dump() for f in report.files], "workers": sorted({p["worker"] for p in parts})}
 
 
 def split_merge(spec: dict[str, Any], out_dir: str | Path, parts: int, *, queue: str = SPLIT_QUEUE) -> AsyncResult:

@@ -1,4 +1,4 @@
-"""Expert folding of a model repo: `pivotmerge fold FOLD_SPEC -o OUT` and `pivotmerge.fold`.
+"""Expert folding of a model repo: `pivotmerge.fold` (the `pivotmerge fold` command's engine).
 
 Reads the repo lazily (headers first, then one folded tensor's sources at a
 time), folds each group with pivotmerge.folding, and writes sharded safetensors
@@ -17,13 +17,11 @@ FoldSpec fields plus where the model is:
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
-import click
 import torch
 from pydantic import Field, ValidationError, model_validator
 
@@ -36,6 +34,8 @@ from pivotmerge.progress import CancelFn, Progress, ProgressFn
 from pivotmerge.repos.model_repo import ModelRepo, resolve_roots
 from pivotmerge.spec.schema import ByteSize, DatasetRef, format_validation_error, read_yaml
 from pivotmerge.repos.writer import OutputTensor, ShardWriter
+from pivotmerge.report.merge_report import output_files, versions, write_json
+from pivotmerge.run.engine import write_tensors
 
 Folded = dict[str, dict[str, str]]  # folded name -> {modality: source tensor name}
 
@@ -124,11 +124,9 @@ def _grams(spec: FoldJobSpec, repo: ModelRepo, folded: Folded, roots: Sequence[P
 def _write_folded(repo: ModelRepo, w0: ModelRepo | None, spec: FoldJobSpec, folded: Folded, grams: Mapping[str, torch.Tensor],
                   folder: Path, progress: ProgressFn | None, should_cancel: CancelFn | None) -> list[dict[str, Any]]:
     """Fold and write every output tensor, one at a time; returns the written files' report."""
-    from pivotmerge.report.merge_report import files_json
-
     outputs = output_tensors(repo, folded, DTYPES[spec.dtype] if spec.dtype else None)
-    writer = ShardWriter(folder, outputs, spec.out_shard_size, metadata={"folded_by": f"pivotmerge {__version__}"})
-    try:
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for i, out in enumerate(outputs):
             if should_cancel is not None and should_cancel():
                 raise MergeCancelled("fold cancelled")
@@ -141,13 +139,13 @@ def _write_folded(repo: ModelRepo, w0: ModelRepo | None, spec: FoldJobSpec, fold
                 tensor_grams = {m: grams[s] for m, s in sources.items()} if all(s in grams for s in sources.values()) else None
                 tensor = fold_tensor({m: repo.get(s) for m, s in sources.items()}, spec,
                                      w0.get(out.name) if w0 is not None else None, tensor_grams)
-            writer.write(out.name, tensor.to(out.dtype))
-        files = writer.close()
-    finally:
-        writer.abort()
+            yield out.name, tensor.to(out.dtype)
+
+    writer = ShardWriter(folder, outputs, spec.out_shard_size, metadata={"folded_by": f"pivotmerge {__version__}"})
+    files = write_tensors(writer, tensors())
     if progress is not None:
         progress(Progress("fold", len(outputs), len(outputs)))
-    return files_json(files)
+    return [f.model_dump() for f in output_files(files)]
 
 
 def fold(spec: FoldJobSpec | Mapping[str, Any], out_dir: str | Path, *, progress: ProgressFn | None = None,
@@ -180,18 +178,14 @@ def fold(spec: FoldJobSpec | Mapping[str, Any], out_dir: str | Path, *, progress
 
 def _fold_report(spec: FoldJobSpec, folded: Folded, files: list[dict[str, Any]], calibration: dict[str, Any],
                  total_s: float) -> dict[str, Any]:
-    from pivotmerge.report.merge_report import versions
-
-    return {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions(),
+    return {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": versions().model_dump(),
             "spec": spec.model_dump(mode="json", by_alias=True), "method": spec.method,
             "folded": {t: dict(s) for t, s in folded.items()}, "files": files,
             **({"calibration": calibration} if calibration else {}), "timings": {"total_s": round(total_s, 4)}}
 
 
 def _write_report_and_card(folder: Path, spec: FoldJobSpec, report: dict[str, Any]) -> None:
-    from pivotmerge.report.merge_report import write_report
-
-    write_report(folder, report, FOLD_REPORT_FILE)
+    write_json(folder, FOLD_REPORT_FILE, report)
     formula = {"interpolation": "sum_m w_m W_m / sum_m w_m", "modality_arithmetic": f"W0 + {spec.scale} * sum_m (W_m - W0)",
                "regmean": "RegMean over the modalities with each modality's input Gram matrices"}[spec.method]
     lines = ["---", "library_name: transformers", "tags: [folded, pivotmerge]", "---", "",
@@ -200,41 +194,3 @@ def _write_report_and_card(folder: Path, spec: FoldJobSpec, report: dict[str, An
              f"{formula}, for {len(report['folded'])} tensors.", "",
              f"Made with pivotmerge {__version__}. `{FOLD_REPORT_FILE}` lists every folded tensor and its sources.", ""]
     (folder / "README.md").write_text("\n".join(lines))
-
-
-@click.command("fold")
-@click.argument("spec_file", metavar="FOLD_SPEC", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder; created when the fold completes.")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON on stdout.")
-def fold_command(spec_file: Path, out_dir: Path, force: bool, as_json: bool) -> None:
-    """Fold one model's modality-specific parameter groups into one shared group.
-
-    FOLD_SPEC is YAML naming the model (relative paths are read from the spec's
-    folder), the fold method and a name map per modality: tensors whose names,
-    rewritten by their modality's pattern/replace, agree fold into that name.
-
-    \b
-        model: vlmo-like
-        method: modality_arithmetic      # or interpolation, regmean
-        lambda: 0.5                      # W0 + lambda * sum_m (W_m - W0)
-        groups:
-          vision: {pattern: '\\.mlp\\.vision\\.', replace: '.mlp.'}
-          text:   {pattern: '\\.mlp\\.text\\.',   replace: '.mlp.'}
-        w0_model: pretrained             # optional; default: the model's own W0 tensors
-
-    interpolation takes `weights` per modality; regmean takes `alpha` and a
-    `calibration` dataset. OUT holds sharded safetensors, the model's config
-    and tokenizer files, fold_report.json and a model card (docs/evaluation.md).
-    """
-    from pivotmerge.cli.commands import ProgressBar, console
-
-    spec = fold_spec_from_dict(read_yaml(spec_file))
-    with ProgressBar(f"folding ({spec.method})") as bar:
-        report = fold(spec, out_dir, progress=bar, relative_to=spec_file.parent, overwrite=force)
-    if as_json:
-        click.echo(json.dumps(report, indent=2, default=str))
-        return
-    console.print(f"[green]folded[/] {len(report['folded'])} tensors from {len(spec.groups)} modalities "
-                  f"with {spec.method} in {report['timings']['total_s']:.2f} s -> {out_dir}")

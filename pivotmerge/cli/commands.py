@@ -1,4 +1,4 @@
-"""The engine's own CLI commands: merge, methods, analyze."""
+"""The engine's commands: merge, methods, analyze, fold."""
 
 from __future__ import annotations
 
@@ -9,44 +9,11 @@ from typing import Any, get_args
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from pivotmerge.methods import Search, all_methods
-from pivotmerge.progress import Progress
-from pivotmerge.spec.schema import load_spec
-
-console = Console(stderr=True)
-
-
-class ProgressBar:
-    """A rich progress bar fed by the engine's progress callback.
-
-    It appears with the first progress report, so a spec refused during the
-    checks prints its one error line and no empty bar.
-    """
-
-    def __init__(self, label: str) -> None:
-        self._bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("{task.fields[tensor]}", style="dim"), console=console, transient=False)
-        self._task = self._bar.add_task(label, total=None, tensor="")
-        self._shown = False
-
-    def __enter__(self) -> "ProgressBar":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._shown:
-            self._bar.stop()
-
-    def __call__(self, p: Progress) -> None:
-        if p.stage == "done":
-            return
-        if not self._shown:
-            self._bar.start()
-            self._shown = True
-        self._bar.update(self._task, completed=p.done, total=p.total, tensor=p.tensor or "")
-
+from pivotmerge.cli.progress_bar import ProgressBar, console
+from pivotmerge.spec.schema import load_spec, read_yaml
 
 @click.command("merge")
 @click.argument("spec_file", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
@@ -73,15 +40,14 @@ def merge_command(spec_file: Path, out_dir: Path, force: bool, device: str | Non
     with ProgressBar(f"merging ({spec.method})") as bar:
         report = merge(spec, out_dir, progress=bar, relative_to=spec_file.parent, overwrite=force)
     if as_json:
-        click.echo(json.dumps(report, indent=2, default=str))
+        click.echo(json.dumps(report.as_json(), indent=2))
         return
-    t = report["timings"]
-    console.print(f"[green]merged[/] {report['tensors']['merged']} of {report['tensors']['total']} tensors "
-                  f"with {report['method']} in {t['total_s']:.2f} s on {report['device']} -> {out_dir}")
-    if "evaluation" in report:
-        from pivotmerge.data.evaluate import metrics_from_json, metrics_table
+    console.print(f"[green]merged[/] {report.tensors.merged} of {report.tensors.total} tensors "
+                  f"with {report.method} in {report.timings.total_s:.2f} s on {report.device} -> {out_dir}")
+    if report.evaluation is not None:
+        from pivotmerge.data.evaluate import metrics_table
 
-        Console().print(metrics_table(metrics_from_json(report["evaluation"])))
+        Console().print(metrics_table(report.evaluation))
 
 
 def _type_name(annotation: Any) -> str:
@@ -169,3 +135,41 @@ def analyze_command(spec_file: Path, as_json: bool) -> None:
     for layer, values in rows.items():
         table.add_row(layer, *(f"{values[m]:.4g}" for m in metrics), style="bold" if layer == "TOTAL" else None)
     Console().print(table)
+
+
+@click.command("fold")
+@click.argument("spec_file", metavar="FOLD_SPEC", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder; created when the fold completes.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON on stdout.")
+def fold_command(spec_file: Path, out_dir: Path, force: bool, as_json: bool) -> None:
+    """Fold one model's modality-specific parameter groups into one shared group.
+
+    FOLD_SPEC is YAML naming the model (relative paths are read from the spec's
+    folder), the fold method and a name map per modality: tensors whose names,
+    rewritten by their modality's pattern/replace, agree fold into that name.
+
+    \b
+        model: vlmo-like
+        method: modality_arithmetic      # or interpolation, regmean
+        lambda: 0.5                      # W0 + lambda * sum_m (W_m - W0)
+        groups:
+          vision: {pattern: '\\.mlp\\.vision\\.', replace: '.mlp.'}
+          text:   {pattern: '\\.mlp\\.text\\.',   replace: '.mlp.'}
+        w0_model: pretrained             # optional; default: the model's own W0 tensors
+
+    interpolation takes `weights` per modality; regmean takes `alpha` and a
+    `calibration` dataset. OUT holds sharded safetensors, the model's config
+    and tokenizer files, fold_report.json and a model card (docs/evaluation.md).
+    """
+    from pivotmerge.analysis.fold_repo import fold, fold_spec_from_dict
+
+    spec = fold_spec_from_dict(read_yaml(spec_file))
+    with ProgressBar(f"folding ({spec.method})") as bar:
+        report = fold(spec, out_dir, progress=bar, relative_to=spec_file.parent, overwrite=force)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    console.print(f"[green]folded[/] {len(report['folded'])} tensors from {len(spec.groups)} modalities "
+                  f"with {spec.method} in {report['timings']['total_s']:.2f} s -> {out_dir}")

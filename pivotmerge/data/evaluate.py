@@ -13,15 +13,14 @@ Models load through the real path (`LlavaForConditionalGeneration` and
 
 from __future__ import annotations
 
-import json
 import math
 import string
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import click
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from pivotmerge.data.datasets import CAPTION_PROMPT, Dataset, Record, load_dataset, load_image, load_ref
 from pivotmerge.plan.device import resolve_device
@@ -30,8 +29,12 @@ from pivotmerge.progress import CancelFn, Progress, ProgressFn
 from pivotmerge.spec.schema import DatasetRef
 
 
-@dataclass(frozen=True)
-class DatasetMetrics:
+class DatasetMetrics(BaseModel):
+    """One model's metrics on one dataset."""
+
+    # NaN (no caption tokens) is written as JSON's NaN, as json.dumps does.
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
+
     dataset: str
     samples: int
     tokens: int
@@ -40,6 +43,9 @@ class DatasetMetrics:
     token_accuracy: float
     exact_match: float | None  # None when no record has an answer
     questions: int
+
+
+Evaluation = dict[str, list[DatasetMetrics]]  # model label -> its metrics, one entry per dataset
 
 
 @dataclass
@@ -194,22 +200,13 @@ def evaluate_model(model_dir: str | Path, datasets: Sequence[Dataset], *, device
 
 
 def evaluate_models(models: Mapping[str, str | Path], datasets: Sequence[Dataset], *, device: str = "auto",
-                    batch_size: int = 8, max_new_tokens: int = 8) -> dict[str, list[DatasetMetrics]]:
+                    batch_size: int = 8, max_new_tokens: int = 8) -> Evaluation:
     """Side-by-side metrics, e.g. {"merged": ..., "base": ..., "expert_1": ...}, one model loaded at a time."""
     return {label: evaluate_model(path, datasets, device=device, batch_size=batch_size, max_new_tokens=max_new_tokens)
             for label, path in models.items()}
 
 
-def metrics_json(results: Mapping[str, Sequence[DatasetMetrics]]) -> dict[str, list[dict[str, Any]]]:
-    return {label: [asdict(m) for m in metrics] for label, metrics in results.items()}
-
-
-def metrics_from_json(data: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict[str, list[DatasetMetrics]]:
-    """`metrics_json`'s inverse, for showing a stored report's evaluation."""
-    return {label: [DatasetMetrics(**m) for m in metrics] for label, metrics in data.items()}
-
-
-def metrics_table(results: Mapping[str, Sequence[DatasetMetrics]]):
+def metrics_table(results: Evaluation):  # -> rich.table.Table
     from rich.table import Table
 
     table = Table(title="Evaluation")
@@ -223,40 +220,6 @@ def metrics_table(results: Mapping[str, Sequence[DatasetMetrics]]):
     return table
 
 
-@click.command("evaluate")
-@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--data", "data", multiple=True, required=True, type=click.Path(path_type=Path),
-              help="A JSONL dataset (image, caption, optional question/answer); repeat for several.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most this many records per dataset.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Longest greedy answer generated for questions.")
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON instead of a table.")
-def evaluate_command(model: Path, data: tuple[Path, ...], limit: int | None, device: str, batch_size: int,
-                     max_new_tokens: int, as_json: bool) -> None:
-    """Evaluate a LLaVA-style MODEL folder on image-caption datasets.
-
-    Prints, per dataset, the caption loss and perplexity, next-token accuracy on
-    caption tokens, and question-answer exact match where records have answers.
-
-    \b
-        pivotmerge evaluate merged --data demo/data/shapes/data.jsonl --data demo/data/dots/data.jsonl
-    """
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # the table is the output; loading bars would interleave with it
-    datasets = [load_dataset(d, limit=limit) for d in data]
-    results = {model.name: evaluate_model(model, datasets, device=device, batch_size=batch_size,
-                                          max_new_tokens=max_new_tokens)}
-    if as_json:
-        click.echo(json.dumps(metrics_json(results), indent=2))
-    else:
-        from rich.console import Console
-
-        Console().print(metrics_table(results))
-
-
 # ----------------------------------------------------------------- engine hook
 
 
@@ -267,7 +230,7 @@ def evaluation_data(refs: Sequence[DatasetRef], *, allowed_roots: Sequence[Path]
 
 
 def evaluate_merge(models: Mapping[str, str | Path], datasets: Sequence[Dataset], device: torch.device, *,
-                   progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> dict[str, list[dict[str, Any]]]:
+                   progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> Evaluation:
     """Metrics of the merged model (and any inputs listed beside it), for the merge report."""
     results = {}
     for i, (label, path) in enumerate(models.items()):
@@ -278,4 +241,4 @@ def evaluate_merge(models: Mapping[str, str | Path], datasets: Sequence[Dataset]
         results[label] = evaluate_model(path, datasets, device=device.type)
     if progress is not None:
         progress(Progress("evaluate", len(models), len(models)))
-    return metrics_json(results)
+    return results

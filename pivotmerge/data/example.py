@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import click
 import numpy as np
 import torch
 from PIL import Image
@@ -332,42 +331,3 @@ def make_dataset(out_dir: str | Path, domain: str, n: int, seed: int = 0, image_
     path = out / "data.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-@click.command("make-example")
-@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--experts", "n_experts", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Number of expert models to write.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed; the same seed writes identical weights.")
-@click.option("--lm-experts", is_flag=True, help="Experts also update the language model's linear layers.")
-@click.option("--size", type=click.Choice(list(SIZES)), default="tiny", show_default=True,
-              help="tiny: for tests (under 1 MB); small: for demos (~12 MB each).")
-@click.option("--data", "with_data", is_flag=True,
-              help=f"Also render synthetic image-caption datasets ({', '.join(DOMAINS)}) under OUT_DIR/data.")
-@click.option("--samples", "n_samples", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Samples per dataset with --data.")
-def make_example_command(out_dir: Path, n_experts: int, seed: int, lm_experts: bool, size: str,
-                         with_data: bool, n_samples: int) -> None:
-    """Write a tiny LLaVA base model and experts to merge, made offline.
-
-    OUT_DIR gets base/ (the experts' shared starting point), expert_1/ ...
-    expert_K/ (the base with an updated projector), each a Hugging Face folder
-    that transformers loads, and pivotmerge.yaml, a spec merging the experts'
-    projectors with PivotMerge:
-
-    \b
-        pivotmerge make-example demo --data
-        pivotmerge merge demo/pivotmerge.yaml -o merged
-    """
-    ex = make_example(out_dir, n_experts=n_experts, seed=seed, lm_experts=lm_experts, size=size,
-                      with_data=with_data, n_samples=n_samples)
-    click.echo(f"base:    {ex.base}")
-    for e in ex.experts:
-        click.echo(f"expert:  {e}")
-    for domain, path in ex.datasets.items():
-        click.echo(f"data:    {path}  ({domain})")
-    click.echo(f"spec:    {ex.spec}")
-    click.echo(f"next:    pivotmerge merge {ex.spec} -o merged")

@@ -1,4 +1,9 @@
-"""The merge report (merge_report.json) and the model card (README.md)."""
+"""The merge report (merge_report.json) and the model card (README.md).
+
+`MergeReport` is what `pivotmerge.merge` returns, what it writes as
+merge_report.json, and what the CLI, the worker and the API read, by attribute:
+one typed record instead of a dict whose keys each reader spells for itself.
+"""
 
 from __future__ import annotations
 
@@ -7,49 +12,149 @@ import platform
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from pivotmerge import __version__
+from pivotmerge.data.evaluate import Evaluation
+from pivotmerge.plan.plan import MergePlan, Timings
 from pivotmerge.repos.output import REPORT_FILE
 from pivotmerge.repos.writer import WrittenFile
-from pivotmerge.plan.plan import MergePlan, Timings
 
 
+class ReportModel(BaseModel):
+    """A section of a report: unknown keys are errors, so a section cannot drift from its readers;
+    NaN (a metric over no tokens) is written as JSON's NaN, as json.dumps does."""
 
-def versions() -> dict[str, str]:
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
+
+
+class Versions(ReportModel):
+    pivotmerge: str
+    torch: str
+    transformers: str
+    safetensors: str
+    python: str
+
+
+def versions() -> Versions:
     # Package metadata, not imports: importing transformers alone costs seconds per merge.
-    return {"pivotmerge": __version__, "torch": torch.__version__, "transformers": metadata.version("transformers"),
-            "safetensors": metadata.version("safetensors"), "python": platform.python_version()}
+    return Versions(pivotmerge=__version__, torch=torch.__version__, transformers=metadata.version("transformers"),
+                    safetensors=metadata.version("safetensors"), python=platform.python_version())
 
 
-def build_report(plan: MergePlan, device: torch.device, entries: Sequence[dict[str, Any]],
-                 files: Sequence[WrittenFile], timings: Timings, total_s: float) -> dict[str, Any]:
-    return {
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": versions(),
-        "spec": plan.spec.model_dump(mode="json"),
-        "method": plan.method.name,
-        "device": str(device),
-        "architecture": plan.architecture.name,
-        "tensors": {"total": len(plan.names), "merged": len(plan.merged), "copied": len(plan.names) - len(plan.merged)},
-        "layers": list(entries),
-        "files": files_json(files),
-        "timings": {"total_s": round(total_s, 4), "read_s": round(timings.read_s, 4),
-                    "merge_s": round(timings.merge_s, 4), "write_s": round(timings.write_s, 4)},
-    }
+class TensorCounts(ReportModel):
+    total: int
+    merged: int
+    copied: int
 
 
-def files_json(files: Sequence[WrittenFile]) -> list[dict[str, Any]]:
-    return [{"name": f.file, "size": f.size, "sha256": f.sha256} for f in files]
+class MergedTensor(ReportModel):
+    """One merged tensor: where it sits, the weights and parameters it was merged with, and the
+    method's recorded choices (ranks kept, directions suppressed, layer scales...)."""
+
+    tensor: str
+    component: str
+    layer: int | None
+    weights: list[float]
+    params: dict[str, Any]
+    info: dict[str, Any] | None = None  # absent when the method recorded nothing
 
 
-def write_report(folder: Path, report: dict[str, Any], name: str = REPORT_FILE) -> None:
-    (folder / name).write_text(json.dumps(report, indent=2, default=str) + "\n")
+class OutputFile(ReportModel):
+    name: str
+    size: int
+    sha256: str
 
 
-def write_model_card(folder: Path, plan: MergePlan, report: dict[str, Any]) -> None:
+def output_files(files: Sequence[WrittenFile]) -> list[OutputFile]:
+    return [OutputFile(name=f.file, size=f.size, sha256=f.sha256) for f in files]
+
+
+class MergeTimings(ReportModel):
+    """Seconds: the whole merge, and the time the merge loop spent waiting on reads, merging and writing."""
+
+    total_s: float
+    read_s: float
+    merge_s: float
+    write_s: float
+
+
+class CalibrationDataset(ReportModel):
+    model: str
+    dataset: str
+    samples: int
+
+
+class AlignmentReport(ReportModel):
+    """Per layer group, each expert's caption loss with the group's update removed, and what follows from it."""
+
+    baseline_loss: list[float]
+    ablated_loss: dict[str, list[float]]
+    contributions: dict[str, list[float]]
+    scores: dict[str, list[float]]
+
+
+class CalibrationReport(ReportModel):
+    datasets: list[CalibrationDataset]
+    gram_tensors: list[str] | None = None  # methods that read Gram matrices
+    alignment: AlignmentReport | None = None  # PivotMerge with layer_weighting: data
+    gram_inputs: Literal["merged"] | None = None  # a second pass fitted on the first pass's inputs
+    passes: int | None = None
+
+
+class MergeReport(ReportModel):
+    created_at: str
+    versions: Versions
+    spec: dict[str, Any]
+    method: str
+    device: str
+    architecture: str
+    tensors: TensorCounts
+    layers: list[MergedTensor]
+    files: list[OutputFile]
+    timings: MergeTimings
+    calibration: CalibrationReport | None = None
+    evaluation: Evaluation | None = None  # model label ("merged", "base", each expert) -> metrics per dataset
+
+    def as_json(self) -> dict[str, Any]:
+        """The report as merge_report.json holds it: sections that do not apply are absent, not null."""
+        return self.model_dump(mode="json", exclude_defaults=True)
+
+
+def build_report(plan: MergePlan, device: torch.device, entries: Sequence[MergedTensor],
+                 files: Sequence[WrittenFile], timings: Timings, total_s: float) -> MergeReport:
+    return MergeReport(
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        versions=versions(),
+        spec=plan.spec.model_dump(mode="json"),
+        method=plan.method.name,
+        device=str(device),
+        architecture=plan.architecture.name,
+        tensors=TensorCounts(total=len(plan.names), merged=len(plan.merged), copied=len(plan.names) - len(plan.merged)),
+        layers=list(entries),
+        files=output_files(files),
+        timings=MergeTimings(total_s=round(total_s, 4), read_s=round(timings.read_s, 4),
+                             merge_s=round(timings.merge_s, 4), write_s=round(timings.write_s, 4)),
+    )
+
+
+def write_json(folder: Path, name: str, data: dict[str, Any]) -> None:
+    (folder / name).write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def write_report(folder: Path, report: MergeReport) -> None:
+    write_json(folder, REPORT_FILE, report.as_json())
+
+
+def read_report(folder: Path) -> MergeReport:
+    """The merge_report.json in `folder`."""
+    return MergeReport.model_validate_json((folder / REPORT_FILE).read_text())
+
+
+def write_model_card(folder: Path, plan: MergePlan, report: MergeReport) -> None:
     spec = plan.spec
     base = spec.base_model or "none (the experts' mean is the pivot)"
     lines = [
@@ -66,9 +171,9 @@ def write_model_card(folder: Path, plan: MergePlan, report: dict[str, Any]) -> N
         f"- Base (pivot): `{base}`",
         *[f"- Model: `{m.model}` (weight {m.weight})" for m in spec.models],
         f"- Components merged: {', '.join(c.value for c in spec.components) if spec.components else 'all'}"
-        f" ({report['tensors']['merged']} of {report['tensors']['total']} tensors; the rest are the base's)",
+        f" ({report.tensors.merged} of {report.tensors.total} tensors; the rest are the base's)",
         f"- Parameters: `{json.dumps(spec.parameters, default=str)}`",
-        f"- Made with pivotmerge {__version__} in {report['timings']['total_s']:.1f} s on {report['device']}.",
+        f"- Made with pivotmerge {__version__} in {report.timings.total_s:.1f} s on {report.device}.",
         "",
         "`merge_report.json` records the full spec, the versions, and every per-layer choice.",
         "",

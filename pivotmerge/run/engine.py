@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Collection, Iterator, Mapping, Sequence, overload
+from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence, overload
 
 import torch
 
@@ -28,32 +28,11 @@ from pivotmerge.plan.device import resolve_device
 from pivotmerge.plan.params import TensorParams
 from pivotmerge.plan.plan import MergePlan, Timings, check, plan_merge
 from pivotmerge.progress import CancelFn, Progress, ProgressFn
-from pivotmerge.report.merge_report import build_report, write_model_card, write_report
+from pivotmerge.report.merge_report import CalibrationReport, MergedTensor, MergeReport, build_report, write_model_card, write_report
 from pivotmerge.repos.model_repo import ModelRepo, resolve_roots
 from pivotmerge.repos.output import building, carry_side_files, check_out_dir
 from pivotmerge.repos.writer import ShardWriter, WrittenFile
 from pivotmerge.spec.schema import MergeSpec
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # Tensors read ahead of the one being merged, by a reader thread: reads (pread,
@@ -192,7 +171,7 @@ def _single_threaded(device: torch.device) -> Iterator[None]:
 
 
 def _merge_tensors(plan: MergePlan, outputs: Sequence[OutputTensor], device: torch.device, timings: Timings,
-                   progress: ProgressFn | None, should_cancel: CancelFn | None) -> Iterator[tuple[str, torch.Tensor, dict[str, Any] | None]]:
+                   progress: ProgressFn | None, should_cancel: CancelFn | None) -> Iterator[tuple[str, torch.Tensor, MergedTensor | None]]:
     """Yield (name, output tensor, report entry or None) for `outputs`, in order."""
     spec = plan.spec
     total = len(outputs)
@@ -218,8 +197,8 @@ def _merge_tensors(plan: MergePlan, outputs: Sequence[OutputTensor], device: tor
             generator = torch.Generator(device=device).manual_seed(_tensor_seed(spec.seed, name))
             tensor, info = _apply(plan.method, models, base, weights, params, resolved.calibration, generator, device, out.dtype)
             timings.merge_s += time.perf_counter() - t1
-            entry = {"tensor": name, "component": place.component.value, "layer": place.layer,
-                     "weights": weights, "params": _reported_params(resolved), **({"info": info} if info else {})}
+            entry = MergedTensor(tensor=name, component=place.component.value, layer=place.layer, weights=weights,
+                                 params=_reported_params(resolved), info=info or None)
             yield name, tensor, entry
     if progress is not None:
         progress(Progress("merge", total, total))
@@ -241,7 +220,7 @@ def _tensor_seed(seed: int, name: str) -> int:
 
 def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | Path, *, progress: ProgressFn | None = None,
           should_cancel: CancelFn | None = None, allowed_roots: Sequence[str | Path] | None = None,
-          relative_to: Path | None = None, overwrite: bool = False) -> dict[str, Any]:
+          relative_to: Path | None = None, overwrite: bool = False) -> MergeReport:
     """Run a merge into `out_dir` and return its report (also written as merge_report.json).
 
     The output is built in a hidden sibling folder and moved into place only when
@@ -291,8 +270,8 @@ def _refit_on_first_pass(plan: MergePlan, out_dir: Path, device: torch.device, c
     """
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.first-pass-", dir=out_dir.parent) as tmp:
         first = Path(tmp)
-        _write_shards(plan, first, device, _with_message(progress, "first pass: each layer fitted on the experts' own inputs"),
-                      should_cancel)
+        write_shards(plan, first, device, _with_message(progress, "first pass: each layer fitted on the experts' own inputs"),
+                     should_cancel)
         carry_side_files(plan.reference.path, first, plan.spec.dtype)  # config and processor, so it loads
         return merged_input_calibration(plan, first, calibrated, device, progress=progress, should_cancel=should_cancel)
 
@@ -316,57 +295,73 @@ def _evaluated_models(plan: MergePlan, folder: Path) -> dict[str, Path]:
     return models
 
 
-def _add_data_reports(report: dict[str, Any], models: Mapping[str, Path], device: torch.device,
+def _add_data_reports(report: MergeReport, models: Mapping[str, Path], device: torch.device,
                       calibration: dict[str, Any], eval_data: list, progress: ProgressFn | None,
                       should_cancel: CancelFn | None) -> None:
     """Calibration and evaluation sections of the report in `models["merged"]`, rewritten there."""
     if calibration:
-        report["calibration"] = calibration
+        report.calibration = CalibrationReport.model_validate(calibration)
     if eval_data:
-        report["evaluation"] = evaluate_merge(models, eval_data, device, progress=progress,
-                                              should_cancel=should_cancel)
+        report.evaluation = evaluate_merge(models, eval_data, device, progress=progress, should_cancel=should_cancel)
     write_report(models["merged"], report)
 
 
-def _write_shards(plan: MergePlan, folder: Path, device: torch.device, progress: ProgressFn | None,
-                  should_cancel: CancelFn | None, only: Collection[int] | None = None) -> tuple[list[WrittenFile], list[dict[str, Any]], Timings]:
-    """Merge and write every shard, or the shards `only` names; returns files, report entries, timings.
-
-    A writer thread writes tensor i while tensor i + 1 merges; one write at a time
-    in flight keeps a single finished tensor waiting in memory.
-    """
+def write_shards(plan: MergePlan, folder: Path, device: torch.device, progress: ProgressFn | None,
+                 should_cancel: CancelFn | None,
+                 only: Collection[int] | None = None) -> tuple[list[WrittenFile], list[MergedTensor], Timings]:
+    """Merge and write every shard of the plan, or the shards `only` names, into `folder`;
+    returns the files, the merged tensors' report entries, and the timings."""
     timings = Timings()
     writer = ShardWriter(folder, plan.outputs, plan.spec.out_shard_size, metadata={"merged_by": f"pivotmerge {__version__}"},
                          only=only)
-    entries = []
+    entries: list[MergedTensor] = []
+
+    def merged() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor, entry in _merge_tensors(plan, writer.tensors, device, timings, progress, should_cancel):
+            if entry is not None:
+                entries.append(entry)
+            yield name, tensor
+
+    files = write_tensors(writer, merged(), timings)
+    return files, entries, timings
+
+
+def write_tensors(writer: ShardWriter, tensors: Iterable[tuple[str, torch.Tensor]],
+                  timings: Timings | None = None) -> list[WrittenFile]:
+    """Write `tensors` (name, tensor), in the writer's order, as they are produced; returns the files.
+
+    A writer thread writes tensor i while tensor i + 1 is produced; one write at a
+    time in flight keeps a single finished tensor waiting in memory. On error the
+    writer's partial files are removed. `timings.write_s` gets the time spent
+    waiting for writes.
+    """
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pivotmerge-write") as write_pool:
             pending: Future[None] | None = None
-            for name, tensor, entry in _merge_tensors(plan, writer.tensors, device, timings, progress, should_cancel):
+            for name, tensor in tensors:
                 t0 = time.perf_counter()
                 if pending is not None:
                     pending.result()
                 pending = write_pool.submit(writer.write, name, tensor)
-                timings.write_s += time.perf_counter() - t0
-                if entry is not None:
-                    entries.append(entry)
+                if timings is not None:
+                    timings.write_s += time.perf_counter() - t0
             if pending is not None:
                 pending.result()
-        files = writer.close()
+        return writer.close()
     finally:
         writer.abort()
-    return files, entries, timings
 
 
 def _write_merge(plan: MergePlan, folder: Path, device: torch.device, progress: ProgressFn | None,
-                 should_cancel: CancelFn | None, started: float) -> dict[str, Any]:
-    files, entries, timings = _write_shards(plan, folder, device, progress, should_cancel)
-    return _finish(plan, folder, device, entries, files, timings, started)
+                 should_cancel: CancelFn | None, started: float) -> MergeReport:
+    files, entries, timings = write_shards(plan, folder, device, progress, should_cancel)
+    return finish_output(plan, folder, device, entries, files, timings, started)
 
 
-def _finish(plan: MergePlan, folder: Path, device: torch.device, entries: Sequence[dict[str, Any]],
-            files: Sequence[WrittenFile], timings: Timings, started: float) -> dict[str, Any]:
-    """Side files, merge report and model card around the written shards."""
+def finish_output(plan: MergePlan, folder: Path, device: torch.device, entries: Sequence[MergedTensor],
+                  files: Sequence[WrittenFile], timings: Timings, started: float) -> MergeReport:
+    """Around the shards written in `folder`: the base's side files, the merge report and the model card.
+    `started` is the merge's start on time.perf_counter's clock; returns the report."""
     carry_side_files(plan.reference.path, folder, plan.spec.dtype)
     report = build_report(plan, device, entries, files, timings, time.perf_counter() - started)
     write_report(folder, report)

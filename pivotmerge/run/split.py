@@ -23,7 +23,8 @@ from typing import Any, Mapping, Sequence
 
 from pivotmerge.plan.device import resolve_device
 from pivotmerge.plan.plan import MergePlan, Timings, as_spec, plan_merge
-from pivotmerge.run.engine import _finish, _write_shards
+from pivotmerge.report.merge_report import MergedTensor, MergeReport
+from pivotmerge.run.engine import finish_output, write_shards
 from pivotmerge.errors import PivotMergeError, SpecError
 from pivotmerge.progress import CancelFn, ProgressFn
 from pivotmerge.spec.schema import MergeSpec
@@ -66,14 +67,15 @@ def merge_shards(spec: MergeSpec | Mapping[str, Any], folder: str | Path, shards
         n = len(plan_shards(plan.outputs, plan.spec.out_shard_size))
         if not shards or any(not 0 <= i < n for i in shards):
             raise PivotMergeError(f"shards: expected indices in 0..{n - 1}, got {list(shards)}")
-        files, entries, timings = _write_shards(plan, folder, resolve_device(plan.spec.device), progress,
+        files, entries, timings = write_shards(plan, folder, resolve_device(plan.spec.device), progress,
                                                 should_cancel, only=set(shards))
-    return {"shards": sorted(set(shards)), "files": [asdict(f) for f in files], "layers": entries,
+    return {"shards": sorted(set(shards)), "files": [asdict(f) for f in files],
+            "layers": [e.model_dump(mode="json") for e in entries],
             "timings": asdict(timings), "total_s": time.perf_counter() - started}
 
 
 def finalize(spec: MergeSpec | Mapping[str, Any], folder: str | Path, parts: Sequence[PartResult], *,
-             allowed_roots: Sequence[str | Path] | None = None, relative_to: Path | None = None) -> dict[str, Any]:
+             allowed_roots: Sequence[str | Path] | None = None, relative_to: Path | None = None) -> MergeReport:
     """Check the parts cover every shard once; write the index, side files, report and model card.
 
     The report's total time is the parts' summed time plus this step's.
@@ -90,7 +92,7 @@ def finalize(spec: MergeSpec | Mapping[str, Any], folder: str | Path, parts: Seq
         if missing:
             raise PivotMergeError(f"{folder}: shard {missing[0]} is missing")
         order = {name: i for i, name in enumerate(plan.names)}
-        entries = sorted((e for p in parts for e in p["layers"]), key=lambda e: order[e["tensor"]])
+        entries = sorted((MergedTensor.model_validate(e) for p in parts for e in p["layers"]), key=lambda e: order[e.tensor])
         timings = Timings(*(sum(p["timings"][k] for p in parts) for k in ("read_s", "merge_s", "write_s")))
         write_index(folder, shards)
-        return _finish(plan, folder, resolve_device(plan.spec.device), entries, files, timings, started)
+        return finish_output(plan, folder, resolve_device(plan.spec.device), entries, files, timings, started)

@@ -1,0 +1,39 @@
+"""The commands' progress bar, on stderr so that --json output on stdout stays clean."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+
+from pivotmerge.progress import Progress
+
+console = Console(stderr=True)
+
+
+class ProgressBar:
+    """A rich progress bar fed by the engine's progress callback.
+
+    It appears with the first progress report, so a spec refused during the
+    checks prints its one error line and no empty bar.
+    """
+
+    def __init__(self, label: str) -> None:
+        self._bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.fields[tensor]}", style="dim"), console=console, transient=False)
+        self._task = self._bar.add_task(label, total=None, tensor="")
+        self._shown = False
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._shown:
+            self._bar.stop()
+
+    def __call__(self, p: Progress) -> None:
+        if p.stage == "done":
+            return
+        if not self._shown:
+            self._bar.start()
+            self._shown = True
+        self._bar.update(self._task, completed=p.done, total=p.total, tensor=p.tensor or "")
