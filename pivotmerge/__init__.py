@@ -1,7 +1,6 @@
 """PivotMerge: merge multimodal (LLaVA-style) models."""
 
-__version__ = "0.1.0"
-
+from pivotmerge.version import __version__
 from pivotmerge.analysis.analyze import analyze
 from pivotmerge.plan.plan import check, plan_merge
 from pivotmerge.run.engine import merge

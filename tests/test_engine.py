@@ -44,8 +44,8 @@ def test_linear_merge_of_projector_keeps_the_rest_of_the_base(trio, tmp_path):
     assert torch.allclose(merged[P1W], (src[P1W] + 1 + 9 * src[P1W]) / 4, atol=1e-6)
     for name in ("vision_tower.encoder.layers.0.mlp.fc1.weight", "vision_tower.embeddings.position_ids"):
         assert torch.equal(merged[name], src[name])
-    assert report["tensors"] == {"total": len(src), "merged": 4, "copied": len(src) - 4}
-    assert {e["tensor"] for e in report["layers"]} == {n for n in src if "projector" in n}
+    assert report.tensors.model_dump() == {"total": len(src), "merged": 4, "copied": len(src) - 4}
+    assert {e.tensor for e in report.layers} == {n for n in src if "projector" in n}
     assert (out / "tokenizer.json").read_text() == "{}" and (out / "chat_template.jinja").exists()
     assert json.loads((out / "merge_report.json").read_text())["method"] == "linear"
     assert "linear" in (out / "README.md").read_text()
@@ -57,10 +57,10 @@ def test_sharded_output_has_an_index_and_recorded_sha256(trio, tmp_path):
     report = pivotmerge.merge(spec_for(base, e1, e2, out_shard_size=100), out)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(llava_like(0))
-    assert len(report["files"]) > 1
-    for f in report["files"]:
-        data = (out / f["name"]).read_bytes()
-        assert hashlib.sha256(data).hexdigest() == f["sha256"] and len(data) == f["size"]
+    assert len(report.files) > 1
+    for f in report.files:
+        data = (out / f.name).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == f.sha256 and len(data) == f.size
     repo = ModelRepo.open(str(out))
     assert torch.allclose(repo.get(P1W), (llava_like(0)[P1W] + 1 + 3 * llava_like(0)[P1W]) / 2, atol=1e-6)
 
@@ -80,7 +80,7 @@ def test_depth_list_and_filtered_weights_resolve_per_tensor(trio, tmp_path):
     # weight of e1 goes 0 -> 1 across the projector's two layers; bias tensors pinned to 0.5 by a filter
     spec["models"][1]["weight"] = [{"filter": r"bias$", "value": 0.5}, {"value": [0.0, 1.0]}]
     report = pivotmerge.merge(spec, tmp_path / "out")
-    weights = {e["tensor"]: e["weights"] for e in report["layers"]}
+    weights = {e.tensor: e.weights for e in report.layers}
     assert weights[P1W] == [1.0, 0.0]
     assert weights["multi_modal_projector.linear_2.weight"] == [1.0, 1.0]
     assert weights["multi_modal_projector.linear_1.bias"] == [1.0, 0.5]

@@ -29,7 +29,7 @@ def test_merged_llava_loads_with_transformers_and_generates(example, tmp_path):
     assert merged.keys() == base.keys()
     for name in example.perturbed:  # W0 + 0.5 (W1 - W0) + 0.5 (W2 - W0)
         assert torch.allclose(merged[name], 0.5 * (experts[0][name] + experts[1][name]), atol=1e-6)
-    assert report["tensors"]["merged"] > len(example.perturbed)
+    assert report.tensors.merged > len(example.perturbed)
 
     model = LlavaForConditionalGeneration.from_pretrained(out).eval()
     processor = AutoProcessor.from_pretrained(out)

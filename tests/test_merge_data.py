@@ -14,6 +14,7 @@ from pivotmerge.data.datasets import load_dataset
 from pivotmerge.errors import SpecError
 from pivotmerge.data.example import make_example
 from pivotmerge.methods.regmean import regmean_solve
+from pivotmerge.report.merge_report import read_report
 
 W1 = "model.multi_modal_projector.linear_1.weight"
 
@@ -38,18 +39,19 @@ def test_regmean_merge_uses_each_experts_grams_and_reports_metrics(example, tmp_
     weights = [load_file(e / "model.safetensors")[W1] for e in example.experts]
     merged = load_file(tmp_path / "out" / "model.safetensors")[W1]
     assert torch.allclose(merged, regmean_solve(weights, grams, [1.0, 1.0], 0.8), atol=1e-5)
-    assert W1 in report["calibration"]["gram_tensors"]
-    (metrics,) = report["evaluation"]["merged"]
-    assert metrics["dataset"] == "dots" and metrics["samples"] == 4 and metrics["caption_loss"] > 0
-    assert json.loads((tmp_path / "out" / "merge_report.json").read_text())["evaluation"] == report["evaluation"]
+    assert W1 in report.calibration.gram_tensors
+    (metrics,) = report.evaluation["merged"]
+    assert metrics.dataset == "dots" and metrics.samples == 4 and metrics.caption_loss > 0
+    assert read_report(tmp_path / "out") == report
+    assert json.loads((tmp_path / "out" / "merge_report.json").read_text())["evaluation"]["merged"] == [metrics.model_dump()]
 
 
 def test_pivotmerge_data_weighting_receives_alignment_scores(example, tmp_path):
     report = pivotmerge.merge(_spec(example, "pivotmerge", parameters={"layer_weighting": "data"}), tmp_path / "out")
-    scores = report["calibration"]["alignment"]["scores"]
+    scores = report.calibration.alignment.scores
     assert set(scores) == {"projector.1", "projector.2"} and all(len(s) == 2 for s in scores.values())
-    entry = next(e for e in report["layers"] if e["tensor"] == W1)
-    assert entry["params"]["alignment"] == scores["projector.1"]
+    entry = next(e for e in report.layers if e.tensor == W1)
+    assert entry.params["alignment"] == scores["projector.1"]
 
 
 def test_data_driven_methods_need_calibration(example, tmp_path):
@@ -74,7 +76,7 @@ def test_regmean_takes_each_experts_grams_on_its_own_calibration_set(example, tm
     assert torch.allclose(merged, regmean_solve(weights, own_grams, [1.0, 1.0], 0.8), atol=1e-5)
     shared = regmean_solve(weights, shared_grams, [1.0, 1.0], 0.8)
     assert (merged - shared).abs().max() > 1e-3  # the per-expert sets changed the result
-    assert [d["dataset"] for d in report["calibration"]["datasets"]] == [str(example.datasets[d].resolve()) for d in own]
+    assert [d.dataset for d in report.calibration.datasets] == [str(example.datasets[d].resolve()) for d in own]
 
 
 def test_every_expert_needs_calibration_data(example, tmp_path):
@@ -124,16 +126,16 @@ def test_pivotmerge_combine_gram_receives_each_experts_grams(example, tmp_path):
     weights = [load_file(e / "model.safetensors")[W1] for e in example.experts]
     merged = load_file(tmp_path / "out" / "model.safetensors")[W1]
     assert torch.allclose(merged, regmean_solve(weights, grams, [1.0, 1.0], 0.8), atol=1e-5)
-    assert W1 in report["calibration"]["gram_tensors"] and "alignment" not in report["calibration"]
-    entry = next(e for e in report["layers"] if e["tensor"] == W1)
-    assert entry["info"]["combine"] == "gram"
+    assert W1 in report.calibration.gram_tensors and report.calibration.alignment is None
+    entry = next(e for e in report.layers if e.tensor == W1)
+    assert entry.info["combine"] == "gram"
 
 
 def test_pivotmerge_gram_combine_on_one_layer_with_data_weights(example, tmp_path):
     combine = [{"filter": "linear_1", "value": "gram"}, {"value": "sum"}]
     spec = _spec(example, "pivotmerge", parameters={"layer_weighting": "data", "combine": combine})
     report = pivotmerge.merge(spec, tmp_path / "out")
-    layers = {e["tensor"]: e for e in report["layers"]}
-    assert layers[W1]["info"]["combine"] == "gram" and layers[W1]["params"]["combine"] == "gram"
-    assert layers[W1.replace("linear_1", "linear_2")]["info"]["combine"] == "sum"
-    assert set(report["calibration"]["alignment"]["scores"]) == {"projector.1", "projector.2"}
+    layers = {e.tensor: e for e in report.layers}
+    assert layers[W1].info["combine"] == "gram" and layers[W1].params["combine"] == "gram"
+    assert layers[W1.replace("linear_1", "linear_2")].info["combine"] == "sum"
+    assert set(report.calibration.alignment.scores) == {"projector.1", "projector.2"}

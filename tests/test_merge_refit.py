@@ -68,8 +68,8 @@ def test_second_pass_refits_linear_2_on_the_merged_linear_1_and_keeps_linear_1(e
     experts = [_weights(e)[W2] for e in example.experts]
     expected = method(experts, _weights(example.base)[W2], [1.0, 1.0], params, None, Calibration(grams=grams, cross_grams=cross)).tensor
     assert torch.allclose(twice[W2], expected, atol=1e-5)
-    layers = {e["tensor"]: e for e in report["layers"]}
-    assert layers[W2]["info"]["combine"] == "gram (merged inputs)"
+    layers = {e.tensor: e for e in report.layers}
+    assert layers[W2].info["combine"] == "gram (merged inputs)"
 
 
 def test_regmean_with_merged_inputs_is_regmean_plus_plus_end_to_end(example, tmp_path):
@@ -87,7 +87,7 @@ def test_regmean_with_merged_inputs_is_regmean_plus_plus_end_to_end(example, tmp
         cross.append(own.T @ seen)
     experts = [_weights(e)[W2] for e in example.experts]
     assert torch.allclose(merged[W2], regmean_solve(experts, grams, [1.0, 1.0], 0.8, cross_grams=cross), atol=1e-5)
-    assert report["calibration"]["passes"] == 2
+    assert report.calibration.passes == 2
 
 
 def test_report_and_progress_show_two_passes(example, tmp_path):
@@ -95,8 +95,8 @@ def test_report_and_progress_show_two_passes(example, tmp_path):
     spec = _refit_spec(example, [{"filter": "linear_2", "value": "merged"}, {"value": "expert"}])
     seen: list[Progress] = []
     report = pivotmerge.merge(spec, tmp_path / "out", progress=seen.append)
-    assert report["calibration"]["gram_inputs"] == "merged" and report["calibration"]["passes"] == 2
-    layers = {e["tensor"]: e["info"]["combine"] for e in report["layers"] if "combine" in e.get("info", {})}
+    assert report.calibration.gram_inputs == "merged" and report.calibration.passes == 2
+    layers = {e.tensor: e.info["combine"] for e in report.layers if "combine" in (e.info or {})}
     assert layers == {W1: "gram", W2: "gram (merged inputs)"}
     stages = list(dict.fromkeys((p.stage, p.message) for p in seen if p.message))
     assert stages == [("calibrate", "calibration data: shapes, dots"),
@@ -112,7 +112,7 @@ def test_one_pass_without_combine_gram(example, tmp_path):
     spec = _spec(example, "pivotmerge", parameters={"gram_inputs": "merged"})
     del spec["calibration"]  # combine: sum reads no data, so gram_inputs has nothing to refit
     report = pivotmerge.merge(spec, tmp_path / "out")
-    assert "calibration" not in report
+    assert report.calibration is None
 
 
 def _cancel_after(seen: list[Progress], stage: str, done: int | None):

@@ -42,8 +42,8 @@ def test_split_parts_are_byte_identical_to_one_merge(spec_factory, tmp_path, met
     parts = [merge_shards(spec, folder, p) for p in reversed(partition(n, 3))]  # order does not matter
     split_report = finalize(spec, folder, json.loads(json.dumps(parts)))  # results travel as JSON
     assert weight_files(folder) == weight_files(whole)
-    assert split_report["files"] == report["files"]
-    assert split_report["layers"] == report["layers"]
+    assert split_report.files == report.files
+    assert split_report.layers == report.layers
     assert not [p for p in folder.iterdir() if p.name.endswith(".partial")]
 
 

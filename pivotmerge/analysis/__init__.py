@@ -1,3 +1,3 @@
 """Analysis without merging (weight-distance metrics) and expert folding within one model.
 
-May import: plan, run, repos, methods, data, report, spec, errors, progress."""
+May import: plan, run (the write loop), repos, methods, data, report, spec, errors, progress, version."""

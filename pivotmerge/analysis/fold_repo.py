@@ -25,7 +25,7 @@ from typing import Any, Iterator, Literal, Mapping, Sequence
 import torch
 from pydantic import Field, ValidationError, model_validator
 
-from pivotmerge import __version__
+from pivotmerge.version import __version__
 from pivotmerge.plan.device import DTYPES, resolve_device
 from pivotmerge.errors import CompatibilityError, MergeCancelled, SpecError
 from pivotmerge.analysis.folding import FoldSpec, fold_plan, fold_tensor

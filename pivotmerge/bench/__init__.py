@@ -1,1 +1,3 @@
-"""Benchmarks: merge quality on a synthetic heterogeneous post-alignment suite (``quality``)."""
+"""Benchmarks: merge quality on a synthetic heterogeneous post-alignment suite (``quality``).
+
+May import: analysis, methods."""

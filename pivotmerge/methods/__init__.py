@@ -23,8 +23,9 @@ Everything else about a method is read from that one description: the fields of
 `Search`: worth tuning, over this range), and ``needs(params)`` says which
 calibration data (`Need`) a merge with those parameters takes. Spec validation,
 `pivotmerge methods`, the engine's calibration step and tuning all read it.
-I/O, devices and scheduling never enter method code; this package imports no other part of
-pivotmerge.
+I/O, devices and scheduling never enter method code.
+
+May import: nothing (methods are the leaves of the engine).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import Any, Literal, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from pivotmerge import __version__
+from pivotmerge.version import __version__
 from pivotmerge.data.evaluate import Evaluation
 from pivotmerge.plan.plan import MergePlan, Timings
 from pivotmerge.repos.output import REPORT_FILE

@@ -19,7 +19,7 @@ from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence, overl
 
 import torch
 
-from pivotmerge import __version__
+from pivotmerge.version import __version__
 from pivotmerge.data.calibration import Calibrated, calibrate, merged_input_calibration
 from pivotmerge.data.evaluate import evaluate_merge, evaluation_data
 from pivotmerge.errors import MergeCancelled
