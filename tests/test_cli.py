@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -80,3 +81,25 @@ def test_methods_marks_the_parameters_the_engine_sets(tmp_path, run_cli):
     assert listed["linear"]["engine_params"] == []
     table = run_cli("methods", cwd=tmp_path).stdout
     assert "grams (set by the engine)" in table and "alignment (set by the engine)" in table
+
+
+def test_the_service_contributes_its_commands_through_the_entry_point_group(tmp_path, run_cli):
+    from pivotmerge.cli.main import COMMANDS, all_commands
+
+    assert not any(target.startswith(("app.", "core.", "workers.")) for target in COMMANDS.values())
+    assert {name: all_commands()[name] for name in ("serve", "quickstart", "admin")} == {
+        "serve": "app.cli:serve", "quickstart": "app.cli:quickstart", "admin": "app.cli:admin"}
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    listed = {line.split()[0] for line in result.stdout.split("Commands:")[1].splitlines() if line.startswith("  ")}
+    assert {"serve", "quickstart", "admin", "merge", "fold", "evaluate", "make-example"} <= listed
+    assert "Not installed" not in result.stdout  # the test environment has the service
+
+
+def test_merge_json_prints_the_report_as_written(tmp_path, run_cli):
+    write_repo(tmp_path / "a", llava_like(0))
+    write_repo(tmp_path / "b", llava_like(1))
+    (tmp_path / "spec.yaml").write_text("method: linear\nmodels:\n  - model: a\n  - model: b\ncomponents: [projector]\n")
+    result = run_cli("merge", "spec.yaml", "-o", "out", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == json.loads((tmp_path / "out" / "merge_report.json").read_text())
