@@ -94,8 +94,8 @@ def run_engine(kind: JobKind, spec_data: dict[str, Any], out_dir: Path, settings
     hooks = dict(progress=reporter.progress, should_cancel=reporter.should_cancel, allowed_roots=settings.allowed_roots)
     if kind is JobKind.merge:
         report = pivotmerge.merge(spec, out_dir, **hooks)
-        evaluation = report.as_json().get("evaluation")  # as merge_report.json holds it
-        return report.as_json(), evaluation
+        stored = report.as_json()  # the row holds what merge_report.json holds
+        return stored, stored["evaluation"] if report.evaluation is not None else None
     report = pivotmerge.analyze(spec, **hooks)
     out_dir.mkdir(parents=True)
     (out_dir / ANALYSIS_REPORT).write_text(json.dumps(report, indent=2))
