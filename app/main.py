@@ -13,7 +13,8 @@ from workers.celery_app import make_celery
 from core.db import make_engine, make_sessionmaker
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
-from app.routers import analyses, health, merges
+from app.routers import analyses, health, inputs, merges, methods
+from app.ui import pages as ui_pages
 from core.settings import Settings, get_settings
 from core.storage import make_store
 
@@ -42,6 +43,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-    for module in (merges, analyses, health):
+    for module in (merges, analyses, methods, inputs, health, ui_pages):
         app.include_router(module.router)
     return app

@@ -1,0 +1,1 @@
+"""The web dashboard at /ui: server-rendered pages whose scripts call the public /v1 API."""

@@ -1,0 +1,87 @@
+"""/ui: the dashboard's pages and static files.
+
+Pages are templates only: the browser holds the team's API key (sessionStorage)
+and its scripts read every job through the public /v1 API with it as the bearer
+token, so the server never renders a team's data and a page needs no key to load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
+from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel
+
+from pivotmerge import __version__
+
+from app.errors import ApiError
+
+HERE = Path(__file__).parent
+STATIC = HERE / "static"
+templates = Jinja2Templates(directory=HERE / "templates")
+router = APIRouter(prefix="/ui", include_in_schema=False)
+
+
+class JobKindView(BaseModel):
+    """A kind of job the dashboard lists: its /v1 collection and how it is named."""
+
+    kind: str
+    collection: str
+    label: str
+
+
+# One entry per /v1 job collection; a new kind of job is one more entry here.
+JOB_KINDS = [
+    JobKindView(kind="merge", collection="merges", label="Merge"),
+    JobKindView(kind="analysis", collection="analyses", label="Analysis"),
+]
+COLLECTIONS = {k.collection for k in JOB_KINDS}
+STATES = ["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+
+
+def page(request: Request, template: str, title: str, **context: object) -> HTMLResponse:
+    kinds = [k.model_dump() for k in JOB_KINDS]
+    return templates.TemplateResponse(request, template, {"title": title, "kinds": kinds, "states": STATES,
+                                                          "version": __version__, **context})
+
+
+@router.get("")
+def home() -> RedirectResponse:
+    return RedirectResponse("/ui/jobs")
+
+
+@router.get("/sign-in")
+def sign_in(request: Request) -> HTMLResponse:
+    return page(request, "sign_in.html", "Sign in")
+
+
+@router.get("/jobs")
+def jobs(request: Request) -> HTMLResponse:
+    return page(request, "jobs.html", "Jobs")
+
+
+@router.get("/compare")
+def compare(request: Request) -> HTMLResponse:
+    return page(request, "compare.html", "Compare merges")
+
+
+@router.get("/new")
+def new_merge(request: Request) -> HTMLResponse:
+    return page(request, "new_merge.html", "New merge")
+
+
+@router.get("/static/{name}")
+def static(name: str) -> FileResponse:
+    # Only the files shipped in static/ (no sub-folders), so a name cannot leave the folder.
+    if name not in {p.name for p in STATIC.iterdir()}:
+        raise ApiError(404, f"no static file {name!r}")
+    return FileResponse(STATIC / name, headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/{collection}/{job_id}")
+def job(request: Request, collection: str, job_id: str) -> HTMLResponse:
+    if collection not in COLLECTIONS:
+        raise ApiError(404, f"no page /ui/{collection}")
+    return page(request, "job.html", "Job", collection=collection, job_id=job_id)

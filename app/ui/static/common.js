@@ -1,0 +1,240 @@
+"use strict";
+// Shared by every page: the API key, calls to the /v1 API, and small DOM and chart helpers.
+
+const UI = JSON.parse(document.getElementById("ui-config").textContent);
+const KEY_NAME = "pivotmerge.api_key";
+const FINAL_STATES = new Set(["succeeded", "failed", "cancelled"]);
+
+const apiKey = () => sessionStorage.getItem(KEY_NAME);
+
+class ApiError extends Error {
+  constructor(status, body) {
+    super((body && body.detail) || `HTTP ${status}`);
+    this.status = status;
+    this.field = body && body.field;
+  }
+}
+
+// A /v1 call with the bearer key; a 401 sends the user back to sign in.
+async function api(path, options = {}) {
+  const headers = { Authorization: `Bearer ${apiKey()}`, ...(options.headers || {}) };
+  if (options.json !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, {
+    method: options.method || "GET", headers, signal: options.signal,
+    body: options.json !== undefined ? JSON.stringify(options.json) : undefined,
+  });
+  if (response.status === 401 && document.body.dataset.page !== "sign-in") {
+    sessionStorage.removeItem(KEY_NAME);
+    location.assign("/ui/sign-in");
+  }
+  if (!response.ok) {
+    let body = null;
+    try { body = await response.json(); } catch (_) { /* not JSON */ }
+    throw new ApiError(response.status, body);
+  }
+  return options.raw ? response : response.json();
+}
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k === "text") node.textContent = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else if (v !== null && v !== undefined && v !== false) node.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children) if (c !== null && c !== undefined) node.append(c);
+  return node;
+}
+
+function badge(state) {
+  return el("span", { class: `badge state-${state}`, text: state, "data-state": state });
+}
+
+function flash(message) {
+  const box = document.getElementById("flash");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+const collectionOf = (kind) => UI.kinds.find((k) => k.kind === kind).collection;
+const jobUrl = (kind, id) => `/ui/${collectionOf(kind)}/${id}`;
+const shortId = (id) => id.slice(0, 8);
+
+function formatTime(iso) {
+  return iso ? new Date(iso).toLocaleString(undefined, { dateStyle: "short", timeStyle: "medium" }) : "";
+}
+
+function formatBytes(n) {
+  const units = ["B", "kB", "MB", "GB", "TB"];
+  let i = 0;
+  while (n >= 1000 && i < units.length - 1) { n /= 1000; i += 1; }
+  return `${i ? n.toFixed(1) : n} ${units[i]}`;
+}
+
+function formatNumber(v) {
+  if (typeof v !== "number") return v === null || v === undefined ? "" : String(v);
+  if (Number.isInteger(v)) return String(v);
+  return Math.abs(v) >= 1000 || Math.abs(v) < 0.001 ? v.toExponential(3) : v.toFixed(4);
+}
+
+// YAML for display: block style for mappings and lists, flow style for lists of scalars.
+function toYaml(value, indent = "") {
+  const scalar = (v) => {
+    if (v === null) return "null";
+    if (typeof v === "string") return /^[\w./@:+-]+$/.test(v) && !/^(null|true|false|[\d.+-]+)$/.test(v) ? v : JSON.stringify(v);
+    return String(v);
+  };
+  const isScalar = (v) => v === null || typeof v !== "object";
+  if (isScalar(value)) return scalar(value);
+  if (Array.isArray(value)) {
+    if (!value.length) return "[]";
+    if (value.every(isScalar)) return `[${value.map(scalar).join(", ")}]`;
+    return value.map((item) => {
+      const body = toYaml(item, indent + "  ");
+      return `\n${indent}- ${isScalar(item) || Array.isArray(item) ? body : body.trimStart()}`;
+    }).join("");
+  }
+  const entries = Object.entries(value);
+  if (!entries.length) return "{}";
+  return entries.map(([k, v]) => {
+    const nested = !isScalar(v) && !(Array.isArray(v) && (v.length === 0 || v.every(isScalar))) && Object.keys(v).length;
+    return `\n${indent}${k}:${nested ? toYaml(v, indent + "  ") : " " + toYaml(v, indent + "  ")}`;
+  }).join("");
+}
+
+// A grouped bar chart as inline SVG: one group per label, one bar per series.
+function barChart(container, labels, series, options = {}) {
+  const NS = "http://www.w3.org/2000/svg";
+  const svg = (tag, attrs, text) => {
+    const node = document.createElementNS(NS, tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+    if (text !== undefined) node.textContent = text;
+    return node;
+  };
+  const values = series.flatMap((s) => s.values).filter((v) => typeof v === "number" && isFinite(v));
+  const max = Math.max(0, ...values), min = Math.min(0, ...values);
+  const span = max - min || 1;
+  const width = 640, height = 260, left = 56, right = 8, top = 12, bottom = 56;
+  const plotW = width - left - right, plotH = height - top - bottom;
+  const groupW = plotW / Math.max(1, labels.length);
+  const barW = Math.max(2, (groupW * 0.8) / Math.max(1, series.length));
+  const y = (v) => top + plotH * (max - v) / span;
+  const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, class: "bar-chart", role: "img",
+                            "aria-label": options.title || "bar chart" });
+  for (let i = 0; i <= 4; i += 1) {
+    const v = min + (span * i) / 4;
+    root.append(svg("line", { x1: left, x2: width - right, y1: y(v), y2: y(v), class: "grid" }));
+    root.append(svg("text", { x: left - 6, y: y(v) + 4, "text-anchor": "end", class: "axis" }, formatNumber(v)));
+  }
+  labels.forEach((label, g) => {
+    const x0 = left + g * groupW + groupW * 0.1;
+    series.forEach((s, i) => {
+      const v = s.values[g];
+      if (typeof v !== "number" || !isFinite(v)) return;
+      const rect = svg("rect", { x: x0 + i * barW, y: Math.min(y(v), y(0)), width: barW - 1,
+                                 height: Math.max(1, Math.abs(y(v) - y(0))), class: `bar series-${i % 8}`,
+                                 "data-series": s.name, "data-label": label, "data-value": v });
+      rect.append(svg("title", {}, `${s.name} · ${label}: ${formatNumber(v)}`));
+      root.append(rect);
+    });
+    const short = label.length > 16 ? label.slice(0, 15) + "…" : label;
+    root.append(svg("text", { x: left + g * groupW + groupW / 2, y: height - bottom + 16, "text-anchor": "middle",
+                              class: "axis" }, short));
+  });
+  root.append(svg("line", { x1: left, x2: width - right, y1: y(0), y2: y(0), class: "zero" }));
+  const legend = el("div", { class: "legend" });
+  series.forEach((s, i) => legend.append(el("span", {}, el("i", { class: `swatch series-${i % 8}` }), s.name)));
+  container.replaceChildren(root, legend);
+}
+
+function table(node, head, rows) {
+  node.replaceChildren(
+    el("thead", {}, el("tr", {}, ...head.map((h) => el("th", { text: h })))),
+    el("tbody", {}, ...rows.map((r) => el("tr", {}, ...r.map((c) => el("td", {}, c instanceof Node ? c : formatNumber(c)))))),
+  );
+}
+
+// Server-Sent Events over fetch (EventSource cannot send an Authorization header).
+// Reconnects after a dropped connection with Last-Event-ID, so no event is lost or repeated.
+function followEvents(path, onEvent, onEnd) {
+  let lastId = null, stopped = false, controller = null;
+  const handle = (block) => {
+    const event = { id: null, type: "message", data: "" };
+    for (const line of block.split("\n")) {
+      if (line.startsWith(":")) continue;
+      const [field, ...rest] = line.split(":");
+      const value = rest.join(":").replace(/^ /, "");
+      if (field === "id") event.id = value;
+      else if (field === "event") event.type = value;
+      else if (field === "data") event.data += value;
+    }
+    if (!event.data) return;
+    if (event.id !== null) lastId = event.id;
+    onEvent(event.type, JSON.parse(event.data));
+  };
+  async function connect() {
+    while (!stopped) {
+      controller = new AbortController();
+      const headers = { Accept: "text/event-stream" };
+      if (lastId !== null) headers["Last-Event-ID"] = lastId;
+      try {
+        const response = await api(path, { headers, signal: controller.signal, raw: true });
+        const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+        let buffer = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buffer += value.replace(/\r\n/g, "\n");
+          let cut;
+          while ((cut = buffer.indexOf("\n\n")) >= 0) {
+            handle(buffer.slice(0, cut));
+            buffer = buffer.slice(cut + 2);
+          }
+        }
+        if (onEnd()) return;  // the job is final: the stream ended on purpose
+      } catch (err) {
+        if (err instanceof ApiError && err.status < 500) { stopped = true; return; }
+      }
+      await new Promise((r) => setTimeout(r, 1000));
+    }
+  }
+  connect();
+  return {
+    stop() { stopped = true; if (controller) controller.abort(); },
+    drop() { if (controller) controller.abort(); },  // simulate a lost connection: reconnects and resumes
+    get lastEventId() { return lastId; },
+  };
+}
+
+// Metrics of a merge: {merged: [...], base: [...], <expert>: [...]}, each a list of per-dataset rows.
+function evaluationOf(metrics, report) {
+  const source = (metrics && (metrics.evaluation || metrics)) || (report && report.evaluation);
+  return source && Array.isArray(source.merged) ? source : null;
+}
+
+const METRIC_NAMES = ["token_accuracy", "exact_match", "caption_loss", "perplexity"];
+
+function metricNames(evaluation) {
+  const names = new Set();
+  for (const rows of Object.values(evaluation)) for (const row of rows)
+    for (const [k, v] of Object.entries(row)) if (typeof v === "number" && !["samples", "tokens", "questions"].includes(k)) names.add(k);
+  return [...METRIC_NAMES.filter((n) => names.has(n)), ...[...names].filter((n) => !METRIC_NAMES.includes(n))];
+}
+
+function fillSelect(select, names, onChange) {
+  select.replaceChildren(...names.map((n) => el("option", { value: n, text: n })));
+  select.onchange = () => onChange(select.value);
+  onChange(select.value);
+}
+
+function requireKey() {
+  if (!apiKey()) { location.assign("/ui/sign-in"); return false; }
+  return true;
+}
+
+document.getElementById("sign-out").addEventListener("click", () => {
+  sessionStorage.removeItem(KEY_NAME);
+  location.assign("/ui/sign-in");
+});
+if (document.body.dataset.page === "sign-in") document.getElementById("nav").hidden = true;
