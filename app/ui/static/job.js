@@ -9,7 +9,10 @@ let job = null;
 let stream = null;
 
 function setState(state, error) {
-  $("job-state").replaceWith(Object.assign(badge(state), { id: "job-state" }));
+  const shown = $("job-state");
+  shown.className = `badge state-${state}`;
+  shown.textContent = state;
+  shown.dataset.state = state;
   $("cancel").hidden = !["queued", "running"].includes(state);
   if (error) { $("job-error").textContent = error; $("job-error").hidden = false; }
 }
