@@ -44,18 +44,27 @@ def sign_in(browser: WebDriver, server: str, headers: dict[str, str]) -> None:
     wait(browser, lambda b: b.current_url.endswith("/ui/jobs"), "the jobs page after signing in")
 
 
+def set_viewport(browser: WebDriver, width: int, height: int) -> None:
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+
+
 def screenshot(browser: WebDriver, folder: Path, name: str) -> None:
-    """The page at the wide and the narrow size; the browser is left at the wide size."""
-    for label, size in (("wide", WIDE), ("narrow", NARROW)):
-        browser.set_window_size(*size)
-        browser.execute_script("window.scrollTo(0, 0)")
+    """The page in a wide and a narrow viewport, and the whole wide page; then the browser's own size again."""
+    browser.execute_script("window.scrollTo(0, 0)")
+    for label, (width, height) in (("wide", WIDE), ("narrow", NARROW)):
+        set_viewport(browser, width, height)
         assert browser.save_screenshot(str(folder / f"{name}-{label}.png"))
-    browser.set_window_size(*WIDE)
+    set_viewport(browser, WIDE[0], WIDE[1])
+    set_viewport(browser, WIDE[0], browser.execute_script("return document.documentElement.scrollHeight"))
+    assert browser.save_screenshot(str(folder / f"{name}-full.png"))
+    browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
-def eval_spec(example: ExampleSet, method: str = "task_arithmetic", **extra: Any) -> dict[str, Any]:
-    return merge_spec(example, method, components=["projector"], evaluate_inputs=True,
-                      evaluate=[{"dataset": str(example.datasets[d]), "name": d} for d in ("shapes", "dots")], **extra)
+def eval_spec(example: ExampleSet, method: str, **extra: Any) -> dict[str, Any]:
+    # One dataset and no evaluation of the inputs: each evaluated model costs seconds.
+    return merge_spec(example, method, components=["projector"],
+                      evaluate=[{"dataset": str(example.datasets["shapes"]), "name": "shapes"}], **extra)
 
 
 def report_of(http: httpx.Client, headers: dict[str, str], job_id: str) -> dict[str, Any]:

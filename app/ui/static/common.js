@@ -78,6 +78,11 @@ function formatNumber(v) {
   return Math.abs(v) >= 1000 || Math.abs(v) < 0.001 ? v.toExponential(3) : v.toFixed(4);
 }
 
+// The order a spec is written in (the database keeps JSON keys in its own order).
+const KEY_ORDER = ["method", "base_model", "models", "model", "weight", "components", "include", "exclude", "parameters",
+                   "calibration", "evaluate", "evaluate_inputs", "name", "dataset", "limit", "dtype", "device", "seed"];
+const keyRank = (k) => (KEY_ORDER.includes(k) ? KEY_ORDER.indexOf(k) : KEY_ORDER.length);
+
 // YAML for display: block style for mappings and lists, flow style for lists of scalars.
 function toYaml(value, indent = "") {
   const scalar = (v) => {
@@ -95,7 +100,7 @@ function toYaml(value, indent = "") {
       return `\n${indent}- ${isScalar(item) || Array.isArray(item) ? body : body.trimStart()}`;
     }).join("");
   }
-  const entries = Object.entries(value);
+  const entries = Object.entries(value).sort(([a], [b]) => keyRank(a) - keyRank(b));
   if (!entries.length) return "{}";
   return entries.map(([k, v]) => {
     const nested = !isScalar(v) && !(Array.isArray(v) && (v.length === 0 || v.every(isScalar))) && Object.keys(v).length;
@@ -113,11 +118,16 @@ function barChart(container, labels, series, options = {}) {
     return node;
   };
   const values = series.flatMap((s) => s.values).filter((v) => typeof v === "number" && isFinite(v));
-  const max = Math.max(0, ...values), min = Math.min(0, ...values);
-  const span = max - min || 1;
-  const width = 640, height = 260, left = 56, right = 8, top = 12, bottom = 56;
+  const min = Math.min(0, ...values);
+  const max = Math.max(0, ...values) > min ? Math.max(0, ...values) : min + 1;  // an all-zero chart keeps its axis
+  const span = max - min;
+  const short = (label) => (label.length > 16 ? label.slice(0, 15) + "…" : label);
+  const width = 640, left = 56, right = 8, top = 12;
+  const groupW = (width - left - right) / Math.max(1, labels.length);
+  // Labels wider than their group are slanted, with room made for them below the plot.
+  const slant = labels.some((l) => short(l).length * 6.5 > groupW);
+  const bottom = slant ? 90 : 40, height = 200 + bottom;
   const plotW = width - left - right, plotH = height - top - bottom;
-  const groupW = plotW / Math.max(1, labels.length);
   const barW = Math.max(2, (groupW * 0.8) / Math.max(1, series.length));
   const y = (v) => top + plotH * (max - v) / span;
   const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, class: "bar-chart", role: "img",
@@ -138,9 +148,10 @@ function barChart(container, labels, series, options = {}) {
       rect.append(svg("title", {}, `${s.name} · ${label}: ${formatNumber(v)}`));
       root.append(rect);
     });
-    const short = label.length > 16 ? label.slice(0, 15) + "…" : label;
-    root.append(svg("text", { x: left + g * groupW + groupW / 2, y: height - bottom + 16, "text-anchor": "middle",
-                              class: "axis" }, short));
+    const x = left + g * groupW + groupW / 2, yLabel = height - bottom + 16;
+    root.append(svg("text", slant
+      ? { x, y: yLabel, "text-anchor": "end", class: "axis", transform: `rotate(-35 ${x} ${yLabel})` }
+      : { x, y: yLabel, "text-anchor": "middle", class: "axis" }, short(label)));
   });
   root.append(svg("line", { x1: left, x2: width - right, y1: y(0), y2: y(0), class: "zero" }));
   const legend = el("div", { class: "legend" });

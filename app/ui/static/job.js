@@ -30,7 +30,7 @@ function renderFacts() {
   const facts = [["Kind", job.kind], ["Method", job.spec.method], ["Created", formatTime(job.created_at)],
                  ["Started", formatTime(job.started_at)], ["Finished", formatTime(job.finished_at)],
                  ["Attempts", String(job.attempts)], ["Id", job.id]];
-  $("facts").replaceChildren(...facts.filter(([, v]) => v).flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })]));
+  $("facts").replaceChildren(...facts.filter(([, v]) => v).map(([k, v]) => el("div", {}, el("dt", { text: k }), el("dd", { text: v }))));
 }
 
 function describe(type, data) {
