@@ -325,6 +325,7 @@ def quickstart(workdir: Path) -> None:
     print_report(console, report)
     console.print(f"\nDone in {time.monotonic() - started:.1f} s. Next: `pivotmerge serve` runs the service "
                   f"(docs at http://127.0.0.1:8000/docs); docs/service.md covers the API and deployment.")
+    console.print(f"This job in the dashboard: `PIVOTMERGE_DATA_DIR={data_dir} pivotmerge serve`, then open http://127.0.0.1:8000/ui{location.removeprefix('/v1')} and sign in with the key in {data_dir / API_KEY_FILE}", soft_wrap=True)
 
 
 def download(client: Any, artifact: dict[str, Any], path: Path) -> None:

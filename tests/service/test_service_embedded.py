@@ -7,6 +7,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -29,9 +30,10 @@ def test_quickstart_runs_the_embedded_service_end_to_end(tmp_path: Path) -> None
     assert LlavaForConditionalGeneration.from_pretrained(merged) is not None
     # Embedded means SQLite: the job and its artifact records are in data_dir's database.
     with sqlite3.connect(tmp_path / "service" / "pivotmerge.db") as db:
-        (state, kind), = db.execute("SELECT state, kind FROM jobs").fetchall()
+        (job_id, state, kind), = db.execute("SELECT id, state, kind FROM jobs").fetchall()
         records = dict(db.execute("SELECT name, sha256 FROM artifacts").fetchall())
     assert (state, kind) == ("succeeded", "merge")
+    assert f"http://127.0.0.1:8000/ui/merges/{uuid.UUID(job_id)}" in result.stdout  # the dashboard's page of the job
     assert records == {p.name: file_sha256(p) for p in merged.iterdir()}
     assert (tmp_path / "service" / "broker.db").exists()  # the broker needed no server
     assert processes_with_env(f"PIVOTMERGE_DATA_DIR={tmp_path / 'service'}") == []  # API and worker have exited
