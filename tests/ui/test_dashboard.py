@@ -87,7 +87,6 @@ def test_sign_in_keeps_the_key_in_the_session_and_out_of_urls(browser, server, t
     sign_in(browser, server, team)
     assert browser.execute_script("return sessionStorage.getItem('pivotmerge.api_key')") == key
     assert key not in browser.current_url
-    browser.execute_script("return 1")
     assert key not in browser.page_source  # never rendered into a page
 
 
@@ -242,7 +241,9 @@ def test_compare_two_merges_of_the_same_experts(browser, server, http, team, exa
 
 
 def test_analysis_page_charts_each_layers_distance(browser, server, http, team, example, worker, screenshots) -> None:
-    job_id = http.post("/v1/analyses", json=merge_spec(example), headers=team).json()["id"]
+    # The projector only: analysing every tensor of even the tiny model takes seconds.
+    spec = merge_spec(example, components=["projector"])
+    job_id = http.post("/v1/analyses", json=spec, headers=team).json()["id"]
     report = wait_final(http, f"/v1/analyses/{job_id}", team)
     assert report["state"] == "succeeded"
     metrics = http.get(f"/v1/analyses/{job_id}/metrics", headers=team).json()["metrics"]

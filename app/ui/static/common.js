@@ -118,8 +118,13 @@ function barChart(container, labels, series, options = {}) {
     return node;
   };
   const values = series.flatMap((s) => s.values).filter((v) => typeof v === "number" && isFinite(v));
-  const min = Math.min(0, ...values);
-  const max = Math.max(0, ...values) > min ? Math.max(0, ...values) : min + 1;  // an all-zero chart keeps its axis
+  // Axis ticks at round steps (1, 2, 2.5 or 5 times a power of ten); an all-zero chart keeps an axis.
+  const top0 = Math.max(0, ...values), bottom0 = Math.min(0, ...values);
+  const raw = (top0 - bottom0 || 1) / 4;
+  const power = 10 ** Math.floor(Math.log10(raw));
+  const step = power * [1, 2, 2.5, 5, 10].find((m) => m * power >= raw);
+  const max = Math.ceil(top0 / step) * step || (bottom0 < 0 ? 0 : step * 4);
+  const min = Math.floor(bottom0 / step) * step;
   const span = max - min;
   const short = (label) => (label.length > 16 ? label.slice(0, 15) + "…" : label);
   const width = 640, left = 56, right = 8, top = 12;
@@ -132,10 +137,9 @@ function barChart(container, labels, series, options = {}) {
   const y = (v) => top + plotH * (max - v) / span;
   const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, class: "bar-chart", role: "img",
                             "aria-label": options.title || "bar chart" });
-  for (let i = 0; i <= 4; i += 1) {
-    const v = min + (span * i) / 4;
+  for (let v = min; v <= max + step / 2; v += step) {
     root.append(svg("line", { x1: left, x2: width - right, y1: y(v), y2: y(v), class: "grid" }));
-    root.append(svg("text", { x: left - 6, y: y(v) + 4, "text-anchor": "end", class: "axis" }, formatNumber(v)));
+    root.append(svg("text", { x: left - 6, y: y(v) + 4, "text-anchor": "end", class: "axis" }, String(Number(v.toPrecision(4)))));
   }
   labels.forEach((label, g) => {
     const x0 = left + g * groupW + groupW * 0.1;
