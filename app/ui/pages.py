@@ -41,10 +41,20 @@ COLLECTIONS = {k.collection for k in JOB_KINDS}
 STATES = ["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 
 
+# Scripts, styles and connections from this origin only: a page holding a team's key runs no other code.
+# Downloads are blob: URLs made by the page's script.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; "
+                               "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
 def page(request: Request, template: str, title: str, **context: object) -> HTMLResponse:
     kinds = [k.model_dump() for k in JOB_KINDS]
     return templates.TemplateResponse(request, template, {"title": title, "kinds": kinds, "states": STATES,
-                                                          "version": __version__, **context})
+                                                          "version": __version__, **context}, headers=PAGE_HEADERS)
 
 
 @router.get("")

@@ -110,6 +110,7 @@ def chromium(downloads: Path) -> Iterator[webdriver.Chrome]:
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                  f"--window-size={WIDE[0]},{WIDE[1]}", "--hide-scrollbars"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
                                               "download.prompt_for_download": False})
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
@@ -120,11 +121,16 @@ def chromium(downloads: Path) -> Iterator[webdriver.Chrome]:
 
 @pytest.fixture
 def browser(chromium: webdriver.Chrome, server: str) -> Iterator[webdriver.Chrome]:
-    """The session's browser, signed out, at the wide size."""
+    """The session's browser, signed out, at the wide size; the test fails on a script error or a CSP refusal."""
     chromium.set_window_size(*WIDE)
     chromium.get(f"{server}/ui/sign-in")
     chromium.execute_script("sessionStorage.clear()")
+    chromium.get_log("browser")  # drop what came before this test
     yield chromium
+    # The API's 4xx answers a test provokes are logged as failed loads; anything else is a fault of a page.
+    errors = [e["message"] for e in chromium.get_log("browser")
+              if e["level"] == "SEVERE" and "Failed to load resource" not in e["message"]]
+    assert errors == []
 
 
 def random_key() -> str:

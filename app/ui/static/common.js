@@ -40,6 +40,7 @@ function el(tag, attrs = {}, ...children) {
   for (const [k, v] of Object.entries(attrs)) {
     if (k === "class") node.className = v;
     else if (k === "text") node.textContent = v;
+    else if (k === "style") node.style.cssText = v;  // through CSSOM: the pages' CSP refuses style attributes
     else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
     else if (v !== null && v !== undefined && v !== false) node.setAttribute(k, v === true ? "" : v);
   }
@@ -57,6 +58,7 @@ function flash(message) {
   box.hidden = !message;
 }
 
+const kindOf = (collection) => UI.kinds.find((k) => k.collection === collection);
 const collectionOf = (kind) => UI.kinds.find((k) => k.kind === kind).collection;
 const jobUrl = (kind, id) => `/ui/${collectionOf(kind)}/${id}`;
 const shortId = (id) => id.slice(0, 8);
@@ -215,11 +217,8 @@ function followEvents(path, onEvent, onEnd) {
     }
   }
   connect();
-  return {
-    stop() { stopped = true; if (controller) controller.abort(); },
-    drop() { if (controller) controller.abort(); },  // simulate a lost connection: reconnects and resumes
-    get lastEventId() { return lastId; },
-  };
+  // drop(): what a lost connection does (the stream reopens after Last-Event-ID); tests use it.
+  return { drop() { if (controller) controller.abort(); } };
 }
 
 // Metrics of a merge: {merged: [...], base: [...], <expert>: [...]}, each a list of per-dataset rows.

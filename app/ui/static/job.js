@@ -6,7 +6,6 @@ const collection = root.dataset.collection;
 const jobPath = `/v1/${collection}/${root.dataset.jobId}`;
 const $ = (id) => document.getElementById(id);
 let job = null;
-let stream = null;
 
 function setState(state, error) {
   const shown = $("job-state");
@@ -173,9 +172,7 @@ async function load() {
   setState(job.state, job.error);
   setProgress(job.progress.fraction, job.progress.stage, job.progress.layer, job.progress.message);
   $("cancel").addEventListener("click", cancel);
-  stream = followEvents(`${jobPath}/events`, onEvent, onStreamEnd);
-  window.jobStream = stream;  // lets a test drop the connection to check that the stream resumes
+  window.jobStream = followEvents(`${jobPath}/events`, onEvent, onStreamEnd);
 }
 
-const kindOf = (c) => UI.kinds.find((k) => k.collection === c);
 if (requireKey()) load();
