@@ -61,10 +61,10 @@ def screenshot(browser: WebDriver, folder: Path, name: str) -> None:
     browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
-def eval_spec(example: ExampleSet, method: str, **extra: Any) -> dict[str, Any]:
+def eval_spec(example: ExampleSet, method: str) -> dict[str, Any]:
     # One dataset and no evaluation of the inputs: each evaluated model costs seconds.
     return merge_spec(example, method, components=["projector"],
-                      evaluate=[{"dataset": str(example.datasets["shapes"]), "name": "shapes"}], **extra)
+                      evaluate=[{"dataset": str(example.datasets["shapes"]), "name": "shapes"}])
 
 
 def report_of(http: httpx.Client, headers: dict[str, str], job_id: str) -> dict[str, Any]:
@@ -96,8 +96,11 @@ def test_merge_from_the_form_to_progress_metrics_and_download(
     browser.get(f"{server}/ui/new")
     wait(browser, lambda b: len(find_all(b, "#method option")) > 5, "methods from /v1/methods")
     Select(find(browser, "#method")).select_by_value("task_arithmetic")
-    wait(browser, lambda b: find_all(b, "#param-lambda"), "task_arithmetic's parameters")
-    assert json.loads(find(browser, "#param-lambda").get_attribute("value")) == 1.0  # the method's default
+    # Its scale parameter (the first number it takes), whatever the method calls it.
+    listed = next(m for m in http.get("/v1/methods", headers=team).json()["methods"] if m["name"] == "task_arithmetic")
+    scale = next(p for p in listed["parameters"] if p["json_schema"].get("type") == "number")
+    scale_input = wait(browser, lambda b: find_all(b, f"#param-{scale['name']}"), "task_arithmetic's parameters")[0]
+    assert json.loads(scale_input.get_attribute("value")) == scale["default"] == 1.0
     find(browser, "#base-model").send_keys(str(example.base))
     expert_inputs = find_all(browser, "#experts input")
     expert_inputs[0].send_keys(str(example.experts[0]))
@@ -113,13 +116,13 @@ def test_merge_from_the_form_to_progress_metrics_and_download(
 
     expert_inputs[1].clear()
     expert_inputs[1].send_keys(str(example.experts[1]))
-    find(browser, "#param-lambda").clear()
-    find(browser, "#param-lambda").send_keys("0.5")
+    scale_input.clear()
+    scale_input.send_keys("0.5")
     find(browser, "#submit-merge").click()
     wait(browser, lambda b: "/ui/merges/" in b.current_url, "the new job's page")
     job_id = browser.current_url.rsplit("/", 1)[1]
     job = http.get(f"/v1/merges/{job_id}", headers=team).json()
-    assert job["spec"]["parameters"] == {"lambda": 0.5} and job["spec"]["evaluate_inputs"] is True
+    assert job["spec"]["parameters"] == {scale["name"]: 0.5} and job["spec"]["evaluate_inputs"] is True
 
     wait(browser, lambda b: find(b, "#progress").get_attribute("aria-valuenow") == "100", "the progress bar at 100%")
     wait(browser, lambda b: find(b, "#job-state").text == "succeeded", "the succeeded badge")
@@ -219,8 +222,8 @@ def test_jobs_list_pages_filters_and_updates_live(browser, server, team, unread_
 
 def test_compare_two_merges_of_the_same_experts(browser, server, http, team, example, worker, screenshots) -> None:
     ids = []
-    for method, parameters in (("task_arithmetic", {"lambda": 0.5}), ("ties", {})):
-        ids.append(http.post("/v1/merges", json=eval_spec(example, method, parameters=parameters), headers=team).json()["id"])
+    for method in ("task_arithmetic", "ties"):
+        ids.append(http.post("/v1/merges", json=eval_spec(example, method), headers=team).json()["id"])
     for job_id in ids:
         assert wait_final(http, f"/v1/merges/{job_id}", team)["state"] == "succeeded"
     sign_in(browser, server, team)
