@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 
 import httpx
 from fastapi.testclient import TestClient
@@ -28,6 +29,11 @@ def test_methods_lists_the_registry_with_parameters_and_defaults(http: httpx.Cli
         # Each listed default is what the params model takes when the spec sets nothing.
         defaults = method.params().model_dump(by_alias=True)
         assert {n: p["default"] for n, p in params.items()} == {n: defaults[n] for n in params}
+    assert listed["regmean"]["calibration_data"] == ["grams", "cross_grams"]
+    assert listed["task_arithmetic"]["calibration_data"] == []
+    for name, method in registry.items():  # tuning's search ranges, where a method marks them
+        searched = {p["name"]: p["search"] for p in listed[name]["parameters"] if p["search"]}
+        assert searched == {n: {**asdict(s), "choices": s.choices and list(s.choices)} for n, s in method.search_space.items()}
     assert listed["ties"]["parameters"][[p["name"] for p in listed["ties"]["parameters"]].index("density")]["per_model"]
     assert {p["name"] for p in listed["regmean"]["parameters"]}.isdisjoint({"grams", "cross_grams"})
     rescale = next(p for p in listed["dare_linear"]["parameters"] if p["name"] == "rescale")

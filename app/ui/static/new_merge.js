@@ -47,6 +47,8 @@ function valueOf(input) {
 function renderMethod() {
   const method = methods.find((m) => m.name === $("method").value);
   $("method-summary").textContent = method.summary;
+  $("calibration-hint").textContent = method.calibration_data.length
+    ? `(optional; measures ${method.calibration_data.join(", ")})` : "(not used by this method)";
   $("base-hint").textContent = { required: "(required)", optional: "(optional)", unused: "(not used by this method)" }[method.base_model];
   $("parameters").replaceChildren(el("legend", { text: "Parameters" }), el("p", { class: "field-error" }),
                                   ...method.parameters.map(parameterField));
