@@ -21,6 +21,7 @@ from tests.service.service_support import merge_spec, submit_and_freeze, wait_fi
 from tests.ui.conftest import NARROW, WIDE, clear
 
 TIMEOUT = 30
+JOB_TIMEOUT = 180  # a worker's first job imports the engine and, here, evaluates four models: slow on a busy machine
 
 
 def wait(browser: WebDriver, condition: Any, what: str, timeout: float = TIMEOUT) -> Any:
@@ -124,7 +125,8 @@ def test_merge_from_the_form_to_progress_metrics_and_download(
     job = http.get(f"/v1/merges/{job_id}", headers=team).json()
     assert job["spec"]["parameters"] == {scale["name"]: 0.5} and job["spec"]["evaluate_inputs"] is True
 
-    wait(browser, lambda b: find(b, "#progress").get_attribute("aria-valuenow") == "100", "the progress bar at 100%")
+    wait(browser, lambda b: find(b, "#progress").get_attribute("aria-valuenow") == "100", "the progress bar at 100%",
+         JOB_TIMEOUT)
     wait(browser, lambda b: find(b, "#job-state").text == "succeeded", "the succeeded badge")
     events = http.get(f"/v1/merges/{job_id}/events", headers=team).json()["events"]
     wait(browser, lambda b: event_seqs(b) == [e["seq"] for e in events], "every stored event in the log, in order")
@@ -168,8 +170,9 @@ def test_cancel_a_running_job_and_resume_the_stream(browser, server, http, team,
         screenshot(browser, screenshots, "job-cancelling")
     finally:
         os.kill(pid, signal.SIGCONT)
-    wait(browser, lambda b: find(b, "#job-state").text == "cancelled", "the cancelled badge from the stream")
-    assert wait_final(http, f"/v1/merges/{job_id}", team)["state"] == "cancelled"
+    wait(browser, lambda b: find(b, "#job-state").text == "cancelled", "the cancelled badge from the stream",
+         JOB_TIMEOUT)
+    assert wait_final(http, f"/v1/merges/{job_id}", team, JOB_TIMEOUT)["state"] == "cancelled"
     stored = [e["seq"] for e in http.get(f"/v1/merges/{job_id}/events", headers=team).json()["events"]]
     wait(browser, lambda b: event_seqs(b) == stored, "each stored event exactly once after the reconnect")
     assert len(stored) > len(seen)
@@ -225,7 +228,7 @@ def test_compare_two_merges_of_the_same_experts(browser, server, http, team, exa
     for method in ("task_arithmetic", "ties"):
         ids.append(http.post("/v1/merges", json=eval_spec(example, method), headers=team).json()["id"])
     for job_id in ids:
-        assert wait_final(http, f"/v1/merges/{job_id}", team)["state"] == "succeeded"
+        assert wait_final(http, f"/v1/merges/{job_id}", team, JOB_TIMEOUT)["state"] == "succeeded"
     sign_in(browser, server, team)
     browser.get(f"{server}/ui/compare")
     wait(browser, lambda b: len(find_all(b, "#candidates input")) == 2, "the two finished merges")
@@ -247,7 +250,7 @@ def test_analysis_page_charts_each_layers_distance(browser, server, http, team, 
     # The projector only: analysing every tensor of even the tiny model takes seconds.
     spec = merge_spec(example, components=["projector"])
     job_id = http.post("/v1/analyses", json=spec, headers=team).json()["id"]
-    report = wait_final(http, f"/v1/analyses/{job_id}", team)
+    report = wait_final(http, f"/v1/analyses/{job_id}", team, JOB_TIMEOUT)
     assert report["state"] == "succeeded"
     metrics = http.get(f"/v1/analyses/{job_id}/metrics", headers=team).json()["metrics"]
     sign_in(browser, server, team)

@@ -227,6 +227,12 @@ function evaluationOf(metrics, report) {
   return source && Array.isArray(source.merged) ? source : null;
 }
 
+// The merged model first, then the base, then the experts (the database does not keep key order).
+function modelsOf(evaluation) {
+  const rank = (k) => (k === "merged" ? 0 : k === "base" ? 1 : 2);
+  return Object.keys(evaluation).sort((a, b) => rank(a) - rank(b) || a.localeCompare(b));
+}
+
 const METRIC_NAMES = ["token_accuracy", "exact_match", "caption_loss", "perplexity"];
 
 function metricNames(evaluation) {

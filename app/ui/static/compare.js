@@ -60,7 +60,7 @@ async function compare(ids) {
   if (usable.length < ids.length) flash("Some merges have no evaluation metrics (their spec had no `evaluate`).");
   if (!usable.length) return;
   // Columns: each merge, then the inputs (base, experts) once, from the first merge that evaluated them.
-  const inputs = Object.keys(usable[0].evaluation).filter((k) => k !== "merged");
+  const inputs = modelsOf(usable[0].evaluation).filter((k) => k !== "merged");
   const columns = [...usable.map((r) => ({ name: describeMerge(r.job), rows: r.evaluation.merged })),
                    ...inputs.map((k) => ({ name: k === "base" ? "base" : k.split("/").filter(Boolean).pop(), rows: usable[0].evaluation[k] }))];
   const datasets = usable[0].evaluation.merged.map((r) => r.dataset);

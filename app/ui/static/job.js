@@ -91,7 +91,7 @@ async function readJsonArtifact(artifacts, name) {
 const modelLabel = (key) => (key === "merged" || key === "base" ? key : key.split("/").filter(Boolean).pop());
 
 function showMetrics(evaluation) {
-  const models = Object.keys(evaluation);
+  const models = modelsOf(evaluation);
   const datasets = evaluation.merged.map((r) => r.dataset);
   const valueOf = (model, dataset, metric) => (evaluation[model].find((r) => r.dataset === dataset) || {})[metric];
   $("metrics-card").hidden = false;
