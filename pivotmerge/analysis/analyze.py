@@ -54,7 +54,7 @@ def analyze(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[str 
                 progress(Progress("analyze", i, len(names), tensor=name, layer=place.layer))
             tensors = [m.get(name).to(device=device, dtype=torch.float32) for m in plan.models]
             base = plan.base.get(name).to(device=device, dtype=torch.float32) if plan.base else None
-            records.append(TensorMetrics(name, layer_key(place.component.value, place.layer), tensors[0].numel(),
+            records.append(TensorMetrics(name, layer_key(place.component_name, place.layer), tensors[0].numel(),
                                          pairwise(tensors, base)))
         if progress is not None:
             progress(Progress("analyze", len(names), len(names)))

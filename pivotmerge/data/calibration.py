@@ -250,7 +250,7 @@ def layer_groups(tensor_names: Iterable[str], model_type: str | None = "llava") 
     places = place_tensors(architecture_for(model_type), list(tensor_names))
     groups: dict[str, list[str]] = {}
     for name, place in places.items():
-        key = f"{place.component.value}.{place.layer}" if place.layer is not None else name
+        key = f"{place.component_name}.{place.layer}" if place.layer is not None else name
         groups.setdefault(key, []).append(name)
     return groups
 

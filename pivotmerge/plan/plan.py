@@ -84,7 +84,10 @@ def plan_merge(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[s
     _check_architectures(reference, [r for r in [base, *models] if r is not None])
     architecture = architecture_for(reference.model_type)
     names = list(reference.tensors)
+    # Inputs saved in the other naming style (legacy `language_model.model.*` vs `model.language_model.*`) line up by name.
+    models = [m if m is reference else m.renamed_as(names, architecture.canonical) for m in models]
     places = place_tensors(architecture, names)
+    _check_components(spec, places, architecture, reference)
     merged = _select(spec, names, places, reference)
     if not merged:
         raise SpecError("components: no tensor of the base matches the components/include/exclude given")
@@ -119,6 +122,17 @@ def _check_architectures(reference: ModelRepo, repos: Sequence[ModelRepo]) -> No
     for repo in repos:
         if repo.model_type != reference.model_type:
             raise CompatibilityError(f"{repo.ref}: architecture {repo.model_type!r} differs from {reference.ref}'s {reference.model_type!r}")
+
+
+def _check_components(spec: MergeSpec, places: Mapping[str, TensorPlace], architecture: Architecture,
+                      reference: ModelRepo) -> None:
+    """A component the spec names must exist in the model: merging nothing there is a mistake, not a no-op."""
+    present = {p.component for p in places.values()}
+    for component in spec.components or ():
+        if component not in present:
+            have = ", ".join(sorted(c.value for c in present if c is not None)) or "none"
+            raise SpecError(f"components: {reference.ref} ({architecture.name} family, model_type "
+                            f"{reference.model_type!r}) has no {component.value} tensors; it has: {have}")
 
 
 def _select(spec: MergeSpec, names: Sequence[str], places: Mapping[str, TensorPlace], reference: ModelRepo) -> set[str]:

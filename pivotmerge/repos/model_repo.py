@@ -17,10 +17,10 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -118,6 +118,18 @@ class ModelRepo:
     @cached_property
     def model_type(self) -> str | None:
         return self.config.get("model_type")
+
+    def renamed_as(self, names: Iterable[str], canonical: Callable[[str], str]) -> "ModelRepo":
+        """This repo with each tensor renamed to the one of `names` it equals up to naming style
+        (`canonical` maps both styles to one), so a legacy-layout expert lines up with a current-layout base.
+
+        Call on a freshly opened repo: the result takes over its open files.
+        """
+        wanted = {canonical(n): n for n in names}
+        tensors = {wanted.get(canonical(n), n): info for n, info in self.tensors.items()}
+        if tensors.keys() == self.tensors.keys():
+            return self
+        return replace(self, tensors=tensors, _fds=self._fds)
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, read into its own memory (safe to call from several threads)."""

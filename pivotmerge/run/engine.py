@@ -197,7 +197,7 @@ def _merge_tensors(plan: MergePlan, outputs: Sequence[OutputTensor], device: tor
             generator = torch.Generator(device=device).manual_seed(_tensor_seed(spec.seed, name))
             tensor, info = _apply(plan.method, models, base, weights, params, resolved.calibration, generator, device, out.dtype)
             timings.merge_s += time.perf_counter() - t1
-            entry = MergedTensor(tensor=name, component=place.component.value, layer=place.layer, weights=weights,
+            entry = MergedTensor(tensor=name, component=place.component_name, layer=place.layer, weights=weights,
                                  params=_reported_params(resolved), info=info or None)
             yield name, tensor, entry
     if progress is not None:
