@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "fold": "pivotmerge.cli.commands:fold_command",
     "make-example": "pivotmerge.cli.data_commands:make_example_command",
     "evaluate": "pivotmerge.cli.data_commands:evaluate_command",
+    "inspect": "pivotmerge.cli.inspect:inspect_command",
 }
 # Other packages add commands under this entry-point group (name = "module:attribute"); this
 # distribution adds the service's, which import only once `pivotmerge[service]` is installed.
