@@ -17,6 +17,7 @@ from pivotmerge.methods import Calibration, Method, Need, get_method
 from pivotmerge.plan.device import DTYPES, resolve_device
 from pivotmerge.plan.params import TensorParams, resolve_all
 from pivotmerge.repos.architectures import Architecture, TensorPlace, architecture_for, place_tensors
+from pivotmerge.repos.inputs import open_input
 from pivotmerge.repos.model_repo import ModelRepo, resolve_roots
 from pivotmerge.repos.writer import OutputTensor
 from pivotmerge.spec.schema import MergeSpec, spec_from_dict
@@ -78,8 +79,8 @@ def plan_merge(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[s
     method = get_method(spec.method)
     roots = resolve_roots(allowed_roots)
     resolve_device(spec.device)
-    base = _open_repo(spec.base_model, "base_model", roots, relative_to) if spec.base_model else None
-    models = [_open_repo(m.model, f"models.{i}.model", roots, relative_to) for i, m in enumerate(spec.models)]
+    base = _open_repo(spec.base_model, "base_model", None, roots, relative_to) if spec.base_model else None
+    models = [_open_repo(m.model, f"models.{i}.model", base, roots, relative_to) for i, m in enumerate(spec.models)]
     reference = base or models[0]
     _check_architectures(reference, [r for r in [base, *models] if r is not None])
     architecture = architecture_for(reference.model_type)
@@ -102,10 +103,11 @@ def plan_merge(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[s
     return MergePlan(spec, method, base, models, architecture, places, names, merged, tensor_params, outputs)
 
 
-def _open_repo(ref: str, field: str, roots: Sequence[Path] | None, relative_to: Path | None) -> ModelRepo:
-    """Open a repo; errors name the spec field that points at it."""
+def _open_repo(ref: str, field: str, base: ModelRepo | None, roots: Sequence[Path] | None,
+               relative_to: Path | None) -> ModelRepo:
+    """Open a repo (a model input may be an adapter over `base`); errors name the spec field that points at it."""
     try:
-        return ModelRepo.open(ref, allowed_roots=roots, relative_to=relative_to)
+        return open_input(ref, base, allowed_roots=roots, relative_to=relative_to)
     except RepoError as exc:
         raise RepoError(f"{field}: {exc}") from None
     except OSError as exc:  # e.g. a path too long for the filesystem
