@@ -19,6 +19,7 @@ from pivotmerge.plan.params import TensorParams, resolve_all
 from pivotmerge.repos.architectures import Architecture, TensorPlace, architecture_for, place_tensors
 from pivotmerge.repos.inputs import open_input
 from pivotmerge.repos.model_repo import ModelRepo, resolve_roots
+from pivotmerge.repos.vocab import Vocabulary, align_vocabularies
 from pivotmerge.repos.writer import OutputTensor
 from pivotmerge.spec.schema import MergeSpec, spec_from_dict
 
@@ -41,6 +42,7 @@ class MergePlan:
     merged: set[str]
     tensor_params: dict[str, TensorParams]  # merged tensor -> its weights, parameters and calibration
     outputs: list[OutputTensor] = field(default_factory=list)
+    vocabulary: Vocabulary | None = None  # set when an expert's vocabulary extends the base's
 
     @property
     def needs(self) -> set[Need]:
@@ -87,6 +89,10 @@ def plan_merge(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[s
     names = list(reference.tensors)
     # Inputs saved in the other naming style (legacy `language_model.model.*` vs `model.language_model.*`) line up by name.
     models = [m if m is reference else m.renamed_as(names, architecture.canonical) for m in models]
+    inputs, vocabulary = align_vocabularies(reference, [r for r in [base, *models] if r is not None], architecture,
+                                            spec.tokenizer)
+    base, models = (inputs[0], inputs[1:]) if base is not None else (None, inputs)
+    reference = base or models[0]
     places = place_tensors(architecture, names)
     _check_components(spec, places, architecture, reference)
     merged = _select(spec, names, places, reference)
@@ -100,7 +106,7 @@ def plan_merge(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[s
                      out_dtype if out_dtype is not None and reference.tensors[n].dtype.is_floating_point else reference.tensors[n].dtype)
         for n in names
     ]
-    return MergePlan(spec, method, base, models, architecture, places, names, merged, tensor_params, outputs)
+    return MergePlan(spec, method, base, models, architecture, places, names, merged, tensor_params, outputs, vocabulary)
 
 
 def _open_repo(ref: str, field: str, base: ModelRepo | None, roots: Sequence[Path] | None,

@@ -3,7 +3,7 @@ base, or a text-only causal LM whose weights join the base VLM's language model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -13,6 +13,7 @@ from pivotmerge.errors import RepoError
 from pivotmerge.repos.architectures import TEXT_LM, Architecture, architecture_for
 from pivotmerge.repos.lora import AdapterRepo, is_adapter
 from pivotmerge.repos.model_repo import ModelRepo, TensorInfo, locate
+from pivotmerge.repos.vocab import is_vocabulary_tensor
 
 
 def open_input(ref: str, base: ModelRepo | None, *, allowed_roots: Sequence[Path] | None = None,
@@ -45,6 +46,7 @@ class TextLMRepo(ModelRepo):
 
     base: ModelRepo = field(default=None, repr=False)  # type: ignore[assignment]
     own: frozenset[str] = frozenset()  # the base's names whose values come from the LM
+    short: dict[str, int] = field(default_factory=dict)  # vocabulary tensors where the LM has fewer rows: its rows
 
     @classmethod
     def into(cls, lm: ModelRepo, base: ModelRepo) -> "TextLMRepo":
@@ -52,18 +54,26 @@ class TextLMRepo(ModelRepo):
         by_canonical = {vlm.canonical(n): n for n in base.tensors}
         tensors: dict[str, TensorInfo] = dict(base.tensors)
         mapped: dict[str, TensorInfo] = {}
+        short: dict[str, int] = {}  # vocabulary tensors with fewer rows than the base's: rows the LM has
         for name, info in lm.tensors.items():
             target = by_canonical.get(_in_vlm(name, vlm))
             if target is None:
                 raise RepoError(f"{lm.ref}: text-only {lm.model_type} model does not line up with {base.ref}'s language "
                                 f"model: its {name} has no place there (as {_in_vlm(name, vlm)})")
-            if info.shape != base.tensors[target].shape:
+            want = base.tensors[target].shape
+            if is_vocabulary_tensor(vlm, target) and info.shape[1:] == want[1:]:
+                if info.shape[0] < want[0]:  # the VLM added tokens (an image token): those rows stay the base's
+                    short[target] = info.shape[0]
+                    info = TensorInfo(want, info.dtype, info.file, info.offset)
+            elif info.shape != want:
                 raise RepoError(f"{lm.ref}: text-only {lm.model_type} model does not line up with {base.ref}'s language "
-                                f"model: {name} has shape {list(info.shape)}, {target} has {list(base.tensors[target].shape)}")
+                                f"model: {name} has shape {list(info.shape)}, {target} has {list(want)}")
             mapped[target] = info
         head, embed = by_canonical.get("lm_head.weight"), by_canonical.get(vlm.text_prefix + "embed_tokens.weight")
         if head is not None and head not in mapped and lm.config.get("tie_word_embeddings") and embed in mapped:
             mapped[head] = mapped[embed]  # the LM ties its head to its embeddings; the VLM stores both
+            if embed in short:
+                short[head] = short[embed]
         lm_names = {n for n in base.tensors if vlm.component(n) is not None and vlm.component(n).value == "language_model"}
         missing = sorted(lm_names - mapped.keys())
         if missing:
@@ -71,10 +81,17 @@ class TextLMRepo(ModelRepo):
                             f"model: it has nothing for {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
         tensors.update(mapped)
         return cls(ref=lm.ref, path=lm.path, config=base.config, tensors=tensors, _fds=lm._fds, base=base,
-                   own=frozenset(mapped))
+                   own=frozenset(mapped), short=short)
 
     def get(self, name: str) -> torch.Tensor:
-        return super().get(name) if name in self.own else self.base.get(name)
+        if name not in self.own:
+            return self.base.get(name)
+        if name not in self.short:
+            return super().get(name)
+        info = self.tensors[name]
+        rows = self.short[name]
+        own = ModelRepo.get(replace(self, tensors={name: TensorInfo((rows, *info.shape[1:]), info.dtype, info.file, info.offset)}), name)
+        return torch.cat([own, self.base.get(name)[rows:]])
 
 
 def _in_vlm(name: str, vlm: Architecture) -> str:

@@ -31,6 +31,7 @@ from pivotmerge.progress import CancelFn, Progress, ProgressFn
 from pivotmerge.report.merge_report import CalibrationReport, MergedTensor, MergeReport, build_report, write_model_card, write_report
 from pivotmerge.repos.model_repo import ModelRepo, resolve_roots
 from pivotmerge.repos.output import building, carry_side_files, check_out_dir
+from pivotmerge.repos.vocab import write_tokenizer
 from pivotmerge.repos.writer import ShardWriter, WrittenFile
 from pivotmerge.spec.schema import MergeSpec
 
@@ -363,6 +364,8 @@ def finish_output(plan: MergePlan, folder: Path, device: torch.device, entries: 
     """Around the shards written in `folder`: the base's side files, the merge report and the model card.
     `started` is the merge's start on time.perf_counter's clock; returns the report."""
     carry_side_files(plan.reference.path, folder, plan.spec.dtype)
+    if plan.vocabulary is not None:
+        write_tokenizer(plan.reference.path, folder, plan.vocabulary)
     report = build_report(plan, device, entries, files, timings, time.perf_counter() - started)
     write_report(folder, report)
     write_model_card(folder, plan, report)

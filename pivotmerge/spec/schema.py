@@ -121,6 +121,9 @@ class MergeSpec(BaseModel):
     include: list[str] = Field(default_factory=list, description="Extra regular expressions of tensor names to merge.")
     exclude: list[str] = Field(default_factory=list, description="Regular expressions of tensor names never merged (copied from the base).")
     parameters: dict[str, ParamValue] = Field(default_factory=dict, description="Method parameters.")
+    tokenizer: Literal["base", "union"] = Field(
+        "base", description="Tokens an expert added beyond the base's vocabulary: `base` drops their embedding and head "
+                            "rows; `union` appends them (from the first expert that has each) and to the tokenizer.")
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="Output dtype; default: the base's.")
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Where the maths runs.")
     out_shard_size: ByteSize = Field(2 * 10**9, gt=0, description="Largest output shard, bytes or e.g. '2GB'.")
