@@ -117,15 +117,16 @@ def test_repos_outside_allowed_roots_are_refused_even_through_symlinks(trio, tmp
 
 def test_hub_ids_resolve_from_the_local_cache_only(trio, tmp_path, monkeypatch):
     base, _, _ = trio
+    COMMIT = "abc123" * 6 + "ab12"  # a commit sha: 40 hex digits
     cache = tmp_path / "hub"
-    snap = cache / "models--org--tiny" / "snapshots" / "abc123"
+    snap = cache / "models--org--tiny" / "snapshots" / COMMIT
     snap.parent.mkdir(parents=True)
     os.symlink(base, snap)
     (cache / "models--org--tiny" / "refs").mkdir()
-    (cache / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    (cache / "models--org--tiny" / "refs" / "main").write_text(COMMIT)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     assert ModelRepo.open("org/tiny").path == base.resolve()
-    assert ModelRepo.open("org/tiny@abc123").path == base.resolve()
+    assert ModelRepo.open(f"org/tiny@{COMMIT}").path == base.resolve()
     with pytest.raises(RepoError, match="not in the Hugging Face cache"):
         ModelRepo.open("org/absent")
 

@@ -22,7 +22,9 @@ from pivotmerge.spec.schema import load_spec, read_yaml
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), help="Override the spec's device.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON on stdout.")
-def merge_command(spec_file: Path, out_dir: Path, force: bool, device: str | None, as_json: bool) -> None:
+@click.option("--allow-downloads", is_flag=True, help="Download hub ids missing from the Hugging Face cache.")
+def merge_command(spec_file: Path, out_dir: Path, force: bool, device: str | None, as_json: bool,
+                  allow_downloads: bool) -> None:
     """Merge the models a SPEC names into OUT.
 
     SPEC is a YAML merge spec (see `pivotmerge methods` for methods and their
@@ -38,7 +40,8 @@ def merge_command(spec_file: Path, out_dir: Path, force: bool, device: str | Non
     if device:
         spec = spec.model_copy(update={"device": device})
     with ProgressBar(f"merging ({spec.method})") as bar:
-        report = merge(spec, out_dir, progress=bar, relative_to=spec_file.parent, overwrite=force)
+        report = merge(spec, out_dir, progress=bar, relative_to=spec_file.parent, overwrite=force,
+                       allow_downloads=allow_downloads)
     if as_json:
         click.echo(json.dumps(report.as_json(), indent=2))
         return

@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "make-example": "pivotmerge.cli.data_commands:make_example_command",
     "evaluate": "pivotmerge.cli.data_commands:evaluate_command",
     "inspect": "pivotmerge.cli.inspect:inspect_command",
+    "push": "pivotmerge.cli.hub:push_command",
 }
 # Other packages add commands under this entry-point group (name = "module:attribute"); this
 # distribution adds the service's, which import only once `pivotmerge[service]` is installed.

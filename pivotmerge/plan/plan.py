@@ -75,14 +75,16 @@ class MergePlan:
 
 
 def plan_merge(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[str | Path] | None = None,
-               relative_to: Path | None = None) -> MergePlan:
-    """Open the repos (headers only) and check that the spec can run on them."""
+               relative_to: Path | None = None, allow_downloads: bool = False) -> MergePlan:
+    """Open the repos (headers only) and check that the spec can run on them; hub ids come from
+    the local Hugging Face cache unless `allow_downloads`."""
     spec = as_spec(spec)
     method = get_method(spec.method)
     roots = resolve_roots(allowed_roots)
     resolve_device(spec.device)
-    base = _open_repo(spec.base_model, "base_model", None, roots, relative_to) if spec.base_model else None
-    models = [_open_repo(m.model, f"models.{i}.model", base, roots, relative_to) for i, m in enumerate(spec.models)]
+    base = _open_repo(spec.base_model, "base_model", None, roots, relative_to, allow_downloads) if spec.base_model else None
+    models = [_open_repo(m.model, f"models.{i}.model", base, roots, relative_to, allow_downloads)
+              for i, m in enumerate(spec.models)]
     reference = base or models[0]
     _check_architectures(reference, [r for r in [base, *models] if r is not None])
     architecture = architecture_for(reference.model_type)
@@ -110,10 +112,10 @@ def plan_merge(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[s
 
 
 def _open_repo(ref: str, field: str, base: ModelRepo | None, roots: Sequence[Path] | None,
-               relative_to: Path | None) -> ModelRepo:
+               relative_to: Path | None, allow_downloads: bool) -> ModelRepo:
     """Open a repo (a model input may be an adapter over `base`); errors name the spec field that points at it."""
     try:
-        return open_input(ref, base, allowed_roots=roots, relative_to=relative_to)
+        return open_input(ref, base, allowed_roots=roots, relative_to=relative_to, allow_downloads=allow_downloads)
     except RepoError as exc:
         raise RepoError(f"{field}: {exc}") from None
     except OSError as exc:  # e.g. a path too long for the filesystem

@@ -17,15 +17,15 @@ from pivotmerge.repos.vocab import is_vocabulary_tensor
 
 
 def open_input(ref: str, base: ModelRepo | None, *, allowed_roots: Sequence[Path] | None = None,
-               relative_to: Path | None = None) -> ModelRepo:
+               relative_to: Path | None = None, allow_downloads: bool = False) -> ModelRepo:
     """A merge input read as a full model like `base`: a model folder as it is, an adapter as the
     model it makes of `base`, a text-only LM as `base` with the LM's weights in its language model."""
-    path = locate(ref, allowed_roots=allowed_roots, relative_to=relative_to)
+    path = locate(ref, allowed_roots=allowed_roots, relative_to=relative_to, allow_downloads=allow_downloads)
     if is_adapter(path):
         if base is None:
             raise RepoError(f"{ref}: a LoRA adapter; give the model it adapts as base_model")
         return AdapterRepo.over(ref, path, base, architecture_for(base.model_type).canonical, allowed_roots)
-    repo = ModelRepo.open(ref, allowed_roots=allowed_roots, relative_to=relative_to)
+    repo = ModelRepo.open(ref, allowed_roots=allowed_roots, path=path)
     if base is not None and repo.model_type in TEXT_LM.model_types and base.model_type not in TEXT_LM.model_types:
         try:
             return TextLMRepo.into(repo, base)

@@ -57,26 +57,10 @@ def resolve_roots(allowed_roots: Sequence[str | os.PathLike[str]] | None) -> lis
     return None if allowed_roots is None else [Path(r).expanduser().resolve() for r in allowed_roots]
 
 
-def _hub_cache_dir() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
-
-
-def _from_hub_cache(repo_id: str, revision: str | None) -> Path | None:
-    """The snapshot folder of a hub id in the local cache, or None (never downloads)."""
-    repo_dir = _hub_cache_dir() / f"models--{repo_id.replace('/', '--')}"
-    if not repo_dir.is_dir():
-        return None
-    revision = revision or "main"
-    ref = repo_dir / "refs" / revision
-    commit = ref.read_text().strip() if ref.is_file() else revision
-    snapshot = repo_dir / "snapshots" / commit
-    return snapshot if snapshot.is_dir() else None
-
-
-def locate(ref: str, *, allowed_roots: Sequence[Path] | None = None, relative_to: Path | None = None) -> Path:
-    """The folder of a repo reference: a local path, or `org/name[@revision]` from the HF cache."""
+def locate(ref: str, *, allowed_roots: Sequence[Path] | None = None, relative_to: Path | None = None,
+           allow_downloads: bool = False) -> Path:
+    """The folder of a repo reference: a local path, or `org/name[@revision]` through the HF cache
+    (downloaded into it only when `allow_downloads`)."""
     candidate = Path(ref).expanduser()
     if not candidate.is_absolute() and relative_to is not None:
         candidate = relative_to / candidate
@@ -84,9 +68,9 @@ def locate(ref: str, *, allowed_roots: Sequence[Path] | None = None, relative_to
     if folder is None:
         m = HUB_ID.match(ref)
         if m and not ref.startswith((".", "/")):
-            folder = _from_hub_cache(m.group("repo"), m.group("revision"))
-            if folder is None:
-                raise RepoError(f"{ref}: no local folder of that name and not in the Hugging Face cache ({_hub_cache_dir()}); downloads are off")
+            from pivotmerge.repos.hub import resolve_hub_id
+
+            folder = resolve_hub_id(m.group("repo"), m.group("revision"), allow_downloads=allow_downloads)
         else:
             raise RepoError(f"{ref}: no such model folder")
     resolved = folder.resolve()
@@ -106,8 +90,10 @@ class ModelRepo:
     _fds: dict[str, int] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, ref: str, *, allowed_roots: Sequence[Path] | None = None, relative_to: Path | None = None) -> "ModelRepo":
-        path = locate(ref, allowed_roots=allowed_roots, relative_to=relative_to)
+    def open(cls, ref: str, *, allowed_roots: Sequence[Path] | None = None, relative_to: Path | None = None,
+             path: Path | None = None) -> "ModelRepo":
+        """Open `ref` (at `path` when already located)."""
+        path = path or locate(ref, allowed_roots=allowed_roots, relative_to=relative_to)
         config = _read_json(path / "config.json", ref) if (path / "config.json").is_file() else {}
         files = _weight_files(path, ref, allowed_roots)
         tensors: dict[str, TensorInfo] = {}

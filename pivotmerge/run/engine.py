@@ -221,7 +221,7 @@ def _tensor_seed(seed: int, name: str) -> int:
 
 def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | Path, *, progress: ProgressFn | None = None,
           should_cancel: CancelFn | None = None, allowed_roots: Sequence[str | Path] | None = None,
-          relative_to: Path | None = None, overwrite: bool = False) -> MergeReport:
+          relative_to: Path | None = None, overwrite: bool = False, allow_downloads: bool = False) -> MergeReport:
     """Run a merge into `out_dir` and return its report (also written as merge_report.json).
 
     The output is built in a hidden sibling folder and moved into place only when
@@ -231,7 +231,7 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | Path, *, progress:
     started = time.perf_counter()
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)
-    with plan_merge(spec, allowed_roots=allowed_roots, relative_to=relative_to) as plan:
+    with plan_merge(spec, allowed_roots=allowed_roots, relative_to=relative_to, allow_downloads=allow_downloads) as plan:
         device = resolve_device(plan.spec.device)
         calibrated, eval_data = _data_for_merge(plan, device, allowed_roots, relative_to, progress)
         with building(out_dir) as partial:
