@@ -65,7 +65,8 @@ def bigram(tmp_path_factory):
         {"image": "img.png", "caption": "blue dots red", "question": "what colour is the shape ?", "answer": "blue"},
     ]
     (data / "data.jsonl").write_text("\n".join(json.dumps(r) for r in records))
-    return base, vocab, load_dataset(data / "data.jsonl")
+    # The chat format: the first caption token follows a text token, so the bigram predicts it by hand.
+    return base, vocab, load_dataset(data / "data.jsonl", prompt="chat")
 
 
 def test_metrics_match_the_hand_computation(bigram):

@@ -53,10 +53,13 @@ def match_name(name: str, candidates: Mapping[str, T]) -> T | None:
 def linear_modules(model: nn.Module, tensor_names: Iterable[str]) -> dict[str, nn.Linear]:
     """Tensor name (``....weight``) -> the nn.Linear holding it, for those that are linear weights."""
     modules = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    # On-disk names may be in the legacy style (`language_model.model.*`); the family table maps them.
+    canonical = architecture_for(getattr(model.config, "model_type", None)).canonical
     out = {}
     for name in tensor_names:
         if name.endswith(".weight"):
-            module = match_name(name.removesuffix(".weight"), modules)
+            stem = canonical(name).removesuffix(".weight")
+            module = modules.get(stem) or match_name(name.removesuffix(".weight"), modules)
             if module is not None:
                 out[name] = module
     return out
@@ -175,7 +178,7 @@ def grams_of_loaded(loaded: Loaded, dataset: Dataset, tensor_names: Iterable[str
                     batch_size: int = 8) -> dict[str, torch.Tensor]:
     modules = linear_modules(loaded.model, tensor_names)
     with GramCollector(modules) as collector:
-        for batch in caption_batches(loaded.processor, dataset.records, batch_size):
+        for batch in caption_batches(loaded.processor, dataset.records, batch_size, dataset.prompt):
             _forward(loaded, batch.inputs, collector)
     return {name: g.cpu() for name, g in collector.grams.items()}
 
@@ -211,7 +214,7 @@ def merged_input_grams_of_loaded(merged: Loaded, expert: Loaded, dataset: Datase
             InputCapture(linear_modules(merged.model, names)) as seen:
         # The expert's processor tokenises, as for its own Grams; both models then run on the very
         # same tensors, so the captured rows pair up. Only one batch's inputs are held at a time.
-        for batch in caption_batches(expert.processor, dataset.records, batch_size):
+        for batch in caption_batches(expert.processor, dataset.records, batch_size, dataset.prompt):
             _forward(expert, batch.inputs, own)
             _forward(merged, batch.inputs, seen)
             expert_rows = own.pop()
@@ -292,7 +295,7 @@ def alignment_scores(base_dir: str | Path, expert_dirs: Sequence[str | Path], da
     baseline, ablated = [], {g: [] for g in groups}
     for expert_dir, data in zip(expert_dirs, datasets, strict=True):
         loaded = load_model(expert_dir, device)
-        batches = caption_batches(loaded.processor, data.records, batch_size)
+        batches = caption_batches(loaded.processor, data.records, batch_size, data.prompt)
         params = dict(loaded.model.named_parameters())
         baseline.append(caption_stats(loaded.model, batches, loaded.device).loss)
         for group, names in groups.items():
@@ -365,7 +368,8 @@ def calibrate(plan: MergePlan, device: torch.device, *, allowed_roots: Sequence[
         raise SpecError("base_model: layer_weighting: data removes each layer's update, so it needs the base")
     datasets = load_expert_calibration(expert_calibration(spec), allowed_roots=allowed_roots, relative_to=relative_to)
     names = sorted(plan.merged)
-    report: dict[str, Any] = {"datasets": [{"model": m.model, "dataset": str(d.path), "samples": len(d.records)}
+    report: dict[str, Any] = {"datasets": [{"model": m.model, "dataset": str(d.path), "samples": len(d.records),
+                                            "prompt": d.prompt}
                                            for m, d in zip(spec.models, datasets)]}
     if progress is not None:
         progress(Progress("calibrate", 0, len(plan.models), message="calibration data: " + ", ".join(dict.fromkeys(d.name for d in datasets))))

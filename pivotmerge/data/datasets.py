@@ -9,14 +9,21 @@ A dataset is a JSONL file, one record a line, beside its images:
 empty; `question` and `answer` are optional but come together. Every record is
 checked when the dataset is loaded, so a bad file fails before any model runs,
 with the file and line in the message.
+
+A parquet file, or a Hugging Face `datasets` folder written by `save_to_disk`,
+works too: its image column (``image`` unless the reference names another)
+holds image bytes (the `datasets` Image feature) or paths relative to the file,
+its caption column (``caption``) the text; ``question``/``answer`` columns are
+read when present.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
@@ -34,7 +41,7 @@ class DatasetError(PivotMergeError):
 
 @dataclass(frozen=True)
 class Record:
-    image: Path  # resolved, checked readable
+    image: Path | bytes  # a resolved path or encoded image bytes, checked readable
     caption: str
     question: str | None = None
     answer: str | None = None
@@ -45,14 +52,15 @@ class Dataset:
     name: str
     path: Path
     records: list[Record]
+    prompt: str = "plain"  # what precedes each caption (DatasetRef.prompt)
 
     @property
     def has_qa(self) -> bool:
         return any(r.answer is not None for r in self.records)
 
 
-def load_image(path: Path) -> Image.Image:
-    with Image.open(path) as img:
+def load_image(image: Path | bytes) -> Image.Image:
+    with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as img:
         return img.convert("RGB")
 
 
@@ -87,6 +95,60 @@ def _check_image(rel: object, folder: Path, roots: Sequence[Path] | None, where:
     return path
 
 
+def _check_image_bytes(data: bytes, where: str) -> bytes:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DatasetError(f"{where}: image cannot be read: {exc}") from None
+    return data
+
+
+def _table_rows(path: Path, columns: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """Rows of a parquet file or a `datasets` folder (the first two of `columns` required), images left encoded."""
+    try:
+        if path.is_dir():
+            import datasets
+
+            table = datasets.load_from_disk(str(path))
+            if isinstance(table, datasets.DatasetDict):
+                raise DatasetError(f"dataset {path}: a DatasetDict ({', '.join(table)}); point at one split's folder")
+            names = table.column_names
+            if columns[0] in names and isinstance(table.features[columns[0]], datasets.Image):
+                table = table.cast_column(columns[0], datasets.Image(decode=False))
+            rows: Any = table.select_columns([c for c in columns if c in names])
+        else:
+            import pyarrow.parquet as pq
+
+            names = pq.read_schema(path).names
+            rows = pq.read_table(path, columns=[c for c in columns if c in names]).to_pylist()
+    except ImportError:
+        raise DatasetError(f"dataset {path}: reading parquet or datasets folders needs the `datasets` package "
+                           f"(pip install 'pivotmerge[data]')") from None
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"cannot read dataset {path}: {str(exc).splitlines()[0]}") from None
+    missing = [c for c in columns[:2] if c not in names]
+    if missing:
+        raise DatasetError(f"dataset {path}: no column {missing[0]!r} (columns: {', '.join(names)}); "
+                           f"name it with image_column / caption_column")
+    yield from rows
+
+
+def parse_table_row(row: dict[str, Any], image_column: str, caption_column: str, folder: Path,
+                    roots: Sequence[Path] | None, where: str) -> Record:
+    caption = _text(row, caption_column, where, required=True)
+    question = _text(row, "question", where, required=False)
+    answer = _text(row, "answer", where, required=False)
+    if (question is None) != (answer is None):
+        raise DatasetError(f"{where}: 'question' and 'answer' come together")
+    value = row.get(image_column)
+    if isinstance(value, dict):  # the datasets Image feature: {"bytes": ..., "path": ...}
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, bytes):
+        return Record(_check_image_bytes(value, where), caption, question, answer)
+    return Record(_check_image(value, folder, roots, where), caption, question, answer)
+
+
 def parse_record(line: str, folder: Path, roots: Sequence[Path] | None, where: str) -> Record:
     try:
         data = json.loads(line)
@@ -104,7 +166,8 @@ def parse_record(line: str, folder: Path, roots: Sequence[Path] | None, where: s
 
 
 def load_dataset(path: str | Path, *, allowed_roots: Sequence[Path] | None = None,
-                 limit: int | None = None, name: str | None = None) -> Dataset:
+                 limit: int | None = None, name: str | None = None, prompt: str = "plain",
+                 image_column: str = "image", caption_column: str = "caption") -> Dataset:
     """Read and check a JSONL dataset (its first `limit` records).
 
     With `allowed_roots`, the file and every image must resolve inside one of
@@ -116,20 +179,27 @@ def load_dataset(path: str | Path, *, allowed_roots: Sequence[Path] | None = Non
     resolved = path.resolve()
     if roots is not None and not _inside(resolved, roots):
         raise DatasetError(f"dataset {path} is outside the allowed roots")
-    try:
-        lines = resolved.read_text().splitlines()
-    except OSError as exc:
-        raise DatasetError(f"cannot read dataset {path}: {exc.strerror}") from None
     records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        records.append(parse_record(line, resolved.parent, roots, f"{path}:{number}"))
-        if limit is not None and len(records) >= limit:
-            break
+    if resolved.is_dir() or resolved.suffix == ".parquet":
+        folder = resolved if resolved.is_dir() else resolved.parent
+        for number, row in enumerate(_table_rows(resolved, [image_column, caption_column, "question", "answer"])):
+            records.append(parse_table_row(row, image_column, caption_column, folder, roots, f"{path} row {number}"))
+            if limit is not None and len(records) >= limit:
+                break
+    else:
+        try:
+            lines = resolved.read_text().splitlines()
+        except OSError as exc:
+            raise DatasetError(f"cannot read dataset {path}: {exc.strerror}") from None
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            records.append(parse_record(line, resolved.parent, roots, f"{path}:{number}"))
+            if limit is not None and len(records) >= limit:
+                break
     if not records:
         raise DatasetError(f"dataset {path} has no records")
-    return Dataset(name=name or _default_name(path), path=resolved, records=records)
+    return Dataset(name=name or _default_name(path), path=resolved, records=records, prompt=prompt)
 
 
 def _default_name(path: Path) -> str:
@@ -145,4 +215,5 @@ def load_ref(ref: DatasetRef, *, allowed_roots: Sequence[Path] | None = None, re
     path = Path(ref.dataset).expanduser()
     if relative_to is not None and not path.is_absolute():
         path = relative_to / path
-    return load_dataset(path, allowed_roots=allowed_roots, limit=ref.limit, name=ref.name)
+    return load_dataset(path, allowed_roots=allowed_roots, limit=ref.limit, name=ref.name, prompt=ref.prompt,
+                        image_column=ref.image_column, caption_column=ref.caption_column)

@@ -43,6 +43,7 @@ class DatasetMetrics(BaseModel):
     token_accuracy: float
     exact_match: float | None  # None when no record has an answer
     questions: int
+    prompt: str = "plain"  # the caption prompt format the scores were measured with
 
 
 Evaluation = dict[str, list[DatasetMetrics]]  # model label -> its metrics, one entry per dataset
@@ -50,21 +51,42 @@ Evaluation = dict[str, list[DatasetMetrics]]  # model label -> its metrics, one 
 
 @dataclass
 class Loaded:
-    model: Any  # LlavaForConditionalGeneration
+    model: Any  # an AutoModelForImageTextToText model of any supported family
     processor: Any
     device: torch.device
 
 
 def load_model(model_dir: str | Path, device: str = "auto", dtype: torch.dtype = torch.float32) -> Loaded:
     """A model folder loaded for inference; pickled weights are never read."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = Path(model_dir)
     if not any(path.glob("*.safetensors")):
         raise PivotMergeError(f"{path}: no safetensors weights (pickled weights are never loaded)")
     dev = resolve_device(device)
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, use_safetensors=True).to(dev).eval()
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, use_safetensors=True).to(dev).eval()
     return Loaded(model, AutoProcessor.from_pretrained(path), dev)
+
+
+def image_placeholder(processor: Any) -> str:
+    """What stands for one image in a prompt, for the processor to expand into the family's image tokens."""
+    vocab = processor.tokenizer.get_vocab()
+    if "<|vision_start|>" in vocab and "<|vision_end|>" in vocab:  # Qwen2-VL and successors frame their image pads
+        return f"<|vision_start|>{processor.image_token}<|vision_end|>"
+    return processor.image_token  # Gemma 3's is its begin-of-image token, InternVL's its context token
+
+
+def caption_prompt(processor: Any, prompt: str) -> str:
+    """What precedes a caption: `plain` image tokens (how post-alignment models were trained), `chat`
+    (the processor's chat template with the caption instruction), or a template with `{image}`
+    (and optionally `{instruction}`)."""
+    if prompt == "plain":
+        return image_placeholder(processor)
+    if prompt == "chat":
+        if not getattr(processor, "chat_template", None):
+            raise PivotMergeError("prompt: chat needs a processor with a chat template; this model has none (use plain)")
+        return prompt_for(processor, CAPTION_PROMPT)
+    return prompt.format(image=image_placeholder(processor), instruction=CAPTION_PROMPT)
 
 
 def prompt_for(processor: Any, text: str) -> str:
@@ -72,7 +94,7 @@ def prompt_for(processor: Any, text: str) -> str:
     if getattr(processor, "chat_template", None):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
         return processor.apply_chat_template(messages, add_generation_prompt=True)
-    return f"{processor.image_token}\n{text}"
+    return f"{image_placeholder(processor)}\n{text}"
 
 
 # ----------------------------------------------------------------- caption scores
@@ -90,10 +112,10 @@ def target_mask(attention_mask: torch.Tensor, n_targets: torch.Tensor) -> torch.
     return (attention_mask == 1) & (from_right <= n_targets[:, None])
 
 
-def caption_batches(processor: Any, records: Sequence[Record], batch_size: int) -> list[CaptionBatch]:
-    """Tokenised prompt + caption + end of sequence, with the caption tokens marked."""
+def caption_batches(processor: Any, records: Sequence[Record], batch_size: int, prompt: str = "plain") -> list[CaptionBatch]:
+    """Tokenised prompt (`caption_prompt`) + caption + end of sequence, with the caption tokens marked."""
     tok = processor.tokenizer
-    prompt = prompt_for(processor, CAPTION_PROMPT)
+    prompt = caption_prompt(processor, prompt)
     n_prompt = len(tok(prompt)["input_ids"])
     batches = []
     for start in range(0, len(records), batch_size):
@@ -101,7 +123,7 @@ def caption_batches(processor: Any, records: Sequence[Record], batch_size: int) 
         texts = [f"{prompt} {r.caption}{tok.eos_token}" for r in chunk]
         # The image token is not expanded here, so the difference counts caption tokens only.
         n_targets = torch.tensor([len(tok(t)["input_ids"]) - n_prompt for t in texts])
-        inputs = processor(images=[load_image(r.image) for r in chunk], text=texts, padding=True, return_tensors="pt")
+        inputs = processor(images=[[load_image(r.image)] for r in chunk], text=texts, padding=True, return_tensors="pt")
         batches.append(CaptionBatch(dict(inputs), target_mask(inputs["attention_mask"], n_targets)))
     return batches
 
@@ -164,10 +186,11 @@ def answers(loaded: Loaded, records: Sequence[Record], batch_size: int, max_new_
         out = []
         for start in range(0, len(records), batch_size):
             chunk = records[start:start + batch_size]
-            inputs = processor(images=[load_image(r.image) for r in chunk],
+            inputs = processor(images=[[load_image(r.image)] for r in chunk],
                                text=[prompt_for(processor, r.question or "") for r in chunk],
                                padding=True, return_tensors="pt").to(loaded.device)
             inputs["pixel_values"] = inputs["pixel_values"].to(loaded.model.dtype)
+            inputs.pop("token_type_ids", None)  # PaliGemma's marks prefix and suffix for training; generate takes none
             generated = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                               pad_token_id=tok.pad_token_id)
             out += tok.batch_decode(generated[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -185,12 +208,13 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 def evaluate_loaded(loaded: Loaded, dataset: Dataset, batch_size: int = 8, max_new_tokens: int = 8) -> DatasetMetrics:
-    stats = caption_stats(loaded.model, caption_batches(loaded.processor, dataset.records, batch_size), loaded.device)
+    stats = caption_stats(loaded.model, caption_batches(loaded.processor, dataset.records, batch_size, dataset.prompt),
+                          loaded.device)
     qa = [r for r in dataset.records if r.answer is not None]
     em = exact_match(answers(loaded, qa, batch_size, max_new_tokens), [r.answer or "" for r in qa]) if qa else None
     return DatasetMetrics(dataset=dataset.name, samples=len(dataset.records), tokens=stats.tokens,
                           caption_loss=stats.loss, perplexity=math.exp(stats.loss), token_accuracy=stats.accuracy,
-                          exact_match=em, questions=len(qa))
+                          exact_match=em, questions=len(qa), prompt=dataset.prompt)
 
 
 def evaluate_model(model_dir: str | Path, datasets: Sequence[Dataset], *, device: str = "auto",

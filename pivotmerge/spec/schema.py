@@ -13,6 +13,7 @@ Parameter values (``parameters`` and ``models[].parameters``) take three forms:
 from __future__ import annotations
 
 import re
+import string
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -75,8 +76,27 @@ class Component(str, Enum):
 class DatasetRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str | None = None
-    dataset: str = Field(..., description="Path of a JSONL dataset file.")
+    dataset: str = Field(..., description="A JSONL file, a parquet file, or a Hugging Face `datasets` folder (save_to_disk).")
     limit: int | None = Field(None, ge=1, description="Use at most this many records.")
+    prompt: str = Field(
+        "plain", description="What precedes each caption: `plain` (image tokens, then the caption: how post-alignment "
+                             "models were trained), `chat` (the processor's chat template with an instruction), or a "
+                             "template with `{image}` and optionally `{instruction}`.")
+    image_column: str = Field("image", description="Parquet / datasets column holding the image.")
+    caption_column: str = Field("caption", description="Parquet / datasets column holding the caption.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_format(cls, v: str) -> str:
+        if v in ("plain", "chat"):
+            return v
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"not a valid template: {exc}") from None
+        if "image" not in fields or fields - {"image", "instruction"}:
+            raise ValueError("expected plain, chat, or a template with {image} (and optionally {instruction})")
+        return v
 
 
 class ModelEntry(BaseModel):
