@@ -22,7 +22,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -50,6 +50,12 @@ def match_name(name: str, candidates: Mapping[str, T]) -> T | None:
     return hits[0] if len(hits) == 1 else None
 
 
+def _in_model(name: str, candidates: Mapping[str, T], canonical: Callable[[str], str]) -> T | None:
+    """The candidate for a checkpoint's tensor `name`: by its current-style name, else by `match_name`."""
+    hit = candidates.get(canonical(name))
+    return hit if hit is not None else match_name(name, candidates)
+
+
 def linear_modules(model: nn.Module, tensor_names: Iterable[str]) -> dict[str, nn.Linear]:
     """Tensor name (``....weight``) -> the nn.Linear holding it, for those that are linear weights."""
     modules = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -58,8 +64,7 @@ def linear_modules(model: nn.Module, tensor_names: Iterable[str]) -> dict[str, n
     out = {}
     for name in tensor_names:
         if name.endswith(".weight"):
-            stem = canonical(name).removesuffix(".weight")
-            module = modules.get(stem) or match_name(name.removesuffix(".weight"), modules)
+            module = _in_model(name.removesuffix(".weight"), modules, lambda n: canonical(n + ".weight").removesuffix(".weight"))
             if module is not None:
                 out[name] = module
     return out
@@ -297,9 +302,10 @@ def alignment_scores(base_dir: str | Path, expert_dirs: Sequence[str | Path], da
         loaded = load_model(expert_dir, device)
         batches = caption_batches(loaded.processor, data.records, batch_size, data.prompt)
         params = dict(loaded.model.named_parameters())
+        canonical = architecture_for(getattr(loaded.model.config, "model_type", None)).canonical
         baseline.append(caption_stats(loaded.model, batches, loaded.device).loss)
         for group, names in groups.items():
-            targets = {n: match_name(n, params) for n in names}
+            targets = {n: _in_model(n, params, canonical) for n in names}
             missing = [n for n, p in targets.items() if p is None]
             if missing:
                 raise CompatibilityError(f"{expert_dir}: the loaded model has no parameter for tensor {missing[0]}")

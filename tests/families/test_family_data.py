@@ -91,3 +91,17 @@ def test_parquet_and_datasets_folders_score_as_the_jsonl_does(family_models: dic
         assert (got.tokens, got.caption_loss, got.token_accuracy) == (want.tokens, want.caption_loss, want.token_accuracy)
     with pytest.raises(Exception, match=r"no column 'caption' \(columns: picture, text\); name it with image_column / caption_column"):
         load_ref(DatasetRef(dataset=str(tmp_path / "captions.parquet"), image_column="picture"))
+
+
+@pytest.mark.parametrize("model_type", ["idefics3", "mllama"])
+def test_pivotmerge_data_mode_measures_alignment_on_other_families(model_type: str, family_models: dict[str, Built],
+                                                                   jsonl: Path, tmp_path: Path) -> None:
+    built = family_models[model_type]
+    spec = {"method": "pivotmerge", "base_model": str(built.base), "models": [{"model": str(e)} for e in built.experts],
+            "components": ["projector", "language_model"], "parameters": {"layer_weighting": "data"},
+            "calibration": {"dataset": str(jsonl)}, "device": "cpu"}
+    report = merge(spec, tmp_path / "out")
+    alignment = report["calibration"]["alignment"]
+    assert alignment  # per layer group, one contribution per expert, measured by removing that layer's update
+    groups = {entry["tensor"]: entry for entry in report["layers"]}
+    assert len(groups) == report["tensors"]["merged"]
