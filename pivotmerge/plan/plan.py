@@ -108,7 +108,22 @@ def plan_merge(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[s
                      out_dtype if out_dtype is not None and reference.tensors[n].dtype.is_floating_point else reference.tensors[n].dtype)
         for n in names
     ]
-    return MergePlan(spec, method, base, models, architecture, places, names, merged, tensor_params, outputs, vocabulary)
+    plan = MergePlan(spec, method, base, models, architecture, places, names, merged, tensor_params, outputs, vocabulary)
+    _check_loadable_inputs(plan)
+    return plan
+
+
+def _check_loadable_inputs(plan: MergePlan) -> None:
+    """Calibration and `evaluate_inputs` run each input as a model: adapters and text-only LMs cannot."""
+    if not (plan.needs or plan.spec.evaluate_inputs):
+        return
+    fields = ([("base_model", plan.base)] if plan.base else []) + [(f"models.{i}.model", m) for i, m in enumerate(plan.models)]
+    for field_name, repo in fields:
+        if repo.kind != "model folder":
+            why = "calibration data" if plan.needs else "evaluate_inputs"
+            plan.close()
+            raise SpecError(f"{field_name}: {repo.ref} is a {repo.kind}; {why} runs each input as a model, "
+                            f"which needs a model folder (merge the {repo.kind} into one first)")
 
 
 def _open_repo(ref: str, field: str, base: ModelRepo | None, roots: Sequence[Path] | None,

@@ -83,6 +83,10 @@ class TextLMRepo(ModelRepo):
         return cls(ref=lm.ref, path=lm.path, config=base.config, tensors=tensors, _fds=lm._fds, base=base,
                    own=frozenset(mapped), short=short)
 
+    @property
+    def kind(self) -> str:
+        return "text-only LM"
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self.own:
             return self.base.get(name)

@@ -76,6 +76,10 @@ class AdapterRepo(ModelRepo):
         return cls(ref=ref, path=path, config=base.config, tensors=base.tensors, base=base, weights=weights,
                    deltas=deltas, replaced=replaced)
 
+    @property
+    def kind(self) -> str:
+        return "LoRA adapter"
+
     def get(self, name: str) -> torch.Tensor:
         if name in self.replaced:
             tensor = self.weights.get(self.replaced[name]).to(self.tensors[name].dtype)

@@ -89,6 +89,11 @@ class ModelRepo:
     tensors: dict[str, TensorInfo]
     _fds: dict[str, int] = field(default_factory=dict, repr=False)
 
+    @property
+    def kind(self) -> str:
+        """What the input is; only a model folder can be loaded as a model by itself."""
+        return "model folder"
+
     @classmethod
     def open(cls, ref: str, *, allowed_roots: Sequence[Path] | None = None, relative_to: Path | None = None,
              path: Path | None = None) -> "ModelRepo":

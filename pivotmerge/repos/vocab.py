@@ -51,6 +51,10 @@ class VocabularyView(ModelRepo):
     rows: dict[str, list[tuple[ModelRepo, int]]] = field(default_factory=dict)  # appended rows: (source, its row)
     base_rows: int = 0
 
+    @property
+    def kind(self) -> str:
+        return self.inner.kind
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self.rows:
             return self.inner.get(name)

@@ -90,3 +90,15 @@ def test_an_adapter_without_a_base_model_is_refused(family_models: dict[str, Bui
     with pytest.raises(RepoError, match=r"^models\.0\.model: .*adapter: a LoRA adapter; give the model it adapts as base_model$"):
         merge({"method": "linear", "models": [{"model": str(tmp_path / "adapter")}, {"model": str(family_models["llava"].base)}]},
               tmp_path / "out")
+
+
+def test_calibration_data_with_an_adapter_input_is_refused(family_models: dict[str, Built], tmp_path: Path) -> None:
+    from pivotmerge import SpecError
+
+    base = family_models["llava"].base
+    _adapter(base, tmp_path / "adapter", 0, r=2, lora_alpha=2, target_modules=["q_proj"])
+    spec = {"method": "regmean", "base_model": str(base), "calibration": {"dataset": "unused.jsonl"},
+            "models": [{"model": str(tmp_path / "adapter")}, {"model": str(family_models["llava"].experts[0])}]}
+    with pytest.raises(SpecError, match=r"^models\.0\.model: .*adapter is a LoRA adapter; calibration data runs each input "
+                                        r"as a model, which needs a model folder"):
+        merge(spec, tmp_path / "out")
