@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import torch
+import yaml
 from pydantic import BaseModel, ConfigDict
 
 from pivotmerge.version import __version__
 from pivotmerge.data.evaluate import Evaluation
 from pivotmerge.plan.plan import MergePlan, Timings
+from pivotmerge.repos.hub import card_data, inputs_report
 from pivotmerge.repos.output import REPORT_FILE
 from pivotmerge.repos.writer import WrittenFile
 
@@ -86,6 +88,31 @@ class CalibrationDataset(ReportModel):
     model: str
     dataset: str
     samples: int
+    prompt: str  # what preceded each caption (DatasetRef.prompt)
+
+
+class InputOrigin(ReportModel):
+    """A spec input and, for a hub id, the repo and commit it resolved to."""
+
+    field: str
+    model: str
+    hub_id: str | None = None
+    commit: str | None = None
+
+
+class AppendedToken(ReportModel):
+    token: str
+    source: str  # the input whose row was taken
+
+
+class VocabularyReport(ReportModel):
+    """What happened to tokens outside the base's vocabulary (docs/families.md)."""
+
+    policy: Literal["base", "union"]
+    base_rows: int
+    rows: int
+    dropped: dict[str, list[str]]  # input -> its tokens left out
+    appended: list[AppendedToken]
 
 
 class AlignmentReport(ReportModel):
@@ -111,8 +138,10 @@ class MergeReport(ReportModel):
     spec: dict[str, Any]
     method: str
     device: str
-    architecture: str
+    architecture: str  # the family table used (docs/families.md)
+    inputs: list[InputOrigin] = []
     tensors: TensorCounts
+    vocabulary: VocabularyReport | None = None  # set when an expert's vocabulary extends the base's
     layers: list[MergedTensor]
     files: list[OutputFile]
     timings: MergeTimings
@@ -133,7 +162,11 @@ def build_report(plan: MergePlan, device: torch.device, entries: Sequence[Merged
         method=plan.method.name,
         device=str(device),
         architecture=plan.architecture.name,
+        inputs=[InputOrigin(**i) for i in inputs_report(
+            [*([("base_model", plan.base.ref, plan.base.path)] if plan.base else []),
+             *[(f"models.{i}.model", m.ref, m.path) for i, m in enumerate(plan.models)]])],
         tensors=TensorCounts(total=len(plan.names), merged=len(plan.merged), copied=len(plan.names) - len(plan.merged)),
+        vocabulary=VocabularyReport(**plan.vocabulary.report()) if plan.vocabulary is not None else None,
         layers=list(entries),
         files=output_files(files),
         timings=MergeTimings(total_s=round(total_s, 4), read_s=round(timings.read_s, 4),
@@ -159,9 +192,7 @@ def write_model_card(folder: Path, plan: MergePlan, report: MergeReport) -> None
     base = spec.base_model or "none (the experts' mean is the pivot)"
     lines = [
         "---",
-        "library_name: transformers",
-        "tags: [merge, pivotmerge]",
-        *([f"base_model: {spec.base_model}"] if spec.base_model else []),
+        card_data([i.hub_id for i in report.inputs if i.hub_id], plan.method.name).to_yaml(),
         "---",
         "",
         f"# Merged with PivotMerge ({plan.method.name})",
@@ -175,7 +206,11 @@ def write_model_card(folder: Path, plan: MergePlan, report: MergeReport) -> None
         f"- Parameters: `{json.dumps(spec.parameters, default=str)}`",
         f"- Made with pivotmerge {__version__} in {report.timings.total_s:.1f} s on {report.device}.",
         "",
-        "`merge_report.json` records the full spec, the versions, and every per-layer choice.",
+        "`merge_report.json` records the full spec, the versions, and every per-layer choice. The spec:",
+        "",
+        "```yaml",
+        yaml.safe_dump(spec.model_dump(mode="json", exclude_defaults=True), sort_keys=False).rstrip(),
+        "```",
         "",
     ]
     (folder / "README.md").write_text("\n".join(lines))

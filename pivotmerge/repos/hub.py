@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 from pivotmerge.errors import RepoError
 
@@ -58,14 +58,14 @@ def inputs_report(refs: Sequence[tuple[str, str, Path]]) -> list[dict[str, Any]]
     return out
 
 
-def card_data(report: Mapping[str, Any]) -> Any:
+def card_data(hub_ids: Sequence[str], method: str) -> Any:
     """The model card's metadata: the inputs' hub ids as base_model (never a local path)."""
     from huggingface_hub import ModelCardData
 
-    hub_ids = list(dict.fromkeys(i["hub_id"] for i in report.get("inputs", []) if "hub_id" in i))
+    hub_ids = list(dict.fromkeys(hub_ids))
     return ModelCardData(library_name="transformers", pipeline_tag="image-text-to-text",
                          base_model=hub_ids or None, base_model_relation="merge" if hub_ids else None,
-                         tags=["merge", "pivotmerge", report.get("method", "")])
+                         tags=["merge", "pivotmerge", method])
 
 
 def push(folder: Path, repo_id: str, *, token: str | None, private: bool = False, api: Any = None) -> Any:

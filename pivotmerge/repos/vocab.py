@@ -40,7 +40,7 @@ class Vocabulary:
 
     def report(self) -> dict[str, Any]:
         return {"policy": self.policy, "base_rows": self.base_rows, "rows": self.base_rows + len(self.appended),
-                "dropped": self.dropped, "appended": [{"token": t, "from": ref} for t, ref in self.appended]}
+                "dropped": self.dropped, "appended": [{"token": t, "source": ref} for t, ref in self.appended]}
 
 
 @dataclass

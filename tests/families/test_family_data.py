@@ -46,7 +46,7 @@ def test_evaluate_and_regmean_calibrate_every_family(model_type: str, family_mod
             "components": ["projector", "language_model"],
             "calibration": {"dataset": str(jsonl)}, "evaluate": [{"dataset": str(jsonl), "name": "captions"}],
             "device": "cpu"}
-    report = merge(spec, tmp_path / "out")
+    report = merge(spec, tmp_path / "out").as_json()
     grams = report["calibration"]["gram_tensors"]
     places = place_tensors(architecture_for(model_type), grams)
     assert any(n.endswith("q_proj.weight") for n in grams)
@@ -100,7 +100,7 @@ def test_pivotmerge_data_mode_measures_alignment_on_other_families(model_type: s
     spec = {"method": "pivotmerge", "base_model": str(built.base), "models": [{"model": str(e)} for e in built.experts],
             "components": ["projector", "language_model"], "parameters": {"layer_weighting": "data"},
             "calibration": {"dataset": str(jsonl)}, "device": "cpu"}
-    report = merge(spec, tmp_path / "out")
+    report = merge(spec, tmp_path / "out").as_json()
     alignment = report["calibration"]["alignment"]
     assert alignment  # per layer group, one contribution per expert, measured by removing that layer's update
     groups = {entry["tensor"]: entry for entry in report["layers"]}

@@ -51,7 +51,7 @@ def test_family_merge(model_type: str, component: str | None, family_models: dic
     built = family_models[model_type]
     spec = {"method": "task_arithmetic", "base_model": str(built.base), "models": [{"model": str(e)} for e in built.experts],
             "parameters": {"lambda": LAMBDA}, "device": "cpu", **({"components": [component]} if component else {})}
-    report = merge(spec, tmp_path / "out")
+    report = merge(spec, tmp_path / "out").as_json()
     base, experts = _state(built.base), [_state(e) for e in built.experts]
     out = _state(tmp_path / "out")
     assert report["architecture"] == architecture_for(model_type).name

@@ -57,7 +57,7 @@ def test_hub_ids_resolve_from_the_cache_and_the_card_names_them(hub_cache: Path,
     local_expert = family_models["llava"].experts[1]
     spec = {"method": "task_arithmetic", "base_model": "org/tiny-llava", "components": ["projector"], "device": "cpu",
             "models": [{"model": f"org/tiny-llava-expert@{'b' * 40}"}, {"model": str(local_expert)}]}
-    report = merge(spec, tmp_path / "out")
+    report = merge(spec, tmp_path / "out").as_json()
     assert report["inputs"] == [
         {"field": "base_model", "model": "org/tiny-llava", "hub_id": "org/tiny-llava", "commit": "a" * 40},
         {"field": "models.0.model", "model": f"org/tiny-llava-expert@{'b' * 40}", "hub_id": "org/tiny-llava-expert",

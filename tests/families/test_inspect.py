@@ -64,7 +64,7 @@ def test_inspect_of_a_missing_folder_is_one_line(tmp_path: Path, run_cli) -> Non
 def test_the_report_records_the_family(family_models: dict[str, Built], tmp_path: Path) -> None:
     built = family_models["idefics3"]
     report = merge({"method": "linear", "models": [{"model": str(e)} for e in built.experts], "components": ["projector"],
-                    "device": "cpu"}, tmp_path / "out")
+                    "device": "cpu"}, tmp_path / "out").as_json()
     assert report["architecture"] == "idefics3"
     saved = json.loads((tmp_path / "out" / "merge_report.json").read_text())
     assert saved["architecture"] == "idefics3"

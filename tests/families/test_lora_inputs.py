@@ -42,7 +42,7 @@ def test_an_adapter_input_equals_peft_merge_and_unload(model_type: str, targets:
                     modules_to_save=["multi_modal_projector"] if model_type == "llava" else None)
     spec = {"method": "task_arithmetic", "base_model": str(base), "models": [{"model": str(tmp_path / "adapter")}],
             "parameters": {"lambda": 1.0}, "device": "cpu"}
-    report = merge(spec, tmp_path / "out")
+    report = merge(spec, tmp_path / "out").as_json()
     got = _merged_in_memory(tmp_path / "out")
     assert got.keys() == want.keys()
     changed = 0

@@ -41,7 +41,7 @@ def test_a_text_only_lm_joins_the_vlm_language_model(vlm_type: str, lm_type: str
     lm = _fine_tuned_text_lm(built.base, tmp_path / "lm", lm_type)
     spec = {"method": "task_arithmetic", "base_model": str(built.base), "parameters": {"lambda": LAMBDA}, "device": "cpu",
             "models": [{"model": str(built.experts[0])}, {"model": str(lm)}]}
-    report = merge(spec, tmp_path / "out")
+    report = merge(spec, tmp_path / "out").as_json()
     base, expert, out = _state(built.base), _state(built.experts[0]), _state(tmp_path / "out")
     lm_weights = load_file(str(lm / "model.safetensors"))
     assert report["tensors"]["total"] == len(base) and set(out) == set(base)

@@ -45,7 +45,7 @@ def _spec(built: Built, grown: Path, **extra: object) -> dict:
 
 def test_by_default_the_added_rows_are_dropped(family_models: dict[str, Built], grown: Path, tmp_path: Path) -> None:
     built = family_models["llava"]
-    report = merge(_spec(built, grown), tmp_path / "out")
+    report = merge(_spec(built, grown), tmp_path / "out").as_json()
     base, first, second, out = _state(built.base), _state(grown), _state(built.experts[1]), _state(tmp_path / "out")
     rows = base[EMBED].shape[0]
     assert first[EMBED].shape[0] == rows + 2 and out[EMBED].shape == base[EMBED].shape
@@ -60,13 +60,13 @@ def test_union_appends_the_added_tokens_and_their_rows(family_models: dict[str, 
     from transformers import AutoTokenizer
 
     built = family_models["llava"]
-    report = merge(_spec(built, grown, tokenizer="union"), tmp_path / "out")
+    report = merge(_spec(built, grown, tokenizer="union"), tmp_path / "out").as_json()
     base, first, out = _state(built.base), _state(grown), _state(tmp_path / "out")
     rows = base[EMBED].shape[0]
     assert out[EMBED].shape[0] == rows + 2 and out[HEAD].shape[0] == rows + 2
     for name in (EMBED, HEAD):
         assert torch.equal(out[name][rows:], first[name][rows:])  # copied from the expert that has them
-    assert report["vocabulary"]["appended"] == [{"token": t, "from": str(grown)} for t in ADDED]
+    assert report["vocabulary"]["appended"] == [{"token": t, "source": str(grown)} for t in ADDED]
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert tokenizer.convert_tokens_to_ids(ADDED) == [rows, rows + 1]
     config = json.loads((tmp_path / "out" / "config.json").read_text())
