@@ -43,7 +43,7 @@ class DatasetMetrics(BaseModel):
     token_accuracy: float
     exact_match: float | None  # None when no record has an answer
     questions: int
-    prompt: str = "plain"  # the caption prompt format the scores were measured with
+    prompt: str  # the caption prompt format the scores were measured with (DatasetRef.prompt)
 
 
 Evaluation = dict[str, list[DatasetMetrics]]  # model label -> its metrics, one entry per dataset
