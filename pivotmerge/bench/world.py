@@ -57,6 +57,9 @@ class Config:
     expert_steps: int  # the joint projector trains len(DOMAINS) times as long, on all domains
     lr: float = 3e-3  # peak Adam rate of the experts and the joint projector
     batch: int = 32
+    # The fresh projector as LLaVA's stage 1 makes it: torch's default nn.Linear init (uniform, 1/sqrt(fan_in)),
+    # not transformers' 0.02-std normal, so its hidden units start as random features shared by every expert.
+    torch_init: bool = True
 
     def key(self, seed: int) -> str:
         text = json.dumps({"recipe": RECIPE, "seed": seed, **asdict(self)}, sort_keys=True)
@@ -130,9 +133,12 @@ def _build(cfg: Config, seed: int, out: Path, progress: Progress) -> None:
     model.model.vision_tower.load_state_dict(tower.model.vision_tower.state_dict())
     model.model.language_model.load_state_dict(reader.model.language_model.state_dict())
     model.lm_head.load_state_dict(reader.lm_head.state_dict())
+    projector = model.model.multi_modal_projector
+    if cfg.torch_init:
+        for layer in (projector.linear_1, projector.linear_2):
+            layer.reset_parameters()
     shared = {k: v.clone() for k, v in model.state_dict().items()}
     write_repo(world.base, config, processor, shared)
-    projector = model.model.multi_modal_projector
     for d, domain in enumerate(DOMAINS):
         progress(f"training the {domain} expert")
         model.load_state_dict(shared)
