@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -92,13 +93,15 @@ def build_world(cfg: Config, seed: int, cache: Path, progress: Progress = lambda
     root = cache / f"world-{cfg.key(seed)}"
     if (root / "world.json").is_file():
         return world_at(root)
-    partial = cache / f".partial-{cfg.key(seed)}"
+    partial = cache / f".partial-{cfg.key(seed)}-{os.getpid()}"  # builders running side by side never share one
     shutil.rmtree(partial, ignore_errors=True)
     with torch.random.fork_rng(devices=[]):
         _build(cfg, seed, partial, progress)
     (partial / "world.json").write_text(json.dumps({"seed": seed, "config": asdict(cfg), "recipe": RECIPE}, indent=1))
-    shutil.rmtree(root, ignore_errors=True)
-    partial.rename(root)  # a world appears only when complete
+    try:
+        partial.rename(root)  # a world appears only when complete
+    except OSError:  # another builder finished the same world first: the same bytes, keep theirs
+        shutil.rmtree(partial)
     return world_at(root)
 
 

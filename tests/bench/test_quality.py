@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -31,8 +32,9 @@ MICRO = Config(n_train=8, n_dev=4, n_test=4, n_calib=4, vision_steps=2, lm_steps
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("bench")
-    main(["bench", "quality", "--quick", "--out", str(root / "out"), "--cache", str(root / "worlds")],
-         standalone_mode=False)
+    # CI builds the world afresh; PIVOTMERGE_BENCH_CACHE lets a developer reuse worlds already built.
+    cache = os.environ.get("PIVOTMERGE_BENCH_CACHE", str(root / "worlds"))
+    main(["bench", "quality", "--quick", "--out", str(root / "out"), "--cache", cache])
     return root / "out"
 
 
