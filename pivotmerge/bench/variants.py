@@ -27,19 +27,19 @@ class Variant:
 
 
 SCALES = [0.25, 0.5, 1.0, 1.5, 2.0]
-LAYER_SCALE = {"lambda_max": [0.5, 1.0, 1.5, 2.0]}
-# Data mode fits layers like RegMean, whose merged update at lambda 1/K is RegMean's; these scales bracket it.
-DATA_SCALE = {"lambda_max": [0.25, 0.5, 1.0]}
+LAYER_SCALE = {"scale_max": [0.5, 1.0, 1.5, 2.0]}
+# Data mode fits layers like RegMean, whose merged update at scale 1/K is RegMean's; these scales bracket it.
+DATA_SCALE = {"scale_max": [0.25, 0.5, 1.0]}
 DATA_MODE = {"layer_weighting": "data", "combine": "gram", "gram_inputs": "merged"}
 
 BASELINES: tuple[Variant, ...] = (
-    Variant("task_arithmetic", "task_arithmetic", grid={"lambda": SCALES}),
-    Variant("ties", "ties", grid={"lambda": [0.5, 1.0, 1.5], "density": [0.2, 0.5]}),
-    Variant("tsv", "tsv", grid={"alpha": SCALES}),
-    Variant("iso_c", "iso_c", grid={"alpha": SCALES}),
-    Variant("iso_cts", "iso_cts", grid={"alpha": SCALES}),
-    Variant("regmean", "regmean", grid={"alpha": [0.5, 0.9, 1.0]}, data=True),
-    Variant("regmean_plus_plus", "regmean", fixed={"gram_inputs": "merged"}, grid={"alpha": [0.5, 0.9, 1.0]}, data=True),
+    Variant("task_arithmetic", "task_arithmetic", grid={"scale": SCALES}),
+    Variant("ties", "ties", grid={"scale": [0.5, 1.0, 1.5], "density": [0.2, 0.5]}),
+    Variant("tsv", "tsv", grid={"scale": SCALES}),
+    Variant("iso_c", "iso_c", grid={"scale": SCALES}),
+    Variant("iso_cts", "iso_cts", grid={"scale": SCALES}),
+    Variant("regmean", "regmean", grid={"off_diagonal_scale": [0.5, 0.9, 1.0]}, data=True),
+    Variant("regmean_plus_plus", "regmean", fixed={"gram_inputs": "merged"}, grid={"off_diagonal_scale": [0.5, 0.9, 1.0]}, data=True),
 )
 PIVOTMERGE: tuple[Variant, ...] = (
     Variant("pivotmerge", "pivotmerge", grid={**LAYER_SCALE, "spectrum": ["flatten", "flatten_total"]}),
