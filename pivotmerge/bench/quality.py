@@ -1,282 +1,294 @@
-"""The quality benchmark: experts, the joint projector and every merge method on every domain.
+"""The quality benchmark, through the product: `pivotmerge.merge` on LLaVA folders, the evaluator's scores.
 
-Per seed: build the domains, pre-train and freeze the towers, train one expert
-projector per domain from one shared initialisation and a joint projector on
-all domains, then merge the experts with every variant, choosing its
-hyperparameters on the dev splits only, and score the choice on the test
-splits. Then, across scenarios (domain pairs, triples, all four; short and full
-training), correlate each weight-distance metric with the quality a merge loses.
+Per seed: build (or read from the cache) the world of `pivotmerge/bench/world.py`;
+score the shared initialisation, every expert and the joint projector; merge the
+experts with every tuned row, each candidate of its grid scored on the dev
+splits (the search recorded) and the dev-chosen merge once on the test splits;
+merge every row again at its defaults and score that on test. Then per seed:
+the paired differences of the bar, a layer attribution of PivotMerge against
+its rivals, and the merge-success scenarios (domain subsets) for the Spearman
+study of the distance metrics.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 from scipy.stats import spearmanr
 
+import pivotmerge
 from pivotmerge.analysis import metrics
-from pivotmerge.bench.domains import DOMAINS, make_split
-from pivotmerge.bench.merging import VARIANTS, Calibration, Variant, calibrate, layer_of, merge
-from pivotmerge.bench.models import (PROJECTOR_LAYERS, Encoded, LanguageModel, Projector, State, encode_split, evaluate,
-                     pretrain_lm, pretrain_vision, train_projector)
+from pivotmerge.bench.domains import DOMAINS
+from pivotmerge.bench.variants import (DATA_FREE_BASELINES, DEFAULTS, QUICK_ROWS, TUNED, Variant)
+from pivotmerge.bench.world import Config, World, build_world
+from pivotmerge.data.evaluate import CaptionBatch, caption_batches, caption_stats, load_model
 
-# Experts and the joint projector fine-tune the warmed-up initialisation at a lower rate
-# (Config.lr) than its warm-up; even so their updates grow about as large as the weights
-# (docs/results.md), as stage-1 alignment moves a projector far from where it started.
-WARM_LR = 5e-3
-SCORES = ("caption_loss", "token_accuracy", "qa_exact_match")
-# The baselines the bar asks data-free PivotMerge to beat; its layer attribution takes, per seed,
-# the one with the best dev accuracy as the rival.
-DATA_FREE_BASELINES = ("linear", "task_arithmetic", "ties", "dare_ties", "tsv", "iso_c", "iso_cts")
 Progress = Callable[[str], None]
+PROJECTOR = "model.multi_modal_projector."
+PROJECTOR_LAYERS = ("linear_1", "linear_2")
 
 
 @dataclass(frozen=True)
-class Config:
+class Suite:
+    world: Config
     seeds: int
-    n_train: int  # images per domain
-    n_dev: int
-    n_test: int
-    n_calib: int  # calibration images per domain, for RegMean and PivotMerge's data mode
-    n_warm: int  # images per domain in the shared initialisation's brief warm-up
-    warm_steps: int
-    vision_steps: int
-    lm_steps: int
-    expert_steps: int
-    joint_steps: int  # the joint projector shares its capacity among all domains, so it trains longer
-    short_steps: int  # the "short training" snapshot of the merge-success scenarios
-    lr: float = 2e-3  # Adam rate of the experts and the joint projector
+    quick: bool = False  # quick mode runs QUICK_ROWS only
 
 
-QUICK = Config(seeds=1, n_train=400, n_dev=100, n_test=150, n_calib=64, n_warm=16, warm_steps=100,
-               vision_steps=200, lm_steps=300, expert_steps=300, joint_steps=600, short_steps=100)
-FULL = Config(seeds=3, n_train=600, n_dev=150, n_test=300, n_calib=64, n_warm=16, warm_steps=100,
-              vision_steps=300, lm_steps=500, expert_steps=800, joint_steps=1200, short_steps=200)
+# One world recipe for both modes: quick mode is the full run's first seed with the gate rows only,
+# so a full run reuses the world a quick run cached.
+WORLD = Config(n_train=200, n_dev=48, n_test=96, n_calib=32, vision_steps=200, lm_steps=400, expert_steps=200)
+QUICK = Suite(WORLD, seeds=1, quick=True)
+FULL = Suite(WORLD, seeds=5)
 
 
-@dataclass
-class World:
-    """One seed's frozen towers, encoded splits, shared init and trained projectors."""
+class Scorer:
+    """The evaluator's caption scores of model folders on a world's splits.
 
-    lm: LanguageModel
-    splits: dict[str, dict[str, Encoded]]  # split name -> domain -> data
-    base: State
-    experts: dict[int, list[State]]  # training steps -> one expert per domain
-    joint: State
+    Every folder of a world shares one processor, so each split is tokenised once
+    (`caption_batches`) and each model is loaded (`load_model`) and scored
+    (`caption_stats`) by the project's evaluation code.
+    """
 
+    def __init__(self, world: World, batch_size: int = 64) -> None:
+        processor = load_model(world.base, "cpu").processor
+        self._batches: dict[str, dict[str, list[CaptionBatch]]] = {
+            split: {d.name: caption_batches(processor, d.records, batch_size) for d in world.datasets(split)}
+            for split in ("dev", "test")}
 
-def build_world(cfg: Config, seed: int, progress: Progress) -> World:
-    # The towers' and projector's initial weights come from the global generator: seeded first, so
-    # one seed gives one world and reruns of the command give the same table.
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    sizes = {"train": cfg.n_train, "dev": cfg.n_dev, "test": cfg.n_test, "calib": cfg.n_calib, "warm": cfg.n_warm}
-    raw = {name: {d: make_split(d, n, seed=1000 * seed + 10 * i + j) for j, d in enumerate(DOMAINS)}
-           for i, (name, n) in enumerate(sizes.items())}
-    progress("pre-training the vision tower")
-    vision = pretrain_vision(torch.cat([s.images for s in raw["train"].values()]), cfg.vision_steps, gen)
-    progress("pre-training the language model")
-    lm = pretrain_lm(list(raw["train"].values()), cfg.lm_steps, gen)
-    splits = {name: {d: encode_split(vision, s) for d, s in by_domain.items()} for name, by_domain in raw.items()}
-    progress("warming up the shared initialisation")
-    warm = list(splits.pop("warm").values())
-    base = train_projector(Projector(), lm, warm, cfg.warm_steps, WARM_LR, gen)[cfg.warm_steps]
-    experts: dict[int, list[State]] = {cfg.short_steps: [], cfg.expert_steps: []}
-    for d in DOMAINS:
-        progress(f"training the {d} expert")
-        snaps = train_projector(_from(base), lm, [splits["train"][d]], cfg.expert_steps, cfg.lr, gen, (cfg.short_steps,))
-        for steps in experts:
-            experts[steps].append(snaps[steps])
-    progress("training the joint projector")
-    joint = train_projector(_from(base), lm, list(splits["train"].values()), cfg.joint_steps, cfg.lr, gen)[cfg.joint_steps]
-    return World(lm, splits, base, experts, joint)
+    def __call__(self, model_dir: Path, split: str, domains: tuple[str, ...] = DOMAINS) -> dict[str, dict[str, float]]:
+        loaded = load_model(model_dir, "cpu")
+        per = {}
+        for d in domains:
+            stats = caption_stats(loaded.model, self._batches[split][d], loaded.device)
+            per[d] = {"token_accuracy": stats.accuracy, "caption_loss": stats.loss}
+        per["average"] = {m: float(np.mean([per[d][m] for d in domains])) for m in ("token_accuracy", "caption_loss")}
+        return per
 
 
-def _from(state: State) -> Projector:
-    p = Projector()
-    p.load_state_dict(state)
-    return p
+def spec_for(world: World, variant: Variant, params: dict[str, Any], domains: tuple[str, ...] = DOMAINS) -> dict[str, Any]:
+    """A user's merge spec for `variant` with `params` over the experts of `domains`."""
+    models = []
+    for d in domains:
+        entry: dict[str, Any] = {"model": str(world.experts[d])}
+        if variant.data:
+            entry["calibration"] = {"dataset": str(world.dataset("calib", d))}
+        models.append(entry)
+    return {"method": variant.method, "base_model": str(world.base), "models": models, "components": ["projector"],
+            "parameters": params, "device": "cpu", "seed": 0}
 
 
-def task_vector_oracle(experts: list[State], base: State, joint: State) -> State:
-    """A reference, not a merge: per tensor, the combination ``W0 + sum_k c_k d_k`` of the experts'
-    task vectors closest (least squares) to the joint projector's weights. It knows the joint
-    projector, so it bounds what any per-tensor weighting of whole task vectors can reach."""
-    out: State = {}
-    for key, pivot in base.items():
-        deltas = torch.stack([(e[key] - pivot).reshape(-1) for e in experts], dim=1).double()
-        coef = torch.linalg.lstsq(deltas, (joint[key] - pivot).reshape(-1, 1).double()).solution
-        out[key] = pivot + (deltas @ coef).to(pivot.dtype).view_as(pivot)
+def merged(world: World, variant: Variant, params: dict[str, Any], out: Path,
+           domains: tuple[str, ...] = DOMAINS) -> Path:
+    pivotmerge.merge(spec_for(world, variant, params, domains), out, overwrite=True)
     return out
 
 
-def score(state: State, world: World, split: str, domains: tuple[str, ...] = DOMAINS) -> dict[str, dict[str, float]]:
-    """Scores per domain, plus their mean under ``"average"``."""
-    per = {d: evaluate(state, world.lm, world.splits[split][d]).as_dict() for d in domains}
-    per["average"] = {m: float(np.mean([per[d][m] for d in domains])) for m in SCORES}
-    return per
-
-
-@dataclass
-class Selected:
-    """A variant's dev-chosen merge: its raw record (params, the dev search, test scores) and the merge itself."""
-
-    row: dict[str, Any]
-    merged: State
-
-
-def select(variant: Variant, world: World, calibration: Calibration, seed: int) -> Selected:
-    """Grid search on the dev splits (mean token accuracy); the first best choice is scored on test."""
-    experts = world.experts[max(world.experts)]
+def select(variant: Variant, world: World, score: Scorer, work: Path) -> dict[str, Any]:
+    """Grid search on the dev splits (mean token accuracy); the first best is kept at `work/chosen` and scored on test."""
     search: list[dict[str, Any]] = []
-    best: dict[str, Any] = {}
+    best: dict[str, Any] | None = None
+    chosen, candidate = work / "chosen", work / "candidate"
     for params in variant.candidates():
-        merged = merge(variant, params, experts, world.base, calibration, seed)
-        search.append({"params": params, "dev_token_accuracy": score(merged, world, "dev")["average"]["token_accuracy"]})
-        if not best or search[-1]["dev_token_accuracy"] > best["dev_token_accuracy"]:
-            best = {**search[-1], "merged": merged}
-    return Selected({"params": best["params"], "search": search, "test": score(best["merged"], world, "test")}, best["merged"])
+        merged(world, variant, params, candidate)
+        search.append({"params": params, "dev_token_accuracy": score(candidate, "dev")["average"]["token_accuracy"]})
+        if best is None or search[-1]["dev_token_accuracy"] > best["dev_token_accuracy"]:
+            best = search[-1]
+            shutil.rmtree(chosen, ignore_errors=True)
+            candidate.rename(chosen)
+    shutil.rmtree(candidate, ignore_errors=True)
+    assert best is not None
+    return {"params": best["params"], "search": search, "test": score(chosen, "test")}
 
 
-def rival(rows: dict[str, Any], candidates: tuple[str, ...]) -> str:
-    """The candidate row with the best dev token accuracy (what a user choosing on dev would run)."""
-    return max(candidates, key=lambda name: max(r["dev_token_accuracy"] for r in rows[name]["search"]))
+def with_layer(theirs: Path, ours: Path, layer: str, out: Path) -> Path:
+    """`theirs` with one projector layer's tensors taken from `ours` (both single-file folders)."""
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(theirs, out)
+    mine, state = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
+    state.update({k: v for k, v in mine.items() if k.startswith(f"{PROJECTOR}{layer}.")})
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
 
 
-def layer_attribution(ours: State, theirs: State, world: World) -> dict[str, float]:
-    """Where ``ours`` gains or loses against ``theirs``, layer by layer, on the test splits.
-
-    ``total``: ours minus theirs in mean token accuracy; ``<layer>``: theirs with
-    that layer's tensors taken from ours, minus theirs. Layers that add up to the
-    total act independently; a gap between them is the layers' interaction.
-    """
-    def accuracy(state: State) -> float:
-        return score(state, world, "test")["average"]["token_accuracy"]
+def layer_attribution(ours: Path, theirs: Path, score: Scorer, work: Path) -> dict[str, float]:
+    """``total``: ours minus theirs in mean test token accuracy; ``<layer>``: theirs with that layer
+    taken from ours, minus theirs. Layers adding up to the total act independently."""
+    def accuracy(path: Path) -> float:
+        return score(path, "test")["average"]["token_accuracy"]
 
     reference = accuracy(theirs)
     out = {"total": accuracy(ours) - reference}
     for layer in PROJECTOR_LAYERS:
-        swapped = {k: (ours[k] if layer_of(k) == layer else v) for k, v in theirs.items()}
-        out[layer] = accuracy(swapped) - reference
+        out[layer] = accuracy(with_layer(theirs, ours, layer, work / "swapped")) - reference
     return out
 
 
-def attributions(rows: dict[str, Any], chosen: dict[str, State], world: World) -> list[dict[str, Any]]:
-    """Layer attribution of the bar's two comparisons: data-free PivotMerge against the strongest
-    data-free baseline (by dev), and PivotMerge with calibration data against RegMean."""
-    out = []
-    for ours, theirs in (("pivotmerge", rival(rows, DATA_FREE_BASELINES)), ("pivotmerge_data", "regmean")):
-        out.append({"ours": ours, "theirs": theirs,
-                    "test_token_accuracy": layer_attribution(chosen[ours], chosen[theirs], world)})
-    return out
+def rival(rows: dict[str, Any], candidates: tuple[str, ...]) -> str:
+    """The candidate with the best dev token accuracy (what a user choosing on dev would run)."""
+    return max(candidates, key=lambda name: max(r["dev_token_accuracy"] for r in rows[name]["search"]))
 
 
-def _flat_task_vector(state: State, base: State) -> torch.Tensor:
-    return torch.cat([(state[k] - base[k]).reshape(-1) for k in base])
+def _task_vector(path: Path, base: dict[str, torch.Tensor]) -> torch.Tensor:
+    state = load_file(path / "model.safetensors")
+    return torch.cat([(state[k] - base[k]).reshape(-1) for k in sorted(base)])
 
 
-def scenarios(world: World, seed: int, methods: dict[str, Variant]) -> list[dict[str, Any]]:
-    """Merge every subset of two or more domains at each training length; record distances and quality lost.
+def scenarios(world: World, score: Scorer, own: dict[str, float], work: Path, seed: int) -> list[dict[str, Any]]:
+    """Merge every subset of two or more domains' experts at defaults; record distances and quality lost.
 
-    Quality lost: the experts' mean test token accuracy on their own domains
-    minus the merged projector's on the same domains (Sung et al.'s setting).
-    Each method runs with its default parameters, since no search is made per scenario.
+    Quality lost: the experts' mean test token accuracy on their own domains minus
+    the merge's on the same domains (Sung et al.'s setting).
     """
+    base = {k: v for k, v in load_file(world.base / "model.safetensors").items() if k.startswith(PROJECTOR)}
+    vectors = {d: _task_vector(world.experts[d], base) for d in DOMAINS}
     rows = []
-    for steps, experts in world.experts.items():
-        own = [score(e, world, "test", (d,))[d]["token_accuracy"] for e, d in zip(experts, DOMAINS)]
-        for size in range(2, len(DOMAINS) + 1):
-            for subset in itertools.combinations(range(len(DOMAINS)), size):
-                chosen = [experts[i] for i in subset]
-                domains = tuple(DOMAINS[i] for i in subset)
-                distance = metrics.pairwise([_flat_task_vector(e, world.base) for e in chosen])
-                loss = {}
-                for name, variant in methods.items():
-                    merged = merge(variant, dict(variant.fixed), chosen, world.base, None, seed)
-                    acc = score(merged, world, "test", domains)["average"]["token_accuracy"]
-                    loss[name] = float(np.mean([own[i] for i in subset])) - acc
-                rows.append({"seed": seed, "steps": steps, "domains": domains, "metrics": distance, "quality_loss": loss})
+    for size in range(2, len(DOMAINS) + 1):
+        for domains in itertools.combinations(DOMAINS, size):
+            loss = {}
+            for method in ("task_arithmetic", "pivotmerge"):
+                path = merged(world, Variant(method, method), {}, work / "scenario", domains)
+                acc = score(path, "test", domains)["average"]["token_accuracy"]
+                loss[method] = float(np.mean([own[d] for d in domains])) - acc
+            rows.append({"seed": seed, "domains": domains, "metrics": metrics.pairwise([vectors[d] for d in domains]),
+                         "quality_loss": loss})
     return rows
 
 
 def correlations(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Spearman rho between each metric and each method's quality loss, over all scenarios."""
-    out: dict[str, dict[str, float]] = {}
-    for method in rows[0]["quality_loss"]:
-        loss = [r["quality_loss"][method] for r in rows]
-        out[method] = {m: float(spearmanr([r["metrics"][m] for r in rows], loss).statistic) for m in rows[0]["metrics"]}
+    return {method: {m: float(spearmanr([r["metrics"][m] for r in rows], [r["quality_loss"][method] for r in rows]).statistic)
+                     for m in rows[0]["metrics"]}
+            for method in rows[0]["quality_loss"]}
+
+
+def run_seed(suite: Suite, seed: int, cache: Path, work: Path, progress: Progress) -> dict[str, Any]:
+    world = build_world(suite.world, seed, cache, progress)
+    score = Scorer(world)
+    progress("scoring the shared initialisation, the experts and the joint projector")
+    reference = {"base": {"test": score(world.base, "test")}}
+    reference.update({f"expert_{d}": {"test": score(p, "test")} for d, p in world.experts.items()})
+    reference["joint"] = {"test": score(world.joint, "test")}
+    tuned_rows = [v for v in TUNED if not suite.quick or v.name in QUICK_ROWS]
+    tuned: dict[str, Any] = {}
+    for variant in tuned_rows:
+        progress(f"tuning on dev: {variant.name}")
+        tuned[variant.name] = select(variant, world, score, work / "tuned" / variant.name)
+    defaults: dict[str, Any] = {}
+    for variant in DEFAULTS if not suite.quick else [v for v in DEFAULTS if v.name in QUICK_ROWS]:
+        progress(f"at defaults: {variant.name}")
+        path = merged(world, variant, dict(variant.fixed), work / "defaults" / variant.name)
+        defaults[variant.name] = {"params": dict(variant.fixed), "test": score(path, "test")}
+    progress("layer attribution")
+    chosen = {name: work / "tuned" / name / "chosen" for name in tuned}
+    attribution = []
+    for ours, theirs in (("pivotmerge", rival(tuned, tuple(n for n in DATA_FREE_BASELINES if n in tuned))),
+                         ("pivotmerge_data", "regmean_plus_plus")):
+        attribution.append({"ours": ours, "theirs": theirs,
+                            "test_token_accuracy": layer_attribution(chosen[ours], chosen[theirs], score, work)})
+    progress("merge-success scenarios")
+    own = {d: reference[f"expert_{d}"]["test"][d]["token_accuracy"] for d in DOMAINS}
+    return {"seed": seed, "world": str(world.root), "reference": reference, "tuned": tuned, "defaults": defaults,
+            "layer_attribution": attribution, "scenarios": scenarios(world, score, own, work, seed)}
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values))}
+
+
+def summarize(runs: list[dict[str, Any]], section: str) -> dict[str, Any]:
+    """Mean and standard deviation over seeds of every row x domain x score of one section."""
+    return {name: {d: {m: _stats([r[section][name]["test"][d][m] for r in runs]) for m in ("token_accuracy", "caption_loss")}
+                   for d in (*DOMAINS, "average")}
+            for name in runs[0][section]}
+
+
+def _avg(row: dict[str, Any]) -> float:
+    return row["test"]["average"]["token_accuracy"]
+
+
+def paired(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The bar's comparisons, per seed, in mean test token accuracy."""
+    def diff(label: str, ours: Callable[[dict], float], theirs: Callable[[dict], float]) -> dict[str, Any]:
+        per_seed = [ours(r) - theirs(r) for r in runs]
+        return {"comparison": label, "per_seed": per_seed, "mean": float(np.mean(per_seed)),
+                "wins": sum(d > 0 for d in per_seed)}
+
+    def tuned(name: str) -> Callable[[dict], float]:
+        return lambda r: _avg(r["tuned"][name])
+
+    def default(name: str) -> Callable[[dict], float]:
+        return lambda r: _avg(r["defaults"][name])
+
+    def best_free(r: dict[str, Any]) -> float:
+        present = tuple(n for n in DATA_FREE_BASELINES if n in r["tuned"])
+        return _avg(r["tuned"][rival(r["tuned"], present)])
+
+    names = runs[0]["tuned"]
+    out = [diff("pivotmerge - best data-free baseline (dev-chosen per seed)", tuned("pivotmerge"), best_free)]
+    out += [diff(f"pivotmerge - {b}", tuned("pivotmerge"), tuned(b)) for b in DATA_FREE_BASELINES if b in names]
+    if "regmean_plus_plus" in names:
+        out.append(diff("pivotmerge_data - regmean_plus_plus", tuned("pivotmerge_data"), tuned("regmean_plus_plus")))
+    out += [diff("pivotmerge defaults - pivotmerge tuned", default("pivotmerge"), tuned("pivotmerge")),
+            diff("pivotmerge_data defaults (calibration, no parameters) - pivotmerge_data tuned",
+                 default("pivotmerge_data"), tuned("pivotmerge_data"))]
+    for name in names:
+        if name.startswith("pivotmerge - ") or name.startswith("pivotmerge_data - "):
+            full = name.split(" - ")[0]
+            out.append(diff(f"({name}) - {full}", tuned(name), tuned(full)))
     return out
 
 
-def run_seed(cfg: Config, seed: int, progress: Progress) -> dict[str, Any]:
-    world = build_world(cfg, seed, progress)
-    experts = world.experts[cfg.expert_steps]
-    progress("calibrating")
-    calibration = calibrate(experts, world.base, world.lm, list(world.splits["calib"].values()))
-    # The shared initialisation itself: where a merge lands with every update scaled to nothing.
-    rows: dict[str, Any] = {"base": {"test": score(world.base, world, "test")}}
-    rows.update({f"expert_{d}": {"test": score(e, world, "test")} for d, e in zip(DOMAINS, experts)})
-    rows["joint"] = {"test": score(world.joint, world, "test")}
-    rows["task_vector_oracle"] = {"test": score(task_vector_oracle(experts, world.base, world.joint), world, "test")}
-    chosen: dict[str, State] = {}
-    for variant in VARIANTS:
-        progress(f"merging: {variant.name}")
-        selected = select(variant, world, calibration, seed)
-        rows[variant.name], chosen[variant.name] = selected.row, selected.merged
-    progress("layer attribution")
-    layers = attributions(rows, chosen, world)
-    progress("merge-success scenarios")
-    scenario_methods = {v.name: v for v in VARIANTS if v.name in ("linear", "pivotmerge")}
-    return {"seed": seed, "rows": rows, "alignment": calibration.alignment, "layer_attribution": layers,
-            "scenarios": scenarios(world, seed, scenario_methods)}
+def gates(result: dict[str, Any]) -> dict[str, float]:
+    """The margins the suite must keep to be informative (tests/bench assert them)."""
+    ref, tuned = result["reference"], result["tuned"]
+    acc = lambda row, d="average": row[d]["token_accuracy"]["mean"]  # noqa: E731
+    specialisation = min(acc(ref[f"expert_{d}"], d) - max(acc(ref[f"expert_{o}"], d) for o in DOMAINS if o != d)
+                         for d in DOMAINS)
+    return {"expert_specialisation": specialisation,
+            "task_arithmetic_over_base": acc(tuned["task_arithmetic"]) - acc(ref["base"]),
+            "joint_over_task_arithmetic": acc(ref["joint"]) - acc(tuned["task_arithmetic"])}
 
 
-def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and standard deviation over seeds of every row x domain x score."""
-    table: dict[str, Any] = {}
-    for name in runs[0]["rows"]:
-        table[name] = {}
-        for domain in (*DOMAINS, "average"):
-            table[name][domain] = {}
-            for m in SCORES:
-                values = [r["rows"][name]["test"][domain][m] for r in runs]
-                table[name][domain][m] = {"mean": float(np.mean(values)), "std": float(np.std(values))}
-    return table
+def run(suite: Suite, out: Path, cache: Path, progress: Progress, threads: int = 1) -> dict[str, Any]:
+    """Run every seed and write results.md, results.json, raw_scores.json and the plot to `out`.
 
-
-def run(cfg: Config, out: Path, progress: Progress, threads: int = 1) -> dict[str, Any]:
-    """Run every seed and write the outputs to ``out``.
-
-    One thread by default: the models are tiny, so extra threads mostly spin, and
-    on a shared machine oversubscribed threads made training several times slower.
+    One torch thread by default: the models are tiny, and on a shared machine
+    extra threads mostly spin.
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    start = time.perf_counter()
     try:
-        return _run(cfg, out, progress)
+        runs = []
+        for seed in range(suite.seeds):
+            work = out / "work"
+            runs.append(run_seed(suite, seed, cache, work,
+                                 lambda m, s=seed: progress(f"seed {s + 1}/{suite.seeds}: {m}")))
+            shutil.rmtree(work, ignore_errors=True)
     finally:
         torch.set_num_threads(previous)
-
-
-def _run(cfg: Config, out: Path, progress: Progress) -> dict[str, Any]:
-    start = time.perf_counter()
-    runs = [run_seed(cfg, seed, lambda m, s=seed: progress(f"seed {s + 1}/{cfg.seeds}: {m}")) for seed in range(cfg.seeds)]
     result = {
-        "config": asdict(cfg),
+        "suite": {**asdict(suite), "world": asdict(suite.world)},
         "domains": list(DOMAINS),
-        "table": summarize(runs),
+        "reference": summarize(runs, "reference"),
+        "tuned": summarize(runs, "tuned"),
+        "defaults": summarize(runs, "defaults"),
+        "paired": paired(runs),
         "spearman": correlations([s for r in runs for s in r["scenarios"]]),
         "layer_attribution": [r["layer_attribution"] for r in runs],
         "seconds": time.perf_counter() - start,
-        "threads": torch.get_num_threads(),
     }
+    result["gates"] = gates(result)
     write(result, runs, out)
     return result
 
@@ -289,3 +301,7 @@ def write(result: dict[str, Any], runs: list[dict[str, Any]], out: Path) -> None
     (out / "raw_scores.json").write_text(json.dumps(runs, indent=1))
     (out / "results.md").write_text(markdown(result))
     plot(result, out / "accuracy_by_domain.png")
+
+
+def with_seeds(suite: Suite, seeds: int | None) -> Suite:
+    return suite if seeds is None else replace(suite, seeds=seeds)

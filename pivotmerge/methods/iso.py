@@ -46,6 +46,14 @@ def iso_c(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[floa
     return Merged(onto_base(delta, base, params.scale), {"rank": int((flat > 0).sum()), "sigma": float(flat.max())})
 
 
+def iso_cts_ranks(full: int, k: int, fraction: float) -> tuple[int, int]:
+    """Common rank and per-task rank, as the authors split them: the task ranks share what the
+    common space leaves, rounded so the whole rank ``full`` is used, ``c = R - K round((R - int(f R)) / K)``
+    and ``(R - c) / K`` per task (R = 96, K = 3, f = 0.8: 75 + 3 x 7). At least one common direction."""
+    common = max(1, full - k * round((full - int(fraction * full)) / k))
+    return common, (full - common) // k
+
+
 @method("iso_cts", summary="Iso-CTS: common subspace of the summed update plus task-specific orthogonal directions, "
                            "flattened spectrum.", params=IsoCTSParams)
 def iso_cts(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
@@ -53,9 +61,7 @@ def iso_cts(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[fl
     assert base is not None
     if base.dim() != 2:
         return _task_arithmetic(tensors, base, weights, params.scale)
-    full = min(base.shape)
-    common = max(1, int(params.common_space_fraction * full))
-    specific = (full - common) // len(tensors)
+    common, specific = iso_cts_ranks(min(base.shape), len(tensors), params.common_space_fraction)
     deltas = stacked_deltas(tensors, base)
     deltas.mul_(column_weights(weights, deltas))
     u_c, s_c, vh_c = significant(*svd(deltas.sum(dim=0), common, params.svd, generator), base.shape)

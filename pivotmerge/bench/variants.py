@@ -1,0 +1,79 @@
+"""The rows of the quality tables: a registry method, fixed parameters and a dev-split grid.
+
+Each row is merged by `pivotmerge.merge` from a spec like a user's: the experts'
+projectors (`components: [projector]`) over the shared initialisation, and for
+rows that read data, each expert's own domain's calibration set
+(`models[].calibration`); the engine measures what the method needs from it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    method: str
+    fixed: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    data: bool = False  # the spec gives each expert its calibration set
+
+    def candidates(self) -> list[dict[str, Any]]:
+        keys = list(self.grid)
+        return [{**self.fixed, **dict(zip(keys, values))} for values in itertools.product(*self.grid.values())]
+
+
+SCALES = [0.25, 0.5, 1.0, 1.5, 2.0]
+LAYER_SCALE = {"scale_max": [0.5, 1.0, 1.5, 2.0]}
+# Data mode fits layers like RegMean, whose merged update at scale 1/K is RegMean's; these scales bracket it.
+DATA_SCALE = {"scale_max": [0.25, 0.5, 1.0]}
+DATA_MODE = {"layer_weighting": "data", "combine": "gram", "gram_inputs": "merged"}
+
+BASELINES: tuple[Variant, ...] = (
+    Variant("task_arithmetic", "task_arithmetic", grid={"scale": SCALES}),
+    Variant("ties", "ties", grid={"scale": [0.5, 1.0, 1.5], "density": [0.2, 0.5]}),
+    Variant("tsv", "tsv", grid={"scale": SCALES}),
+    Variant("iso_c", "iso_c", grid={"scale": SCALES}),
+    Variant("iso_cts", "iso_cts", grid={"scale": SCALES}),
+    Variant("regmean", "regmean", grid={"off_diagonal_scale": [0.5, 0.9, 1.0]}, data=True),
+    Variant("regmean_plus_plus", "regmean", fixed={"gram_inputs": "merged"}, grid={"off_diagonal_scale": [0.5, 0.9, 1.0]}, data=True),
+)
+PIVOTMERGE: tuple[Variant, ...] = (
+    Variant("pivotmerge", "pivotmerge", grid={**LAYER_SCALE, "spectrum": ["flatten", "flatten_total"]}),
+    Variant("pivotmerge_data", "pivotmerge", fixed=DATA_MODE,
+            grid={**DATA_SCALE, "spectrum": ["keep", "flatten_total"]}, data=True),
+)
+# Each PivotMerge component taken away, the rest at its defaults, the layer scale tuned as for the full method.
+ABLATIONS: tuple[Variant, ...] = (
+    Variant("pivotmerge - shared_space", "pivotmerge", fixed={"shared_space": False}, grid=LAYER_SCALE),
+    Variant("pivotmerge - flattening", "pivotmerge", fixed={"spectrum": "keep"}, grid=LAYER_SCALE),
+    Variant("pivotmerge - residuals", "pivotmerge", fixed={"residual_weight": 0.0}, grid=LAYER_SCALE),
+    Variant("pivotmerge - layer_weighting", "pivotmerge", fixed={"layer_weighting": "uniform"}, grid=LAYER_SCALE),
+    Variant("pivotmerge_data - gram", "pivotmerge", fixed={**DATA_MODE, "combine": "sum"}, grid=DATA_SCALE, data=True),
+    Variant("pivotmerge_data - merged_inputs", "pivotmerge", fixed={**DATA_MODE, "gram_inputs": "expert"},
+            grid=DATA_SCALE, data=True),
+    Variant("pivotmerge_data - data_weighting", "pivotmerge", fixed={**DATA_MODE, "layer_weighting": "weight"},
+            grid=DATA_SCALE, data=True),
+)
+TUNED: tuple[Variant, ...] = BASELINES + PIVOTMERGE + ABLATIONS
+
+# What a user gets without tuning: the method and, for data rows, calibration sets and nothing else
+# (RegMean++ names its one defining choice). `pivotmerge_data` here is the bar's "a spec that gives
+# calibration data and no parameters".
+DEFAULTS: tuple[Variant, ...] = (
+    Variant("task_arithmetic", "task_arithmetic"),
+    Variant("ties", "ties"),
+    Variant("tsv", "tsv"),
+    Variant("iso_c", "iso_c"),
+    Variant("iso_cts", "iso_cts"),
+    Variant("regmean", "regmean", data=True),
+    Variant("regmean_plus_plus", "regmean", fixed={"gram_inputs": "merged"}, data=True),
+    Variant("pivotmerge", "pivotmerge"),
+    Variant("pivotmerge_data", "pivotmerge", data=True),
+)
+DATA_FREE_BASELINES = ("task_arithmetic", "ties", "tsv", "iso_c", "iso_cts")
+# Quick mode (CI): the rows its gates and the bar's headline comparisons need.
+QUICK_ROWS = ("task_arithmetic", "tsv", "iso_c", "regmean_plus_plus", "pivotmerge", "pivotmerge_data")
