@@ -15,10 +15,10 @@ import redis
 
 import pivotmerge
 from tests.repo_factory import llava_like, write_repo
-from tests.test_split_merge import weight_files
+from tests.engine.test_split_merge import weight_files
 
 REDIS_DB = "redis://127.0.0.1:6379/14"  # this test's own database on the CI Redis
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 
