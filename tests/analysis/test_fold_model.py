@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 
 import pivotmerge
 from tests.repo_factory import write_repo
-from tests.cli.test_cli import run_cli  # noqa: F401  (the in-process CLI fixture)
 from tests.analysis.test_folding import Model, MoMEBlock, SharedBlock, _integer_state
 
 SPEC = """\

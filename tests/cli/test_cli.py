@@ -3,32 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.repo_factory import llava_like, write_repo
 
-
-@pytest.fixture
-def run_cli(capsys, monkeypatch):
-    """Run the CLI in-process, as `main` does for the console script."""
-    from pivotmerge.cli.main import main
-
-    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-        monkeypatch.chdir(cwd)
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out, err)
-
-    return run
 
 
 def test_merge_reads_model_paths_relative_to_the_spec(tmp_path, run_cli):

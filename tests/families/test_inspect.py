@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,22 +12,6 @@ from pivotmerge import SpecError, merge
 from tests.families.tiny_families import Built
 from tests.repo_factory import llava_like, write_repo
 
-
-@pytest.fixture
-def run_cli(capsys, monkeypatch):
-    from pivotmerge.cli.main import main
-
-    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-        monkeypatch.chdir(cwd)
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out, err)
-
-    return run
 
 
 def test_inspect_groups_a_qwen2_vl_checkpoint_by_component(family_models: dict[str, Built], run_cli, tmp_path: Path) -> None:
