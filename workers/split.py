@@ -8,9 +8,9 @@ place. Scaling past one machine is adding workers that see the same store.
 
     celery -A workers.split worker -Q split        # on every machine
 
-Configured from the environment: PIVOTMERGE_SPLIT_BROKER_URL and
-PIVOTMERGE_SPLIT_BACKEND_URL (a chord needs a result backend; the job worker's
-app keeps none), both defaulting to the local Redis.
+Configured by core.settings.Settings: split_broker_url and split_backend_url
+(PIVOTMERGE_SPLIT_BROKER_URL, PIVOTMERGE_SPLIT_BACKEND_URL; a chord needs a
+result backend, the job worker's app keeps none), both defaulting to the local Redis.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any
 from celery import Celery, chord
 from celery.result import AsyncResult
 
+from core.settings import Settings
 from pivotmerge.plan.plan import as_spec
 from pivotmerge.run.split import PartResult, finalize, merge_shards, partition, shard_count
 
@@ -33,8 +34,8 @@ MERGE_PART = "pivotmerge.run.split.merge_part"
 FINALIZE = "pivotmerge.run.split.finalize"
 
 
-def make_split_celery(broker_url: str, backend_url: str) -> Celery:
-    app = Celery("pivotmerge-split", broker=broker_url, backend=backend_url)
+def make_split_celery(settings: Settings) -> Celery:
+    app = Celery("pivotmerge-split", broker=settings.split_broker_url, backend=settings.split_backend_url)
     app.conf.update(
         task_default_queue=SPLIT_QUEUE,
         # A part whose worker dies goes back on the queue; its shards are rewritten whole.
@@ -50,8 +51,7 @@ def make_split_celery(broker_url: str, backend_url: str) -> Celery:
     return app
 
 
-celery = make_split_celery(os.environ.get("PIVOTMERGE_SPLIT_BROKER_URL", "redis://127.0.0.1:6379/0"),
-                           os.environ.get("PIVOTMERGE_SPLIT_BACKEND_URL", "redis://127.0.0.1:6379/0"))
+celery = make_split_celery(Settings())
 
 
 @celery.task(name=MERGE_PART)

@@ -26,6 +26,7 @@ from core.settings import Settings
 from core.storage import ArtifactStore, artifact_key, file_sha256, make_store
 from pivotmerge.errors import MergeCancelled, PivotMergeError
 from pivotmerge.progress import Progress
+from pivotmerge.repos.output import REPORT_FILE
 from pivotmerge.spec.schema import spec_from_dict
 
 from workers.celery_app import RUN_JOB
@@ -102,11 +103,27 @@ def run_engine(kind: JobKind, spec_data: dict[str, Any], out_dir: Path, settings
     return report, report
 
 
+def recorded_files(out_dir: Path) -> dict[str, tuple[int, str]]:
+    """Size and sha256 of each shard, as the engine's writer computed them while writing (merge_report.json)."""
+    report = out_dir / REPORT_FILE
+    if not report.is_file():  # an analysis: one small report, hashed below
+        return {}
+    return {f["name"]: (f["size"], f["sha256"]) for f in json.loads(report.read_text()).get("files", [])}
+
+
 def publish(ctx: WorkerContext, session: Session, job_id: uuid.UUID, out_dir: Path) -> None:
-    """Hash every output file, put it in the artifact store and record it."""
+    """Put every output file in the artifact store and record its size and sha256.
+
+    Shards (gigabytes) reuse the hash the writer computed; only the small side
+    files (config, tokenizer, report, card) are hashed here.
+    """
+    recorded = recorded_files(out_dir)
     for path in sorted(p for p in out_dir.rglob("*") if p.is_file()):
         name = path.relative_to(out_dir).as_posix()
-        size, digest = path.stat().st_size, file_sha256(path)
+        size = path.stat().st_size
+        known_size, digest = recorded.get(name, (None, None))
+        if known_size != size or digest is None:
+            digest = file_sha256(path)
         key = artifact_key(job_id, name)
         ctx.store.put(key, path)
         session.add(Artifact(job_id=job_id, name=name, size=size, sha256=digest, storage_key=key))

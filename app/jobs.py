@@ -1,0 +1,269 @@
+"""What merges and analyses share: both are jobs of the same shape.
+
+The routes in app.routers.merges and app.routers.analyses are thin: each calls
+one plain function here with its `JobResource` (the kind, its URL collection and
+the check run before accepting). A job of another kind, of another team, or no
+job at all answer the same 404.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, Iterator
+
+from fastapi import Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from pivotmerge.spec.schema import MergeSpec
+from workers.celery_app import enqueue_job
+
+from app.downloads import etag_matches, parse_range
+from app.errors import NOT_FOUND, ApiError
+from app.page_tokens import decode_page_token, encode_page_token
+from app.schemas import MAX_SEQ, ArtifactList, ErrorOut, ArtifactOut, EventOut, EventPage, JobOut, JobPage, MetricsOut, ProgressOut
+from core.job_states import add_event, current_state, request_cancel, transition
+from core.models import ACTIVE_STATES, FINAL_STATES, Artifact, Job, JobEvent, JobKind, JobState, Team
+from core.settings import Settings
+from core.storage import ArtifactStore
+
+SSE_POLL_SECONDS = 0.5
+SSE_KEEPALIVE_SECONDS = 15.0
+MAX_EVENTS_PER_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class JobResource:
+    """One kind of job as the API shows it: `/v1/<collection>/{id}`."""
+
+    kind: JobKind
+    collection: str
+    noun: str
+    preflight: Callable[..., None]  # refuses a spec the worker could not run, before it is accepted
+
+
+def job_out(job: Job) -> JobOut:
+    return JobOut(
+        id=job.id, kind=job.kind, state=job.state, spec=job.spec, attempts=job.attempts, error=job.error,
+        progress=ProgressOut(fraction=job.progress_fraction, stage=job.progress_stage, layer=job.progress_layer,
+                             message=job.progress_message),
+        created_at=job.created_at, updated_at=job.updated_at, started_at=job.started_at, finished_at=job.finished_at,
+    )
+
+
+def load_job(session: Session, team: Team, resource: JobResource, job_id: uuid.UUID) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.team_id == team.id, Job.kind == resource.kind))
+    if job is None:
+        raise ApiError(404, f"{resource.noun} {job_id} not found")
+    return job
+
+
+def request_digest(kind: JobKind, spec: MergeSpec) -> str:
+    """What makes two requests 'the same' for Idempotency-Key: kind and normalised spec."""
+    canonical = json.dumps({"kind": kind.value, "spec": spec.model_dump(mode="json")}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _accepted(resource: JobResource, job: Job, response: Response) -> JobOut:
+    response.headers["Location"] = f"/v1/{resource.collection}/{job.id}"
+    return job_out(job)
+
+
+def _replay(resource: JobResource, existing: Job, digest: str, response: Response) -> JobOut:
+    if existing.request_sha256 != digest:
+        raise ApiError(422, "Idempotency-Key: already used with a different request body", "Idempotency-Key")
+    return _accepted(resource, existing, response)
+
+
+def _by_idempotency_key(session: Session, team: Team, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.team_id == team.id, Job.idempotency_key == key))
+
+
+def create_job(resource: JobResource, spec: MergeSpec, idempotency_key: str | None, request: Request,
+               response: Response, session: Session, team: Team, settings: Settings) -> JobOut:
+    digest = request_digest(resource.kind, spec)
+    if idempotency_key and (existing := _by_idempotency_key(session, team, idempotency_key)):
+        return _replay(resource, existing, digest, response)
+
+    active = session.scalar(select(func.count()).select_from(Job)
+                            .where(Job.team_id == team.id, Job.state.in_(ACTIVE_STATES)))
+    if active >= settings.max_active_jobs_per_team:
+        raise ApiError(429, f"team has {active} active jobs, the limit is {settings.max_active_jobs_per_team}; "
+                            "retry when one has finished", headers={"Retry-After": str(settings.retry_after_seconds)})
+
+    resource.preflight(spec, allowed_roots=settings.allowed_roots)
+
+    job = Job(team_id=team.id, kind=resource.kind, spec=spec.model_dump(mode="json"),
+              idempotency_key=idempotency_key, request_sha256=digest)
+    session.add(job)
+    try:
+        session.flush()
+    except IntegrityError:  # a concurrent retry with the same key won the insert
+        session.rollback()
+        existing = _by_idempotency_key(session, team, idempotency_key or "")
+        if existing is None:
+            raise
+        return _replay(resource, existing, digest, response)
+    add_event(session, job.id, "state", {"state": JobState.queued.value})
+    session.commit()
+
+    try:
+        enqueue_job(request.app.state.celery, job.id)
+    except Exception as exc:  # kombu raises many types for an unreachable broker
+        transition(session, job.id, [JobState.queued], JobState.failed, error=f"could not queue the job: {exc}")
+        session.commit()
+        raise ApiError(503, "the job queue is unreachable; try again later") from exc
+    return _accepted(resource, job, response)
+
+
+def list_jobs(resource: JobResource, session: Session, team: Team, page_size: int, page_token: str | None,
+              states: list[JobState] | None) -> JobPage:
+    query = select(Job).where(Job.team_id == team.id, Job.kind == resource.kind)
+    if states:
+        query = query.where(Job.state.in_(states))
+    if page_token:
+        created, last_id = decode_page_token(page_token)
+        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id)))
+    jobs = session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(page_size + 1)).all()
+    more = len(jobs) > page_size
+    jobs = jobs[:page_size]
+    token = encode_page_token(jobs[-1].created_at, jobs[-1].id) if more else None
+    return JobPage(jobs=[job_out(j) for j in jobs], next_page_token=token)
+
+
+def cancel_job(resource: JobResource, session: Session, job: Job) -> JobOut:
+    if request_cancel(session, job.id) is None:
+        raise ApiError(409, f"{resource.noun} {job.id} has already {job.state.value}; "
+                            "only queued or running jobs can be cancelled")
+    session.commit()
+    session.refresh(job)
+    return job_out(job)
+
+
+def sse_events(make_session: sessionmaker[Session], job_id: uuid.UUID, after_seq: int) -> Iterator[str]:
+    """Stored events after `after_seq`, then new ones as they are written, until the job is final."""
+    idle = 0.0
+    while True:
+        with make_session() as session:
+            # State first: a final state is committed together with its event, so
+            # when the state read is final, the event read below sees every event.
+            state = current_state(session, job_id)
+            events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after_seq)
+                                     .order_by(JobEvent.seq).limit(MAX_EVENTS_PER_PAGE)).all()
+        for event in events:
+            payload = EventOut.model_validate(event, from_attributes=True).model_dump_json()
+            yield f"id: {event.seq}\nevent: {event.type}\ndata: {payload}\n\n"
+            after_seq = event.seq
+        if events:
+            idle = 0.0
+            continue
+        if state in FINAL_STATES or state is None:
+            return
+        time.sleep(SSE_POLL_SECONDS)
+        idle += SSE_POLL_SECONDS
+        if idle >= SSE_KEEPALIVE_SECONDS:  # keeps proxies from closing a quiet stream
+            idle = 0.0
+            yield ": keep-alive\n\n"
+
+
+def job_events(job: Job, request: Request, session: Session, after_seq: int, last_event_id: int | None) -> Any:
+    if "text/event-stream" in request.headers.get("accept", ""):
+        start = last_event_id if last_event_id is not None else after_seq
+        return StreamingResponse(sse_events(request.app.state.sessionmaker, job.id, start),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    rows = session.scalars(select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.seq > after_seq)
+                           .order_by(JobEvent.seq).limit(MAX_EVENTS_PER_PAGE)).all()
+    return EventPage(events=[EventOut.model_validate(e, from_attributes=True) for e in rows])
+
+
+def job_metrics(job: Job) -> MetricsOut:
+    return MetricsOut(job_id=job.id, state=job.state, metrics=job.metrics)
+
+
+def job_artifacts(resource: JobResource, job: Job) -> ArtifactList:
+    return ArtifactList(artifacts=[
+        ArtifactOut(name=a.name, size=a.size, sha256=a.sha256, url=f"/v1/{resource.collection}/{job.id}/artifacts/{a.name}")
+        for a in job.artifacts])
+
+
+def download_artifact(resource: JobResource, job: Job, name: str, session: Session, store: ArtifactStore,
+                      range_header: str | None, if_none_match: str | None) -> Response:
+    artifact = session.scalar(select(Artifact).where(Artifact.job_id == job.id, Artifact.name == name))
+    if artifact is None:
+        raise ApiError(404, f"{resource.noun} {job.id} has no artifact {name!r}")
+    etag = f'"{artifact.sha256}"'
+    headers = {"ETag": etag, "Accept-Ranges": "bytes"}
+    if if_none_match and etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    span = parse_range(range_header, artifact.size)
+    start, end = span or (0, artifact.size)
+    headers["Content-Length"] = str(end - start)
+    headers["Content-Disposition"] = f'attachment; filename="{artifact.name}"'
+    if span:
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{artifact.size}"
+    return StreamingResponse(store.read(artifact.storage_key, start, end), status_code=206 if span else 200,
+                             media_type="application/octet-stream", headers=headers)
+
+
+# Parameters and OpenAPI documentation of the job routes, the same for every kind.
+
+IdempotencyKeyHeader = Annotated[str | None, Header(min_length=1, max_length=255, description=(
+    "Makes retries safe: the same key and body return the same job (keys are per team)."))]
+PageSizeQuery = Annotated[int, Query(ge=1, le=100)]
+PageTokenQuery = Annotated[str | None, Query(description="next_page_token of the previous page.")]
+StatesQuery = Annotated[list[JobState] | None, Query(description="Only jobs in these states.")]
+AfterSeqQuery = Annotated[int, Query(ge=0, le=MAX_SEQ, description="Only events with a larger seq.")]
+LastEventIdHeader = Annotated[int | None, Header(ge=0, le=MAX_SEQ, description="SSE resume point.")]
+RangeHeader = Annotated[str | None, Header(alias="Range")]
+IfNoneMatchHeader = Annotated[str | None, Header()]
+
+_BINARY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+
+
+def route_docs(resource: JobResource) -> dict[str, dict[str, Any]]:
+    """Operation ids, summaries and documented responses of each job route of `resource`."""
+    noun = resource.noun
+    return {
+        "create": dict(
+            operation_id=f"create_{noun}", summary=f"Queue a {noun}",
+            description="Validates the spec fully (schema, repos under the allowed roots, architectures and shapes) "
+                        "before accepting. A retry with the same `Idempotency-Key` and body returns the same job.",
+            responses={
+                202: {"headers": {"Location": {"description": "The job's URL.", "schema": {"type": "string"}}}},
+                413: {"model": ErrorOut, "description": "Request body too large."},
+                429: {"model": ErrorOut, "description": "Too many active jobs for this team; see Retry-After.",
+                      "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}},
+                503: {"model": ErrorOut, "description": "The job queue is unreachable."},
+            }),
+        "list": dict(operation_id=f"list_{resource.collection}", summary=f"List the team's {resource.collection}, newest first"),
+        "get": dict(operation_id=f"get_{noun}", responses=NOT_FOUND, summary=f"Get a {noun}"),
+        "cancel": dict(
+            operation_id=f"cancel_{noun}", summary=f"Cancel a {noun}",
+            description="A queued job is cancelled at once; a running one moves to `cancelling` until the "
+                        "worker stops it and removes its partial output.",
+            responses={**NOT_FOUND, 409: {"model": ErrorOut, "description": "The job has already finished."}}),
+        "events": dict(
+            operation_id=f"list_{noun}_events", summary=f"Events of a {noun}",
+            description="Stored events in order. With `Accept: text/event-stream`, a Server-Sent Events stream that "
+                        "follows the job until it finishes and resumes after `Last-Event-ID`.",
+            responses={**NOT_FOUND, 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}),
+        "metrics": dict(operation_id=f"get_{noun}_metrics", responses=NOT_FOUND, summary=f"Metrics of a {noun}"),
+        "artifacts": dict(operation_id=f"list_{noun}_artifacts", responses=NOT_FOUND,
+                          summary=f"Files a {noun} produced", description="Empty until the job has succeeded."),
+        "download": dict(
+            operation_id=f"download_{noun}_artifact", response_class=Response, summary="Download a file",
+            description="Supports `Range` (one range) and `If-None-Match`; the ETag is the quoted sha256 of the file.",
+            responses={
+                **NOT_FOUND,
+                200: {"content": _BINARY},
+                206: {"description": "The requested range.", "content": _BINARY},
+                304: {"description": "Unchanged (If-None-Match matched)."},
+                416: {"model": ErrorOut, "description": "Range outside the file, or not a bytes range."},
+            }),
+    }

@@ -1,0 +1,28 @@
+"""The service's package arrows: app -> core <- workers; workers never import app."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def modules_loaded_by(module: str) -> set[str]:
+    code = f"import json, sys; import {module}; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    return set(json.loads(out))
+
+
+def test_workers_import_nothing_from_app() -> None:
+    for module in ("workers.tasks", "workers.worker", "workers.split"):
+        loaded = modules_loaded_by(module)
+        assert module in loaded
+        assert not {m for m in loaded if m == "app" or m.startswith("app.")}, module
+
+
+def test_core_imports_neither_app_nor_workers() -> None:
+    loaded = modules_loaded_by("core.db, core.models, core.job_states, core.settings, core.storage")
+    assert not {m for m in loaded if m.split(".")[0] in {"app", "workers"}}
