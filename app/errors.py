@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pivotmerge.errors import PivotMergeError
+from pivotmerge.spec.schema import printable
 
 from app.schemas import ErrorOut
 
@@ -25,10 +26,12 @@ class ApiError(Exception):
 
 def error_response(status: int, detail: str, field: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(ErrorOut(detail=detail, field=field).model_dump(), status_code=status, headers=headers)
+    body = ErrorOut(detail=printable(detail), field=printable(field) if field is not None else None)
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
-FIELD_PREFIX = re.compile(r"^([A-Za-z_][\w.\-]*): ")
+# A field path up to the first ": " (its keys may be any text a client sent, spaces excepted).
+FIELD_PREFIX = re.compile(r"^([A-Za-z_\\][^:\s]*): ")
 
 
 def field_named_in(message: str) -> str | None:

@@ -15,12 +15,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Iterator
 
-from fastapi import Header, Query, Request, Response
+from fastapi import Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from pivotmerge.data.datasets import check_datasets
 from pivotmerge.spec.schema import MergeSpec
 from workers.celery_app import enqueue_job
 
@@ -98,6 +99,7 @@ def create_job(resource: JobResource, spec: MergeSpec, idempotency_key: str | No
                             "retry when one has finished", headers={"Retry-After": str(settings.retry_after_seconds)})
 
     resource.preflight(spec, allowed_roots=settings.allowed_roots)
+    check_datasets(spec, allowed_roots=settings.allowed_roots)
 
     job = Job(team_id=team.id, kind=resource.kind, spec=spec.model_dump(mode="json"),
               idempotency_key=idempotency_key, request_sha256=digest)
@@ -220,6 +222,8 @@ PageTokenQuery = Annotated[str | None, Query(description="next_page_token of the
 StatesQuery = Annotated[list[JobState] | None, Query(description="Only jobs in these states.")]
 AfterSeqQuery = Annotated[int, Query(ge=0, le=MAX_SEQ, description="Only events with a larger seq.")]
 LastEventIdHeader = Annotated[int | None, Header(ge=0, le=MAX_SEQ, description="SSE resume point.")]
+ArtifactNamePath = Annotated[str, Path(max_length=255, pattern=r"^[^\x00]+$",
+                                       description="The file's name, as listed by /artifacts.")]
 RangeHeader = Annotated[str | None, Header(alias="Range")]
 IfNoneMatchHeader = Annotated[str | None, Header()]
 

@@ -10,7 +10,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
 from pivotmerge.data.evaluate import Evaluation
 from pivotmerge.errors import SpecError
@@ -29,14 +29,7 @@ def _accept_mergekit_config(value: Any) -> Any:
     return value
 
 
-def _storable(spec: MergeSpec) -> MergeSpec:
-    # Postgres cannot store U+0000 in JSONB; refuse it here rather than fail at INSERT.
-    if "\\u0000" in spec.model_dump_json():
-        raise ValueError("strings in the spec must not contain NUL characters (\\u0000)")
-    return spec
-
-
-SpecBody = Annotated[MergeSpec, BeforeValidator(_accept_mergekit_config), AfterValidator(_storable)]
+SpecBody = Annotated[MergeSpec, BeforeValidator(_accept_mergekit_config)]
 
 
 MAX_SEQ = 2**31 - 1  # event numbers are 32-bit integers in the database

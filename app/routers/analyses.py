@@ -67,7 +67,7 @@ def list_analysis_artifacts(job: AnalysisDep) -> ArtifactList:
 
 
 @router.get("/{job_id}/artifacts/{name}", **DOCS["download"])
-def download_analysis_artifact(job: AnalysisDep, name: str, session: SessionDep, store: StoreDep,
+def download_analysis_artifact(job: AnalysisDep, name: jobs.ArtifactNamePath, session: SessionDep, store: StoreDep,
                                range_header: jobs.RangeHeader = None, if_none_match: jobs.IfNoneMatchHeader = None,
                                ) -> Response:
     return jobs.download_artifact(ANALYSES, job, name, session, store, range_header, if_none_match)

@@ -66,7 +66,7 @@ def list_merge_artifacts(job: MergeDep) -> ArtifactList:
 
 
 @router.get("/{job_id}/artifacts/{name}", **DOCS["download"])
-def download_merge_artifact(job: MergeDep, name: str, session: SessionDep, store: StoreDep,
+def download_merge_artifact(job: MergeDep, name: jobs.ArtifactNamePath, session: SessionDep, store: StoreDep,
                             range_header: jobs.RangeHeader = None, if_none_match: jobs.IfNoneMatchHeader = None,
                             ) -> Response:
     return jobs.download_artifact(MERGES, job, name, session, store, range_header, if_none_match)

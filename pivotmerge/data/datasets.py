@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 from PIL import Image, UnidentifiedImageError
 
 from pivotmerge.errors import PivotMergeError
-from pivotmerge.spec.schema import DatasetRef
+from pivotmerge.spec.schema import DatasetRef, MergeSpec
 
 
 # What a captioning model is asked before the caption it is scored on.
@@ -175,7 +175,7 @@ def load_dataset(path: str | Path, *, allowed_roots: Sequence[Path] | None = Non
     arbitrary files.
     """
     roots = None if allowed_roots is None else [Path(r).expanduser().resolve() for r in allowed_roots]
-    path = Path(path).expanduser()
+    path = _expand_home(path)
     resolved = path.resolve()
     if roots is not None and not _inside(resolved, roots):
         raise DatasetError(f"dataset {path} is outside the allowed roots")
@@ -212,8 +212,37 @@ def load_ref(ref: DatasetRef, *, allowed_roots: Sequence[Path] | None = None, re
 
     Relative paths are taken from `relative_to` (the spec's folder) when given.
     """
-    path = Path(ref.dataset).expanduser()
+    path = _expand_home(ref.dataset)
     if relative_to is not None and not path.is_absolute():
         path = relative_to / path
     return load_dataset(path, allowed_roots=allowed_roots, limit=ref.limit, name=ref.name, prompt=ref.prompt,
                         image_column=ref.image_column, caption_column=ref.caption_column)
+
+
+def _expand_home(path: str | Path) -> Path:
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # "~name" where no user `name` exists: the home lookup fails
+        raise DatasetError(f"dataset {path} does not exist (no such user's home folder)") from None
+
+
+def spec_datasets(spec: MergeSpec) -> list[tuple[str, DatasetRef]]:
+    """Every dataset a spec names, with the field that names it."""
+    refs = [("calibration", spec.calibration)] + [(f"evaluate.{i}", r) for i, r in enumerate(spec.evaluate)]
+    refs += [(f"models.{i}.calibration", m.calibration) for i, m in enumerate(spec.models)]
+    return [(field, ref) for field, ref in refs if ref is not None]
+
+
+def check_datasets(spec: MergeSpec, *, allowed_roots: Sequence[Path] | None = None,
+                   relative_to: Path | None = None) -> None:
+    """Load every dataset of the spec, records and images, as a merge would; errors name the field.
+
+    The service calls this before accepting a job, so a dataset outside the
+    allowed roots (through `../`, a symbolic link, or an image path in a record)
+    is refused at submit, not by the worker.
+    """
+    for field, ref in spec_datasets(spec):
+        try:
+            load_ref(ref, allowed_roots=allowed_roots, relative_to=relative_to)
+        except DatasetError as exc:
+            raise DatasetError(f"{field}.dataset: {exc}") from None

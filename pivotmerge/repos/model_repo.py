@@ -61,7 +61,10 @@ def locate(ref: str, *, allowed_roots: Sequence[Path] | None = None, relative_to
            allow_downloads: bool = False) -> Path:
     """The folder of a repo reference: a local path, or `org/name[@revision]` through the HF cache
     (downloaded into it only when `allow_downloads`)."""
-    candidate = Path(ref).expanduser()
+    try:
+        candidate = Path(ref).expanduser()
+    except RuntimeError:  # "~name" where no user `name` exists: the home lookup fails
+        raise RepoError(f"{ref}: no such model folder (no home folder for {ref.split('/')[0]!r})") from None
     if not candidate.is_absolute() and relative_to is not None:
         candidate = relative_to / candidate
     folder: Path | None = candidate if candidate.is_dir() else None

@@ -40,8 +40,12 @@ def _value(value: Any, where: str) -> Any:
     return value
 
 
-def _parameters(params: dict[str, Any], method: str, where: str) -> tuple[dict[str, Any], Any]:
+def _parameters(params: Any, method: str, where: str) -> tuple[dict[str, Any], Any]:
     """Translate mergekit parameter names; returns (parameters, weight or None)."""
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise SpecError(f"{where}: expected a mapping of parameter names to values")
     out: dict[str, Any] = {}
     weight = None
     for name, value in params.items():
@@ -74,12 +78,12 @@ def from_mergekit(config: dict[str, Any]) -> dict[str, Any]:
     models_in = config.get("models") or []
     if not isinstance(models_in, list) or not models_in:
         raise SpecError("models: a list of {model, parameters} is required")
-    global_params, global_weight = _parameters(dict(config.get("parameters") or {}), method, "parameters")
+    global_params, global_weight = _parameters(config.get("parameters"), method, "parameters")
     models = []
     for i, entry in enumerate(models_in):
         if not isinstance(entry, dict) or "model" not in entry or set(entry) - {"model", "parameters"}:
             raise SpecError(f"models.{i}: expected {{model, parameters}}")
-        own, weight = _parameters(dict(entry.get("parameters") or {}), method, f"models.{i}.parameters")
+        own, weight = _parameters(entry.get("parameters"), method, f"models.{i}.parameters")
         model = {"model": _model_ref(entry["model"], f"models.{i}.model"), "parameters": own}
         if weight is not None or global_weight is not None:
             model["weight"] = weight if weight is not None else global_weight

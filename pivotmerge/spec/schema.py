@@ -12,6 +12,7 @@ Parameter values (``parameters`` and ``models[].parameters``) take three forms:
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from enum import Enum
@@ -19,13 +20,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pivotmerge.errors import SpecError
 from pivotmerge.methods import Method, MethodParams, get_method
 
-Number = Union[int, float]
-Scalar = Union[bool, int, float, str]
+# NaN and infinities are no parameter value, and JSON stores cannot hold them (Postgres refuses them).
+FiniteFloat = Annotated[float, AllowInfNan(False)]
+Number = Union[int, FiniteFloat]
+Scalar = Union[bool, int, FiniteFloat, str]
 
 
 class FilteredValue(BaseModel):
@@ -45,14 +48,29 @@ class FilteredValue(BaseModel):
 
 
 PARAM_FORMS = "a number, a string, a list of numbers (over depth) or a list of {filter, value} entries"
+WEIGHT_FORMS = "a number, a list of numbers (over depth) or a list of {filter, value} entries with numbers"
 
 
-def _param_shape(value: Any) -> Any:
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{value} is not a finite number")
+    if isinstance(value, list):
+        for v in value:
+            _finite(v)
+    return value
+
+
+def _param_shape(value: Any, *, numeric: bool = False) -> Any:
     """Refuse a value that fits no form with one message, not one error per form of the union."""
-    if isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        return value
+    forms = WEIGHT_FORMS if numeric else PARAM_FORMS
+    if _is_number(value) or (not numeric and isinstance(value, (bool, str))):
+        return _finite(value)
+    if isinstance(value, list) and value and all(_is_number(v) for v in value):
+        return _finite(value)
     if isinstance(value, list) and value and all(isinstance(v, (dict, FilteredValue)) for v in value):
         entries = []
         for i, entry in enumerate(value):
@@ -60,11 +78,15 @@ def _param_shape(value: Any) -> Any:
                 entries.append(FilteredValue.model_validate(entry))
             except ValidationError as exc:
                 raise ValueError(f"entry {i}: {format_validation_error(exc)}") from None
+            if numeric and not (_is_number(entries[-1].value) or isinstance(entries[-1].value, list)):
+                raise ValueError(f"entry {i}: value: expected a number or a list of numbers")
         return entries
-    raise ValueError(f"expected {PARAM_FORMS}")
+    raise ValueError(f"expected {forms}")
 
 
 ParamValue = Annotated[Union[Scalar, list[Number], list[FilteredValue]], BeforeValidator(_param_shape)]
+WeightValue = Annotated[Union[Number, list[Number], list[FilteredValue]],
+                        BeforeValidator(lambda v: _param_shape(v, numeric=True))]
 
 
 class Component(str, Enum):
@@ -102,7 +124,7 @@ class DatasetRef(BaseModel):
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(..., description="Local folder, or hub id 'org/name[@revision]' from the local Hugging Face cache.")
-    weight: ParamValue = Field(1.0, description="This model's weight (scalar, depth list or filtered values).")
+    weight: WeightValue = Field(1.0, description="This model's weight (scalar, depth list or filtered values).")
     parameters: dict[str, ParamValue] = Field(default_factory=dict, description="Per-model method parameters, e.g. density.")
     calibration: DatasetRef | None = Field(
         None, description="This expert's own calibration data (the domain it was aligned on) for its Gram matrices and "
@@ -125,14 +147,52 @@ def parse_size(value: int | str) -> int:
     return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
 
 
+MAX_SHARD_SIZE = 2**50  # 1 PiB: any larger request is a typo, not a shard
+
 # A byte count written as a number or a string such as '2GB' or '500MiB'.
 ByteSize = Annotated[int, BeforeValidator(lambda v: parse_size(v) if isinstance(v, str) else v)]
+
+
+def printable(text: str) -> str:
+    """`text` with what UTF-8 cannot encode (a lone surrogate) escaped, so a message can echo it."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def untextual_string(value: Any, where: str = "") -> str | None:
+    """The first key or string in `value` that is not text, as "<field>: <why>"; None if all are.
+
+    JSON can carry a NUL character or a lone surrogate ("\\ud800"), but neither
+    is part of a path, a pattern or a name: no file system, JSON store (Postgres
+    refuses U+0000) or UTF-8 encoder takes them.
+    """
+    if isinstance(value, dict):
+        for key, item in value.items():
+            here = f"{where}.{printable(str(key))}" if where else printable(str(key))
+            if found := untextual_string(key, here) or untextual_string(item, here):
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if found := untextual_string(item, f"{where}.{i}" if where else str(i)):
+                return found
+    elif isinstance(value, str):
+        if "\x00" in value:
+            return f"{where}: strings must not contain NUL characters (\\u0000)"
+        if printable(value) != value:
+            return f"{where}: strings must be Unicode text (a lone surrogate such as \\ud800 is not)"
+    return None
 
 
 class MergeSpec(BaseModel):
     """What to merge, how, and where it runs."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        if problem := untextual_string(data):
+            raise ValueError(problem)
+        return data
 
     method: str = Field(..., description="Merge method; `pivotmerge methods` lists them.")
     base_model: str | None = Field(None, description="The pivot: the experts' shared starting point. Copied tensors come from it.")
@@ -146,7 +206,7 @@ class MergeSpec(BaseModel):
                             "rows; `union` appends them (from the first expert that has each) and to the tokenizer.")
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="Output dtype; default: the base's.")
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Where the maths runs.")
-    out_shard_size: ByteSize = Field(2 * 10**9, gt=0, description="Largest output shard, bytes or e.g. '2GB'.")
+    out_shard_size: ByteSize = Field(2 * 10**9, gt=0, le=MAX_SHARD_SIZE, description="Largest output shard, bytes or e.g. '2GB'.")
     seed: int = Field(0, description="Seed for random methods (DARE, randomized SVD).")
     calibration: DatasetRef | None = Field(None, description="Image-text pairs for data-driven methods.")
     evaluate: list[DatasetRef] = Field(default_factory=list, description="Datasets to evaluate the merged model on.")
@@ -225,6 +285,8 @@ def spec_from_dict(data: Any) -> MergeSpec:
     """Validate a spec (ours, or a mergekit config) and raise SpecError naming the field."""
     if not isinstance(data, dict):
         raise SpecError("spec: expected a mapping at the top level")
+    if problem := untextual_string(data):  # before any message can echo a name that is not text
+        raise SpecError(problem)
     if "merge_method" in data:
         from pivotmerge.spec.mergekit import from_mergekit
 

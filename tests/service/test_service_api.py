@@ -122,7 +122,7 @@ def test_undecodable_bodies_answer_422_naming_the_body(client, team, raw) -> Non
     ({"method": "linear", "models": [{"model": "{allowed}/no-such-model"}]}, "models.0.model", "no-such-model"),
     ({"merge_method": "linear", "models": [{"model": "x", "parameters": {"nope": 1}}]}, "models.0.parameters.nope", "nope"),
     ({"method": "linear", "models": [{"model": "x" * 5000}]}, "models.0.model", "too long"),
-    ({"method": "linear", "models": [{"model": "x"}], "include": ["a\u0000"]}, "body", "NUL"),
+    ({"method": "linear", "models": [{"model": "x"}], "include": ["a\u0000"]}, "include.0", "NUL"),
 ])
 def test_bad_specs_answer_422_naming_the_problem(client, team, settings, body, field, words) -> None:
     body = json.loads(json.dumps(body).replace("{allowed}", str(settings.allowed_roots[0])))
