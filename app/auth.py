@@ -9,7 +9,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.models import ApiKey, Team, utcnow
+from core.models import TEAM_NAME_MAX_CHARS, ApiKey, Team, utcnow
 
 KEY_PREFIX = "pm_"
 
@@ -18,7 +18,18 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def check_team_name(name: str) -> None:
+    """Raise ValueError, in one line, unless `name` fits the teams table and is printable text."""
+    if not name.isprintable() or "\x00" in name:
+        # Bytes that are not UTF-8 reach Python as lone surrogates, which are not printable.
+        shown = name.encode("utf-8", "backslashreplace").decode()
+        raise ValueError(f"team name: {shown!r} is not printable UTF-8 text")
+    if not 1 <= len(name) <= TEAM_NAME_MAX_CHARS:
+        raise ValueError(f"team name: must be 1 to {TEAM_NAME_MAX_CHARS} characters, got {len(name)}")
+
+
 def create_team(session: Session, name: str) -> Team:
+    check_team_name(name)
     team = Team(name=name)
     session.add(team)
     session.flush()

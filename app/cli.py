@@ -29,9 +29,23 @@ def load_settings() -> Settings:
 
 
 def open_db(settings: Settings):  # type: ignore[no-untyped-def]
-    from core.db import make_engine, make_sessionmaker
+    """Sessions on the configured database, whose schema must exist.
 
-    return make_sessionmaker(make_engine(settings.database_url))
+    The embedded SQLite database is brought up to date here, so admin commands
+    work on a fresh install before `serve` ever ran; a deployment's database is
+    migrated by its own step, and an unmigrated one is named in one line.
+    """
+    from sqlalchemy import inspect
+
+    from core.db import make_engine, make_sessionmaker, migrate
+
+    if settings.embedded:
+        migrate(settings.database_url)
+    engine = make_engine(settings.database_url)
+    if not inspect(engine).has_table("teams"):
+        engine.dispose()
+        raise click.ClickException("the database has no schema yet: run `pivotmerge admin migrate` first")
+    return make_sessionmaker(engine)
 
 
 # --------------------------------------------------------------------------- admin
@@ -57,8 +71,12 @@ def create_team_command(name: str) -> None:
     """Create team NAME and print its first API key (shown once, stored hashed)."""
     from sqlalchemy.exc import IntegrityError
 
-    from app.auth import create_api_key, create_team
+    from app.auth import check_team_name, create_api_key, create_team
 
+    try:
+        check_team_name(name)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     with open_db(load_settings())() as session:
         try:
             team = create_team(session, name)

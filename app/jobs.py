@@ -140,11 +140,13 @@ def list_jobs(resource: JobResource, session: Session, team: Team, page_size: in
 
 
 def cancel_job(resource: JobResource, session: Session, job: Job) -> JobOut:
-    if request_cancel(session, job.id) is None:
+    refused = request_cancel(session, job.id) is None
+    session.commit()
+    # Re-read: the job may have finished between loading it and the cancel's UPDATE.
+    session.refresh(job)
+    if refused:
         raise ApiError(409, f"{resource.noun} {job.id} has already {job.state.value}; "
                             "only queued or running jobs can be cancelled")
-    session.commit()
-    session.refresh(job)
     return job_out(job)
 
 

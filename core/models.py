@@ -63,11 +63,14 @@ def _enum(cls: type[enum.Enum]) -> Enum:
     return Enum(cls, native_enum=False, create_constraint=False, length=16, values_callable=lambda e: [m.value for m in e])
 
 
+TEAM_NAME_MAX_CHARS = 100
+
+
 class Team(Base):
     __tablename__ = "teams"
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
-    name: Mapped[str] = mapped_column(String(100), unique=True)
+    name: Mapped[str] = mapped_column(String(TEAM_NAME_MAX_CHARS), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     api_keys: Mapped[list[ApiKey]] = relationship(back_populates="team", cascade="all, delete-orphan")
