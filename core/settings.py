@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, gt=0, description="Times a job is started before a job whose worker keeps dying is failed.")
     task_soft_time_limit: int = Field(6 * 3600, gt=0, description="Seconds before a merge is stopped and failed.")
     task_time_limit: int = Field(6 * 3600 + 300, gt=0, description="Seconds before the worker process is killed.")
+    job_lease_seconds: int = Field(30, ge=3, description=(
+        "A running job's lease: its worker renews it every third of this; once it lapses the job is requeued "
+        "(or failed after max_attempts)."))
+    lease_check_seconds: float = Field(10.0, gt=0, description="How often the API process looks for lapsed leases.")
+    lease_reaper: bool = Field(True, description="Run the lease reaper in this API process.")
     split_broker_url: str = Field("redis://127.0.0.1:6379/0", description="Broker of split-merge part tasks (workers.split).")
     split_backend_url: str = Field("redis://127.0.0.1:6379/0", description="Result backend a split merge's chord needs.")
     broker_visibility_timeout: int = Field(7 * 3600, gt=0, description="Seconds before the broker redelivers an unacknowledged job.")

@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import shutil
+import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -15,13 +17,13 @@ from typing import Any
 from billiard.einfo import ExceptionInfo
 from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 import pivotmerge
 from core.db import make_engine, make_sessionmaker
-from core.job_states import add_event, current_state, start_attempt, transition
-from core.models import ACTIVE_STATES, Artifact, Job, JobKind, JobState, utcnow
+from core.job_states import add_event, holds_lease, renew_lease, start_attempt, transition
+from core.models import ACTIVE_STATES, FINAL_STATES, Artifact, Job, JobKind, JobState, utcnow
 from core.settings import Settings
 from core.storage import ArtifactStore, artifact_key, file_sha256, make_store
 from pivotmerge.errors import MergeCancelled, PivotMergeError
@@ -59,11 +61,18 @@ def context() -> WorkerContext:
 
 
 class JobReporter:
-    """The engine's progress callback and cancel check, backed by the job's row."""
+    """The engine's progress callback and cancel check, backed by the job's row, for one attempt.
 
-    def __init__(self, sessions: sessionmaker[Session], job_id: uuid.UUID) -> None:
+    Writes are fenced by the attempt number: once the reaper has requeued the
+    job or another worker has taken it over, this attempt writes nothing more
+    and its cancel check says stop.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session], job_id: uuid.UUID, attempt: int) -> None:
         self.sessions = sessions
         self.job_id = job_id
+        self.attempt = attempt
+        self.lost = threading.Event()  # set by the lease keeper when the job is no longer ours
         self._last_write = 0.0
         self._stage: str | None = None
 
@@ -76,16 +85,102 @@ class JobReporter:
             return
         self._stage, self._last_write = p.stage, now
         with self.sessions() as session:
-            session.execute(update(Job).where(Job.id == self.job_id).values(
+            written = session.execute(update(Job).where(Job.id == self.job_id, holds_lease(self.attempt)).values(
                 progress_fraction=min(max(p.fraction, 0.0), 1.0), progress_stage=p.stage, progress_layer=p.layer,
-                progress_message=p.message or None, updated_at=utcnow()))
-            add_event(session, self.job_id, "progress", p.as_dict())
+                progress_message=p.message or None, updated_at=utcnow())).rowcount
+            if written:
+                add_event(session, self.job_id, "progress", p.as_dict())
             session.commit()
 
     def should_cancel(self) -> bool:
         # Read on every call, between tensors: a primary-key read is cheap next to merging a tensor.
+        if self.lost.is_set():
+            return True
         with self.sessions() as session:
-            return current_state(session, self.job_id) is not JobState.running
+            row = session.execute(select(Job.state, Job.attempts).where(Job.id == self.job_id)).first()
+        return row is None or row.state is not JobState.running or row.attempts != self.attempt
+
+
+class LeaseKeeper:
+    """A thread that renews the attempt's lease every third of its length, until stopped."""
+
+    def __init__(self, reporter: JobReporter, lease_seconds: int) -> None:
+        self.reporter = reporter
+        self.lease_seconds = lease_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{reporter.job_id}", daemon=True)
+
+    def __enter__(self) -> "LeaseKeeper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        r = self.reporter
+        while not self._stop.wait(self.lease_seconds / 3):
+            try:
+                with r.sessions() as session:
+                    renewed = renew_lease(session, r.job_id, r.attempt, self.lease_seconds)
+                    session.commit()
+            except Exception:  # a database hiccup: try again at the next beat, the lease has slack
+                log.warning("job %s: could not renew the lease", r.job_id, exc_info=True)
+                continue
+            if not renewed:
+                r.lost.set()
+                return
+
+
+def dead_local_owner(worker: str | None) -> str | None:
+    """`worker` ("node@host:pid") if it names a process of this host that no longer exists.
+
+    A pool child killed mid-job is redelivered at once, while its lease still
+    runs: this lets the new delivery take over without waiting for the lease.
+    """
+    if not worker or ":" not in worker:
+        return None
+    node, _, pid = worker.rpartition(":")
+    if node.rpartition("@")[2] != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return worker
+    except PermissionError:  # alive, someone else's
+        return None
+    return None
+
+
+def scratch_folder(work_dir: Path, job_id: uuid.UUID, attempt: int) -> Path:
+    return work_dir / f"{job_id}.{attempt}"
+
+
+def sweep_scratch(work_dir: Path, sessions: sessionmaker[Session]) -> None:
+    """Remove scratch folders no attempt will use again: of finished or unknown jobs, and superseded attempts.
+
+    Run at worker start-up and before each job, so the folders of an attempt
+    whose worker died are removed even when the job is never run again.
+    """
+    if not work_dir.is_dir():
+        return
+    folders = {}
+    for entry in work_dir.iterdir():
+        job_part, _, attempt = entry.name.partition(".")
+        try:
+            folders[entry] = (uuid.UUID(job_part), int(attempt))
+        except ValueError:
+            continue  # not ours
+    if not folders:
+        return
+    with sessions() as session:
+        jobs = {row.id: row for row in session.execute(select(Job.id, Job.state, Job.attempts).where(
+            Job.id.in_({job_id for job_id, _ in folders.values()})))}
+    for entry, (job_id, attempt) in folders.items():
+        job = jobs.get(job_id)
+        if job is None or job.state in FINAL_STATES or attempt < job.attempts:
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def run_engine(kind: JobKind, spec_data: dict[str, Any], out_dir: Path, settings: Settings,
@@ -129,16 +224,22 @@ def publish(ctx: WorkerContext, session: Session, job_id: uuid.UUID, out_dir: Pa
         session.add(Artifact(job_id=job_id, name=name, size=size, sha256=digest, storage_key=key))
 
 
-def fail(sessions: sessionmaker[Session], job_id: uuid.UUID, error: str) -> None:
+def fail(sessions: sessionmaker[Session], job_id: uuid.UUID, error: str, attempt: int | None = None) -> None:
     with sessions() as session:
-        transition(session, job_id, ACTIVE_STATES, JobState.failed, error=error)
+        transition(session, job_id, ACTIVE_STATES, JobState.failed, error=error,
+                   only_if=None if attempt is None else holds_lease(attempt))
         session.commit()
 
 
-def cancelled(sessions: sessionmaker[Session], job_id: uuid.UUID) -> None:
+def cancelled(sessions: sessionmaker[Session], job_id: uuid.UUID, attempt: int) -> None:
     with sessions() as session:
-        transition(session, job_id, [JobState.cancelling], JobState.cancelled)
+        transition(session, job_id, [JobState.cancelling], JobState.cancelled, only_if=holds_lease(attempt))
         session.commit()
+
+
+def still_holds(sessions: sessionmaker[Session], job_id: uuid.UUID, attempt: int) -> bool:
+    with sessions() as session:
+        return session.scalar(select(Job.attempts).where(Job.id == job_id)) == attempt
 
 
 def time_limit_in(exc: BaseException | None) -> BaseException | None:
@@ -175,42 +276,46 @@ class JobTask(Task):
 def run_job(self: Task, job_id: str) -> None:
     ctx = context()
     jid = uuid.UUID(job_id)
+    assert ctx.settings.work_dir is not None
+    sweep_scratch(ctx.settings.work_dir, ctx.sessions)
     with ctx.sessions() as session:
+        previous = session.scalar(select(Job.worker).where(Job.id == jid))
         # hostname:pid names the process to look at (or kill) when a job misbehaves.
-        run = start_attempt(session, jid, f"{self.request.hostname}:{os.getpid()}", ctx.settings.max_attempts)
+        attempt = start_attempt(session, jid, f"{self.request.hostname}:{os.getpid()}", ctx.settings.max_attempts,
+                                ctx.settings.job_lease_seconds, dead_owner=dead_local_owner(previous))
         session.commit()
         job = session.get(Job, jid)
-    if not run or job is None:
+    if attempt is None or job is None:  # finished, cancelled, or a duplicate delivery of a job another worker holds
         return
 
-    assert ctx.settings.work_dir is not None
-    work = ctx.settings.work_dir / job_id
+    work = scratch_folder(ctx.settings.work_dir, jid, attempt)
+    reporter = JobReporter(ctx.sessions, jid, attempt)
     succeeded = False
     try:
-        shutil.rmtree(work, ignore_errors=True)  # what an attempt whose worker died left behind
-        work.mkdir(parents=True)
-        reporter = JobReporter(ctx.sessions, jid)
-        report, metrics = run_engine(job.kind, job.spec, work / "out", ctx.settings, reporter)
-        with ctx.sessions() as session:
-            publish(ctx, session, jid, work / "out")
-            if transition(session, jid, [JobState.running], JobState.succeeded, report=report,
-                          metrics=metrics, progress_fraction=1.0, progress_stage="done"):
-                session.commit()
-                succeeded = True
-        if not succeeded:  # a cancel arrived after the engine's last check: it still wins
-            cancelled(ctx.sessions, jid)
+        with LeaseKeeper(reporter, ctx.settings.job_lease_seconds):
+            work.mkdir(parents=True)
+            report, metrics = run_engine(job.kind, job.spec, work / "out", ctx.settings, reporter)
+            with ctx.sessions() as session:
+                publish(ctx, session, jid, work / "out")
+                if transition(session, jid, [JobState.running], JobState.succeeded, report=report, metrics=metrics,
+                              progress_fraction=1.0, progress_stage="done", only_if=holds_lease(attempt)):
+                    session.commit()
+                    succeeded = True
+            if not succeeded:  # a cancel arrived after the engine's last check: it still wins
+                cancelled(ctx.sessions, jid, attempt)
     except MergeCancelled:
-        cancelled(ctx.sessions, jid)
+        cancelled(ctx.sessions, jid, attempt)
     except PivotMergeError as exc:
-        fail(ctx.sessions, jid, str(exc))
+        fail(ctx.sessions, jid, str(exc), attempt)
     except Exception as exc:
         if time_limit_in(exc):
             # The limit's signal can cut a query mid-way and leave our connection
             # unusable: JobTask.on_failure records it on a connection of its own.
             raise
         log.exception("job %s failed", job_id)  # a bug, not the user's fault: keep the traceback
-        fail(ctx.sessions, jid, f"internal error: {type(exc).__name__}: {exc}")
+        fail(ctx.sessions, jid, f"internal error: {type(exc).__name__}: {exc}", attempt)
     finally:
-        if not succeeded:  # files a failed or cancelled job had already stored
+        # Files a failed or cancelled attempt had already stored, unless the job is another attempt's now.
+        if not succeeded and still_holds(ctx.sessions, jid, attempt):
             ctx.store.delete_prefix(artifact_key(jid, ""))
         shutil.rmtree(work, ignore_errors=True)

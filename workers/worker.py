@@ -27,3 +27,19 @@ def preload_engine(**_: Any) -> None:
     from pivotmerge.methods import all_methods
 
     all_methods()
+
+
+@worker_init.connect
+def sweep_scratch_at_start(**_: Any) -> None:
+    """Scratch folders of attempts whose worker died and that will not run again (docs/service.md, Workers)."""
+    from core.db import make_engine, make_sessionmaker
+    from workers.tasks import sweep_scratch
+
+    settings = Settings()
+    assert settings.work_dir is not None
+    # An engine of its own, disposed before the pool forks: children must not inherit its connections.
+    engine = make_engine(settings.database_url)
+    try:
+        sweep_scratch(settings.work_dir, make_sessionmaker(engine))
+    finally:
+        engine.dispose()

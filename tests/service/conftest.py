@@ -93,7 +93,8 @@ def client(settings: Settings) -> Iterator[TestClient]:
 @pytest.fixture(scope="session")
 def queue_only_client(settings: Settings) -> Iterator[TestClient]:
     """An API whose jobs go to a queue no worker reads: they stay queued, whatever the test needs."""
-    alone = settings.model_copy(update={"broker_key_prefix": f"{PREFIX_ROOT}-unread:", "max_active_jobs_per_team": 3})
+    alone = settings.model_copy(update={"broker_key_prefix": f"{PREFIX_ROOT}-unread:", "max_active_jobs_per_team": 3,
+                                        "lease_reaper": False})
     with TestClient(create_app(alone)) as client:
         yield client
 

@@ -71,7 +71,7 @@ def test_cancel_running_job_stops_it_and_leaves_no_output(client, team, tiny, wo
     done = wait_final(client, f"/v1/merges/{job_id}", team)
     assert done["state"] == "cancelled"
     assert client.get(f"/v1/merges/{job_id}/artifacts", headers=team).json() == {"artifacts": []}
-    assert not (settings.work_dir / job_id).exists()
+    assert not [p for p in settings.work_dir.iterdir() if p.name.startswith(job_id)]
     assert not (settings.storage_dir / "jobs" / job_id).exists()
     events = client.get(f"/v1/merges/{job_id}/events", headers=team).json()["events"]
     assert [e["data"]["state"] for e in events if e["type"] == "state"] == ["queued", "running", "cancelling", "cancelled"]
