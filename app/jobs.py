@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,12 +18,12 @@ from typing import Annotated, Any, Callable, Iterator
 
 from fastapi import Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from pivotmerge.data.datasets import check_datasets
-from pivotmerge.spec.schema import MergeSpec
+from pivotmerge.spec.schema import MergeSpec, printable
 from workers.celery_app import enqueue_job
 
 from app.downloads import etag_matches, parse_range
@@ -30,7 +31,8 @@ from app.errors import NOT_FOUND, ApiError
 from app.page_tokens import decode_page_token, encode_page_token
 from app.schemas import MAX_SEQ, ArtifactList, ErrorOut, ArtifactOut, EventOut, EventPage, JobOut, JobPage, MetricsOut, ProgressOut
 from core.job_states import add_event, current_state, request_cancel, transition
-from core.models import ACTIVE_STATES, FINAL_STATES, Artifact, Job, JobEvent, JobKind, JobState, Team
+from core.models import ACTIVE_STATES, FINAL_STATES, Artifact, Job, JobEvent, JobKind, JobLabel, JobState, Team
+from core.retention import remove_artifacts
 from core.settings import Settings
 from core.storage import ArtifactStore
 
@@ -49,9 +51,29 @@ class JobResource:
     preflight: Callable[..., None]  # refuses a spec the worker could not run, before it is accepted
 
 
+LABEL_KEY = re.compile(r"[a-z0-9][a-z0-9_.\-]{0,62}", re.ASCII)
+LABEL_VALUE = re.compile(r"[A-Za-z0-9_.\-]{0,63}", re.ASCII)
+MAX_LABELS = 16
+
+
+def parse_labels(pairs: list[str] | None) -> dict[str, str]:
+    """`key=value` query values as a mapping; a 422 naming `label` for anything else."""
+    labels: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not LABEL_KEY.fullmatch(key) or not LABEL_VALUE.fullmatch(value):
+            raise ApiError(422, f"label: {printable(pair[:80])!r} is not key=value (key: 1-63 of a-z 0-9 _ . -, "
+                                "starting with a letter or digit; value: up to 63 of A-Z a-z 0-9 _ . -)", "label")
+        labels[key] = value
+    if len(labels) > MAX_LABELS:
+        raise ApiError(422, f"label: at most {MAX_LABELS} labels, got {len(labels)}", "label")
+    return labels
+
+
 def job_out(job: Job) -> JobOut:
     return JobOut(
         id=job.id, kind=job.kind, state=job.state, spec=job.spec, attempts=job.attempts, error=job.error,
+        labels={label.key: label.value for label in job.labels}, deleted_at=job.deleted_at,
         progress=ProgressOut(fraction=job.progress_fraction, stage=job.progress_stage, layer=job.progress_layer,
                              message=job.progress_message),
         created_at=job.created_at, updated_at=job.updated_at, started_at=job.started_at, finished_at=job.finished_at,
@@ -65,9 +87,9 @@ def load_job(session: Session, team: Team, resource: JobResource, job_id: uuid.U
     return job
 
 
-def request_digest(kind: JobKind, spec: MergeSpec) -> str:
-    """What makes two requests 'the same' for Idempotency-Key: kind and normalised spec."""
-    canonical = json.dumps({"kind": kind.value, "spec": spec.model_dump(mode="json")}, sort_keys=True)
+def request_digest(kind: JobKind, spec: MergeSpec, labels: dict[str, str]) -> str:
+    """What makes two requests 'the same' for Idempotency-Key: kind, normalised spec and labels."""
+    canonical = json.dumps({"kind": kind.value, "spec": spec.model_dump(mode="json"), "labels": labels}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -86,9 +108,10 @@ def _by_idempotency_key(session: Session, team: Team, key: str) -> Job | None:
     return session.scalar(select(Job).where(Job.team_id == team.id, Job.idempotency_key == key))
 
 
-def create_job(resource: JobResource, spec: MergeSpec, idempotency_key: str | None, request: Request,
-               response: Response, session: Session, team: Team, settings: Settings) -> JobOut:
-    digest = request_digest(resource.kind, spec)
+def create_job(resource: JobResource, spec: MergeSpec, labels: list[str] | None, idempotency_key: str | None,
+               request: Request, response: Response, session: Session, team: Team, settings: Settings) -> JobOut:
+    label_map = parse_labels(labels)
+    digest = request_digest(resource.kind, spec, label_map)
     if idempotency_key and (existing := _by_idempotency_key(session, team, idempotency_key)):
         return _replay(resource, existing, digest, response)
 
@@ -102,7 +125,8 @@ def create_job(resource: JobResource, spec: MergeSpec, idempotency_key: str | No
     check_datasets(spec, allowed_roots=settings.allowed_roots)
 
     job = Job(team_id=team.id, kind=resource.kind, spec=spec.model_dump(mode="json"),
-              idempotency_key=idempotency_key, request_sha256=digest)
+              idempotency_key=idempotency_key, request_sha256=digest,
+              labels=[JobLabel(key=k, value=v) for k, v in sorted(label_map.items())])
     session.add(job)
     try:
         session.flush()
@@ -125,10 +149,12 @@ def create_job(resource: JobResource, spec: MergeSpec, idempotency_key: str | No
 
 
 def list_jobs(resource: JobResource, session: Session, team: Team, page_size: int, page_token: str | None,
-              states: list[JobState] | None) -> JobPage:
-    query = select(Job).where(Job.team_id == team.id, Job.kind == resource.kind)
+              states: list[JobState] | None, labels: list[str] | None) -> JobPage:
+    query = select(Job).where(Job.team_id == team.id, Job.kind == resource.kind).options(selectinload(Job.labels))
     if states:
         query = query.where(Job.state.in_(states))
+    for key, value in parse_labels(labels).items():
+        query = query.where(exists().where(JobLabel.job_id == Job.id, JobLabel.key == key, JobLabel.value == value))
     if page_token:
         created, last_id = decode_page_token(page_token)
         query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id)))
@@ -147,6 +173,16 @@ def cancel_job(resource: JobResource, session: Session, job: Job) -> JobOut:
     if refused:
         raise ApiError(409, f"{resource.noun} {job.id} has already {job.state.value}; "
                             "only queued or running jobs can be cancelled")
+    return job_out(job)
+
+
+def delete_job(resource: JobResource, session: Session, store: ArtifactStore, job: Job) -> JobOut:
+    if job.state not in FINAL_STATES:
+        raise ApiError(409, f"{resource.noun} {job.id} is {job.state.value}; only finished jobs can be deleted "
+                            "(cancel it first)")
+    remove_artifacts(session, store, job.id, "deleted", {"reason": "deleted by the team"})
+    session.commit()
+    session.refresh(job)
     return job_out(job)
 
 
@@ -221,6 +257,8 @@ IdempotencyKeyHeader = Annotated[str | None, Header(min_length=1, max_length=255
     "Makes retries safe: the same key and body return the same job (keys are per team)."))]
 PageSizeQuery = Annotated[int, Query(ge=1, le=100)]
 PageTokenQuery = Annotated[str | None, Query(description="next_page_token of the previous page.")]
+LabelsQuery = Annotated[list[str] | None, Query(description=(
+    "A label `key=value`; repeat for several. On a list: only jobs with every label given."))]
 StatesQuery = Annotated[list[JobState] | None, Query(description="Only jobs in these states.")]
 AfterSeqQuery = Annotated[int, Query(ge=0, le=MAX_SEQ, description="Only events with a larger seq.")]
 LastEventIdHeader = Annotated[int | None, Header(ge=0, le=MAX_SEQ, description="SSE resume point.")]
@@ -259,6 +297,11 @@ def route_docs(resource: JobResource) -> dict[str, dict[str, Any]]:
             description="Stored events in order. With `Accept: text/event-stream`, a Server-Sent Events stream that "
                         "follows the job until it finishes and resumes after `Last-Event-ID`.",
             responses={**NOT_FOUND, 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}),
+        "delete": dict(
+            operation_id=f"delete_{noun}", summary=f"Delete a finished {noun}'s artifacts",
+            description="Removes the stored files and marks the job deleted (`deleted_at`); the job record, its "
+                        "events and metrics stay. Deleting again changes nothing.",
+            responses={**NOT_FOUND, 409: {"model": ErrorOut, "description": "The job has not finished."}}),
         "metrics": dict(operation_id=f"get_{noun}_metrics", responses=NOT_FOUND, summary=f"Metrics of a {noun}"),
         "artifacts": dict(operation_id=f"list_{noun}_artifacts", responses=NOT_FOUND,
                           summary=f"Files a {noun} produced", description="Empty until the job has succeeded."),

@@ -13,7 +13,7 @@ from workers.celery_app import make_celery
 from core.db import make_engine, make_sessionmaker
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
-from app.reaper import LeaseReaper
+from app.housekeeping import housekeeper_for
 from app.routers import analyses, health, inputs, merges, methods
 from app.ui import pages as ui_pages
 from core.settings import Settings, get_settings
@@ -33,13 +33,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        reaper = LeaseReaper(app.state.sessionmaker, app.state.celery, settings.max_attempts,
-                             settings.lease_check_seconds) if settings.lease_reaper else None
-        if reaper:
-            reaper.start()
+        housekeeper = housekeeper_for(settings, app.state.sessionmaker, app.state.celery, app.state.store)
+        if housekeeper:
+            housekeeper.start()
         yield
-        if reaper:
-            reaper.stop()
+        if housekeeper:
+            housekeeper.stop()
         engine.dispose()
 
     app = FastAPI(title="PivotMerge", version=__version__, description=DESCRIPTION, lifespan=lifespan)

@@ -55,6 +55,8 @@ class JobOut(BaseModel):
     progress: ProgressOut
     attempts: int = Field(..., description="Times a worker has started this job.")
     error: str | None = Field(None, description="Why the job failed.")
+    labels: dict[str, str] = Field(default_factory=dict, description="The labels given when it was submitted.")
+    deleted_at: datetime | None = Field(None, description="When its artifacts were deleted (DELETE or retention).")
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None

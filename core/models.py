@@ -64,6 +64,7 @@ def _enum(cls: type[enum.Enum]) -> Enum:
 
 
 TEAM_NAME_MAX_CHARS = 100
+LABEL_MAX_CHARS = 63
 
 
 class Team(Base):
@@ -125,7 +126,25 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
 
+    # Set when the artifacts were removed (DELETE, or expired by the retention setting); the record stays.
+    deleted_at: Mapped[datetime | None]
+
     artifacts: Mapped[list[Artifact]] = relationship(back_populates="job", order_by="Artifact.name")
+    labels: Mapped[list[JobLabel]] = relationship(back_populates="job", order_by="JobLabel.key",
+                                                  cascade="all, delete-orphan")
+
+
+class JobLabel(Base):
+    """A user label of a job, `key=value`; a row each so lists filter by labels on every backend."""
+
+    __tablename__ = "job_labels"
+    __table_args__ = (Index("ix_job_labels_key_value", "key", "value"),)
+
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(LABEL_MAX_CHARS), primary_key=True)
+    value: Mapped[str] = mapped_column(String(LABEL_MAX_CHARS))
+
+    job: Mapped[Job] = relationship(back_populates="labels")
 
 
 class JobEvent(Base):

@@ -49,6 +49,8 @@ class Settings(BaseSettings):
         "(or failed after max_attempts)."))
     lease_check_seconds: float = Field(10.0, gt=0, description="How often the API process looks for lapsed leases.")
     lease_reaper: bool = Field(True, description="Run the lease reaper in this API process.")
+    artifact_retention_days: int = Field(0, ge=0, description="Artifacts of jobs finished longer ago are deleted; 0 keeps them.")
+    retention_check_seconds: float = Field(3600.0, gt=0, description="How often the API looks for expired artifacts.")
     split_broker_url: str = Field("redis://127.0.0.1:6379/0", description="Broker of split-merge part tasks (workers.split).")
     split_backend_url: str = Field("redis://127.0.0.1:6379/0", description="Result backend a split merge's chord needs.")
     broker_visibility_timeout: int = Field(7 * 3600, gt=0, description="Seconds before the broker redelivers an unacknowledged job.")

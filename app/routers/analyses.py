@@ -30,19 +30,26 @@ AnalysisDep = Annotated[Job, Depends(analysis_job)]
 
 @router.post("", status_code=202, **DOCS["create"])
 def create_analysis(spec: SpecBody, request: Request, response: Response, session: SessionDep, team: TeamDep,
-                    settings: SettingsDep, idempotency_key: jobs.IdempotencyKeyHeader = None) -> JobOut:
-    return jobs.create_job(ANALYSES, spec, idempotency_key, request, response, session, team, settings)
+                    settings: SettingsDep, idempotency_key: jobs.IdempotencyKeyHeader = None,
+                    label: jobs.LabelsQuery = None) -> JobOut:
+    return jobs.create_job(ANALYSES, spec, label, idempotency_key, request, response, session, team, settings)
 
 
 @router.get("", **DOCS["list"])
 def list_analyses(session: SessionDep, team: TeamDep, page_size: jobs.PageSizeQuery = 20,
-                  page_token: jobs.PageTokenQuery = None, state: jobs.StatesQuery = None) -> JobPage:
-    return jobs.list_jobs(ANALYSES, session, team, page_size, page_token, state)
+                  page_token: jobs.PageTokenQuery = None, state: jobs.StatesQuery = None,
+                  label: jobs.LabelsQuery = None) -> JobPage:
+    return jobs.list_jobs(ANALYSES, session, team, page_size, page_token, state, label)
 
 
 @router.get("/{job_id}", **DOCS["get"])
 def get_analysis(job: AnalysisDep) -> JobOut:
     return jobs.job_out(job)
+
+
+@router.delete("/{job_id}", **DOCS["delete"])
+def delete_analysis(job: AnalysisDep, session: SessionDep, store: StoreDep) -> JobOut:
+    return jobs.delete_job(ANALYSES, session, store, job)
 
 
 @router.post("/{job_id}:cancel", **DOCS["cancel"])

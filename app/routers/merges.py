@@ -29,19 +29,26 @@ MergeDep = Annotated[Job, Depends(merge_job)]
 
 @router.post("", status_code=202, **DOCS["create"])
 def create_merge(spec: SpecBody, request: Request, response: Response, session: SessionDep, team: TeamDep,
-                 settings: SettingsDep, idempotency_key: jobs.IdempotencyKeyHeader = None) -> JobOut:
-    return jobs.create_job(MERGES, spec, idempotency_key, request, response, session, team, settings)
+                 settings: SettingsDep, idempotency_key: jobs.IdempotencyKeyHeader = None,
+                 label: jobs.LabelsQuery = None) -> JobOut:
+    return jobs.create_job(MERGES, spec, label, idempotency_key, request, response, session, team, settings)
 
 
 @router.get("", **DOCS["list"])
 def list_merges(session: SessionDep, team: TeamDep, page_size: jobs.PageSizeQuery = 20,
-                page_token: jobs.PageTokenQuery = None, state: jobs.StatesQuery = None) -> JobPage:
-    return jobs.list_jobs(MERGES, session, team, page_size, page_token, state)
+                page_token: jobs.PageTokenQuery = None, state: jobs.StatesQuery = None,
+                label: jobs.LabelsQuery = None) -> JobPage:
+    return jobs.list_jobs(MERGES, session, team, page_size, page_token, state, label)
 
 
 @router.get("/{job_id}", **DOCS["get"])
 def get_merge(job: MergeDep) -> JobOut:
     return jobs.job_out(job)
+
+
+@router.delete("/{job_id}", **DOCS["delete"])
+def delete_merge(job: MergeDep, session: SessionDep, store: StoreDep) -> JobOut:
+    return jobs.delete_job(MERGES, session, store, job)
 
 
 @router.post("/{job_id}:cancel", **DOCS["cancel"])

@@ -17,7 +17,7 @@ from sqlalchemy import select, update
 
 from app.auth import create_team
 from app.main import create_app
-from app.reaper import reap_once
+from app.housekeeping import reap_once
 from core.job_states import add_event, start_attempt
 from core.models import Job, JobEvent, JobKind, JobState, utcnow
 from core.settings import Settings

@@ -1,0 +1,92 @@
+"""Periodic work of the API process, on one background thread.
+
+- The lease reaper: a running job's worker renews its lease
+  (workers.tasks.LeaseKeeper). When the worker's main process dies, nothing
+  renews it; every `lease_check_seconds` such jobs go back to the queue, or fail
+  past `max_attempts` (core.job_states.reap_lapsed_leases), so a dead worker's
+  job runs again within about lease + check seconds (40 s by default).
+- Retention: with `artifact_retention_days` set, every `retention_check_seconds`
+  the artifacts of jobs finished longer ago are deleted (core.retention).
+
+Several API processes may each run one: every change is a conditional UPDATE.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from typing import Callable
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.job_states import reap_lapsed_leases, transition
+from core.models import JobState
+from core.retention import expire_artifacts
+from core.settings import Settings
+from core.storage import ArtifactStore
+from workers.celery_app import enqueue_job
+
+log = logging.getLogger(__name__)
+
+
+def reap_once(sessions: sessionmaker[Session], celery: Celery, max_attempts: int) -> list[uuid.UUID]:
+    """One pass of the lease reaper: the jobs requeued."""
+    with sessions() as session:
+        requeued = reap_lapsed_leases(session, max_attempts)
+        session.commit()
+    for job_id in requeued:
+        try:
+            enqueue_job(celery, job_id)
+        except Exception as exc:  # kombu raises many types for an unreachable broker
+            with sessions() as session:
+                transition(session, job_id, [JobState.queued], JobState.failed,
+                           error=f"could not requeue the job after its worker died: {exc}")
+                session.commit()
+    return requeued
+
+
+def expire_once(sessions: sessionmaker[Session], store: ArtifactStore, retention_days: int) -> list[uuid.UUID]:
+    with sessions() as session:
+        return expire_artifacts(session, store, retention_days)
+
+
+class Housekeeper:
+    """Runs each (period, task) of the API process on one daemon thread until stopped."""
+
+    def __init__(self, tasks: list[tuple[float, Callable[[], object]]]) -> None:
+        self.tasks = tasks
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="housekeeping", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        due = [time.monotonic() + period for period, _ in self.tasks]
+        while not self._stop.wait(max(0.0, min(due) - time.monotonic())):
+            for i, (period, task) in enumerate(self.tasks):
+                if time.monotonic() < due[i]:
+                    continue
+                due[i] = time.monotonic() + period
+                try:
+                    task()
+                except Exception:  # the database or store is away: the next pass tries again
+                    log.warning("housekeeping task %s failed", getattr(task, "__name__", task), exc_info=True)
+
+
+def housekeeper_for(settings: Settings, sessions: sessionmaker[Session], celery: Celery,
+                    store: ArtifactStore) -> Housekeeper | None:
+    tasks: list[tuple[float, Callable[[], object]]] = []
+    if settings.lease_reaper:
+        tasks.append((settings.lease_check_seconds, lambda: reap_once(sessions, celery, settings.max_attempts)))
+    if settings.artifact_retention_days:
+        tasks.append((settings.retention_check_seconds,
+                      lambda: expire_once(sessions, store, settings.artifact_retention_days)))
+    return Housekeeper(tasks) if tasks else None
