@@ -5,6 +5,8 @@
   renews it; every `lease_check_seconds` such jobs go back to the queue, or fail
   past `max_attempts` (core.job_states.reap_lapsed_leases), so a dead worker's
   job runs again within about lease + check seconds (40 s by default).
+- Webhooks: every `webhook_dispatch_seconds` the deliveries recorded with
+  final job states are handed to the delivery task (workers.webhooks).
 - Retention: with `artifact_retention_days` set, every `retention_check_seconds`
   the artifacts of jobs finished longer ago are deleted (core.retention).
 
@@ -20,14 +22,15 @@ import uuid
 from typing import Callable
 
 from celery import Celery
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.job_states import reap_lapsed_leases, transition
-from core.models import JobState
+from core.models import JobState, WebhookDelivery, utcnow
 from core.retention import expire_artifacts
 from core.settings import Settings
 from core.storage import ArtifactStore
-from workers.celery_app import enqueue_job
+from workers.celery_app import enqueue_delivery, enqueue_job
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,25 @@ def reap_once(sessions: sessionmaker[Session], celery: Celery, max_attempts: int
                            error=f"could not requeue the job after its worker died: {exc}")
                 session.commit()
     return requeued
+
+
+def dispatch_deliveries(sessions: sessionmaker[Session], celery: Celery) -> int:
+    """Hand webhook deliveries recorded since the last pass to the delivery task; the number sent."""
+    with sessions() as session:
+        claimed = session.scalars(
+            update(WebhookDelivery).where(WebhookDelivery.dispatched_at.is_(None))
+            .values(dispatched_at=utcnow()).returning(WebhookDelivery.id)).all()
+        session.commit()
+    for delivery_id in claimed:
+        try:
+            enqueue_delivery(celery, delivery_id)
+        except Exception:  # the broker is away: the next pass sends it
+            with sessions() as session:
+                session.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery_id)
+                                .values(dispatched_at=None))
+                session.commit()
+            raise
+    return len(claimed)
 
 
 def expire_once(sessions: sessionmaker[Session], store: ArtifactStore, retention_days: int) -> list[uuid.UUID]:
@@ -83,10 +105,11 @@ class Housekeeper:
 
 def housekeeper_for(settings: Settings, sessions: sessionmaker[Session], celery: Celery,
                     store: ArtifactStore) -> Housekeeper | None:
-    tasks: list[tuple[float, Callable[[], object]]] = []
-    if settings.lease_reaper:
-        tasks.append((settings.lease_check_seconds, lambda: reap_once(sessions, celery, settings.max_attempts)))
+    tasks: list[tuple[float, Callable[[], object]]] = [
+        (settings.lease_check_seconds, lambda: reap_once(sessions, celery, settings.max_attempts)),
+        (settings.webhook_dispatch_seconds, lambda: dispatch_deliveries(sessions, celery)),
+    ]
     if settings.artifact_retention_days:
         tasks.append((settings.retention_check_seconds,
                       lambda: expire_once(sessions, store, settings.artifact_retention_days)))
-    return Housekeeper(tasks) if tasks else None
+    return Housekeeper(tasks) if settings.housekeeping else None

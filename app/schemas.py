@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import AnyHttpUrl, BaseModel, BeforeValidator, ConfigDict, Field
 
 from pivotmerge.data.evaluate import Evaluation
 from pivotmerge.errors import SpecError
@@ -98,6 +98,46 @@ class MetricsOut(BaseModel):
                           "and with evaluate_inputs 'base' and each expert) -> metrics per dataset, as in its "
                           "merge_report.json; an analysis's distance metrics; null until the job has succeeded "
                           "or when a merge evaluated nothing.")
+
+
+class WebhookIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: AnyHttpUrl = Field(..., description="Where deliveries are POSTed; private addresses are refused unless the "
+                                             "deployment allows them.")
+    events: list[Literal["job.succeeded", "job.failed", "job.cancelled"]] = Field(
+        ["job.succeeded", "job.failed", "job.cancelled"], min_length=1, description="The events to deliver.")
+
+
+class WebhookOut(BaseModel):
+    id: uuid.UUID
+    url: str
+    events: list[str]
+    created_at: datetime
+
+
+class WebhookCreated(WebhookOut):
+    secret: str = Field(..., description="Signs every delivery; shown only once.")
+
+
+class WebhookList(BaseModel):
+    webhooks: list[WebhookOut]
+
+
+class DeliveryOut(BaseModel):
+    id: uuid.UUID
+    job_id: uuid.UUID
+    event: str
+    state: Literal["pending", "succeeded", "failed"]
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    last_response: str | None = Field(None, description="The start of the receiver's last answer.")
+    last_attempt_at: datetime | None
+    created_at: datetime
+
+
+class DeliveryPage(BaseModel):
+    deliveries: list[DeliveryOut]
 
 
 class HealthOut(BaseModel):

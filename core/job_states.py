@@ -15,6 +15,7 @@ from sqlalchemy import ColumnElement, and_, func, or_, select, true, update
 from sqlalchemy.orm import Session
 
 from core.models import FINAL_STATES, Job, JobEvent, JobState, utcnow
+from core.webhooks import record_deliveries
 
 
 def add_event(session: Session, job_id: uuid.UUID, type: str, data: dict[str, Any]) -> JobEvent:
@@ -48,6 +49,8 @@ def transition(session: Session, job_id: uuid.UUID, from_states: Iterable[JobSta
         if values.get("error"):
             data["error"] = values["error"]
         add_event(session, job_id, "state", data)
+        if to in FINAL_STATES:
+            record_deliveries(session, job_id, to)
     return bool(moved)
 
 

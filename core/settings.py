@@ -48,9 +48,16 @@ class Settings(BaseSettings):
         "A running job's lease: its worker renews it every third of this; once it lapses the job is requeued "
         "(or failed after max_attempts)."))
     lease_check_seconds: float = Field(10.0, gt=0, description="How often the API process looks for lapsed leases.")
-    lease_reaper: bool = Field(True, description="Run the lease reaper in this API process.")
+    housekeeping: bool = Field(True, description=(
+        "Run the periodic work in this API process: lease reaper, webhook dispatcher, retention."))
     artifact_retention_days: int = Field(0, ge=0, description="Artifacts of jobs finished longer ago are deleted; 0 keeps them.")
     retention_check_seconds: float = Field(3600.0, gt=0, description="How often the API looks for expired artifacts.")
+    webhook_allow_private_addresses: bool = Field(False, description=(
+        "Let webhooks reach private, loopback and link-local addresses (refused by default)."))
+    webhook_max_attempts: int = Field(6, gt=0, description="Tries of a webhook delivery before it is marked failed.")
+    webhook_backoff_seconds: float = Field(5.0, gt=0, description="Wait before the 2nd try; doubled for each next one.")
+    webhook_timeout_seconds: float = Field(10.0, gt=0, description="Time a receiver has to answer one delivery.")
+    webhook_dispatch_seconds: float = Field(1.0, gt=0, description="How often the API hands new deliveries to workers.")
     split_broker_url: str = Field("redis://127.0.0.1:6379/0", description="Broker of split-merge part tasks (workers.split).")
     split_backend_url: str = Field("redis://127.0.0.1:6379/0", description="Result backend a split merge's chord needs.")
     broker_visibility_timeout: int = Field(7 * 3600, gt=0, description="Seconds before the broker redelivers an unacknowledged job.")

@@ -19,10 +19,12 @@ from celery import Celery
 from core.settings import GPU_QUEUE, Settings
 
 RUN_JOB = "pivotmerge.run_job"
+DELIVER_WEBHOOK = "pivotmerge.deliver_webhook"
+WEBHOOK_QUEUE = "webhooks"
 
 
 def make_celery(settings: Settings) -> Celery:
-    celery = Celery("pivotmerge", broker=settings.broker_url, include=["workers.tasks"])
+    celery = Celery("pivotmerge", broker=settings.broker_url, include=["workers.tasks", "workers.webhooks"])
     transport_options: dict[str, object] = {}
     # The embedded SQLite broker (kombu's SQLAlchemy transport) hands its options
     # to create_engine and has no visibility timeout: it takes none of these.
@@ -31,7 +33,7 @@ def make_celery(settings: Settings) -> Celery:
         if settings.broker_key_prefix:
             transport_options["global_keyprefix"] = settings.broker_key_prefix
     celery.conf.update(
-        task_routes={RUN_JOB: {"queue": GPU_QUEUE}},
+        task_routes={RUN_JOB: {"queue": GPU_QUEUE}, DELIVER_WEBHOOK: {"queue": WEBHOOK_QUEUE}},
         task_default_queue=GPU_QUEUE,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -52,4 +54,8 @@ def make_celery(settings: Settings) -> Celery:
 
 def enqueue_job(celery: Celery, job_id: uuid.UUID) -> None:
     celery.send_task(RUN_JOB, args=[str(job_id)], queue=GPU_QUEUE)
+
+
+def enqueue_delivery(celery: Celery, delivery_id: uuid.UUID) -> None:
+    celery.send_task(DELIVER_WEBHOOK, args=[str(delivery_id)], queue=WEBHOOK_QUEUE)
 

@@ -94,7 +94,7 @@ def client(settings: Settings) -> Iterator[TestClient]:
 def queue_only_client(settings: Settings) -> Iterator[TestClient]:
     """An API whose jobs go to a queue no worker reads: they stay queued, whatever the test needs."""
     alone = settings.model_copy(update={"broker_key_prefix": f"{PREFIX_ROOT}-unread:", "max_active_jobs_per_team": 3,
-                                        "lease_reaper": False})
+                                        "housekeeping": False})
     with TestClient(create_app(alone)) as client:
         yield client
 

@@ -90,8 +90,7 @@ def test_retention_expires_old_artifacts_from_the_api_process(client, team, tiny
     with sessions() as session:
         session.execute(update(Job).where(Job.id == uuid.UUID(old["id"])).values(finished_at=utcnow() - timedelta(days=8)))
         session.commit()
-    expiring = settings.model_copy(update={"artifact_retention_days": 7, "retention_check_seconds": 0.2,
-                                           "lease_reaper": False})
+    expiring = settings.model_copy(update={"artifact_retention_days": 7, "retention_check_seconds": 0.2})
     with TestClient(create_app(expiring)) as api:  # its housekeeping thread runs the retention pass
         gone = wait_for(lambda: api.get(f"/v1/merges/{old['id']}", headers=team).json()["deleted_at"], 30,
                         "the old job's artifacts to expire", interval=0.2)
