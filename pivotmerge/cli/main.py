@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "pivotmerge.cli.data_commands:evaluate_command",
     "inspect": "pivotmerge.cli.inspect:inspect_command",
     "push": "pivotmerge.cli.hub:push_command",
+    "jobs": "pivotmerge.cli.jobs:jobs",
 }
 # Other packages add commands under this entry-point group (name = "module:attribute"); this
 # distribution adds the service's, which import only once `pivotmerge[service]` is installed.
