@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import tarfile
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Iterator
 
 from fastapi import Header, Path, Query, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import RedirectResponse, StreamingResponse
 from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
@@ -186,6 +187,26 @@ def delete_job(resource: JobResource, session: Session, store: ArtifactStore, jo
     return job_out(job)
 
 
+def tar_stream(store: ArtifactStore, artifacts: list[Artifact], mtime: float) -> Iterator[bytes]:
+    """A tar of the artifacts, produced as it is sent: a header, the file's bytes, padding, for each."""
+    for artifact in artifacts:
+        info = tarfile.TarInfo(artifact.name)
+        info.size, info.mtime, info.mode = artifact.size, int(mtime), 0o644
+        yield info.tobuf(format=tarfile.PAX_FORMAT)
+        yield from store.read(artifact.storage_key, 0, artifact.size)
+        if artifact.size % tarfile.BLOCKSIZE:
+            yield tarfile.NUL * (tarfile.BLOCKSIZE - artifact.size % tarfile.BLOCKSIZE)
+    yield tarfile.NUL * (2 * tarfile.BLOCKSIZE)  # the end-of-archive marker
+
+
+def download_archive(resource: JobResource, job: Job, store: ArtifactStore) -> StreamingResponse:
+    if job.state is not JobState.succeeded or not job.artifacts:
+        raise ApiError(409, f"{resource.noun} {job.id} is {job.state.value} and has no artifacts to archive")
+    mtime = (job.finished_at or job.created_at).timestamp()
+    return StreamingResponse(tar_stream(store, list(job.artifacts), mtime), media_type="application/x-tar",
+                             headers={"Content-Disposition": f'attachment; filename="{job.id}.tar"'})
+
+
 def sse_events(make_session: sessionmaker[Session], job_id: uuid.UUID, after_seq: int) -> Iterator[str]:
     """Stored events after `after_seq`, then new ones as they are written, until the job is final."""
     idle = 0.0
@@ -241,6 +262,8 @@ def download_artifact(resource: JobResource, job: Job, name: str, session: Sessi
     headers = {"ETag": etag, "Accept-Ranges": "bytes"}
     if if_none_match and etag_matches(if_none_match, etag):
         return Response(status_code=304, headers=headers)
+    if url := store.download_url(artifact.storage_key, artifact.name):
+        return RedirectResponse(url, status_code=307, headers=headers)
     span = parse_range(range_header, artifact.size)
     start, end = span or (0, artifact.size)
     headers["Content-Length"] = str(end - start)
@@ -302,6 +325,11 @@ def route_docs(resource: JobResource) -> dict[str, dict[str, Any]]:
             description="Removes the stored files and marks the job deleted (`deleted_at`); the job record, its "
                         "events and metrics stay. Deleting again changes nothing.",
             responses={**NOT_FOUND, 409: {"model": ErrorOut, "description": "The job has not finished."}}),
+        "archive": dict(
+            operation_id=f"download_{noun}_archive", response_class=Response, summary="Download every file as one tar",
+            description="A tar of all the artifacts, streamed as it is made (no size known in advance).",
+            responses={**NOT_FOUND, 200: {"content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}},
+                       409: {"model": ErrorOut, "description": "The job has not succeeded or its files were deleted."}}),
         "metrics": dict(operation_id=f"get_{noun}_metrics", responses=NOT_FOUND, summary=f"Metrics of a {noun}"),
         "artifacts": dict(operation_id=f"list_{noun}_artifacts", responses=NOT_FOUND,
                           summary=f"Files a {noun} produced", description="Empty until the job has succeeded."),
@@ -313,6 +341,8 @@ def route_docs(resource: JobResource) -> dict[str, dict[str, Any]]:
                 200: {"content": _BINARY},
                 206: {"description": "The requested range.", "content": _BINARY},
                 304: {"description": "Unchanged (If-None-Match matched)."},
+                307: {"description": "S3 storage: fetch the file (Range included) from the presigned URL.",
+                      "headers": {"Location": {"description": "Presigned URL.", "schema": {"type": "string"}}}},
                 416: {"model": ErrorOut, "description": "Range outside the file, or not a bytes range."},
             }),
     }

@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     s3_prefix: str = ""
     s3_endpoint_url: str | None = Field(None, description="For S3-compatible stores (MinIO, Ceph...).")
     s3_region: str | None = None
+    s3_url_seconds: int = Field(3600, gt=0, description="Lifetime of the presigned download URLs of S3 artifacts.")
 
     allowed_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="Folders model repos may be read from (os.pathsep-separated); default: data_dir/models.")

@@ -34,6 +34,9 @@ class ArtifactStore(Protocol):
     def delete_prefix(self, prefix: str) -> None:
         """Remove every object whose key starts with `prefix`."""
 
+    def download_url(self, key: str, filename: str) -> str | None:
+        """A URL the client fetches the object from directly (Range included), or None: the API streams it."""
+
 
 class LocalStore:
     def __init__(self, root: Path) -> None:
@@ -61,13 +64,18 @@ class LocalStore:
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self._path(prefix), ignore_errors=True)
 
+    def download_url(self, key: str, filename: str) -> str | None:
+        return None  # only the API can read the folder
+
 
 class S3Store:
-    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None) -> None:
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None,
+                 url_seconds: int = 3600) -> None:
         import boto3
 
         self.bucket = bucket
         self.prefix = prefix
+        self.url_seconds = url_seconds
         self.client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region)
 
     def put(self, key: str, path: Path) -> None:
@@ -83,6 +91,12 @@ class S3Store:
         finally:
             body.close()
 
+    def download_url(self, key: str, filename: str) -> str | None:
+        # Presigned: the client downloads from S3 itself, so the API never streams gigabytes.
+        return self.client.generate_presigned_url("get_object", ExpiresIn=self.url_seconds, Params={
+            "Bucket": self.bucket, "Key": self.prefix + key,
+            "ResponseContentDisposition": f'attachment; filename="{filename}"'})
+
     def delete_prefix(self, prefix: str) -> None:
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
@@ -93,7 +107,8 @@ class S3Store:
 
 def make_store(settings: Settings) -> ArtifactStore:
     if settings.storage == "s3":
-        return S3Store(settings.s3_bucket, settings.s3_prefix, settings.s3_endpoint_url, settings.s3_region)
+        return S3Store(settings.s3_bucket, settings.s3_prefix, settings.s3_endpoint_url, settings.s3_region,
+                       settings.s3_url_seconds)
     assert settings.storage_dir is not None
     return LocalStore(settings.storage_dir)
 

@@ -111,7 +111,8 @@ class Client:
                 have = 0
             if have < artifact["size"]:
                 headers = {**self.headers, "Range": f"bytes={have}-"} if have else self.headers
-                with self.http.stream("GET", self.url + artifact["url"], headers=headers) as stream:
+                # S3 artifacts answer 307 to a presigned URL; httpx drops Authorization on that other host.
+                with self.http.stream("GET", self.url + artifact["url"], headers=headers, follow_redirects=True) as stream:
                     if stream.status_code not in (200, 206):
                         stream.read()
                         raise ClientError(stream.status_code, f"{artifact['name']}: HTTP {stream.status_code}")

@@ -73,6 +73,11 @@ def list_analysis_artifacts(job: AnalysisDep) -> ArtifactList:
     return jobs.job_artifacts(ANALYSES, job)
 
 
+@router.get("/{job_id}/artifacts:archive", **DOCS["archive"])
+def download_analysis_archive(job: AnalysisDep, store: StoreDep) -> Response:
+    return jobs.download_archive(ANALYSES, job, store)
+
+
 @router.get("/{job_id}/artifacts/{name}", **DOCS["download"])
 def download_analysis_artifact(job: AnalysisDep, name: jobs.ArtifactNamePath, session: SessionDep, store: StoreDep,
                                range_header: jobs.RangeHeader = None, if_none_match: jobs.IfNoneMatchHeader = None,

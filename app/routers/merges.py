@@ -72,6 +72,11 @@ def list_merge_artifacts(job: MergeDep) -> ArtifactList:
     return jobs.job_artifacts(MERGES, job)
 
 
+@router.get("/{job_id}/artifacts:archive", **DOCS["archive"])
+def download_merge_archive(job: MergeDep, store: StoreDep) -> Response:
+    return jobs.download_archive(MERGES, job, store)
+
+
 @router.get("/{job_id}/artifacts/{name}", **DOCS["download"])
 def download_merge_artifact(job: MergeDep, name: jobs.ArtifactNamePath, session: SessionDep, store: StoreDep,
                             range_header: jobs.RangeHeader = None, if_none_match: jobs.IfNoneMatchHeader = None,

@@ -229,3 +229,24 @@ def test_probes(client, settings) -> None:
         response = broken.get("/readyz")
     assert response.status_code == 503
     assert response.json()["checks"]["database"] == "ok" and response.json()["checks"]["broker"].startswith("unreachable")
+
+
+def test_archive_streams_every_artifact_as_one_tar(client, finished, queue_only_client, team, tiny) -> None:
+    import io
+    import tarfile
+
+    owner, job = finished
+    listing = client.get(f"/v1/merges/{job['id']}/artifacts", headers=owner).json()["artifacts"]
+    archive = client.get(f"/v1/merges/{job['id']}/artifacts:archive", headers=owner)
+    assert archive.status_code == 200 and archive.headers["content-type"] == "application/x-tar"
+    assert archive.headers["Content-Disposition"] == f'attachment; filename="{job["id"]}.tar"'
+    with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
+        members = {m.name: hashlib.sha256(tar.extractfile(m).read()).hexdigest() for m in tar.getmembers()}
+    assert members == {a["name"]: a["sha256"] for a in listing}
+
+    queued = queue_only_client.post("/v1/merges", json=merge_spec(tiny), headers=team).json()
+    try:
+        refused = queue_only_client.get(f"/v1/merges/{queued['id']}/artifacts:archive", headers=team)
+        assert refused.status_code == 409 and "is queued" in refused.json()["detail"]
+    finally:
+        queue_only_client.post(f"/v1/merges/{queued['id']}:cancel", headers=team)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import tarfile
 import uuid
 from pathlib import Path
 from typing import Iterator
 
 import boto3
+import httpx
 import pytest
 from botocore.exceptions import ClientError
 from alembic.autogenerate import compare_metadata
@@ -93,7 +96,8 @@ def test_local_store_refuses_keys_that_escape_it(tmp_path: Path) -> None:
 
 
 def test_api_serves_artifacts_from_s3(settings, sessions, team, s3_endpoint, s3_bucket, tmp_path) -> None:
-    s3_settings = settings.model_copy(update={"storage": "s3", "s3_bucket": s3_bucket, "s3_endpoint_url": s3_endpoint})
+    s3_settings = settings.model_copy(update={"storage": "s3", "s3_bucket": s3_bucket, "s3_endpoint_url": s3_endpoint,
+                                              "housekeeping": False})
     store = make_store(s3_settings)
 
     payload = uuid.uuid4().bytes * 5000
@@ -109,10 +113,23 @@ def test_api_serves_artifacts_from_s3(settings, sessions, team, s3_endpoint, s3_
                              sha256=hashlib.sha256(payload).hexdigest(), storage_key=key))
         session.commit()
 
-    with TestClient(create_app(s3_settings)) as client:
+    with TestClient(create_app(s3_settings), follow_redirects=False) as client:
         url = f"/v1/merges/{job.id}/artifacts/model.safetensors"
-        whole = client.get(url, headers=team)
+        # The API answers with a presigned URL of the S3 server instead of streaming the bytes itself.
+        redirect = client.get(url, headers=team)
+        assert redirect.status_code == 307 and redirect.content == b""
+        assert redirect.headers["ETag"] == f'"{hashlib.sha256(payload).hexdigest()}"'
+        presigned = redirect.headers["Location"]
+        assert presigned.startswith(f"{s3_endpoint}/{s3_bucket}/") and "Signature" in presigned
+        whole = httpx.get(presigned)
         assert whole.status_code == 200 and whole.content == payload
-        assert whole.headers["ETag"] == f'"{hashlib.sha256(payload).hexdigest()}"'
-        part = client.get(url, headers={**team, "Range": "bytes=100-199"})
+        # S3 answers with this Content-Disposition (the signed parameter; moto does not apply it).
+        assert "response-content-disposition=attachment%3B%20filename%3D%22model.safetensors%22" in presigned
+        part = httpx.get(presigned, headers={"Range": "bytes=100-199"})
         assert part.status_code == 206 and part.content == payload[100:200]
+        unchanged = client.get(url, headers={**team, "If-None-Match": redirect.headers["ETag"]})
+        assert unchanged.status_code == 304
+        archive = client.get(f"/v1/merges/{job.id}/artifacts:archive", headers=team)
+    with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
+        assert tar.getnames() == ["model.safetensors"]
+        assert tar.extractfile("model.safetensors").read() == payload
