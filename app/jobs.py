@@ -8,6 +8,7 @@ job at all answer the same 404.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -15,9 +16,10 @@ import tarfile
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Iterator
+from typing import Annotated, Any, AsyncIterator, Callable, Iterator
 
 from fastapi import Header, Path, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse, StreamingResponse
 from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -207,26 +209,35 @@ def download_archive(resource: JobResource, job: Job, store: ArtifactStore) -> S
                              headers={"Content-Disposition": f'attachment; filename="{job.id}.tar"'})
 
 
-def sse_events(make_session: sessionmaker[Session], job_id: uuid.UUID, after_seq: int) -> Iterator[str]:
-    """Stored events after `after_seq`, then new ones as they are written, until the job is final."""
+def _events_after(make_session: sessionmaker[Session], job_id: uuid.UUID,
+                  after_seq: int) -> tuple[JobState | None, list[EventOut]]:
+    with make_session() as session:
+        # State first: a final state is committed together with its event, so
+        # when the state read is final, the event read below sees every event.
+        state = current_state(session, job_id)
+        rows = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after_seq)
+                               .order_by(JobEvent.seq).limit(MAX_EVENTS_PER_PAGE)).all()
+        return state, [EventOut.model_validate(e, from_attributes=True) for e in rows]
+
+
+async def sse_events(make_session: sessionmaker[Session], job_id: uuid.UUID, after_seq: int) -> AsyncIterator[str]:
+    """Stored events after `after_seq`, then new ones as they are written, until the job is final.
+
+    A follower holds no thread while it waits: each poll borrows one for its
+    two short queries, so hundreds of followers leave the other routes free.
+    """
     idle = 0.0
     while True:
-        with make_session() as session:
-            # State first: a final state is committed together with its event, so
-            # when the state read is final, the event read below sees every event.
-            state = current_state(session, job_id)
-            events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > after_seq)
-                                     .order_by(JobEvent.seq).limit(MAX_EVENTS_PER_PAGE)).all()
+        state, events = await run_in_threadpool(_events_after, make_session, job_id, after_seq)
         for event in events:
-            payload = EventOut.model_validate(event, from_attributes=True).model_dump_json()
-            yield f"id: {event.seq}\nevent: {event.type}\ndata: {payload}\n\n"
+            yield f"id: {event.seq}\nevent: {event.type}\ndata: {event.model_dump_json()}\n\n"
             after_seq = event.seq
         if events:
             idle = 0.0
             continue
         if state in FINAL_STATES or state is None:
             return
-        time.sleep(SSE_POLL_SECONDS)
+        await asyncio.sleep(SSE_POLL_SECONDS)
         idle += SSE_POLL_SECONDS
         if idle >= SSE_KEEPALIVE_SECONDS:  # keeps proxies from closing a quiet stream
             idle = 0.0
@@ -236,6 +247,8 @@ def sse_events(make_session: sessionmaker[Session], job_id: uuid.UUID, after_seq
 def job_events(job: Job, request: Request, session: Session, after_seq: int, last_event_id: int | None) -> Any:
     if "text/event-stream" in request.headers.get("accept", ""):
         start = last_event_id if last_event_id is not None else after_seq
+        # The request's session would hold a pooled connection for the stream's whole life: give it back now.
+        session.close()
         return StreamingResponse(sse_events(request.app.state.sessionmaker, job.id, start),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     rows = session.scalars(select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.seq > after_seq)
