@@ -50,6 +50,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     for module in (merges, analyses, webhooks, methods, inputs, health, ui_pages):
-from app.ui import pages as ui_pages
         app.include_router(module.router)
     return app
