@@ -20,15 +20,13 @@ from typing import Any, Iterator
 
 import httpx
 
-from pivotmerge.errors import PivotMergeError
-
 DEFAULT_URL = "http://127.0.0.1:8000"
 FINAL_STATES = ("succeeded", "failed", "cancelled")
 CHUNK = 1 << 20
 
 
-class ClientError(PivotMergeError):
-    """The service refused a request; the message is its one-line `detail`."""
+class ClientError(Exception):
+    """The service refused a request (or could not be reached); the message is its one-line `detail`."""
 
     def __init__(self, status: int, detail: str, field: str | None = None) -> None:
         super().__init__(detail)

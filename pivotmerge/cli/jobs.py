@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pivotmerge.client import Client
+from pivotmerge.client import Client, ClientError
 from pivotmerge.cli.commands import console
 from pivotmerge.spec.schema import read_yaml
 
@@ -22,7 +22,15 @@ def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
     return labels
 
 
-@click.group("jobs")
+class ServiceErrorsInOneLine(click.Group):
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except ClientError as exc:  # the service's one-line answer, as every user error (exit 2)
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group("jobs", cls=ServiceErrorsInOneLine)
 def jobs() -> None:
     """Jobs of a merge service: PIVOTMERGE_URL (default http://127.0.0.1:8000) with PIVOTMERGE_API_KEY."""
 
