@@ -1,3 +1,3 @@
 """Benchmarks: merge quality on a synthetic heterogeneous post-alignment suite (``quality``).
 
-May import: analysis, methods."""
+May import: analysis, data, run."""

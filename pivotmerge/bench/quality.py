@@ -25,12 +25,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from scipy.stats import spearmanr
 
-import pivotmerge
 from pivotmerge.analysis import metrics
 from pivotmerge.bench.domains import DOMAINS
 from pivotmerge.bench.variants import (DATA_FREE_BASELINES, DEFAULTS, QUICK_ROWS, TUNED, Variant)
 from pivotmerge.bench.world import Config, World, build_world
 from pivotmerge.data.evaluate import CaptionBatch, caption_batches, caption_stats, load_model
+from pivotmerge.run.engine import merge
 
 Progress = Callable[[str], None]
 PROJECTOR = "model.multi_modal_projector."
@@ -89,7 +89,7 @@ def spec_for(world: World, variant: Variant, params: dict[str, Any], domains: tu
 
 def merged(world: World, variant: Variant, params: dict[str, Any], out: Path,
            domains: tuple[str, ...] = DOMAINS) -> Path:
-    pivotmerge.merge(spec_for(world, variant, params, domains), out, overwrite=True)
+    merge(spec_for(world, variant, params, domains), out, overwrite=True)
     return out
 
 
