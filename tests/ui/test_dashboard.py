@@ -13,6 +13,7 @@ import httpx
 from fastapi.testclient import TestClient
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -193,12 +194,13 @@ def test_another_teams_job_is_not_found(browser, server, http, team, other_team,
 
 def test_jobs_list_pages_filters_and_updates_live(browser, server, team, unread_queue: TestClient, example,
                                                  screenshots) -> None:
-    def submit(collection: str) -> str:
-        response = unread_queue.post(f"/v1/{collection}", json=merge_spec(example), headers=team)
+    def submit(collection: str, label: str | None = None) -> str:
+        query = f"?label={label}" if label else ""
+        response = unread_queue.post(f"/v1/{collection}{query}", json=merge_spec(example), headers=team)
         assert response.status_code == 202, response.text
         return response.json()["id"]
 
-    ids = [submit("merges") for _ in range(5)] + [submit("analyses") for _ in range(2)]
+    ids = [submit("merges") for _ in range(5)] + [submit("analyses", "group=b") for _ in range(2)]
     newest_first = ids[::-1]
     sign_in(browser, server, team)
     Select(find(browser, "#page-size")).select_by_value("5")
@@ -218,6 +220,11 @@ def test_jobs_list_pages_filters_and_updates_live(browser, server, team, unread_
     wait(browser, lambda b: shown(b) == [], "no succeeded jobs")
     Select(find(browser, "#filter-state")).select_by_value("queued")
     wait(browser, lambda b: shown(b)[:5] == newest_first[:5], "queued jobs")
+    find(browser, "#filter-label").send_keys("group=b", Keys.ENTER)
+    wait(browser, lambda b: shown(b) == newest_first[:2], "only the jobs labelled group=b")
+    assert [td.text for td in find_all(browser, "#jobs tbody td.labels")] == ["group=b", "group=b"]
+    find(browser, "#filter-label").clear()
+    find(browser, "#filter-label").send_keys(Keys.ENTER)
 
     newer = submit("merges")  # appears without a reload
     wait(browser, lambda b: shown(b)[0] == newer, "the new job, live")

@@ -7,6 +7,7 @@ const tbody = document.querySelector("#jobs tbody");
 const controls = {
   kind: document.getElementById("filter-kind"),
   state: document.getElementById("filter-state"),
+  label: document.getElementById("filter-label"),
   size: document.getElementById("page-size"),
 };
 let cursors = [];  // per collection: {collection, buffer, token, done}
@@ -23,6 +24,7 @@ async function refill(cursor, size) {
   const query = new URLSearchParams({ page_size: String(size) });
   if (cursor.token) query.set("page_token", cursor.token);
   if (controls.state.value) query.append("state", controls.state.value);
+  if (controls.label.value.trim()) query.append("label", controls.label.value.trim());
   const page = await api(`/v1/${cursor.collection}?${query}`);
   cursor.buffer.push(...page.jobs);
   cursor.token = page.next_page_token;
@@ -53,6 +55,7 @@ function row(job) {
     el("td", {}, el("div", { class: "progress small", title: `${pct}%` },
                     el("div", { class: "progress-fill", style: `width:${pct}%` })), ` ${pct}%`),
     el("td", { text: job.spec.method || "" }),
+    el("td", { class: "labels", text: Object.entries(job.labels || {}).map(([k, v]) => `${k}=${v}`).join(" ") }),
     el("td", { text: formatTime(job.created_at) }),
   );
 }
@@ -99,6 +102,8 @@ async function poll() {
 
 if (requireKey()) {
   for (const c of Object.values(controls)) c.addEventListener("change", firstPage);
+  // Enter in the label box filters instead of submitting the form.
+  document.getElementById("filters").addEventListener("submit", (event) => { event.preventDefault(); firstPage(); });
   document.getElementById("first-page").addEventListener("click", firstPage);
   document.getElementById("next-page").addEventListener("click", nextPage);
   firstPage().then(() => setTimeout(poll, POLL_MS));
