@@ -174,7 +174,6 @@ def _single_threaded(device: torch.device) -> Iterator[None]:
 def _merge_tensors(plan: MergePlan, outputs: Sequence[OutputTensor], device: torch.device, timings: Timings,
                    progress: ProgressFn | None, should_cancel: CancelFn | None) -> Iterator[tuple[str, torch.Tensor, MergedTensor | None]]:
     """Yield (name, output tensor, report entry or None) for `outputs`, in order."""
-    spec = plan.spec
     total = len(outputs)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pivotmerge-read") as reader:
         reads = _ReadAhead(plan, [o.name for o in outputs], reader)
@@ -192,17 +191,25 @@ def _merge_tensors(plan: MergePlan, outputs: Sequence[OutputTensor], device: tor
             if name not in plan.merged:
                 yield name, inputs[0].to(out.dtype), None
                 continue
-            base, models = (inputs[0], inputs[1:]) if plan.base else (None, inputs)
             resolved = plan.tensor_params[name]
-            weights, params = resolved.weights, resolved.params
-            generator = torch.Generator(device=device).manual_seed(_tensor_seed(spec.seed, name))
-            tensor, info = _apply(plan.method, models, base, weights, params, resolved.calibration, generator, device, out.dtype)
+            tensor, info = merge_tensor(plan, name, inputs, device, out.dtype)
             timings.merge_s += time.perf_counter() - t1
-            entry = MergedTensor(tensor=name, component=place.component_name, layer=place.layer, weights=weights,
-                                 params=_reported_params(resolved), info=info or None)
+            entry = MergedTensor(tensor=name, component=place.component_name, layer=place.layer,
+                                 weights=resolved.weights, params=_reported_params(resolved), info=info or None)
             yield name, tensor, entry
     if progress is not None:
         progress(Progress("merge", total, total))
+
+
+def merge_tensor(plan: MergePlan, name: str, inputs: Sequence[torch.Tensor], device: torch.device,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Merged tensor `name` of `plan` from its inputs as stored ([base?, *models]), in `dtype`, with the
+    method's info: what a merge writes for it, so tuning's in-memory trials are the merge's own bits."""
+    base, models = (inputs[0], inputs[1:]) if plan.base else (None, inputs)
+    resolved = plan.tensor_params[name]
+    generator = torch.Generator(device=device).manual_seed(_tensor_seed(plan.spec.seed, name))
+    return _apply(plan.method, models, base, resolved.weights, resolved.params, resolved.calibration, generator,
+                  device, dtype)
 
 
 def _reported_params(resolved: TensorParams) -> dict[str, Any]:

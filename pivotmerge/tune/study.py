@@ -1,0 +1,185 @@
+"""A study: Optuna proposes trials (TPE; the whole grid when the space is discrete and small), a
+`TrialRunner` scores each on the dev sets, and the best trial's merge is written as a normal merge
+output whose report also holds the study.
+
+Selection is honest: only dev scores choose; test sets are scored once, for the chosen trial, by
+the merge itself (its report's ``evaluation``), and never feed back into the choice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import optuna
+
+from pivotmerge.errors import MergeCancelled, PivotMergeError, SpecError
+from pivotmerge.progress import CancelFn
+from pivotmerge.report.study import CandidateReport, SearchedParameter, StudyReport, TrialRecord
+from pivotmerge.tune.space import Candidate, Space, params_of
+from pivotmerge.tune.trials import DIRECTION, Objective, TrialRunner, objective_value
+
+TrialFn = Callable[[TrialRecord], None]
+
+
+def _suggest(trial: optuna.Trial, key: str, search: Any) -> Any:
+    if search.choices is not None:
+        return trial.suggest_categorical(key, list(search.choices))
+    if isinstance(search.low, int) and isinstance(search.high, int) and not isinstance(search.low, bool):
+        return trial.suggest_int(key, search.low, search.high, log=search.log)
+    return trial.suggest_float(key, float(search.low), float(search.high), log=search.log)
+
+
+def _propose(trial: optuna.Trial, space: Space) -> tuple[Candidate, dict[str, Any]]:
+    labels = [c.label for c in space.candidates]
+    label = trial.suggest_categorical("candidate", labels) if len(labels) > 1 else labels[0]
+    candidate = space.by_label(str(label))
+    return candidate, {name: _suggest(trial, candidate.key(name), s) for name, s in candidate.searched.items()}
+
+
+def _enqueue(study: optuna.Study, space: Space, label: str, values: Mapping[str, Any]) -> None:
+    candidate = space.by_label(label)
+    params = {candidate.key(k): v for k, v in values.items()}
+    if len(space.candidates) > 1:
+        params["candidate"] = label
+    study.enqueue_trial(params, skip_if_exists=False)
+
+
+def candidates_report(space: Space) -> dict[str, CandidateReport]:
+    return {c.label: CandidateReport(method=c.method.name, fixed=c.fixed,
+                                     searched={n: SearchedParameter(low=s.low, high=s.high, log=s.log,
+                                                                    choices=None if s.choices is None else list(s.choices))
+                                               for n, s in c.searched.items()})
+            for c in space.candidates}
+
+
+def run_study(runner: TrialRunner, space: Space, *, trials: int, seed: int = 0, timeout_s: float | None = None,
+              on_trial: TrialFn | None = None, should_cancel: CancelFn | None = None,
+              dev_paths: Sequence[str] = (), setup_s: float = 0.0) -> StudyReport:
+    """Run up to `trials` trials (or the whole grid, if smaller), within `timeout_s` seconds when given.
+
+    A trial that raises is recorded as failed and the study goes on; cancelling (`should_cancel`)
+    raises MergeCancelled between trials. Raises PivotMergeError when no trial completed.
+    """
+    if trials < 1:
+        raise SpecError("trials: must be at least 1")
+    objective: Objective = runner.objective
+    direction = DIRECTION[objective]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction=direction, sampler=optuna.samplers.TPESampler(seed=seed))
+    grid = space.grid()
+    if grid is not None:
+        budget, sampler = min(trials, len(grid)), "grid"
+        for label, values in grid[:budget]:
+            _enqueue(study, space, label, values)
+    else:
+        budget, sampler = trials, "tpe"
+        # Each candidate's defaults first: the study then always holds what a plain merge would give.
+        for c in space.candidates[:trials]:
+            _enqueue(study, space, c.label, c.defaults())
+    started = time.perf_counter()
+    records: list[TrialRecord] = []
+    seen: dict[str, TrialRecord] = {}
+    stopped = "grid" if sampler == "grid" and budget == len(grid or ()) else "budget"
+    for number in range(budget):
+        if should_cancel is not None and should_cancel():
+            raise MergeCancelled("tuning cancelled")
+        if timeout_s is not None and time.perf_counter() - started >= timeout_s:
+            stopped = "time"
+            break
+        trial = study.ask()
+        candidate, values = _propose(trial, space)
+        params = params_of(candidate, values)
+        key = json.dumps([candidate.label, values], sort_keys=True, default=str)
+        record = _run_trial(runner, number, candidate, params, seen.get(key))
+        if record.state == "failed":
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(trial, record.objective)
+            seen.setdefault(key, record)
+        records.append(record)
+        if on_trial is not None:
+            on_trial(record)
+    scored = [r for r in records if r.objective is not None]
+    if not scored:
+        first = next((r.error for r in records if r.error), "no trial ran")
+        raise PivotMergeError(f"tuning: no trial completed (first error: {first})")
+    best = (min if direction == "minimize" else max)(scored, key=lambda r: r.objective or 0.0)
+    return StudyReport(objective=objective, direction=direction, sampler=sampler, seed=seed, budget_trials=trials,
+                       budget_seconds=timeout_s, stopped=stopped, dev=list(dev_paths),
+                       candidates=candidates_report(space), trials=records, best=best.number, setup_s=round(setup_s, 4),
+                       seconds=round(time.perf_counter() - started, 4))
+
+
+def _run_trial(runner: TrialRunner, number: int, candidate: Candidate, params: dict[str, Any],
+               repeat_of: TrialRecord | None) -> TrialRecord:
+    base = {"number": number, "label": candidate.label, "method": candidate.method.name, "params": params}
+    if repeat_of is not None:
+        return TrialRecord(**base, state="repeat", objective=repeat_of.objective, dev=repeat_of.dev, seconds=0.0)
+    started = time.perf_counter()
+    try:
+        result = runner.run(candidate.method, params)
+    except MergeCancelled:
+        raise
+    except Exception as exc:  # a failing trial is recorded; the study goes on (its error is the record)
+        return TrialRecord(**base, state="failed", seconds=round(time.perf_counter() - started, 4),
+                           error=f"{type(exc).__name__}: {exc}" if not isinstance(exc, PivotMergeError) else str(exc))
+    value = objective_value(result.metrics, runner.objective)
+    dev = [asdict(m) for m in result.metrics]
+    if math.isnan(value):
+        return TrialRecord(**base, state="failed", dev=dev, seconds=round(result.seconds, 4),
+                           error=f"objective {runner.objective} is NaN on the dev sets")
+    return TrialRecord(**base, state="complete", objective=value, dev=dev, seconds=round(result.seconds, 4),
+                       merge_s=round(result.merge_s, 4), evaluate_s=round(result.evaluate_s, 4))
+
+
+def best_spec(runner: TrialRunner, study: StudyReport) -> dict[str, Any]:
+    """The merge spec of the chosen trial, as JSON: what `pivotmerge merge` reruns."""
+    from pivotmerge.methods import get_method
+    from pivotmerge.tune.trials import trial_spec
+
+    best = study.best_trial()
+    return trial_spec(runner.spec, get_method(best.method), best.params).model_dump(mode="json")
+
+
+def top_trials(study: StudyReport, n: int = 5) -> list[TrialRecord]:
+    """The best `n` distinct scored trials, best first."""
+    scored = [t for t in study.trials if t.state == "complete" and t.objective is not None]
+    return sorted(scored, key=lambda t: t.objective if study.direction == "minimize" else -(t.objective or 0.0))[:n]
+
+
+def plot_study(study: StudyReport, path: Path) -> None:
+    """PNG: each trial's dev objective by trial number, one colour per candidate, best so far as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for label in study.candidates:
+        points = [(t.number, t.objective) for t in study.trials if t.label == label and t.objective is not None]
+        if points:
+            ax.scatter(*zip(*points), label=label, s=22)
+    failed = [t.number for t in study.trials if t.state == "failed"]
+    scored = [(t.number, t.objective) for t in study.trials if t.objective is not None]
+    if failed and scored:
+        low = min(v for _, v in scored)
+        ax.scatter(failed, [low] * len(failed), marker="x", color="black", label="failed")
+    pick = min if study.direction == "minimize" else max
+    best_so_far, xs, ys = None, [], []
+    for number, value in scored:
+        best_so_far = value if best_so_far is None else pick(best_so_far, value)
+        xs.append(number)
+        ys.append(best_so_far)
+    ax.step(xs, ys, where="post", color="grey", linewidth=1, label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"dev {study.objective} ({'lower' if study.direction == 'minimize' else 'higher'} is better)")
+    ax.set_title(f"{len(study.trials)} trials, {study.sampler}; best: trial {study.best}")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,186 @@
+"""One trial: merge the spec's tensors with a method and parameters, in memory, and score the result
+on the dev data, without re-reading or re-writing the model.
+
+`TrialRunner` is built once per process and study:
+
+* the merged tensors' inputs ([base?, *experts]) are read once; the tensors the spec does not merge
+  are never read again (they are already in the evaluation model);
+* the evaluation model (the reference repo: the base, else the first expert) is loaded once and
+  each trial copies only its merged tensors into it;
+* the dev sets are tokenised and their images decoded once;
+* calibration data is measured once per kind of data a trial needs (Gram matrices, alignment
+  scores) and handed to every later trial that needs the same.
+
+A trial's tensors are the engine's own (`pivotmerge.run.engine.merge_tensor`): the same
+parameters, per-tensor seeds and output dtype, so the best trial written by `merge` scores what
+the trial scored.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import torch
+
+from pivotmerge.data.calibration import calibrate, match_name
+from pivotmerge.data.datasets import Dataset
+from pivotmerge.data.evaluate import (CaptionBatch, DatasetMetrics, Loaded, answers, caption_batches, caption_stats,
+                                      exact_match, load_model)
+from pivotmerge.errors import CompatibilityError, SpecError
+from pivotmerge.methods import Calibration, Method, Need
+from pivotmerge.plan.device import DTYPES, resolve_device
+from pivotmerge.plan.params import resolve_all
+from pivotmerge.plan.plan import MergePlan, plan_merge
+from pivotmerge.run.engine import merge_tensor
+from pivotmerge.spec.schema import MergeSpec, spec_from_dict
+
+Objective = Literal["loss", "accuracy", "qa"]
+# What each objective reads from the dev metrics (mean over the dev sets, each set weighing the same).
+OBJECTIVE_METRIC: dict[str, str] = {"loss": "caption_loss", "accuracy": "token_accuracy", "qa": "exact_match"}
+DIRECTION: dict[str, Literal["minimize", "maximize"]] = {"loss": "minimize", "accuracy": "maximize", "qa": "maximize"}
+BATCH_SIZE = 8
+MAX_NEW_TOKENS = 8
+
+
+def trial_spec(spec: MergeSpec, method: Method, params: Mapping[str, Any]) -> MergeSpec:
+    """`spec` merging with `method` and `params` (per-model parameters of another method dropped)."""
+    data = spec.model_dump(mode="json", exclude={"evaluate", "evaluate_inputs"})
+    data["method"] = method.name
+    data["parameters"] = dict(params)
+    if method.name != spec.method:
+        for model in data["models"]:
+            model["parameters"] = {}
+    return spec_from_dict(data)
+
+
+def objective_value(metrics: Sequence[DatasetMetrics], objective: Objective) -> float:
+    """The mean of the objective's metric over the dev sets that have it (NaN when none has)."""
+    values = [getattr(m, OBJECTIVE_METRIC[objective]) for m in metrics]
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else math.nan
+
+
+@dataclass
+class DevSet:
+    dataset: Dataset
+    batches: list[CaptionBatch]
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    metrics: list[DatasetMetrics]
+    seconds: float
+    merge_s: float
+    evaluate_s: float
+
+
+class TrialRunner:
+    """Everything trials share, read or measured once: see the module docstring."""
+
+    def __init__(self, spec: MergeSpec, dev: Sequence[Dataset], objective: Objective, *,
+                 allowed_roots: Sequence[str | Path] | None = None, relative_to: Path | None = None) -> None:
+        if not dev:
+            raise SpecError("dev: give at least one dev dataset")
+        if objective == "qa" and not any(d.has_qa for d in dev):
+            raise SpecError("objective: qa needs dev records with a question and an answer")
+        self.spec = spec
+        self.objective = objective
+        self._roots = allowed_roots
+        self._relative_to = relative_to
+        self._plan = plan_merge(spec, allowed_roots=allowed_roots, relative_to=relative_to)
+        try:
+            self.device = resolve_device(spec.device)
+            self._depths = {n: self._plan.places[n].depth for n in sorted(self._plan.merged)}
+            self._dtypes = {o.name: o.dtype for o in self._plan.outputs}
+            self.inputs = {n: [r.get(n) for r in self._plan.repos()] for n in self._depths}
+            self.loaded = load_model(self._plan.reference.path, self.device.type)
+            self._targets = _parameters(self.loaded, self._depths)
+            _round_to_output_dtype(self.loaded, spec)
+            self.dev = [DevSet(d, caption_batches(self.loaded.processor, d.records, BATCH_SIZE)) for d in dev]
+        except BaseException:
+            self._plan.close()
+            raise
+        self._calibration: dict[frozenset[Need], dict[str, Calibration]] = {}
+        self.calibration_reports: dict[str, Any] = {}
+
+    def close(self) -> None:
+        self._plan.close()
+
+    def __enter__(self) -> "TrialRunner":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def plan(self, method: Method, params: Mapping[str, Any]) -> MergePlan:
+        """The study's plan with `method` and `params`, its calibration data measured once per kind."""
+        spec = trial_spec(self.spec, method, params)
+        plan = replace(self._plan, spec=spec, method=method, tensor_params=resolve_all(spec, method, self._depths))
+        needs = frozenset(plan.needs)
+        if Need.MERGED_INPUTS in needs:
+            raise SpecError("gram_inputs: merged (a second merge pass) is not tuned; search gram_inputs: expert")
+        if needs:
+            if needs not in self._calibration:
+                calibrated = calibrate(plan, self.device, allowed_roots=self._roots, relative_to=self._relative_to)
+                self._calibration[needs] = {n: p.calibration for n, p in plan.tensor_params.items()}
+                self.calibration_reports["+".join(sorted(n.value for n in needs))] = calibrated.report
+            else:
+                plan.calibrate(self._calibration[needs])
+        return plan
+
+    def merged(self, plan: MergePlan) -> dict[str, torch.Tensor]:
+        return {n: merge_tensor(plan, n, self.inputs[n], self.device, self._dtypes[n])[0] for n in self._depths}
+
+    @torch.no_grad()
+    def swap_in(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        for name, tensor in tensors.items():
+            target = self._targets[name]
+            target.copy_(tensor.to(device=target.device, dtype=target.dtype))
+
+    def evaluate(self) -> list[DatasetMetrics]:
+        """The loaded model's metrics on each dev set (exact match only for the qa objective: it generates)."""
+        out = []
+        for dev in self.dev:
+            stats = caption_stats(self.loaded.model, dev.batches, self.loaded.device)
+            qa = [r for r in dev.dataset.records if r.answer is not None] if self.objective == "qa" else []
+            em = exact_match(answers(self.loaded, qa, BATCH_SIZE, MAX_NEW_TOKENS), [r.answer or "" for r in qa]) if qa else None
+            out.append(DatasetMetrics(dataset=dev.dataset.name, samples=len(dev.dataset.records), tokens=stats.tokens,
+                                      caption_loss=stats.loss, perplexity=math.exp(stats.loss) if stats.tokens else math.nan,
+                                      token_accuracy=stats.accuracy, exact_match=em, questions=len(qa)))
+        return out
+
+    def run(self, method: Method, params: Mapping[str, Any]) -> TrialResult:
+        """Merge with `method` and `params` and score the result on the dev sets."""
+        started = time.perf_counter()
+        tensors = self.merged(self.plan(method, params))
+        merged_at = time.perf_counter()
+        self.swap_in(tensors)
+        metrics = self.evaluate()
+        done = time.perf_counter()
+        return TrialResult(metrics, done - started, merged_at - started, done - merged_at)
+
+
+def _parameters(loaded: Loaded, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Merged tensor name -> the loaded model's parameter (or buffer) holding it."""
+    held = {**dict(loaded.model.named_parameters()), **dict(loaded.model.named_buffers())}
+    out = {}
+    for name in names:
+        target = match_name(name, held)
+        if target is None:
+            raise CompatibilityError(f"the evaluation model has no parameter for tensor {name}")
+        out[name] = target
+    return out
+
+
+@torch.no_grad()
+def _round_to_output_dtype(loaded: Loaded, spec: MergeSpec) -> None:
+    """With the spec's `dtype`, the copied tensors as the output will hold them (rounded to it)."""
+    if spec.dtype is None:
+        return
+    dtype = DTYPES[spec.dtype]
+    for p in loaded.model.parameters():
+        p.copy_(p.to(dtype).to(p.dtype))
