@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "inspect": "pivotmerge.cli.inspect:inspect_command",
     "push": "pivotmerge.cli.hub:push_command",
     "jobs": "pivotmerge.cli.jobs:jobs",
+    "tune": "pivotmerge.cli.tune:tune_command",
 }
 # Other packages add commands under this entry-point group (name = "module:attribute"); this
 # distribution adds the service's, which import only once `pivotmerge[service]` is installed.

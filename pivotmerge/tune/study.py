@@ -24,6 +24,7 @@ from pivotmerge.tune.space import Candidate, Space, params_of
 from pivotmerge.tune.trials import DIRECTION, Objective, TrialRunner, objective_value
 
 TrialFn = Callable[[TrialRecord], None]
+StartFn = Callable[[int], None]  # called with the number of trials the study will run, at most
 
 
 def _suggest(trial: optuna.Trial, key: str, search: Any) -> Any:
@@ -58,7 +59,7 @@ def candidates_report(space: Space) -> dict[str, CandidateReport]:
 
 
 def run_study(runner: TrialRunner, space: Space, *, trials: int, seed: int = 0, timeout_s: float | None = None,
-              on_trial: TrialFn | None = None, should_cancel: CancelFn | None = None,
+              on_start: StartFn | None = None, on_trial: TrialFn | None = None, should_cancel: CancelFn | None = None,
               dev_paths: Sequence[str] = (), setup_s: float = 0.0) -> StudyReport:
     """Run up to `trials` trials (or the whole grid, if smaller), within `timeout_s` seconds when given.
 
@@ -81,6 +82,8 @@ def run_study(runner: TrialRunner, space: Space, *, trials: int, seed: int = 0, 
         # Each candidate's defaults first: the study then always holds what a plain merge would give.
         for c in space.candidates[:trials]:
             _enqueue(study, space, c.label, c.defaults())
+    if on_start is not None:
+        on_start(budget)
     started = time.perf_counter()
     records: list[TrialRecord] = []
     seen: dict[str, TrialRecord] = {}

@@ -15,7 +15,7 @@ from pivotmerge.report.study import StudyReport
 from pivotmerge.run.engine import merge
 from pivotmerge.spec.schema import DatasetRef, MergeSpec, read_yaml, spec_from_dict
 from pivotmerge.tune.space import read_space
-from pivotmerge.tune.study import TrialFn, best_spec, plot_study, run_study
+from pivotmerge.tune.study import StartFn, TrialFn, best_spec, plot_study, run_study
 from pivotmerge.tune.trials import Objective, TrialRunner
 
 PLOT_FILE = "study.png"
@@ -46,7 +46,7 @@ def load_datasets(refs: Sequence[DatasetRef], field: str, *, allowed_roots: Sequ
 def tune(spec: MergeSpec, section: Mapping[str, Any], dev: Sequence[DatasetRef], out_dir: str | Path, *,
          methods: Sequence[str] = (), trials: int = 20, objective: Objective = "accuracy",
          test: Sequence[DatasetRef] = (), seed: int | None = None, timeout_s: float | None = None,
-         on_trial: TrialFn | None = None, should_cancel: CancelFn | None = None,
+         on_start: StartFn | None = None, on_trial: TrialFn | None = None, should_cancel: CancelFn | None = None,
          allowed_roots: Sequence[str | Path] | None = None, relative_to: Path | None = None,
          overwrite: bool = False) -> dict[str, Any]:
     """Search `methods` (candidate labels; default: the spec's ``tune.space``, else its method) on `dev`,
@@ -63,7 +63,7 @@ def tune(spec: MergeSpec, section: Mapping[str, Any], dev: Sequence[DatasetRef],
     with TrialRunner(spec, dev_sets, objective, allowed_roots=allowed_roots, relative_to=relative_to) as runner:
         setup_s = time.perf_counter() - started
         study = run_study(runner, space, trials=trials, seed=spec.seed if seed is None else seed, timeout_s=timeout_s,
-                          on_trial=on_trial, should_cancel=should_cancel,
+                          on_start=on_start, on_trial=on_trial, should_cancel=should_cancel,
                           dev_paths=[str(d.path) for d in dev_sets], setup_s=setup_s)
         chosen = best_spec(runner, study)
     chosen["evaluate"] = [ref.model_dump(mode="json") for ref in test]
