@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 from pydantic import ValidationError
 
 from pivotmerge.errors import SpecError
-from pivotmerge.methods import Method, Search, get_method
+from pivotmerge.methods import Method, Need, Search, get_method
 from pivotmerge.spec.schema import MergeSpec, format_validation_error
 
 # A study over a discrete space at most this large runs it whole, as a grid, instead of sampling it.
@@ -178,9 +178,11 @@ def _check_values(candidate: Candidate, where: str) -> None:
     fixed = {k: v for k, v in candidate.fixed.items() if not isinstance(v, list)}
     for probe in probes:
         try:
-            candidate.method.params.model_validate({**fixed, **probe})
+            params = candidate.method.params.model_validate({**fixed, **probe})
         except ValidationError as exc:
             raise SpecError(f"{where}.{format_validation_error(exc)}") from None
+        if Need.MERGED_INPUTS in candidate.method.needs_for(params):
+            raise SpecError(f"{where}.gram_inputs: merged (a second merge pass) is not tuned; fix gram_inputs: expert")
 
 
 def params_of(candidate: Candidate, values: Mapping[str, Any]) -> dict[str, Any]:

@@ -91,7 +91,7 @@ def run_study(runner: TrialRunner, space: Space, *, trials: int, seed: int = 0, 
     for number in range(budget):
         if should_cancel is not None and should_cancel():
             raise MergeCancelled("tuning cancelled")
-        if timeout_s is not None and time.perf_counter() - started >= timeout_s:
+        if timeout_s is not None and records and time.perf_counter() - started >= timeout_s:  # one trial at least
             stopped = "time"
             break
         trial = study.ask()

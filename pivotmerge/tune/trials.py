@@ -121,8 +121,6 @@ class TrialRunner:
         spec = trial_spec(self.spec, method, params)
         plan = replace(self._plan, spec=spec, method=method, tensor_params=resolve_all(spec, method, self._depths))
         needs = frozenset(plan.needs)
-        if Need.MERGED_INPUTS in needs:
-            raise SpecError("gram_inputs: merged (a second merge pass) is not tuned; search gram_inputs: expert")
         if needs:
             if needs not in self._calibration:
                 calibrated = calibrate(plan, self.device, allowed_roots=self._roots, relative_to=self._relative_to)
