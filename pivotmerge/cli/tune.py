@@ -83,11 +83,13 @@ def tune_command(spec_file: Path, dev: tuple[Path, ...], methods: tuple[str, ...
               TextColumn("{task.fields[best]}", style="dim"), console=console, transient=False)
     task = bar.add_task("tuning", total=trials, best="")
     best: list[float] = []
+    shown: list[bool] = []
 
     def on_start(budget: int) -> None:
         # The bar appears once the checks have passed, so a refused spec prints its one line alone.
         bar.update(task, total=budget)
         bar.start()
+        shown.append(True)
 
     def on_trial(record) -> None:
         if record.objective is not None:
@@ -100,7 +102,8 @@ def tune_command(spec_file: Path, dev: tuple[Path, ...], methods: tuple[str, ...
                       objective=objective, test=_refs(test), seed=seed, timeout_s=timeout_s, on_start=on_start,
                       on_trial=on_trial, relative_to=spec_file.parent, overwrite=force)
     finally:
-        bar.stop()
+        if shown:
+            bar.stop()
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
         return

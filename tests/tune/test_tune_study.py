@@ -1,0 +1,109 @@
+"""Studies driven directly: a failing trial is recorded and the study goes on, cancel stops it
+between trials and writes nothing, the time budget stops it, calibration data is measured once
+per kind, and a trial's tensors are the engine's own."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pivotmerge import methods
+from pivotmerge.data.datasets import load_dataset
+from pivotmerge.errors import MergeCancelled
+from pivotmerge.methods import MethodParams, Search, method
+from pivotmerge.methods.fields import Scale, scale_field
+from pivotmerge.run.engine import merge
+from pivotmerge.spec.schema import DatasetRef, spec_from_dict
+from pivotmerge.tune import trials as trials_module
+from pivotmerge.tune.space import read_space
+from pivotmerge.tune.study import run_study
+from pivotmerge.tune.trials import TrialRunner
+from pivotmerge.tune.tuning import tune
+
+
+class FragileParams(MethodParams):
+    scale: Scale = scale_field()
+
+
+def fragile(tensors, base, weights, params, generator=None):
+    """Task arithmetic that breaks above scale 1, to make a trial fail."""
+    if params.scale > 1.0:
+        raise RuntimeError("scale above 1 breaks this method")
+    return base + params.scale * sum(w * (t - base) for w, t in zip(weights, tensors))
+
+
+@pytest.fixture
+def fragile_method(monkeypatch):
+    monkeypatch.setattr(methods, "_REGISTRY", dict(methods.all_methods()))
+    method("fragile", summary="breaks above scale 1", params=FragileParams)(fragile)
+
+
+@pytest.fixture(scope="module")
+def spec(example):
+    data = {"method": "task_arithmetic", "base_model": str(example.base), "models": [{"model": str(e)} for e in example.experts],
+            "components": ["projector"], "calibration": {"dataset": str(example.datasets["shapes"]), "limit": 4}}
+    return spec_from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def runner(spec, example):
+    with TrialRunner(spec, [load_dataset(example.datasets["dots"], limit=4)], "loss") as r:
+        yield r
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(fragile_method, spec, runner):
+    space = read_space(spec, {"space": {"fragile": {"scale": [0.5, 1.5, 0.25]}}})
+    study = run_study(runner, space, trials=10)
+    assert [t.state for t in study.trials] == ["complete", "failed", "complete"]
+    failed = study.trials[1]
+    assert failed.error == "RuntimeError: scale above 1 breaks this method" and failed.objective is None
+    assert failed.params == {"scale": 1.5} and failed.dev == []
+    assert study.best in (0, 2)
+
+
+def test_cancel_stops_the_study_between_trials(spec, runner):
+    space = read_space(spec, {"space": {"task_arithmetic": {}}})
+    seen = []
+    with pytest.raises(MergeCancelled):
+        run_study(runner, space, trials=10, on_trial=seen.append, should_cancel=lambda: len(seen) >= 2)
+    assert len(seen) == 2
+
+
+def test_cancel_mid_study_writes_no_output(spec, example, tmp_path):
+    seen = []
+    with pytest.raises(MergeCancelled):
+        tune(spec, {}, [DatasetRef(dataset=str(example.datasets["dots"]), limit=4)], tmp_path / "out", trials=5,
+             on_trial=seen.append, should_cancel=lambda: len(seen) >= 1)
+    assert len(seen) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_the_time_budget_stops_the_study_after_the_trial_running_when_it_ends(spec, runner):
+    space = read_space(spec, {"space": {"task_arithmetic": {}}})
+    study = run_study(runner, space, trials=50, timeout_s=1e-6)
+    assert study.stopped == "time" and len(study.trials) == 1 and study.budget_seconds == 1e-6
+
+
+def test_calibration_is_measured_once_per_kind_of_data(spec, example, monkeypatch):
+    calls = []
+    real = trials_module.calibrate
+    monkeypatch.setattr(trials_module, "calibrate", lambda plan, *a, **k: calls.append(frozenset(plan.needs)) or real(plan, *a, **k))
+    space = read_space(spec, {"space": {"regmean": {"off_diagonal_scale": [0.5, 0.9, 1.0]},
+                                        "pm_data": {"method": "pivotmerge", "layer_weighting": "data",
+                                                    "scale_max": [0.5, 1.0]}}})
+    with TrialRunner(spec, [load_dataset(example.datasets["dots"], limit=4)], "loss") as r:
+        study = run_study(r, space, trials=6)
+    assert {t.label for t in study.trials} == {"regmean", "pm_data"}
+    assert {t.state for t in study.trials} <= {"complete", "repeat"} and len(study.trials) == 6
+    assert sorted(map(sorted, calls)) == [["alignment"], ["grams"]]
+
+
+def test_a_trials_tensors_are_the_engines_merge(spec, runner, tmp_path):
+    params = {"scale": 0.37, "density": 0.6}
+    ties = methods.get_method("ties")
+    in_memory = runner.merged(runner.plan(ties, params))
+    merge({**spec.model_dump(mode="json"), "method": "ties", "parameters": params}, tmp_path / "out")
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert in_memory and all(torch.equal(t, written[n]) for n, t in in_memory.items())
