@@ -48,12 +48,14 @@ def _params_text(params: dict) -> str:
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Time budget in seconds: no trial starts after it.")
 @click.option("--seed", type=int, default=None, help="Sampler seed (default: the spec's seed).")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="torch CPU threads: small models evaluate fastest on one (benchmarks/tune_speed.py).")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder for the best trial's merge; created when the study completes.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the merge report (with the study) as JSON on stdout.")
 def tune_command(spec_file: Path, dev: tuple[Path, ...], methods: tuple[str, ...], trials: int, objective: str,
-                 test: tuple[Path, ...], timeout_s: float | None, seed: int | None, out_dir: Path, force: bool,
+                 test: tuple[Path, ...], timeout_s: float | None, seed: int | None, threads: int, out_dir: Path, force: bool,
                  as_json: bool) -> None:
     """Search merge methods and their parameters on dev data; write the best trial's merge to OUT.
 
@@ -72,12 +74,14 @@ def tune_command(spec_file: Path, dev: tuple[Path, ...], methods: tuple[str, ...
         raise PivotMergeError("--dev: give at least one dev dataset")
     if importlib.util.find_spec("optuna") is None:
         raise PivotMergeError(TUNE_HINT)
+    import torch
     from transformers.utils import logging as hf_logging
 
     from pivotmerge.tune.study import top_trials
     from pivotmerge.tune.tuning import PLOT_FILE, load_tuning_spec, study_of, tune
 
     hf_logging.disable_progress_bar()  # one bar: the trials'
+    torch.set_num_threads(threads)
     spec, section = load_tuning_spec(spec_file)
     bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
               TextColumn("{task.fields[best]}", style="dim"), console=console, transient=False)
