@@ -11,17 +11,19 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import optuna
 
 from pivotmerge.errors import MergeCancelled, PivotMergeError, SpecError
+from pivotmerge.methods import get_method
 from pivotmerge.progress import CancelFn
 from pivotmerge.report.study import CandidateReport, SearchedParameter, StudyReport, TrialRecord
-from pivotmerge.tune.space import Candidate, Space, params_of
-from pivotmerge.tune.trials import DIRECTION, Objective, TrialRunner, objective_value
+from pivotmerge.tune.space import Space, params_of
+from pivotmerge.spec.schema import MergeSpec
+from pivotmerge.tune.trials import DIRECTION, Objective, TrialRunner, objective_value, trial_spec
 
 TrialFn = Callable[[TrialRecord], None]
 StartFn = Callable[[int], None]  # called with the number of trials the study will run, at most
@@ -58,17 +60,41 @@ def candidates_report(space: Space) -> dict[str, CandidateReport]:
             for c in space.candidates}
 
 
-def run_study(runner: TrialRunner, space: Space, *, trials: int, seed: int = 0, timeout_s: float | None = None,
-              on_start: StartFn | None = None, on_trial: TrialFn | None = None, should_cancel: CancelFn | None = None,
+@dataclass(frozen=True)
+class Proposal:
+    """A trial to run: what a worker needs besides its `TrialRunner`."""
+
+    number: int
+    label: str
+    method: str
+    params: dict[str, Any]
+
+
+# Runs a batch of proposals (in this process, or fanned out to workers) and returns one record each.
+BatchFn = Callable[[Sequence[Proposal]], list[TrialRecord]]
+
+
+def local_batches(runner: TrialRunner) -> BatchFn:
+    """Run each proposal in this process, one after the other."""
+    return lambda proposals: [run_trial(runner, p) for p in proposals]
+
+
+def run_study(space: Space, objective: Objective, run_batch: BatchFn, *, trials: int, seed: int = 0,
+              batch_size: int = 1, timeout_s: float | None = None, on_start: StartFn | None = None,
+              on_trial: TrialFn | None = None, should_cancel: CancelFn | None = None,
               dev_paths: Sequence[str] = (), setup_s: float = 0.0) -> StudyReport:
     """Run up to `trials` trials (or the whole grid, if smaller), within `timeout_s` seconds when given.
 
-    A trial that raises is recorded as failed and the study goes on; cancelling (`should_cancel`)
-    raises MergeCancelled between trials. Raises PivotMergeError when no trial completed.
+    Trials are proposed `batch_size` at a time and told back in proposal order, so a study whose batches
+    run on several workers proposes, scores and chooses exactly what one process running the same
+    batches does with the same seed. A trial that raises is recorded as failed and the study goes on;
+    cancelling (`should_cancel`) raises MergeCancelled between batches. Raises PivotMergeError when
+    no trial completed.
     """
     if trials < 1:
         raise SpecError("trials: must be at least 1")
-    objective: Objective = runner.objective
+    if batch_size < 1:
+        raise SpecError("batch_size: must be at least 1")
     direction = DIRECTION[objective]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction=direction, sampler=optuna.samplers.TPESampler(seed=seed))
@@ -86,27 +112,32 @@ def run_study(runner: TrialRunner, space: Space, *, trials: int, seed: int = 0, 
         on_start(budget)
     started = time.perf_counter()
     records: list[TrialRecord] = []
-    seen: dict[str, TrialRecord] = {}
+    seen: dict[str, TrialRecord] = {}  # setting -> the trial that ran it
     stopped = "grid" if sampler == "grid" and budget == len(grid or ()) else "budget"
-    for number in range(budget):
+    while len(records) < budget:
         if should_cancel is not None and should_cancel():
             raise MergeCancelled("tuning cancelled")
-        if timeout_s is not None and records and time.perf_counter() - started >= timeout_s:  # one trial at least
+        if timeout_s is not None and records and time.perf_counter() - started >= timeout_s:  # one batch at least
             stopped = "time"
             break
-        trial = study.ask()
-        candidate, values = _propose(trial, space)
-        params = params_of(candidate, values)
-        key = json.dumps([candidate.label, values], sort_keys=True, default=str)
-        record = _run_trial(runner, number, candidate, params, seen.get(key))
-        if record.state == "failed":
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        else:
-            study.tell(trial, record.objective)
+        asked = []
+        for number in range(len(records), min(len(records) + batch_size, budget)):
+            trial = study.ask()
+            candidate, values = _propose(trial, space)
+            key = json.dumps([candidate.label, values], sort_keys=True, default=str)
+            asked.append((trial, Proposal(number, candidate.label, candidate.method.name, params_of(candidate, values)), key))
+        firsts = {key: p for _, p, key in reversed(asked) if key not in seen}
+        ran = {r.number: r for r in run_batch(list(sorted(firsts.values(), key=lambda p: p.number)))}
+        for trial, proposal, key in asked:
+            record = ran.get(proposal.number) or _repeat(proposal, seen[key])
             seen.setdefault(key, record)
-        records.append(record)
-        if on_trial is not None:
-            on_trial(record)
+            if record.objective is None:
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            else:
+                study.tell(trial, record.objective)
+            records.append(record)
+            if on_trial is not None:
+                on_trial(record)
     scored = [r for r in records if r.objective is not None]
     if not scored:
         first = next((r.error for r in records if r.error), "no trial ran")
@@ -118,14 +149,21 @@ def run_study(runner: TrialRunner, space: Space, *, trials: int, seed: int = 0, 
                        seconds=round(time.perf_counter() - started, 4))
 
 
-def _run_trial(runner: TrialRunner, number: int, candidate: Candidate, params: dict[str, Any],
-               repeat_of: TrialRecord | None) -> TrialRecord:
-    base = {"number": number, "label": candidate.label, "method": candidate.method.name, "params": params}
-    if repeat_of is not None:
-        return TrialRecord(**base, state="repeat", objective=repeat_of.objective, dev=repeat_of.dev, seconds=0.0)
+def _repeat(proposal: Proposal, original: TrialRecord) -> TrialRecord:
+    """A setting proposed again: the first run's outcome, copied (nothing runs)."""
+    if original.state == "failed":
+        return original.model_copy(update={"number": proposal.number, "seconds": 0.0,
+                                           "error": f"as trial {original.number}: {original.error}"})
+    return TrialRecord(number=proposal.number, label=proposal.label, method=proposal.method, params=proposal.params,
+                       state="repeat", objective=original.objective, dev=original.dev, seconds=0.0)
+
+
+def run_trial(runner: TrialRunner, proposal: Proposal) -> TrialRecord:
+    """Run one proposal with `runner` and record it; an exception becomes a failed trial's error."""
+    base = {"number": proposal.number, "label": proposal.label, "method": proposal.method, "params": proposal.params}
     started = time.perf_counter()
     try:
-        result = runner.run(candidate.method, params)
+        result = runner.run(get_method(proposal.method), proposal.params)
     except MergeCancelled:
         raise
     except Exception as exc:  # a failing trial is recorded; the study goes on (its error is the record)
@@ -140,13 +178,10 @@ def _run_trial(runner: TrialRunner, number: int, candidate: Candidate, params: d
                        merge_s=round(result.merge_s, 4), evaluate_s=round(result.evaluate_s, 4))
 
 
-def best_spec(runner: TrialRunner, study: StudyReport) -> dict[str, Any]:
+def best_spec(spec: MergeSpec, study: StudyReport) -> dict[str, Any]:
     """The merge spec of the chosen trial, as JSON: what `pivotmerge merge` reruns."""
-    from pivotmerge.methods import get_method
-    from pivotmerge.tune.trials import trial_spec
-
     best = study.best_trial()
-    return trial_spec(runner.spec, get_method(best.method), best.params).model_dump(mode="json")
+    return trial_spec(spec, get_method(best.method), best.params).model_dump(mode="json")
 
 
 def top_trials(study: StudyReport, n: int = 5) -> list[TrialRecord]:

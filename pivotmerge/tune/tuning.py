@@ -15,7 +15,7 @@ from pivotmerge.report.study import StudyReport
 from pivotmerge.run.engine import merge
 from pivotmerge.spec.schema import DatasetRef, MergeSpec, read_yaml, spec_from_dict
 from pivotmerge.tune.space import read_space
-from pivotmerge.tune.study import StartFn, TrialFn, best_spec, plot_study, run_study
+from pivotmerge.tune.study import StartFn, TrialFn, best_spec, local_batches, plot_study, run_study
 from pivotmerge.tune.trials import Objective, TrialRunner
 
 PLOT_FILE = "study.png"
@@ -62,10 +62,10 @@ def tune(spec: MergeSpec, section: Mapping[str, Any], dev: Sequence[DatasetRef],
     started = time.perf_counter()
     with TrialRunner(spec, dev_sets, objective, allowed_roots=allowed_roots, relative_to=relative_to) as runner:
         setup_s = time.perf_counter() - started
-        study = run_study(runner, space, trials=trials, seed=spec.seed if seed is None else seed, timeout_s=timeout_s,
+        study = run_study(space, objective, local_batches(runner), trials=trials, seed=spec.seed if seed is None else seed, timeout_s=timeout_s,
                           on_start=on_start, on_trial=on_trial, should_cancel=should_cancel,
                           dev_paths=[str(d.path) for d in dev_sets], setup_s=setup_s)
-        chosen = best_spec(runner, study)
+        chosen = best_spec(spec, study)
     chosen["evaluate"] = [ref.model_dump(mode="json") for ref in test]
     with building(out_dir) as partial:
         report = merge(chosen, partial, should_cancel=should_cancel, allowed_roots=allowed_roots,

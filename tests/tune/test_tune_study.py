@@ -19,7 +19,7 @@ from pivotmerge.run.engine import merge
 from pivotmerge.spec.schema import DatasetRef, spec_from_dict
 from pivotmerge.tune import trials as trials_module
 from pivotmerge.tune.space import read_space
-from pivotmerge.tune.study import run_study
+from pivotmerge.tune.study import local_batches, run_study, run_trial
 from pivotmerge.tune.trials import TrialRunner
 from pivotmerge.tune.tuning import tune
 
@@ -56,7 +56,7 @@ def runner(spec, example):
 
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(fragile_method, spec, runner):
     space = read_space(spec, {"space": {"fragile": {"scale": [0.5, 1.5, 0.25]}}})
-    study = run_study(runner, space, trials=10)
+    study = run_study(space, "loss", local_batches(runner), trials=10)
     assert [t.state for t in study.trials] == ["complete", "failed", "complete"]
     failed = study.trials[1]
     assert failed.error == "RuntimeError: scale above 1 breaks this method" and failed.objective is None
@@ -68,7 +68,7 @@ def test_cancel_stops_the_study_between_trials(spec, runner):
     space = read_space(spec, {"space": {"task_arithmetic": {}}})
     seen = []
     with pytest.raises(MergeCancelled):
-        run_study(runner, space, trials=10, on_trial=seen.append, should_cancel=lambda: len(seen) >= 2)
+        run_study(space, "loss", local_batches(runner), trials=10, on_trial=seen.append, should_cancel=lambda: len(seen) >= 2)
     assert len(seen) == 2
 
 
@@ -82,7 +82,7 @@ def test_cancel_mid_study_writes_no_output(spec, example, tmp_path):
 
 def test_the_time_budget_stops_the_study_after_the_trial_running_when_it_ends(spec, runner):
     space = read_space(spec, {"space": {"task_arithmetic": {}}})
-    study = run_study(runner, space, trials=50, timeout_s=1e-6)
+    study = run_study(space, "loss", local_batches(runner), trials=50, timeout_s=1e-6)
     assert study.stopped == "time" and len(study.trials) == 1 and study.budget_seconds == 1e-6
 
 
@@ -94,7 +94,7 @@ def test_calibration_is_measured_once_per_kind_of_data(spec, example, monkeypatc
                                         "pm_data": {"method": "pivotmerge", "layer_weighting": "data",
                                                     "scale_max": [0.5, 1.0]}}})
     with TrialRunner(spec, [load_dataset(example.datasets["dots"], limit=4)], "loss") as r:
-        study = run_study(r, space, trials=6)
+        study = run_study(space, "loss", local_batches(r), trials=6)
     assert {t.label for t in study.trials} == {"regmean", "pm_data"}
     assert {t.state for t in study.trials} <= {"complete", "repeat"} and len(study.trials) == 6
     assert sorted(map(sorted, calls)) == [["alignment"], ["grams"]]
@@ -107,3 +107,31 @@ def test_a_trials_tensors_are_the_engines_merge(spec, runner, tmp_path):
     merge({**spec.model_dump(mode="json"), "method": "ties", "parameters": params}, tmp_path / "out")
     written = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert in_memory and all(torch.equal(t, written[n]) for n, t in in_memory.items())
+
+
+def test_batches_fanned_out_to_two_runners_choose_what_one_process_chooses(spec, example, runner):
+    """Two runners (each with its own loaded model, as two workers would be) share each batch; the study
+    proposes, scores and chooses exactly what one process running the same batches does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    space = read_space(spec, {"space": {"task_arithmetic": {}, "tsv": {}}})
+    alone = run_study(space, "loss", local_batches(runner), trials=6, seed=3, batch_size=2)
+    threads = torch.get_num_threads()
+    dev = [load_dataset(example.datasets["dots"], limit=4)]
+    with TrialRunner(spec, dev, "loss") as first, TrialRunner(spec, dev, "loss") as second, \
+            ThreadPoolExecutor(max_workers=2) as pool:
+        def fan_out(proposals):
+            workers = [first, second]
+            return list(pool.map(lambda ip: run_trial(workers[ip[0] % 2], ip[1]), enumerate(proposals)))
+
+        together = run_study(space, "loss", fan_out, trials=6, seed=3, batch_size=2)
+    torch.set_num_threads(threads)
+    assert [(t.label, t.params, t.objective) for t in together.trials] == [(t.label, t.params, t.objective) for t in alone.trials]
+    assert together.best == alone.best
+    assert len({json_key(t.params) for t in alone.trials}) > 2  # the sampler explored beyond the defaults
+
+
+def json_key(params):
+    import json
+
+    return json.dumps(params, sort_keys=True)
