@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextCo
 from rich.table import Table
 
 from pivotmerge.errors import PivotMergeError
+from pivotmerge.report.study import TrialRecord
 
 console = Console(stderr=True)
 TUNE_HINT = "pivotmerge tune needs optuna; install it with: pip install 'pivotmerge[tune]'"
@@ -30,6 +31,38 @@ def _methods(values: tuple[str, ...]) -> list[str]:
 
 def _params_text(params: dict) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
+
+
+class TrialBar:
+    """Trials done out of the budget, with the best dev objective so far. It appears when the study
+    starts, so a spec refused by the checks prints its one error line alone."""
+
+    def __init__(self, objective: str) -> None:
+        self._objective = objective
+        self._bar = Bar(TextColumn("tuning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("{task.fields[note]}", style="dim"), console=console, transient=False)
+        self._task = self._bar.add_task("tuning", total=None, note="")
+        self._best: float | None = None
+        self._shown = False
+
+    def __enter__(self) -> "TrialBar":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._shown:
+            self._bar.stop()
+
+    def start(self, budget: int) -> None:
+        self._bar.update(self._task, total=budget)
+        self._bar.start()
+        self._shown = True
+
+    def advance(self, record: TrialRecord) -> None:
+        if record.objective is not None:
+            pick = min if self._objective == "loss" else max
+            self._best = record.objective if self._best is None else pick(self._best, record.objective)
+        best = "" if self._best is None else f"; best dev {self._objective} {self._best:.4f}"
+        self._bar.update(self._task, advance=1, note=f"{record.label}: {record.state}{best}")
 
 
 @click.command("tune")
@@ -83,31 +116,10 @@ def tune_command(spec_file: Path, dev: tuple[Path, ...], methods: tuple[str, ...
     hf_logging.disable_progress_bar()  # one bar: the trials'
     torch.set_num_threads(threads)
     spec, section = load_tuning_spec(spec_file)
-    bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-              TextColumn("{task.fields[best]}", style="dim"), console=console, transient=False)
-    task = bar.add_task("tuning", total=trials, best="")
-    best: list[float] = []
-    shown: list[bool] = []
-
-    def on_start(budget: int) -> None:
-        # The bar appears once the checks have passed, so a refused spec prints its one line alone.
-        bar.update(task, total=budget)
-        bar.start()
-        shown.append(True)
-
-    def on_trial(record) -> None:
-        if record.objective is not None:
-            best.append(record.objective)
-        shown = "" if not best else f"best dev {objective} {(min if objective == 'loss' else max)(best):.4f}"
-        bar.update(task, advance=1, best=f"{record.label}: {record.state}; {shown}")
-
-    try:
+    with TrialBar(objective) as bar:
         report = tune(spec, section, _refs(dev), out_dir, methods=_methods(methods), trials=trials,
-                      objective=objective, test=_refs(test), seed=seed, timeout_s=timeout_s, on_start=on_start,
-                      on_trial=on_trial, relative_to=spec_file.parent, overwrite=force)
-    finally:
-        if shown:
-            bar.stop()
+                      objective=objective, test=_refs(test), seed=seed, timeout_s=timeout_s, on_start=bar.start,
+                      on_trial=bar.advance, relative_to=spec_file.parent, overwrite=force)
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
         return
