@@ -135,3 +135,12 @@ def json_key(params):
     import json
 
     return json.dumps(params, sort_keys=True)
+
+
+def test_the_qa_objective_scores_generated_answers(spec, example):
+    space = read_space(spec, {"space": {"task_arithmetic": {"scale": [0.5]}}})
+    with TrialRunner(spec, [load_dataset(example.datasets["shapes"], limit=4)], "qa") as r:
+        [trial] = run_study(space, "qa", local_batches(r), trials=3).trials
+    [dev] = trial.dev
+    assert dev["questions"] == 4 and dev["exact_match"] is not None
+    assert trial.objective == dev["exact_match"] and trial.objective in (0.0, 0.25, 0.5, 0.75, 1.0)
