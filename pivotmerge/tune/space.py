@@ -97,7 +97,7 @@ def read_space(spec: MergeSpec, section: Mapping[str, Any] | None, labels: Seque
 
     Errors are SpecErrors naming the field: ``tune.space.ties.foo: not a parameter of 'ties' ...``.
     """
-    space = dict((section or {}).get("space") or {})
+    space = (section or {}).get("space") or {}
     if not isinstance(space, dict):
         raise SpecError("tune.space: expected a mapping of candidate label -> parameters")
     chosen = list(labels) or list(space) or [spec.method]
@@ -108,9 +108,9 @@ def read_space(spec: MergeSpec, section: Mapping[str, Any] | None, labels: Seque
 
 
 def _candidate(spec: MergeSpec, label: str, entry: Any, where: str) -> Candidate:
-    entry = dict(entry or {})
-    if not isinstance(entry, dict):
+    if not isinstance(entry or {}, dict):
         raise SpecError(f"{where}.{label}: expected a mapping of parameter -> value, list or range")
+    entry = dict(entry or {})
     name = entry.pop("method", label)
     try:
         method = get_method(str(name))

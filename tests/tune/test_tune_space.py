@@ -65,7 +65,9 @@ def test_a_discrete_space_is_a_grid_and_a_range_is_not():
     ({"space": {"tsv": {"scale": {"low": 0, "high": 1}}}}, [], "tune.space.tsv.scale: a log range needs low > 0"),
     ({"space": {"pivotmerge": {"spectrum": ["keep", "sideways"]}}}, [], "tune.space.pivotmerge.spectrum: Input should be"),
     ({"space": {"regmean": {"gram_inputs": "merged"}}}, [], "tune.space.regmean.gram_inputs: merged (a second merge pass) is not tuned"),
-    ({"space": {"slerp": {}}}, [], "tune.space.slerp: method 'slerp' cannot merge 2 models") ,
+    ({"space": {"slerp": {}}}, [], "tune.space.slerp: method 'slerp' cannot merge 2 models"),
+    ({"space": ["ties"]}, [], "tune.space: expected a mapping"),
+    ({"space": {"ties": [0.5]}}, [], "tune.space.ties: expected a mapping"),
 ])
 def test_bad_spaces_are_refused_naming_the_field(section, labels, message):
     spec = SPEC if "slerp" not in str(section) else {**SPEC, "models": SPEC["models"] + [{"model": "c"}]}
