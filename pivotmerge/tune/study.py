@@ -21,8 +21,8 @@ from pivotmerge.errors import MergeCancelled, PivotMergeError, SpecError
 from pivotmerge.methods import get_method
 from pivotmerge.progress import CancelFn
 from pivotmerge.report.study import CandidateReport, SearchedParameter, StudyReport, TrialRecord
-from pivotmerge.tune.space import Space, params_of
 from pivotmerge.spec.schema import MergeSpec
+from pivotmerge.tune.space import Candidate, Space, params_of
 from pivotmerge.tune.trials import DIRECTION, Objective, TrialRunner, objective_value, trial_spec
 
 TrialFn = Callable[[TrialRecord], None]

@@ -60,8 +60,8 @@ def tune(spec: MergeSpec, section: Mapping[str, Any], dev: Sequence[DatasetRef],
     started = time.perf_counter()
     with TrialRunner(spec, dev_sets, objective, allowed_roots=allowed_roots, relative_to=relative_to) as runner:
         setup_s = time.perf_counter() - started
-        study = run_study(space, objective, local_batches(runner), trials=trials, seed=spec.seed if seed is None else seed, timeout_s=timeout_s,
-                          on_start=on_start, on_trial=on_trial, should_cancel=should_cancel,
+        study = run_study(space, objective, local_batches(runner), trials=trials,
+                          seed=spec.seed if seed is None else seed, timeout_s=timeout_s, on_start=on_start, on_trial=on_trial, should_cancel=should_cancel,
                           dev_paths=[str(d.path) for d in dev_sets], setup_s=setup_s)
         chosen = best_spec(spec, study)
     chosen["evaluate"] = [ref.model_dump(mode="json") for ref in test]

@@ -4,7 +4,6 @@ per kind, and a trial's tensors are the engine's own."""
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 from pivotmerge import methods
 from pivotmerge.data.datasets import load_dataset
 from pivotmerge.errors import MergeCancelled
-from pivotmerge.methods import MethodParams, Search, method
+from pivotmerge.methods import MethodParams, method
 from pivotmerge.methods.fields import Scale, scale_field
 from pivotmerge.run.engine import merge
 from pivotmerge.spec.schema import DatasetRef, spec_from_dict
