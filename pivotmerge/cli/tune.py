@@ -73,13 +73,13 @@ class TrialBar:
               help="Candidates to search, comma-separated or repeated: method names, or labels of the spec's "
                    "tune.space. Default: the tune.space's candidates, else the spec's method.")
 @click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Trial budget (a discrete space smaller than this runs whole, as a grid).")
+              help="Trial budget. A discrete space of at most 256 settings runs as a grid, in order, up to this many.")
 @click.option("--objective", type=click.Choice(["loss", "accuracy", "qa"]), default="accuracy", show_default=True,
               help="Mean over the dev sets of the caption loss (lower), token accuracy or QA exact match (higher).")
 @click.option("--test", "test", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="A JSONL test dataset, scored once for the chosen trial only; repeat for several.")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Time budget in seconds: no trial starts after it.")
+              help="Time budget in seconds: no trial starts after it (the first always runs).")
 @click.option("--seed", type=int, default=None, help="Sampler seed (default: the spec's seed).")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="torch CPU threads: small models evaluate fastest on one (benchmarks/tune_speed.py).")
