@@ -111,7 +111,7 @@ def tune_command(spec_file: Path, dev: tuple[Path, ...], methods: tuple[str, ...
     from transformers.utils import logging as hf_logging
 
     from pivotmerge.tune.study import top_trials
-    from pivotmerge.tune.tuning import PLOT_FILE, load_tuning_spec, study_of, tune
+    from pivotmerge.tune.tuning import PLOT_FILE, load_tuning_spec, tune
 
     hf_logging.disable_progress_bar()  # one bar: the trials'
     torch.set_num_threads(threads)
@@ -121,9 +121,10 @@ def tune_command(spec_file: Path, dev: tuple[Path, ...], methods: tuple[str, ...
                       objective=objective, test=_refs(test), seed=seed, timeout_s=timeout_s, on_start=bar.start,
                       on_trial=bar.advance, relative_to=spec_file.parent, overwrite=force)
     if as_json:
-        click.echo(json.dumps(report, indent=2, default=str))
+        click.echo(json.dumps(report.as_json(), indent=2))
         return
-    study = study_of(report)
+    study = report.study
+    assert study is not None  # tune always records it
     table = Table(title=f"best trials of {len(study.trials)} ({study.sampler}, dev {study.objective}, "
                         f"{study.direction}); {sum(t.state == 'failed' for t in study.trials)} failed")
     for col in ("trial", "candidate", "parameters", f"dev {objective}", "seconds"):
@@ -137,7 +138,6 @@ def tune_command(spec_file: Path, dev: tuple[Path, ...], methods: tuple[str, ...
                   f"-> {out_dir} (plot: {out_dir / PLOT_FILE})")
     if study.best_test:
         from pivotmerge.tune.trials import objective_value
-        from pivotmerge.data.evaluate import DatasetMetrics
 
-        value = objective_value([DatasetMetrics(**m) for m in study.best_test], study.objective)
+        value = objective_value(study.best_test, study.objective)
         console.print(f"test {objective} of the chosen trial: {value:.4f} (reported, never used to choose)")

@@ -24,6 +24,7 @@ from pivotmerge.plan.plan import MergePlan, Timings
 from pivotmerge.repos.hub import card_data, inputs_report
 from pivotmerge.repos.output import REPORT_FILE
 from pivotmerge.repos.writer import WrittenFile
+from pivotmerge.report.study import StudyReport
 
 
 class ReportModel(BaseModel):
@@ -147,6 +148,7 @@ class MergeReport(ReportModel):
     timings: MergeTimings
     calibration: CalibrationReport | None = None
     evaluation: Evaluation | None = None  # model label ("merged", "base", each expert) -> metrics per dataset
+    study: StudyReport | None = None  # `pivotmerge tune`: the study that chose this merge
 
     def as_json(self) -> dict[str, Any]:
         """The report as merge_report.json holds it: sections that do not apply are absent, not null."""

@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from pivotmerge.data.evaluate import DatasetMetrics
+
 
 class StudyModel(BaseModel):
     model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
@@ -38,7 +40,7 @@ class TrialRecord(StudyModel):
     params: dict[str, Any]
     state: Literal["complete", "failed", "repeat"]
     objective: float | None = None
-    dev: list[dict[str, Any]] = []  # DatasetMetrics per dev set
+    dev: list[DatasetMetrics] = []  # per dev set
     seconds: float
     merge_s: float | None = None
     evaluate_s: float | None = None
@@ -58,7 +60,7 @@ class StudyReport(StudyModel):
     candidates: dict[str, CandidateReport]
     trials: list[TrialRecord]
     best: int  # the chosen trial's number
-    best_test: list[dict[str, Any]] | None = None  # DatasetMetrics per test set, of the best trial; never used to choose
+    best_test: list[DatasetMetrics] | None = None  # per test set, of the best trial; never used to choose
     setup_s: float  # reading inputs, loading the evaluation model, tokenising the dev sets
     seconds: float
 

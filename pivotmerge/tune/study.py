@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -170,11 +170,10 @@ def run_trial(runner: TrialRunner, proposal: Proposal) -> TrialRecord:
         return TrialRecord(**base, state="failed", seconds=round(time.perf_counter() - started, 4),
                            error=f"{type(exc).__name__}: {exc}" if not isinstance(exc, PivotMergeError) else str(exc))
     value = objective_value(result.metrics, runner.objective)
-    dev = [asdict(m) for m in result.metrics]
     if math.isnan(value):
-        return TrialRecord(**base, state="failed", dev=dev, seconds=round(result.seconds, 4),
+        return TrialRecord(**base, state="failed", dev=result.metrics, seconds=round(result.seconds, 4),
                            error=f"objective {runner.objective} is NaN on the dev sets")
-    return TrialRecord(**base, state="complete", objective=value, dev=dev, seconds=round(result.seconds, 4),
+    return TrialRecord(**base, state="complete", objective=value, dev=result.metrics, seconds=round(result.seconds, 4),
                        merge_s=round(result.merge_s, 4), evaluate_s=round(result.evaluate_s, 4))
 
 

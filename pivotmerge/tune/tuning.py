@@ -10,8 +10,7 @@ from pivotmerge.data.datasets import Dataset, load_ref
 from pivotmerge.errors import PivotMergeError
 from pivotmerge.progress import CancelFn
 from pivotmerge.repos.output import building, check_out_dir
-from pivotmerge.report.merge_report import write_report
-from pivotmerge.report.study import StudyReport
+from pivotmerge.report.merge_report import MergeReport, write_report
 from pivotmerge.run.engine import merge
 from pivotmerge.spec.schema import DatasetRef, MergeSpec, read_yaml, spec_from_dict
 from pivotmerge.tune.space import read_space
@@ -48,7 +47,7 @@ def tune(spec: MergeSpec, section: Mapping[str, Any], dev: Sequence[DatasetRef],
          test: Sequence[DatasetRef] = (), seed: int | None = None, timeout_s: float | None = None,
          on_start: StartFn | None = None, on_trial: TrialFn | None = None, should_cancel: CancelFn | None = None,
          allowed_roots: Sequence[str | Path] | None = None, relative_to: Path | None = None,
-         overwrite: bool = False) -> dict[str, Any]:
+         overwrite: bool = False) -> MergeReport:
     """Search `methods` (candidate labels; default: the spec's ``tune.space``, else its method) on `dev`,
     write the best trial's merge into `out_dir` with the test sets as its evaluation, and return its
     merge report, whose ``study`` holds every trial. Nothing is written unless the study completes."""
@@ -68,14 +67,10 @@ def tune(spec: MergeSpec, section: Mapping[str, Any], dev: Sequence[DatasetRef],
     with building(out_dir) as partial:
         report = merge(chosen, partial, should_cancel=should_cancel, allowed_roots=allowed_roots,
                        relative_to=relative_to, overwrite=True)
-        if test:
-            study = study.model_copy(update={"best_test": report["evaluation"]["merged"],
-                                             "test": [str(r.dataset) for r in test]})
-        report["study"] = study.model_dump(mode="json")
+        if test and report.evaluation is not None:
+            study = study.model_copy(update={"best_test": report.evaluation["merged"], "test": [str(r.dataset) for r in test]})
+        report = report.model_copy(update={"study": study})
         write_report(partial, report)
         plot_study(study, partial / PLOT_FILE)
     return report
 
-
-def study_of(report: Mapping[str, Any]) -> StudyReport:
-    return StudyReport.model_validate(report["study"])

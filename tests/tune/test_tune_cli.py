@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from pivotmerge.data.datasets import load_dataset
 from pivotmerge.data.evaluate import evaluate_model
-from pivotmerge.report.study import StudyReport
+from pivotmerge.methods import get_method
+from pivotmerge.report.merge_report import MergeReport, read_report
 
 
 @pytest.fixture
@@ -48,39 +49,39 @@ def tuned(example, tmp_path_factory):
         main(args)
     except SystemExit as exc:
         assert exc.code == 0
-    return out, json.loads((out / "merge_report.json").read_text())
+    return out, read_report(out)
 
 
 def test_every_trial_is_recorded_and_the_best_one_is_chosen_on_dev(tuned):
     _, report = tuned
-    study = StudyReport.model_validate(report["study"])
+    study = report.study
     assert len(study.trials) == 4 and study.sampler == "tpe" and study.direction == "minimize"
     # Each candidate's defaults come first.
     assert [(t.label, t.params) for t in study.trials[:2]] == [("task_arithmetic", {"scale": 1.0}),
                                                                ("ties", {"scale": 1.0, "density": 1.0})]
     for t in study.trials:
         assert t.state in ("complete", "repeat") and t.method == t.label
-        assert [d["dataset"] for d in t.dev] == ["shapes", "dots"]
-        assert t.objective == pytest.approx(sum(d["caption_loss"] for d in t.dev) / 2)
+        assert [d.dataset for d in t.dev] == ["shapes", "dots"]
+        assert t.objective == pytest.approx(sum(d.caption_loss for d in t.dev) / 2)
         assert t.seconds > 0 or t.state == "repeat"
     best = min(study.trials, key=lambda t: t.objective)
     assert study.best == best.number
-    assert report["method"] == best.method and report["spec"]["parameters"] == best.params
+    assert report.method == best.method and report.spec["parameters"] == best.params
 
 
 def test_the_output_is_the_best_trials_merge_and_scores_its_dev_figures(tuned, example):
     out, report = tuned
-    study = StudyReport.model_validate(report["study"])
+    study = report.study
     best = study.best_trial()
     # A normal merge output: weights, side files, a report whose tensors carry the chosen parameters.
     assert {"model.safetensors", "config.json", "merge_report.json", "README.md", "study.png"} <= {p.name for p in out.iterdir()}
     assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert all(entry["params"] == {k: v for k, v in best.params.items() if v != 1.0} or entry["params"] == best.params
-               for entry in report["layers"])
+    fields = get_method(best.method).params.model_fields
+    assert all(entry.params == {k: v for k, v in best.params.items() if v != fields[k].default} for entry in report.layers)
     # The written model scores on dev exactly what the in-memory trial scored.
     dev = [load_dataset(example.datasets[d]) for d in ("shapes", "dots")]
     written = evaluate_model(out, dev, device="cpu")
-    assert [m.caption_loss for m in written] == pytest.approx([d["caption_loss"] for d in best.dev], rel=1e-6)
+    assert [m.caption_loss for m in written] == pytest.approx([d.caption_loss for d in best.dev], rel=1e-6)
     # Unmerged tensors are the base's.
     merged, base = load_file(str(out / "model.safetensors")), load_file(str(example.base / "model.safetensors"))
     assert all(torch.equal(merged[n], base[n]) for n in base if "multi_modal_projector" not in n)
@@ -89,13 +90,13 @@ def test_the_output_is_the_best_trials_merge_and_scores_its_dev_figures(tuned, e
 
 def test_test_sets_are_scored_once_for_the_best_trial_beside_dev(tuned, example):
     out, report = tuned
-    study = StudyReport.model_validate(report["study"])
+    study = report.study
     assert study.test == [str(example.datasets["stripes"].resolve())]
-    assert list(report["evaluation"]) == ["merged"] and study.best_test == report["evaluation"]["merged"]
-    assert [m["dataset"] for m in study.best_test] == ["stripes"]
-    assert all(d["dataset"] != "stripes" for t in study.trials for d in t.dev)  # test never scored a trial
+    assert list(report.evaluation) == ["merged"] and study.best_test == report.evaluation["merged"]
+    assert [m.dataset for m in study.best_test] == ["stripes"]
+    assert all(d.dataset != "stripes" for t in study.trials for d in t.dev)  # test never scored a trial
     [expected] = evaluate_model(out, [load_dataset(example.datasets["stripes"])], device="cpu")
-    assert study.best_test[0]["caption_loss"] == pytest.approx(expected.caption_loss, rel=1e-6)
+    assert study.best_test[0].caption_loss == pytest.approx(expected.caption_loss, rel=1e-6)
 
 
 def test_a_small_discrete_space_runs_as_a_grid(example, run_cli, tmp_path):
@@ -105,7 +106,7 @@ def test_a_small_discrete_space_runs_as_a_grid(example, run_cli, tmp_path):
     result = run_cli("tune", "spec.yaml", "--dev", str(example.datasets["dots"]), "--trials", "10", "--json", "-o", "out",
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    study = StudyReport.model_validate(json.loads(result.stdout)["study"])
+    study = MergeReport.model_validate(json.loads(result.stdout)).study
     assert study.sampler == "grid" and study.stopped == "grid"
     assert [t.params for t in study.trials] == [{"density": 0.5, "scale": 0.5}, {"density": 0.5, "scale": 1.0}]
     assert "best trials of 2" not in result.stdout  # --json prints the report only

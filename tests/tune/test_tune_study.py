@@ -141,5 +141,5 @@ def test_the_qa_objective_scores_generated_answers(spec, example):
     with TrialRunner(spec, [load_dataset(example.datasets["shapes"], limit=4)], "qa") as r:
         [trial] = run_study(space, "qa", local_batches(r), trials=3).trials
     [dev] = trial.dev
-    assert dev["questions"] == 4 and dev["exact_match"] is not None
-    assert trial.objective == dev["exact_match"] and trial.objective in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert dev.questions == 4 and dev.exact_match is not None
+    assert trial.objective == dev.exact_match and trial.objective in (0.0, 0.25, 0.5, 0.75, 1.0)
