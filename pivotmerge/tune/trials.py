@@ -100,7 +100,7 @@ class TrialRunner:
             self.loaded = load_model(self._plan.reference.path, self.device.type)
             self._targets = _parameters(self.loaded, self._depths)
             _round_to_output_dtype(self.loaded, spec)
-            self.dev = [DevSet(d, caption_batches(self.loaded.processor, d.records, BATCH_SIZE)) for d in dev]
+            self.dev = [DevSet(d, caption_batches(self.loaded.processor, d.records, BATCH_SIZE, d.prompt)) for d in dev]
         except BaseException:
             self._plan.close()
             raise
@@ -148,7 +148,8 @@ class TrialRunner:
             em = exact_match(answers(self.loaded, qa, BATCH_SIZE, MAX_NEW_TOKENS), [r.answer or "" for r in qa]) if qa else None
             out.append(DatasetMetrics(dataset=dev.dataset.name, samples=len(dev.dataset.records), tokens=stats.tokens,
                                       caption_loss=stats.loss, perplexity=math.exp(stats.loss) if stats.tokens else math.nan,
-                                      token_accuracy=stats.accuracy, exact_match=em, questions=len(qa)))
+                                      token_accuracy=stats.accuracy, exact_match=em, questions=len(qa),
+                                      prompt=dev.dataset.prompt))
         return out
 
     def run(self, method: Method, params: Mapping[str, Any]) -> TrialResult:

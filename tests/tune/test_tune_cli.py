@@ -5,7 +5,6 @@ once for it; bad input is one line naming the field and leaves nothing behind.""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,23 +16,6 @@ from pivotmerge.data.datasets import load_dataset
 from pivotmerge.data.evaluate import evaluate_model
 from pivotmerge.methods import get_method
 from pivotmerge.report.merge_report import MergeReport, read_report
-
-
-@pytest.fixture
-def run_cli(capsys, monkeypatch):
-    from pivotmerge.cli.main import main
-
-    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-        monkeypatch.chdir(cwd)
-        try:
-            main(list(args))
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out, err)
-
-    return run
 
 
 @pytest.fixture(scope="module")
