@@ -34,7 +34,7 @@ import torch
 from pydantic import AliasChoices, Field, model_validator
 
 from pivotmerge.methods import NO_CALIBRATION, Calibration, Merged, MethodParams, Need, Search, Tensor, method
-from pivotmerge.methods._ops import (SvdMode, column_weights, elected_mask, energy_rank, flatten_spectrum, masked_merge,
+from pivotmerge.methods._ops import (SvdMode, column_weights, elected_mask, flatten_spectrum, low_rank_svd, masked_merge,
                                      onto_base, significant, svd, weighted_sum)
 from pivotmerge.methods.fields import OffDiagonalScale, Scale, off_diagonal_scale_field
 from pivotmerge.methods.regmean import regmean_solve
@@ -65,7 +65,9 @@ class Params(MethodParams):
                              description="Layer scale for a layer scoring 0: scale_l = scale_min + (scale_max - scale_min) * s_l.")
     scale_max: Scale = Field(1.0, validation_alias=AliasChoices("scale_max", "lambda_max"),
                              description="Layer scale for a layer scoring 1 (and every layer under uniform weighting).")
-    svd: SvdMode = Field("exact", description="Shared-space and residual SVDs: exact, or seeded randomized low-rank.")
+    svd: SvdMode = Field("auto", description="Shared-space and residual SVDs: exact; seeded randomized low-rank; or auto: "
+                                             "randomized where it is much cheaper and its estimated error is under 1% of "
+                                             "the kept part, else exact.")
 
     @model_validator(mode="after")
     def _randomized_needs_rank(self) -> "Params":
@@ -172,12 +174,12 @@ def _merge_matrix(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[fl
     expert_energy = deltas.square().sum(dim=(0, 2))
     total_energy = float(expert_energy.sum())
     if params.shared_space:
-        u, s, _ = significant(*svd(flat, params.max_rank, params.svd, generator), flat.shape)
-        u = u[:, :energy_rank(s, params.energy, total_energy)]
+        u, s, vh, choice = low_rank_svd(flat, params.max_rank, params.energy, params.svd, generator)
+        u = significant(u, s, vh, flat.shape)[0]
         coef = (u.T @ flat).view(-1, k, n)
         shares = coef.square().sum(dim=(0, 2)) / expert_energy.clamp_min(torch.finfo(flat.dtype).tiny)
     else:
-        u, coef, shares = None, deltas, torch.ones(k)
+        u, coef, shares, choice = None, deltas, torch.ones(k), None
     expert_weights, score = layer_weights(params, weights, shares, calibration.alignment)
     a = torch.tensor(expert_weights, dtype=flat.dtype, device=flat.device)
     # Only linear layers' weights have input Gram matrices; other matrices (embeddings, kernels) take the sum.
@@ -200,6 +202,8 @@ def _merge_matrix(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[fl
     info = {"rank": int(coef.shape[0]), "energy_kept": kept, "directions_suppressed": suppressed,
             "combine": "sum" if grams is None else ("gram" if cross is None else "gram (merged inputs)"),
             "expert_weights": expert_weights, "layer_score": score}
+    if choice is not None:
+        info["shared_svd"] = choice.report()
     return merged, info
 
 

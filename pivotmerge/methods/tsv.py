@@ -14,7 +14,8 @@ import torch
 from pydantic import Field
 
 from pivotmerge.methods import Merged, MethodParams, Tensor, method
-from pivotmerge.methods._ops import SvdMode, add_weighted_deltas, onto_base, orthogonalize, significant, svd
+from pivotmerge.methods._ops import (SvdMode, add_weighted_deltas, low_rank_svds, onto_base, orthogonalize, significant,
+                                     stacked_deltas)
 from pivotmerge.methods.fields import Scale, scale_field
 
 
@@ -23,7 +24,12 @@ class Params(MethodParams):
     rank_fraction: float | None = Field(
         None, gt=0, le=1,
         description="Fraction of each task's rank kept (min(m, n) * fraction, at least 1); default 1/K.")
-    svd: SvdMode = Field("exact", description="Per-task SVD: exact, or seeded randomized low-rank.")
+    energy: float = Field(
+        1.0, gt=0, le=1,
+        description="Rank rule: keep at most the fewest directions holding this share of each task's energy (1: rank_fraction alone).")
+    svd: SvdMode = Field(
+        "auto", description="Per-task SVDs: exact; seeded randomized low-rank; or auto: randomized where it is much cheaper "
+                            "and its estimated error is under 1% of the kept part, else exact.")
 
 
 def task_rank(shape: Sequence[int], fraction: float) -> int:
@@ -39,14 +45,16 @@ def tsv(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float]
     if base.dim() != 2:
         return Merged(add_weighted_deltas(base, (t - base for t in tensors), weights, params.scale))
     rank = task_rank(base.shape, params.rank_fraction or 1 / len(tensors))
+    # The tasks' deltas share a shape: one batched SVD instead of K.
+    tasks = low_rank_svds(stacked_deltas(tensors, base), rank, params.energy, params.svd, generator)
     us, ss, vhs = [], [], []
-    for t, w in zip(tensors, weights):
-        u, s, vh = significant(*svd(t - base, rank, params.svd, generator), base.shape)
+    for (u, s, vh, _), w in zip(tasks, weights):
+        u, s, vh = significant(u, s, vh, base.shape)
         us.append(u)
         ss.append(s * w)
         vhs.append(vh)
     u_perp = orthogonalize(torch.cat(us, dim=1))
     vh_perp = orthogonalize(torch.cat(vhs, dim=0))
     delta = (u_perp * torch.cat(ss)) @ vh_perp
-    return Merged(onto_base(delta, base, params.scale), {"rank_per_task": [int(u.shape[1]) for u in us]})
-
+    info = {"rank_per_task": [int(u.shape[1]) for u in us], "svd_per_task": [choice.report() for *_, choice in tasks]}
+    return Merged(onto_base(delta, base, params.scale), info)
