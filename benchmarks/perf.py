@@ -4,17 +4,26 @@
                               [--repeats 3] [--out perf.json] [--work DIR]
 
 Generates a base and three experts (Llama-shaped bf16 safetensors, the language
-model of a LLaVA checkpoint; mergekit has no LLaVA architecture table), then:
+model of a LLaVA checkpoint; mergekit has no LLaVA architecture table) whose
+updates are fine-tuning-like: per matrix a low-rank part with a decaying spectrum
+plus dense noise holding 5% of the update's energy. Then, with the machine described:
 
-1. runs the same mergekit YAML with `mergekit-yaml` and with `pivotmerge merge`
+1. the I/O floor: plain reads of the four input files and a write of one output
+   of the same size;
+2. runs the same mergekit YAML with `mergekit-yaml` and with `pivotmerge merge`
    (which accepts mergekit configs), each run in its own fresh subprocess whose
    wall time and peak RSS (os.wait4's ru_maxrss) are measured the same way; the
-   two tools alternate and each pair is repeated, medians reported;
-2. compares the two outputs tensor by tensor (largest absolute difference);
-3. times our SVD methods (tsv, pivotmerge when registered) on the same models;
-4. measures the SVD methods' scaling with hidden size, exact against the
-   randomized low-rank SVD, and the randomized SVD's error;
-5. measures our peak RSS with N and 2N layers (it must stay flat).
+   two tools alternate and each pair is repeated, medians reported; the outputs
+   are compared tensor by tensor (largest absolute difference, bytes);
+3. our SVD methods (tsv, iso_c, pivotmerge) on whole models, every component,
+   their wall time against our TIES, and each tensor's SVD choice from the merge
+   report (exact or randomized, rank, estimated error);
+4. the randomized SVD's real error against the exact SVD on the models' own
+   tensors (embedding and one layer), and both timings;
+5. a projector-only merge of LLaVA-named copies of the models: its time and the
+   bytes it read, against copying the base;
+6. our peak RSS for task_arithmetic on a 1B-parameter-shaped model against the
+   200M one (streaming: it must stay flat).
 
 Speed is measured here, never in tests; the machine is shared, so figures are medians.
 """
@@ -51,17 +60,19 @@ MERGEKIT_METHODS: dict[str, dict[str, Any]] = {
     "task_arithmetic": {"parameters": {"weight": 0.5}},
     "ties": {"parameters": {"weight": 1.0, "density": 0.5}},
 }
-# Whole-model SVD merges take minutes with exact SVDs of the 32000 x h embeddings on
-# two cores; these timings use the randomized SVD at a modest rank.
+# The SVD methods at their defaults (svd: auto), tsv with the rank rule's energy share
+# (its default, 1, keeps rank_fraction directions of noise too: exact SVDs throughout).
 OUR_ONLY_METHODS: dict[str, dict[str, Any]] = {
-    "tsv": {"svd": "randomized", "rank_fraction": 0.125},
-    "pivotmerge": {"svd": "randomized", "max_rank": 128},
+    "tsv": {"energy": 0.9},
+    "iso_c": {},
+    "pivotmerge": {},
 }
-# The scaling curve keeps h/8 directions (per task for tsv), exact or randomized.
-SVD_RANK_PARAMS: dict[str, Callable[[int], dict[str, Any]]] = {
-    "tsv": lambda h: {"rank_fraction": 0.125},
-    "pivotmerge": lambda h: {"max_rank": max(1, h // 8)},
-}
+# The experts' updates: per matrix a rank-DELTA_RANK part with singular values
+# decaying as 0.8^i, plus dense noise holding NOISE_SHARE of the update's energy;
+# the update's entries are about DELTA_SCALE of the weights'.
+DELTA_RANK = 16
+NOISE_SHARE = 0.05
+DELTA_SCALE = 0.1
 
 
 @dataclass(frozen=True)
@@ -119,27 +130,59 @@ def shape_for(params: int, hidden: int, layers: int | None, vocab: int) -> Shape
     return Shape(hidden, intermediate, layers, vocab)
 
 
-def make_models(folder: Path, shape: Shape, seed: int = 0) -> list[Path]:
-    """A base and EXPERTS fine-tuned-like experts (base + small dense deltas), reused when present."""
+def fine_tune_like(shape: Sequence[int], scale: float, g: torch.Generator) -> torch.Tensor:
+    """A fine-tuning-like update of a matrix: low-rank with a decaying spectrum, plus noise."""
+    m, n = shape
+    spectrum = 0.8 ** torch.arange(DELTA_RANK, dtype=torch.float32)
+    low = (torch.randn(m, DELTA_RANK, generator=g) * spectrum) @ torch.randn(DELTA_RANK, n, generator=g)
+    noise = torch.randn(m, n, generator=g)
+    noise.mul_((NOISE_SHARE / (1 - NOISE_SHARE)) ** 0.5 * low.norm() / noise.norm())
+    delta = low.add_(noise)
+    return delta.mul_(scale * (m * n) ** 0.5 / delta.norm())
+
+
+def make_models(folder: Path, shape: Shape, seed: int = 0, llava: bool = False) -> list[Path]:
+    """A base and EXPERTS fine-tuned-like experts, reused when present. With `llava`, the
+    names of a LLaVA checkpoint (`language_model.` prefix) plus a two-layer projector."""
     repos = [folder / "base"] + [folder / f"expert{k}" for k in range(EXPERTS)]
     stamp = folder / "shape.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == asdict(shape) | {"seed": seed}:
+    recipe = asdict(shape) | {"seed": seed, "llava": llava, "deltas": [DELTA_RANK, NOISE_SHARE, DELTA_SCALE]}
+    if stamp.is_file() and json.loads(stamp.read_text()) == recipe:
         return repos
     shutil.rmtree(folder, ignore_errors=True)
     for repo in repos:
         repo.mkdir(parents=True)
-        (repo / "config.json").write_text(json.dumps(shape.config(), indent=2))
+        (repo / "config.json").write_text(json.dumps(llava_config(shape) if llava else shape.config(), indent=2))
     g = torch.Generator().manual_seed(seed)
+    tensors = shape.tensors()
+    if llava:
+        tensors = {f"language_model.{n}": s for n, s in tensors.items()} | projector_tensors(shape)
     state: list[dict[str, torch.Tensor]] = [{} for _ in repos]
-    for name, s in shape.tensors().items():
+    for name, s in tensors.items():
         base = torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g).mul_(0.02)
         state[0][name] = base.to(torch.bfloat16)
         for k in range(EXPERTS):
-            state[k + 1][name] = torch.randn(s, generator=g).mul_(0.002).add_(base).to(torch.bfloat16)
-    for repo, tensors in zip(repos, state):
-        save_file(tensors, str(repo / "model.safetensors"), metadata={"format": "pt"})
-    stamp.write_text(json.dumps(asdict(shape) | {"seed": seed}))
+            delta = torch.randn(s, generator=g).mul_(0.002) if len(s) == 1 else fine_tune_like(s, 0.002, g)
+            state[k + 1][name] = delta.add_(base).to(torch.bfloat16)
+    for repo, named in zip(repos, state):
+        save_file(named, str(repo / "model.safetensors"), metadata={"format": "pt"})
+    stamp.write_text(json.dumps(recipe))
     return repos
+
+
+VISION_HIDDEN = 1024
+
+
+def projector_tensors(shape: Shape) -> dict[str, tuple[int, ...]]:
+    """LLaVA's projector: vision features -> hidden -> hidden."""
+    h = shape.hidden
+    return {"multi_modal_projector.linear_1.weight": (h, VISION_HIDDEN), "multi_modal_projector.linear_1.bias": (h,),
+            "multi_modal_projector.linear_2.weight": (h, h), "multi_modal_projector.linear_2.bias": (h,)}
+
+
+def llava_config(shape: Shape) -> dict[str, Any]:
+    return {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "text_config": shape.config(),
+            "vision_config": {"model_type": "clip_vision_model", "hidden_size": VISION_HIDDEN}, "torch_dtype": "bfloat16"}
 
 
 @dataclass
@@ -237,17 +280,32 @@ def compare_with_mergekit(method: str, repos: Sequence[Path], work: Path, repeat
             "runs": {k: [asdict(r) for r in v] for k, v in runs.items()}}
 
 
-def registered(method: str) -> bool:
-    from pivotmerge.methods import all_methods
-
-    return method in all_methods()
-
-
 def time_ours(method: str, repos: Sequence[Path], work: Path, repeats: int) -> dict[str, Any]:
+    """Our wall time and peak RSS on a whole-model merge, and each tensor's SVD choices from its report."""
     spec = work / f"{method}.spec.yml"
+    out = work / f"out-{method}"
     spec.write_text(yaml.safe_dump(our_spec(method, repos[0], repos[1:], OUR_ONLY_METHODS[method])))
-    runs = [run_measured(pivotmerge_cmd(spec, work / f"out-{method}"), work / f"{method}.log") for _ in range(repeats)]
-    return {"method": method, "ours": asdict(median_run(runs)), "runs": [asdict(r) for r in runs]}
+    runs = [run_measured(pivotmerge_cmd(spec, out), work / f"{method}.log") for _ in range(repeats)]
+    report = json.loads((out / "merge_report.json").read_text())
+    return {"method": method, "ours": asdict(median_run(runs)), "runs": [asdict(r) for r in runs],
+            "svd_choices": svd_choices(report)}
+
+
+def svd_choices(report: dict[str, Any]) -> dict[str, Any]:
+    """Per tensor, the SVD route, rank and estimated error each method recorded; and a summary."""
+    per_tensor = {}
+    for entry in report["layers"]:
+        info = entry.get("info", {})
+        choices = info.get("svd_per_task") or ([info["shared_svd"]] if "shared_svd" in info else [])
+        if "sigma" in info:  # iso_c: always the exact (Gram-route) SVD of the summed update
+            choices = [{"svd": "exact", "rank": info["rank"], "energy": 1.0, "error": 0.0}]
+        if choices:
+            per_tensor[entry["tensor"]] = choices
+    flat = [c for cs in per_tensor.values() for c in cs]
+    return {"per_tensor": per_tensor, "randomized": sum(c["svd"] == "randomized" for c in flat),
+            "exact": sum(c["svd"] == "exact" for c in flat),
+            "max_estimated_error": max((c["error"] for c in flat), default=0.0),
+            "ranks": [min((c["rank"] for c in flat), default=0), max((c["rank"] for c in flat), default=0)]}
 
 
 def _best_of(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -260,51 +318,119 @@ def _best_of(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return best, out
 
 
-def svd_curve(hidden_sizes: Sequence[int], methods: Sequence[str], device: str, repeats: int) -> list[dict[str, Any]]:
-    """Time SVD methods on one (h, h) weight of EXPERTS experts, exact and randomized SVD.
-
-    `error` is ||W_randomized - W_exact||_F / ||W_exact - W0||_F: the randomized
-    SVD's error relative to the size of the merged update.
-    """
+def svd_errors(repos: Sequence[Path], names: Sequence[str], methods: Sequence[str], device: str) -> list[dict[str, Any]]:
+    """Each SVD method on some of the models' own tensors with `svd: exact` and at its
+    benchmark settings (`svd: auto`): both timings and the real error of the latter,
+    ||W_auto - W_exact||_F / ||W_exact - W0||_F (relative to the merged update)."""
     from pivotmerge.methods import get_method
+    from pivotmerge.repos.model_repo import ModelRepo
 
+    opened = [ModelRepo.open(str(r)) for r in repos]
     rows = []
-    for h in hidden_sizes:
-        g = torch.Generator().manual_seed(h)
-        base = torch.randn(h, h, generator=g).mul_(0.02).to(device)
-        experts = [base + torch.randn(h, h, generator=g).mul_(0.002).to(device) for _ in range(EXPERTS)]
-        for name in methods:
-            method = get_method(name)
+    torch.set_num_threads(1)  # as the engine runs CPU maths
+    for name in names:
+        base, *experts = [r.get(name).to(device=device, dtype=torch.float32) for r in opened]
+        for method_name in methods:
+            method = get_method(method_name)
             times, outs = {}, {}
-            for mode in ("exact", "randomized"):
-                params = method.params.model_validate({"svd": mode, **SVD_RANK_PARAMS[name](h)})
+            for mode in ("exact", "auto"):
+                settings = OUR_ONLY_METHODS[method_name] | ({"svd": mode} if "svd" in method.params.model_fields else {})
+                params = method.params.model_validate(settings)
 
-                def call() -> torch.Tensor:
-                    gen = torch.Generator(device=device).manual_seed(0)
-                    out = method(experts, base, [1.0] * EXPERTS, params, gen).tensor
+                def call() -> Any:
+                    out = method(experts, base, [1.0] * EXPERTS, params, torch.Generator(device=device).manual_seed(0))
                     if device == "cuda":
                         torch.cuda.synchronize()
                     return out
 
-                times[mode], outs[mode] = _best_of(call, repeats)
-            update = float((outs["exact"] - base).norm())
-            error = float((outs["randomized"] - outs["exact"]).norm()) / max(update, 1e-30)
-            rows.append({"method": name, "hidden": h, "device": device, "exact_s": times["exact"],
-                         "randomized_s": times["randomized"], "randomized_rel_error": error})
+                times[mode], outs[mode] = _best_of(call, 1)
+            update = float((outs["exact"].tensor - base).norm())
+            error = float((outs["auto"].tensor - outs["exact"].tensor).norm()) / max(update, 1e-30)
+            rows.append({"tensor": name, "shape": list(base.shape), "method": method_name, "device": device,
+                         "exact_s": times["exact"], "auto_s": times["auto"], "auto_rel_error": error,
+                         "auto_choice": svd_choices({"layers": [{"tensor": name, "info": outs["auto"].info}]})["per_tensor"].get(name)})
+    for r in opened:
+        r.close()
     return rows
 
 
-def layers_rss(args: argparse.Namespace, shape: Shape, work: Path) -> list[dict[str, Any]]:
-    """Our peak RSS for task_arithmetic with N and 2N layers (streaming: it must not grow)."""
+def io_floor(repos: Sequence[Path], work: Path, repeats: int) -> dict[str, Any]:
+    """Plain reads of every input weight file and a write of one model-sized output: what
+    any merge of these models must at least do (page cache as warm as for the merges)."""
+    files = [f for r in repos for f in sorted(r.glob("*.safetensors"))]
+    out_bytes = (repos[0] / "model.safetensors").stat().st_size
+    chunk = 16 << 20
+    buffer = bytearray(chunk)
+    reads, writes = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for f in files:
+            with open(f, "rb", buffering=0) as fh:
+                while fh.readinto(buffer):
+                    pass
+        t1 = time.perf_counter()
+        with open(work / "io-floor.bin", "wb") as fh:
+            for start in range(0, out_bytes, chunk):
+                fh.write(memoryview(buffer)[: min(chunk, out_bytes - start)])
+        t2 = time.perf_counter()
+        reads.append(t1 - t0)
+        writes.append(t2 - t1)
+    (work / "io-floor.bin").unlink()
+    read_s, write_s = statistics.median(reads), statistics.median(writes)
+    return {"read_s": read_s, "write_s": write_s, "floor_s": read_s + write_s,
+            "read_bytes": sum(f.stat().st_size for f in files), "write_bytes": out_bytes}
+
+
+# Runs one merge in a fresh process and prints, as JSON, its own time and the bytes it
+# read (/proc/self/io rchar) from just before to just after the merge (imports excluded).
+_IN_PROCESS = """
+import json, sys, time
+from pivotmerge.run.engine import merge
+def rchar():
+    return int(dict(l.split(": ") for l in open("/proc/self/io").read().splitlines())["rchar"])
+spec = json.loads(sys.argv[1])
+r0, t0 = rchar(), time.perf_counter()
+merge(spec, sys.argv[2], overwrite=True)
+print(json.dumps({"merge_s": time.perf_counter() - t0, "read_bytes": rchar() - r0}))
+"""
+
+
+def projector_merge(shape: Shape, work: Path, repeats: int) -> dict[str, Any]:
+    """A projector-only task-arithmetic merge of LLaVA-named models against copying the base."""
+    repos = make_models(work / f"models-llava-{shape.layers}L", shape, llava=True)
+    spec = our_spec("task_arithmetic", repos[0], repos[1:], {}) | {"components": ["projector"]}
+    merges = [json.loads(subprocess.run([sys.executable, "-c", _IN_PROCESS, json.dumps(spec), str(work / "out-projector")],
+                                        capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+              for _ in range(repeats)]
+    copies = []
+    for _ in range(repeats):
+        target = work / "copy-base"
+        shutil.rmtree(target, ignore_errors=True)
+        t0 = time.perf_counter()
+        shutil.copytree(repos[0], target)
+        copies.append(time.perf_counter() - t0)
+    shutil.rmtree(work / "copy-base", ignore_errors=True)
+    base_bytes = (repos[0] / "model.safetensors").stat().st_size
+    projector_bytes = sum(2 * _numel(s) for s in projector_tensors(shape).values())
+    merge_s = statistics.median(m["merge_s"] for m in merges)
+    copy_s = statistics.median(copies)
+    return {"merge_s": merge_s, "copy_base_s": copy_s, "extra_s": merge_s - copy_s,
+            "read_bytes": statistics.median(m["read_bytes"] for m in merges), "base_bytes": base_bytes,
+            "expected_read_bytes": base_bytes + EXPERTS * projector_bytes, "runs": merges, "copies": copies}
+
+
+def rss_at_scale(args: argparse.Namespace, shape: Shape, big: int, work: Path) -> list[dict[str, Any]]:
+    """Our peak RSS for task_arithmetic on the benchmark's models and on ones of `big` parameters
+    (same width, more layers; streaming: it must not grow)."""
     rows = []
-    for layers in (shape.layers, 2 * shape.layers):
-        s = Shape(shape.hidden, shape.intermediate, layers, shape.vocab)
-        repos = make_models(work / f"models-{layers}L", s)
-        config = work / f"layers-{layers}.yml"
+    for s in (shape, shape_for(big, shape.hidden, None, shape.vocab)):
+        repos = make_models(work / f"models-{s.layers}L", s)
+        config = work / f"layers-{s.layers}.yml"
         config.write_text(yaml.safe_dump(mergekit_config("task_arithmetic", repos[0], repos[1:])))
-        runs = [run_measured(pivotmerge_cmd(config, work / f"out-layers-{layers}"), work / f"layers-{layers}.log")
+        runs = [run_measured(pivotmerge_cmd(config, work / f"out-layers-{s.layers}"), work / f"layers-{s.layers}.log")
                 for _ in range(args.repeats)]
-        rows.append({"layers": layers, "params": s.params, **asdict(median_run(runs))})
+        rows.append({"layers": s.layers, "params": s.params, **asdict(median_run(runs))})
+    shutil.rmtree(work / f"out-layers-{rows[-1]['layers']}", ignore_errors=True)
     return rows
 
 
@@ -318,30 +444,58 @@ def machine() -> dict[str, Any]:
 
 
 def print_results(result: dict[str, Any]) -> None:
+    m = result["machine"]
+    console.print(f"machine: {m['cpus']} CPUs, {m['memory_gib']} GiB, GPU {m['cuda'] or 'none'}; {m['platform']}, Python "
+                  f"{m['python']}, torch {m['torch']}; load average {m['load_avg'][0]:.1f} before, "
+                  f"{m['load_avg_after'][0]:.1f} after (on {m['cpus']} cores: figures are noisy; medians of alternating runs)")
+    io = result["io_floor"]
+    ties = next((r["ours"]["wall_s"] for r in result["vs_mergekit"] if r["method"] == "ties"), None)
     table = Table(title=f"ours vs mergekit: {result['params'] / 1e6:.0f}M-parameter bf16 models, base + {EXPERTS} experts (medians)")
-    for col in ("method", "mergekit s", "ours s", "wall ours/mk", "mergekit RSS MiB", "ours RSS MiB", "RSS ours/mk", "max |diff|", "differing"):
+    for col in ("method", "mergekit s", "ours s", "wall ours/mk", "ours/I-O floor", "ours/our ties", "mergekit RSS MiB",
+                "ours RSS MiB", "RSS ours/mk", "max |diff|", "differing", "bytes identical"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in result["vs_mergekit"]:
         table.add_row(r["method"], f"{r['mergekit']['wall_s']:.1f}", f"{r['ours']['wall_s']:.1f}", f"{r['wall_ratio']:.2f}",
+                      f"{r['ours']['wall_s'] / io['floor_s']:.1f}", "-",
                       f"{r['mergekit']['peak_rss_mb']:.0f}", f"{r['ours']['peak_rss_mb']:.0f}", f"{r['rss_ratio']:.2f}",
-                      f"{r['max_abs_diff']:.3g}", f"{r['differing_fraction']:.2e}")
+                      f"{r['max_abs_diff']:.3g}", f"{r['differing_fraction']:.2e}", "yes" if r["max_abs_diff"] == 0 else "no")
     for r in result["ours_only"]:
-        table.add_row(r["method"], "-", f"{r['ours']['wall_s']:.1f}", "-", "-", f"{r['ours']['peak_rss_mb']:.0f}", "-", "-", "-")
+        table.add_row(r["method"], "-", f"{r['ours']['wall_s']:.1f}", "-", f"{r['ours']['wall_s'] / io['floor_s']:.1f}",
+                      f"{r['ours']['wall_s'] / ties:.2f}" if ties else "-", "-", f"{r['ours']['peak_rss_mb']:.0f}",
+                      "-", "-", "-", "-")
     console.print(table)
-    if result["layers_rss"]:
-        t = Table(title="our peak RSS as layers double (task_arithmetic)")
+    console.print(f"I/O floor: read {io['read_bytes'] / 2**30:.2f} GiB in {io['read_s']:.2f} s, write "
+                  f"{io['write_bytes'] / 2**30:.2f} GiB in {io['write_s']:.2f} s: {io['floor_s']:.2f} s")
+    if result["ours_only"]:
+        t = Table(title="SVD choices per tensor, from each merge report (svd: auto)")
+        for col in ("method", "tensors", "randomized SVDs", "exact SVDs", "ranks", "max estimated error"):
+            t.add_column(col, justify="right")
+        for r in result["ours_only"]:
+            c = r["svd_choices"]
+            t.add_row(r["method"], str(len(c["per_tensor"])), str(c["randomized"]), str(c["exact"]),
+                      f"{c['ranks'][0]}-{c['ranks'][1]}", f"{c['max_estimated_error']:.2e}")
+        console.print(t)
+    if result["svd_errors"]:
+        t = Table(title="svd: auto against svd: exact on the models' own tensors (one run each)")
+        for col in ("tensor", "method", "device", "exact s", "auto s", "auto route", "real rel. error"):
+            t.add_column(col, justify="right")
+        for r in result["svd_errors"]:
+            route = ", ".join(f"{c['svd'][0]}{c['rank']}" for c in r["auto_choice"] or [])
+            t.add_row(r["tensor"], r["method"], r["device"], f"{r['exact_s']:.2f}", f"{r['auto_s']:.2f}", route,
+                      f"{r['auto_rel_error']:.2e}")
+        console.print(t)
+    p = result.get("projector")
+    if p:
+        console.print(f"projector-only merge (LLaVA names, in-process, imports excluded): {p['merge_s']:.2f} s; copying "
+                      f"the base folder: {p['copy_base_s']:.2f} s; extra {p['extra_s']:+.2f} s; read "
+                      f"{p['read_bytes'] / 2**20:.1f} MiB (base {p['base_bytes'] / 2**20:.1f} MiB + the experts' projectors: "
+                      f"{p['expected_read_bytes'] / 2**20:.1f} MiB)")
+    if result["rss_at_scale"]:
+        t = Table(title="our peak RSS as the model grows (task_arithmetic, same width, more layers)")
         for col in ("layers", "params", "wall s", "peak RSS MiB"):
             t.add_column(col, justify="right")
-        for r in result["layers_rss"]:
+        for r in result["rss_at_scale"]:
             t.add_row(str(r["layers"]), f"{r['params'] / 1e6:.0f}M", f"{r['wall_s']:.1f}", f"{r['peak_rss_mb']:.0f}")
-        console.print(t)
-    if result["svd_curve"]:
-        t = Table(title=f"SVD methods on one (h, h) weight, {EXPERTS} experts (best of repeats)")
-        for col in ("method", "device", "hidden", "exact s", "randomized s", "randomized rel. error"):
-            t.add_column(col, justify="right")
-        for r in result["svd_curve"]:
-            t.add_row(r["method"], r["device"], str(r["hidden"]), f"{r['exact_s']:.3f}", f"{r['randomized_s']:.3f}",
-                      f"{r['randomized_rel_error']:.2e}")
         console.print(t)
 
 
@@ -354,8 +508,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--methods", nargs="+", default=[*MERGEKIT_METHODS, *OUR_ONLY_METHODS],
                         choices=[*MERGEKIT_METHODS, *OUR_ONLY_METHODS])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--svd-sizes", type=int, nargs="*", default=[256, 512, 1024, 2048])
-    parser.add_argument("--no-layers-rss", action="store_true", help="Skip the N vs 2N layers RSS check.")
+    parser.add_argument("--svd-tensors", nargs="*", default=["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                                                               "model.layers.0.mlp.down_proj.weight"],
+                        help="Tensors on which svd: auto is checked against svd: exact (none: skip).")
+    parser.add_argument("--rss-params", type=parse_count, default=parse_count("1B"),
+                        help="Size of the larger model of the RSS check (0: skip).")
+    parser.add_argument("--no-projector", action="store_true", help="Skip the projector-only merge.")
     parser.add_argument("--work", type=Path, default=Path("/tmp/pivotmerge-perf"), help="Models and outputs (reused).")
     parser.add_argument("--out", type=Path, help="Write the results as JSON here.")
     args = parser.parse_args(argv)
@@ -363,20 +521,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.work.mkdir(parents=True, exist_ok=True)
     shape = shape_for(args.params, args.hidden, args.layers, args.vocab)
     console.print(f"models: {shape} = {shape.params / 1e6:.1f}M parameters each, in {args.work}")
-    repos = make_models(args.work / f"models-{shape.layers}L", shape)
     result: dict[str, Any] = {"machine": machine(), "shape": asdict(shape), "params": shape.params,
                               "command": " ".join([sys.executable, *sys.argv]), "vs_mergekit": [], "ours_only": []}
+    repos = make_models(args.work / f"models-{shape.layers}L", shape)
+    result["io_floor"] = io_floor(repos, args.work, args.repeats)
     for method in args.methods:
         if method in MERGEKIT_METHODS:
             result["vs_mergekit"].append(compare_with_mergekit(method, repos, args.work, args.repeats))
-        elif registered(method):
-            result["ours_only"].append(time_ours(method, repos, args.work, args.repeats))
         else:
-            console.print(f"[yellow]{method}: not registered in this checkout, skipped")
-    svd_methods = [m for m in OUR_ONLY_METHODS if registered(m)]
+            result["ours_only"].append(time_ours(method, repos, args.work, args.repeats))
+    svd_methods = [m for m in args.methods if m in OUR_ONLY_METHODS]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    result["svd_curve"] = [row for d in devices for row in svd_curve(args.svd_sizes, svd_methods, d, args.repeats)]
-    result["layers_rss"] = [] if args.no_layers_rss else layers_rss(args, shape, args.work)
+    result["svd_errors"] = [row for d in devices for row in svd_errors(repos, args.svd_tensors, svd_methods, d)]
+    result["projector"] = None if args.no_projector else projector_merge(shape, args.work, args.repeats)
+    result["rss_at_scale"] = rss_at_scale(args, shape, args.rss_params, args.work) if args.rss_params else []
     result["machine"]["load_avg_after"] = os.getloadavg()
     print_results(result)
     if args.out:
