@@ -130,12 +130,13 @@ def shape_for(params: int, hidden: int, layers: int | None, vocab: int) -> Shape
     return Shape(hidden, intermediate, layers, vocab)
 
 
-def fine_tune_like(shape: Sequence[int], scale: float, g: torch.Generator) -> torch.Tensor:
-    """A fine-tuning-like update of a matrix: low-rank with a decaying spectrum, plus noise."""
+def fine_tune_like(shape: Sequence[int], scale: float, g: torch.Generator, device: str = "cpu") -> torch.Tensor:
+    """A fine-tuning-like update of a matrix: low-rank with a decaying spectrum, plus noise;
+    entries of about `scale`."""
     m, n = shape
-    spectrum = 0.8 ** torch.arange(DELTA_RANK, dtype=torch.float32)
-    low = (torch.randn(m, DELTA_RANK, generator=g) * spectrum) @ torch.randn(DELTA_RANK, n, generator=g)
-    noise = torch.randn(m, n, generator=g)
+    spectrum = 0.8 ** torch.arange(DELTA_RANK, dtype=torch.float32, device=device)
+    low = (torch.randn(m, DELTA_RANK, generator=g, device=device) * spectrum) @ torch.randn(DELTA_RANK, n, generator=g, device=device)
+    noise = torch.randn(m, n, generator=g, device=device)
     noise.mul_((NOISE_SHARE / (1 - NOISE_SHARE)) ** 0.5 * low.norm() / noise.norm())
     delta = low.add_(noise)
     return delta.mul_(scale * (m * n) ** 0.5 / delta.norm())

@@ -276,8 +276,9 @@ def exact_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
     Small matrices go to LAPACK; larger ones through the float64 Gram matrix, whose
     eigenvalues carry ``s_i**2`` to float64 precision (so ``s_i`` to about
-    ``1e-8 * s_max``, below float32's own rounding); directions at numerical zero get
-    zero singular vectors, which every caller drops or scales by zero.
+    ``1e-8 * s_max``, below float32's own rounding); directions below
+    ``max(m, n) * 1.5e-8 * s_max`` get zero singular vectors, which every caller drops or
+    scales by zero (`nonzero_singular`'s float32 rule already counts them as zero).
     """
     a = a.float()
     if min(a.shape[-2:]) <= EXACT_LAPACK_SIDE:
@@ -287,8 +288,8 @@ def exact_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     evals, v = torch.linalg.eigh(x.mT @ x)
     s = evals.flip(-1).clamp_min(0).sqrt()
     v = v.flip(-1)
-    # Directions at numerical zero (`nonzero_singular`'s rule) get zero vectors, not x v / s blown up.
-    floor = max(a.shape[-2:]) * torch.finfo(torch.float32).eps * s[..., :1]
+    # Below this, s_i carries no float64 digits of the Gram matrix: zero vectors, not x v / s blown up.
+    floor = max(a.shape[-2:]) * torch.finfo(torch.float64).eps ** 0.5 * s[..., :1]
     u = (x @ v).mul_(torch.where(s > floor, 1 / s, 0).unsqueeze(-2))
     u, s, v = u.float(), s.float(), v.float()
     return (v, s, u.mT) if wide else (u, s, v.mT)
