@@ -500,24 +500,74 @@ def print_results(result: dict[str, Any]) -> None:
         console.print(t)
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The results as the markdown tables of docs/performance.md."""
+    io = result["io_floor"]
+    ties = next((r["ours"]["wall_s"] for r in result["vs_mergekit"] if r["method"] == "ties"), None)
+    lines = ["| method | mergekit wall s | ours wall s | ours/mergekit | ours/I-O floor | ours/our TIES | mergekit peak RSS MiB | "
+             "ours peak RSS MiB | RSS ours/mergekit | max abs diff | differing elements |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["vs_mergekit"]:
+        lines.append(f"| {r['method']} | {r['mergekit']['wall_s']:.1f} | {r['ours']['wall_s']:.1f} | {r['wall_ratio']:.2f} | "
+                     f"{r['ours']['wall_s'] / io['floor_s']:.1f} | - | {r['mergekit']['peak_rss_mb']:.0f} | "
+                     f"{r['ours']['peak_rss_mb']:.0f} | {r['rss_ratio']:.2f} | {r['max_abs_diff']:.3g} | "
+                     f"{100 * r['differing_fraction']:.2f}% |")
+    for r in result["ours_only"]:
+        lines.append(f"| {r['method']} | - | {r['ours']['wall_s']:.1f} | - | {r['ours']['wall_s'] / io['floor_s']:.1f} | "
+                     f"{r['ours']['wall_s'] / ties:.2f} | - | {r['ours']['peak_rss_mb']:.0f} | - | - | - |" if ties else "")
+    lines += ["", f"I/O floor: reading the four inputs ({io['read_bytes'] / 2**30:.2f} GiB) {io['read_s']:.2f} s, writing one "
+                  f"output ({io['write_bytes'] / 2**30:.2f} GiB) {io['write_s']:.2f} s: {io['floor_s']:.2f} s.", ""]
+    if result["ours_only"]:
+        lines += ["| method | tensors with SVDs | randomized SVDs | exact SVDs | ranks | max estimated error |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in result["ours_only"]:
+            c = r["svd_choices"]
+            lines.append(f"| {r['method']} | {len(c['per_tensor'])} | {c['randomized']} | {c['exact']} | "
+                         f"{c['ranks'][0]}-{c['ranks'][1]} | {c['max_estimated_error']:.1e} |")
+        lines.append("")
+    if result["svd_errors"]:
+        lines += ["| tensor | method | exact s | auto s | auto route (e/r + rank) | real error vs exact |", "|---|---|---:|---:|---|---:|"]
+        for r in result["svd_errors"]:
+            route = ", ".join(f"{c['svd'][0]}{c['rank']}" for c in r["auto_choice"] or [])
+            lines.append(f"| {r['tensor']} ({r['shape'][0]} x {r['shape'][1]}) | {r['method']} | {r['exact_s']:.2f} | "
+                         f"{r['auto_s']:.2f} | {route} | {r['auto_rel_error']:.1e} |")
+        lines.append("")
+    p = result.get("projector")
+    if p:
+        lines += [f"Projector-only merge: {p['merge_s']:.2f} s in-process (copying the base folder: {p['copy_base_s']:.2f} s; "
+                  f"extra {p['extra_s']:+.2f} s); read {p['read_bytes'] / 2**20:.1f} MiB = the base "
+                  f"({p['base_bytes'] / 2**20:.1f} MiB) + the experts' projectors (expected total "
+                  f"{p['expected_read_bytes'] / 2**20:.1f} MiB).", ""]
+    if result["rss_at_scale"]:
+        lines += ["| layers | parameters per model | wall s | peak RSS MiB |", "|---:|---:|---:|---:|"]
+        for r in result["rss_at_scale"]:
+            lines.append(f"| {r['layers']} | {r['params'] / 1e6:.0f}M | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=parse_count, default=parse_count("200M"), help="Parameters per model (default 200M).")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--layers", type=int, help="Decoder layers (default: what reaches --params).")
-    parser.add_argument("--methods", nargs="+", default=[*MERGEKIT_METHODS, *OUR_ONLY_METHODS],
+    parser.add_argument("--methods", nargs="+", default=["ties", *OUR_ONLY_METHODS, "linear", "task_arithmetic"],
                         choices=[*MERGEKIT_METHODS, *OUR_ONLY_METHODS])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--svd-tensors", nargs="*", default=["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-                                                               "model.layers.0.mlp.down_proj.weight"],
+    parser.add_argument("--svd-tensors", nargs="*", default=["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight",
+                                                               "model.embed_tokens.weight"],
                         help="Tensors on which svd: auto is checked against svd: exact (none: skip).")
     parser.add_argument("--rss-params", type=parse_count, default=parse_count("1B"),
                         help="Size of the larger model of the RSS check (0: skip).")
     parser.add_argument("--no-projector", action="store_true", help="Skip the projector-only merge.")
     parser.add_argument("--work", type=Path, default=Path("/tmp/pivotmerge-perf"), help="Models and outputs (reused).")
     parser.add_argument("--out", type=Path, help="Write the results as JSON here.")
+    parser.add_argument("--markdown", type=Path, help="Print the markdown tables of a saved JSON result and stop.")
     args = parser.parse_args(argv)
+    if args.markdown:
+        result = json.loads(args.markdown.read_text())
+        print(markdown(result))
+        return result
 
     args.work.mkdir(parents=True, exist_ok=True)
     shape = shape_for(args.params, args.hidden, args.layers, args.vocab)
@@ -525,17 +575,31 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"machine": machine(), "shape": asdict(shape), "params": shape.params,
                               "command": " ".join([sys.executable, *sys.argv]), "vs_mergekit": [], "ours_only": []}
     repos = make_models(args.work / f"models-{shape.layers}L", shape)
+
+    def checkpoint() -> None:
+        """Save what has been measured so far: a run cut short keeps its finished stages."""
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+
     result["io_floor"] = io_floor(repos, args.work, args.repeats)
-    for method in args.methods:
+    result["svd_errors"], result["projector"], result["rss_at_scale"] = [], None, []
+    # TIES first: the SVD methods' target is relative to it.
+    for method in sorted(args.methods, key=lambda m: m != "ties"):
         if method in MERGEKIT_METHODS:
             result["vs_mergekit"].append(compare_with_mergekit(method, repos, args.work, args.repeats))
         else:
             result["ours_only"].append(time_ours(method, repos, args.work, args.repeats))
+        checkpoint()
     svd_methods = [m for m in args.methods if m in OUR_ONLY_METHODS]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    result["svd_errors"] = [row for d in devices for row in svd_errors(repos, args.svd_tensors, svd_methods, d)]
-    result["projector"] = None if args.no_projector else projector_merge(shape, args.work, args.repeats)
-    result["rss_at_scale"] = rss_at_scale(args, shape, args.rss_params, args.work) if args.rss_params else []
+    for name in args.svd_tensors:
+        result["svd_errors"] += [row for d in devices for row in svd_errors(repos, [name], svd_methods, d)]
+        checkpoint()
+    if not args.no_projector:
+        result["projector"] = projector_merge(shape, args.work, args.repeats)
+        checkpoint()
+    if args.rss_params:
+        result["rss_at_scale"] = rss_at_scale(args, shape, args.rss_params, args.work)
     result["machine"]["load_avg_after"] = os.getloadavg()
     print_results(result)
     if args.out:
