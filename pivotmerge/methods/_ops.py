@@ -379,7 +379,9 @@ def low_rank_svds(mats: Tensor, cap: int | None, energy: float = 1.0, mode: SvdM
     mats = mats.float()
     full = min(mats.shape[-2:])
     cap = full if cap is None else max(0, min(cap, full))
-    totals = torch.linalg.vector_norm(mats, dim=(-2, -1)).double().square()
+    # Row norms, then a float64 sum: one float32 norm over the 98M entries of a (32000, 3 x 1024)
+    # stack came out 1.9% low (float32 accumulation), which moves the rank rule.
+    totals = torch.linalg.vector_norm(mats, dim=-1).double().square().sum(dim=-1)
     if mode == "exact" or (mode == "auto" and not sketch_pays(mats.shape, min(cap, _FIRST_SKETCH))):
         return [_exact_choice(m, cap, energy, float(t)) for m, t in zip(mats, totals)]
     width = min(cap, _FIRST_SKETCH)
