@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from core.settings import Settings
-from tests.service.hub_server import COMMIT_OID, HubRecord, recording_hub
+from tests.hub_server import COMMIT_OID, HubRecord, recording_hub
 from tests.service.service_support import WorkerProcess, merge_spec, service_env, wait_final
 
 TOKEN = "hf_service_token"
