@@ -111,6 +111,17 @@ def _by_idempotency_key(session: Session, team: Team, key: str) -> Job | None:
     return session.scalar(select(Job).where(Job.team_id == team.id, Job.idempotency_key == key))
 
 
+def check_push(resource: JobResource, spec: MergeSpec, settings: Settings) -> None:
+    """push_to_hub needs a merge to push and the service's token (never one from the spec)."""
+    if spec.push_to_hub is None:
+        return
+    if resource.kind is not JobKind.merge:
+        raise ApiError(422, f"push_to_hub: only a merge can be pushed, not an {resource.noun}", "push_to_hub")
+    if settings.hub_token is None:
+        raise ApiError(422, "push_to_hub: this service has no hub token (PIVOTMERGE_HUB_TOKEN), so it cannot push",
+                       "push_to_hub")
+
+
 def create_job(resource: JobResource, spec: MergeSpec, labels: list[str] | None, idempotency_key: str | None,
                request: Request, response: Response, session: Session, team: Team, settings: Settings) -> JobOut:
     label_map = parse_labels(labels)
@@ -124,7 +135,8 @@ def create_job(resource: JobResource, spec: MergeSpec, labels: list[str] | None,
         raise ApiError(429, f"team has {active} active jobs, the limit is {settings.max_active_jobs_per_team}; "
                             "retry when one has finished", headers={"Retry-After": str(settings.retry_after_seconds)})
 
-    resource.preflight(spec, allowed_roots=settings.allowed_roots)
+    check_push(resource, spec, settings)
+    resource.preflight(spec, allowed_roots=settings.allowed_roots, allow_downloads=settings.hub_allow_downloads)
     check_datasets(spec, allowed_roots=settings.allowed_roots)
 
     job = Job(team_id=team.id, kind=resource.kind, spec=spec.model_dump(mode="json"),

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 GPU_QUEUE = "gpu"
@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     webhook_backoff_seconds: float = Field(5.0, gt=0, description="Wait before the 2nd try; doubled for each next one.")
     webhook_timeout_seconds: float = Field(10.0, gt=0, description="Time a receiver has to answer one delivery.")
     webhook_dispatch_seconds: float = Field(1.0, gt=0, description="How often the API hands new deliveries to workers.")
+    hub_allow_downloads: bool = Field(False, description=(
+        "Let jobs download hub ids missing from the Hugging Face cache (off: only the cache answers)."))
+    hub_token: SecretStr | None = Field(None, description="Token for jobs' push_to_hub; without it such jobs answer 422.")
+    hub_endpoint: str | None = Field(None, description="The hub's URL for push_to_hub; default huggingface_hub's (HF_ENDPOINT).")
     split_broker_url: str = Field("redis://127.0.0.1:6379/0", description="Broker of split-merge part tasks (workers.split).")
     split_backend_url: str = Field("redis://127.0.0.1:6379/0", description="Result backend a split merge's chord needs.")
     broker_visibility_timeout: int = Field(7 * 3600, gt=0, description="Seconds before the broker redelivers an unacknowledged job.")

@@ -26,8 +26,9 @@ from core.job_states import add_event, holds_lease, renew_lease, start_attempt, 
 from core.models import ACTIVE_STATES, FINAL_STATES, Artifact, Job, JobKind, JobState, utcnow
 from core.settings import Settings
 from core.storage import ArtifactStore, artifact_key, file_sha256, make_store
-from pivotmerge.errors import MergeCancelled, PivotMergeError
+from pivotmerge.errors import MergeCancelled, PivotMergeError, RepoError
 from pivotmerge.progress import Progress
+from pivotmerge.repos.hub import push
 from pivotmerge.repos.output import REPORT_FILE
 from pivotmerge.spec.schema import spec_from_dict
 
@@ -187,7 +188,8 @@ def run_engine(kind: JobKind, spec_data: dict[str, Any], out_dir: Path, settings
                reporter: JobReporter) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Run the job; returns (report, metrics) with out_dir holding the files to publish."""
     spec = spec_from_dict(spec_data)
-    hooks = dict(progress=reporter.progress, should_cancel=reporter.should_cancel, allowed_roots=settings.allowed_roots)
+    hooks = dict(progress=reporter.progress, should_cancel=reporter.should_cancel, allowed_roots=settings.allowed_roots,
+                 allow_downloads=settings.hub_allow_downloads)
     if kind is JobKind.merge:
         report = pivotmerge.merge(spec, out_dir, **hooks)
         stored = report.as_json()  # the row holds what merge_report.json holds
@@ -196,6 +198,24 @@ def run_engine(kind: JobKind, spec_data: dict[str, Any], out_dir: Path, settings
     out_dir.mkdir(parents=True)
     (out_dir / ANALYSIS_REPORT).write_text(json.dumps(report, indent=2))
     return report, report
+
+
+def push_merge(sessions: sessionmaker[Session], job_id: uuid.UUID, spec_data: dict[str, Any], out_dir: Path,
+               settings: Settings) -> None:
+    """Upload a finished merge to the hub repo its spec names, as `pivotmerge push` does; the commit is a job event."""
+    target = spec_from_dict(spec_data).push_to_hub
+    if target is None:
+        return
+    token = settings.hub_token.get_secret_value() if settings.hub_token else None
+    try:
+        info = push(out_dir, target.repo_id, token=token, private=target.private, endpoint=settings.hub_endpoint)
+    except (SoftTimeLimitExceeded, TimeLimitExceeded):
+        raise
+    except Exception as exc:  # huggingface_hub and httpx raise many types; the job fails with one line
+        raise RepoError(f"push_to_hub: {target.repo_id}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    with sessions() as session:
+        add_event(session, job_id, "pushed", {"repo_id": target.repo_id, "commit": info.oid, "url": info.commit_url})
+        session.commit()
 
 
 def recorded_files(out_dir: Path) -> dict[str, tuple[int, str]]:
@@ -295,6 +315,7 @@ def run_job(self: Task, job_id: str) -> None:
         with LeaseKeeper(reporter, ctx.settings.job_lease_seconds):
             work.mkdir(parents=True)
             report, metrics = run_engine(job.kind, job.spec, work / "out", ctx.settings, reporter)
+            push_merge(ctx.sessions, jid, job.spec, work / "out", ctx.settings)
             with ctx.sessions() as session:
                 publish(ctx, session, jid, work / "out")
                 if transition(session, jid, [JobState.running], JobState.succeeded, report=report, metrics=metrics,

@@ -29,20 +29,20 @@ def _require_pairs(spec: MergeSpec) -> None:
 
 
 def check_analysis(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[str | Path] | None = None,
-                   relative_to: Path | None = None) -> None:
+                   relative_to: Path | None = None, allow_downloads: bool = False) -> None:
     """`check` for an analysis: also refuses a spec with fewer than two models."""
     spec = as_spec(spec)
     _require_pairs(spec)
-    check(spec, allowed_roots=allowed_roots, relative_to=relative_to)
+    check(spec, allowed_roots=allowed_roots, relative_to=relative_to, allow_downloads=allow_downloads)
 
 
 def analyze(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[str | Path] | None = None,
             relative_to: Path | None = None, progress: ProgressFn | None = None,
-            should_cancel: CancelFn | None = None) -> dict[str, Any]:
+            should_cancel: CancelFn | None = None, allow_downloads: bool = False) -> dict[str, Any]:
     """Metrics averaged over all pairs of models, on task vectors when the spec has a base."""
     spec = as_spec(spec)
     _require_pairs(spec)
-    with plan_merge(spec, allowed_roots=allowed_roots, relative_to=relative_to) as plan:
+    with plan_merge(spec, allowed_roots=allowed_roots, relative_to=relative_to, allow_downloads=allow_downloads) as plan:
         device = resolve_device(plan.spec.device)
         names = [n for n in plan.names if n in plan.merged]
         records = []

@@ -42,6 +42,11 @@ def merge_command(spec_file: Path, out_dir: Path, force: bool, device: str | Non
     with ProgressBar(f"merging ({spec.method})") as bar:
         report = merge(spec, out_dir, progress=bar, relative_to=spec_file.parent, overwrite=force,
                        allow_downloads=allow_downloads)
+    if spec.push_to_hub is not None:  # with huggingface_hub's own token (HF_TOKEN or `hf auth login`), as `pivotmerge push`
+        from pivotmerge.repos.hub import push
+
+        info = push(out_dir, spec.push_to_hub.repo_id, token=None, private=spec.push_to_hub.private)
+        console.print(f"pushed {out_dir} to {info.commit_url}")
     if as_json:
         click.echo(json.dumps(report.as_json(), indent=2))
         return

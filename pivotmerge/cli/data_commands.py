@@ -49,18 +49,36 @@ def make_example_command(out_dir: Path, n_experts: int, seed: int, lm_experts: b
     click.echo(f"next:    pivotmerge merge {ex.spec} -o merged")
 
 
+def _prompt_format(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """The spec's own check of a prompt format (DatasetRef.prompt), as a one-line usage error."""
+    from pydantic import ValidationError
+
+    from pivotmerge.spec.schema import DatasetRef
+
+    try:
+        return DatasetRef(dataset="-", prompt=value).prompt
+    except ValidationError as exc:
+        raise click.BadParameter(str(exc.errors()[0]["msg"]).removeprefix("Value error, ")) from None
+
+
 @click.command("evaluate")
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--data", "data", multiple=True, required=True, type=click.Path(path_type=Path),
-              help="A JSONL dataset (image, caption, optional question/answer); repeat for several.")
+              help="A JSONL file, a parquet file or a `datasets` folder (image, caption, optional question/answer); "
+                   "repeat for several.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Use at most this many records per dataset.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=8, show_default=True,
               help="Longest greedy answer generated for questions.")
+@click.option("--prompt", default="plain", show_default=True, callback=_prompt_format,
+              help="What precedes each caption: plain (image tokens), chat (the processor's chat template with an "
+                   "instruction), or a template with {image} and optionally {instruction}.")
+@click.option("--image-column", default="image", show_default=True, help="Parquet / datasets column holding the image.")
+@click.option("--caption-column", default="caption", show_default=True, help="Parquet / datasets column holding the caption.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON instead of a table.")
 def evaluate_command(model: Path, data: tuple[Path, ...], limit: int | None, device: str, batch_size: int,
-                     max_new_tokens: int, as_json: bool) -> None:
+                     max_new_tokens: int, prompt: str, image_column: str, caption_column: str, as_json: bool) -> None:
     """Evaluate a LLaVA-style MODEL folder on image-caption datasets.
 
     Prints, per dataset, the caption loss and perplexity, next-token accuracy on
@@ -75,7 +93,8 @@ def evaluate_command(model: Path, data: tuple[Path, ...], limit: int | None, dev
     from pivotmerge.data.evaluate import evaluate_model, metrics_table
 
     hf_logging.disable_progress_bar()  # the table is the output; loading bars would interleave with it
-    datasets = [load_dataset(d, limit=limit) for d in data]
+    datasets = [load_dataset(d, limit=limit, prompt=prompt, image_column=image_column, caption_column=caption_column)
+                for d in data]
     results = {model.name: evaluate_model(model, datasets, device=device, batch_size=batch_size,
                                           max_new_tokens=max_new_tokens)}
     if as_json:

@@ -138,9 +138,9 @@ def _open_repo(ref: str, field: str, base: ModelRepo | None, roots: Sequence[Pat
 
 
 def check(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[str | Path] | None = None,
-          relative_to: Path | None = None) -> None:
+          relative_to: Path | None = None, allow_downloads: bool = False) -> None:
     """Full pre-flight validation; raises a PivotMergeError naming the problem."""
-    plan_merge(spec, allowed_roots=allowed_roots, relative_to=relative_to).close()
+    plan_merge(spec, allowed_roots=allowed_roots, relative_to=relative_to, allow_downloads=allow_downloads).close()
 
 
 def _check_architectures(reference: ModelRepo, repos: Sequence[ModelRepo]) -> None:

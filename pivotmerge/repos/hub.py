@@ -68,13 +68,17 @@ def card_data(hub_ids: Sequence[str], method: str) -> Any:
                          tags=["merge", "pivotmerge", method])
 
 
-def push(folder: Path, repo_id: str, *, token: str | None, private: bool = False, api: Any = None) -> Any:
-    """Upload a merged model folder to `repo_id` (created if missing); returns the commit info."""
+def push(folder: Path, repo_id: str, *, token: str | None, private: bool = False, endpoint: str | None = None,
+         api: Any = None) -> Any:
+    """Upload a merged model folder to `repo_id` (created if missing); returns the commit info.
+
+    `endpoint` is the hub's URL (default: huggingface_hub's, https://huggingface.co or HF_ENDPOINT).
+    """
     from huggingface_hub import HfApi
 
     if not (folder / "merge_report.json").is_file():
         raise RepoError(f"{folder}: not a merged model (no merge_report.json)")
-    api = api or HfApi(token=token)
+    api = api or HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload a model merged with PivotMerge",
                              ignore_patterns=[".*"])

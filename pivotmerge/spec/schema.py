@@ -121,6 +121,15 @@ class DatasetRef(BaseModel):
         return v
 
 
+class HubPush(BaseModel):
+    """Where a finished merge is uploaded. The token is never here: the service's setting, or the CLI user's login."""
+
+    model_config = ConfigDict(extra="forbid")
+    repo_id: str = Field(..., pattern=r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$", max_length=200,
+                         description="The hub repo `org/name`, created if missing.")
+    private: bool = Field(False, description="Create the repo as private.")
+
+
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = Field(..., description="Local folder, or hub id 'org/name[@revision]' from the local Hugging Face cache.")
@@ -213,6 +222,7 @@ class MergeSpec(BaseModel):
     evaluate_inputs: bool = Field(
         False, description="Also evaluate the base and each expert on the `evaluate` datasets, so the report shows the "
                            "merged model beside every input (one model loaded at a time; costs one evaluation per input).")
+    push_to_hub: HubPush | None = Field(None, description="Upload the finished merge to the Hugging Face Hub.")
 
     @field_validator("include", "exclude")
     @classmethod

@@ -105,3 +105,27 @@ def test_pivotmerge_data_mode_measures_alignment_on_other_families(model_type: s
     assert alignment  # per layer group, one contribution per expert, measured by removing that layer's update
     groups = {entry["tensor"]: entry for entry in report["layers"]}
     assert len(groups) == report["tensors"]["merged"]
+
+
+def test_the_evaluate_command_takes_prompt_and_columns(family_models: dict[str, Built], jsonl: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import datasets
+
+    from pivotmerge.cli.main import main
+
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    images = [Image.open(jsonl.parent / r["image"]).convert("RGB") for r in rows]
+    datasets.Dataset.from_dict({"picture": images, "text": [r["caption"] for r in rows]},
+                               features=datasets.Features({"picture": datasets.Image(), "text": datasets.Value("string")}),
+                               ).to_parquet(str(tmp_path / "captions.parquet"))
+    base, template = family_models["llava"].base, "USER: {image}\n{instruction} ASSISTANT:"
+    main(["evaluate", str(base), "--data", str(tmp_path / "captions.parquet"), "--image-column", "picture",
+          "--caption-column", "text", "--prompt", template, "--device", "cpu", "--json"])
+    [got] = json.loads(capsys.readouterr().out)[base.name]
+    [want] = evaluate_model(base, [load_ref(DatasetRef(dataset=str(jsonl), prompt=template))], device="cpu")
+    assert got["prompt"] == template and got["samples"] == 3
+    assert (got["tokens"], got["caption_loss"]) == (want.tokens, want.caption_loss)
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", str(base), "--data", str(jsonl), "--prompt", "no image here"])
+    assert exit_.value.code == 2
+    assert "expected plain, chat, or a template with {image}" in capsys.readouterr().err

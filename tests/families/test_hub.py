@@ -122,3 +122,22 @@ def test_push_refuses_a_folder_that_is_not_a_merge(tmp_path: Path, capsys: pytes
         main(["push", str(tmp_path / "x"), "org/merged"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'x'}: not a merged model (no merge_report.json)"
+
+
+def test_merge_with_push_to_hub_pushes_with_the_users_own_login(hub_cache: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    from tests.hub_server import recording_hub
+
+    (tmp_path / "spec.yaml").write_text("method: linear\ncomponents: [projector]\ndevice: cpu\n"
+                                        "models: [{model: org/tiny-llava}, {model: org/tiny-llava-expert}]\n"
+                                        "push_to_hub: {repo_id: org/merged}\n")
+    monkeypatch.setenv("HF_TOKEN", "hf_users_token")
+    with recording_hub() as (endpoint, record):
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+        main(["merge", str(tmp_path / "spec.yaml"), "-o", str(tmp_path / "out")])
+    assert record.created == [{"name": "merged", "organization": "org", "visibility": "public"}]
+    assert set(record.authorizations) == {"Bearer hf_users_token"}
+    [commit] = record.commits
+    assert commit["files"]["model.safetensors"] == (tmp_path / "out" / "model.safetensors").read_bytes()
