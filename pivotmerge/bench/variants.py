@@ -28,8 +28,8 @@ class Variant:
 
 SCALES = [0.25, 0.5, 1.0, 1.5, 2.0]
 LAYER_SCALE = {"scale_max": [0.5, 1.0, 1.5, 2.0]}
-# Data mode fits layers like RegMean, whose merged update at scale 1/K is RegMean's; these scales bracket it.
-DATA_SCALE = {"scale_max": [0.25, 0.5, 1.0]}
+# Data mode fits layers like RegMean: its merged update at scale 1 is RegMean's; these scales bracket it.
+DATA_SCALE = {"scale_max": [0.5, 1.0, 1.5]}
 DATA_MODE = {"layer_weighting": "data", "combine": "gram", "gram_inputs": "merged"}
 
 BASELINES: tuple[Variant, ...] = (

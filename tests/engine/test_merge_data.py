@@ -114,9 +114,9 @@ def test_evaluate_inputs_needs_evaluate_datasets(example):
 
 
 def test_pivotmerge_combine_gram_receives_each_experts_grams(example, tmp_path):
-    # Everything else off and lambda = 1/K: the merge is RegMean's closed form on the engine's Grams.
+    # Everything else off and scale 1: the merge is RegMean's closed form on the engine's Grams.
     off = {"shared_space": False, "filtering": False, "spectrum": "keep", "layer_weighting": "uniform",
-           "lambda_max": 0.5, "combine": "gram", "gram_alpha": 0.8}
+           "lambda_max": 1.0, "combine": "gram", "gram_alpha": 0.8}
     spec = _spec(example, "pivotmerge", parameters=off)
     for entry, domain in zip(spec["models"], ["shapes", "dots"]):
         entry["calibration"] = {"dataset": str(example.datasets[domain])}
