@@ -70,6 +70,7 @@ def methods_command(as_json: bool) -> None:
         click.echo(json.dumps({name: {"summary": m.summary, "base_model": m.base, "min_models": m.min_models,
                                       "max_models": m.max_models, "per_model": list(m.per_model),
                                       "engine_params": list(m.engine_params),
+                                      "defaults_with_calibration": dict(m.with_calibration),
                                       "aliases": {old: new for old, new in m.aliases().items() if old != new},
                                       "search": {p: asdict(s) for p, s in m.search_space.items()},
                                       "parameters": m.params.model_json_schema().get("properties", {})}
@@ -88,7 +89,9 @@ def methods_command(as_json: bool) -> None:
         for pname, field in m.params.model_fields.items():
             per = " (per model)" if pname in m.per_model else ""
             also = f" (also: {', '.join(old_names[pname])})" if pname in old_names else ""
-            table.add_row(pname + per, _type_name(field.annotation), repr(field.default),
+            default = repr(field.default) + (f" (with calibration data: {m.with_calibration[pname]!r})"
+                                             if pname in m.with_calibration else "")
+            table.add_row(pname + per, _type_name(field.annotation), default,
                           _search_text(search.get(pname)), (field.description or "") + also)
         for need in m.engine_params:
             table.add_row(f"{need} (set by the engine)", "calibration", "", "", "Measured on the spec's calibration data when "

@@ -77,6 +77,12 @@ class Params(MethodParams):
         return self
 
 
+# The defaults when a spec gives calibration data (parameters the user sets win): the data mode,
+# each layer fitted on the merged model's inputs; off_diagonal_scale 1, RegMean++'s dev choice on every
+# seed of the quality suite (docs/methods.md).
+DATA_MODE = {"layer_weighting": "data", "combine": "gram", "gram_inputs": "merged", "off_diagonal_scale": 1.0}
+
+
 def needs(params: Params) -> set[Need]:
     out = {Need.ALIGNMENT} if params.layer_weighting == "data" else set()
     if params.combine == "gram":
@@ -235,7 +241,8 @@ def _merge_vector(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[fl
 
 @method("pivotmerge", summary="PivotMerge (our reading): shared-space decomposition, conflict filtering, flattened spectrum, "
                              "layer-wise weights.",
-        params=Params, base="optional", needs=needs, data=(Need.ALIGNMENT, Need.GRAMS, Need.MERGED_INPUTS))
+        params=Params, base="optional", needs=needs, data=(Need.ALIGNMENT, Need.GRAMS, Need.MERGED_INPUTS),
+        with_calibration=DATA_MODE)
 def pivotmerge(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
                params: Params, generator: torch.Generator | None = None,
                calibration: Calibration = NO_CALIBRATION) -> Merged:

@@ -20,7 +20,7 @@ from tests.engine.test_merge_data import W1, _spec, example  # noqa: F401  (exam
 
 W2 = W1.replace("linear_1", "linear_2")
 OWN = ["shapes", "dots"]  # each expert's own calibration domain
-GRAM = {"combine": "gram", "gram_alpha": 0.8}
+GRAM = {"combine": "gram", "gram_alpha": 0.8, "layer_weighting": "weight"}  # no alignment: the closed forms below
 
 
 def _refit_spec(ex, gram_inputs: object) -> dict:
