@@ -141,7 +141,8 @@ def test_pivotmerge_gram_combine_on_one_layer_with_data_weights(example, tmp_pat
     assert set(report.calibration.alignment.scores) == {"projector.1", "projector.2"}
 
 
-DATA_MODE = {"layer_weighting": "data", "combine": "gram", "gram_inputs": "merged", "off_diagonal_scale": 1.0}
+DATA_MODE = {"combine": "gram", "gram_inputs": "merged", "off_diagonal_scale": 1.0, "spectrum": "keep",
+             "residual_weight": 1.0, "scale_min": 1.0}
 
 
 def test_calibration_and_no_parameters_get_pivotmerges_data_mode(example, tmp_path):
@@ -153,19 +154,19 @@ def test_calibration_and_no_parameters_get_pivotmerges_data_mode(example, tmp_pa
     assert len(layers) == 2
     for entry in layers:  # the report shows what ran: the data defaults, and the alignment they read
         assert {k: entry.params[k] for k in DATA_MODE} == DATA_MODE
-        assert entry.info["combine"] == "gram (merged inputs)" and len(entry.params["alignment"]) == 2
-    assert report.calibration.passes == 2 and report.calibration.alignment is not None
+        assert entry.info["combine"] == "gram (merged inputs)" and entry.info["scale"] == 1.0
+    assert report.calibration.passes == 2 and report.calibration.gram_tensors
     with_data, without = load_file(tmp_path / "data" / "model.safetensors"), load_file(tmp_path / "free" / "model.safetensors")
     for entry in layers:
         assert (with_data[entry.tensor] - without[entry.tensor]).abs().max() > 1e-3
 
 
 def test_parameters_the_spec_sets_win_over_the_data_defaults(example, tmp_path):
-    report = pivotmerge.merge(_spec(example, "pivotmerge", parameters={"layer_weighting": "weight", "gram_alpha": 0.8}),
-                              tmp_path / "out")
+    report = pivotmerge.merge(_spec(example, "pivotmerge", parameters={"layer_weighting": "data", "gram_alpha": 0.8,
+                                                                       "spectrum": "flatten"}), tmp_path / "out")
     entry = next(e for e in report.layers if e.tensor == W1)
-    # layer_weighting: weight is the Params default, so the report leaves it out; no alignment was measured.
-    assert "layer_weighting" not in entry.params and "alignment" not in entry.params
+    # spectrum: flatten is the Params default, so the report leaves it out (the data default, keep, did not apply).
+    assert entry.params["layer_weighting"] == "data" and len(entry.params["alignment"]) == 2 and "spectrum" not in entry.params
     assert entry.params["combine"] == "gram" and entry.params["gram_inputs"] == "merged"
     assert entry.params["off_diagonal_scale"] == 0.8 and "gram_alpha" not in entry.params
-    assert report.calibration.alignment is None and report.calibration.passes == 2
+    assert report.calibration.alignment is not None and report.calibration.passes == 2

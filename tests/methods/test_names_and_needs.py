@@ -80,16 +80,19 @@ DATA = {"dataset": "calib.jsonl"}
 @pytest.mark.parametrize("per_expert", [False, True], ids=["spec-wide", "per expert"])
 def test_calibration_data_and_no_parameters_resolve_to_the_data_mode(per_expert):
     params = _resolved({}, DATA, per_expert)
-    assert (params.layer_weighting, params.combine, params.gram_inputs, params.off_diagonal_scale) == ("data", "gram", "merged", 1.0)
-    assert get_method("pivotmerge").needs_for(params) == {Need.ALIGNMENT, Need.GRAMS, Need.MERGED_INPUTS}
+    assert params.model_dump(include=set(get_method("pivotmerge").with_calibration)) == {
+        "combine": "gram", "gram_inputs": "merged", "off_diagonal_scale": 1.0, "spectrum": "keep", "residual_weight": 1.0,
+        "scale_min": 1.0}
+    assert get_method("pivotmerge").needs_for(params) == {Need.GRAMS, Need.MERGED_INPUTS}
     free = _resolved({})
-    assert (free.layer_weighting, free.combine, free.gram_inputs, free.off_diagonal_scale) == ("weight", "sum", "expert", 0.9)
+    assert (free.combine, free.gram_inputs, free.off_diagonal_scale, free.spectrum, free.residual_weight, free.scale_min) == (
+        "sum", "expert", 0.9, "flatten", 0.5, 0.5)
 
 
 def test_values_the_spec_sets_win_over_the_data_defaults_under_any_spelling():
-    params = _resolved({"layer_weighting": "weight", "gram_alpha": 0.5}, DATA)
-    assert (params.layer_weighting, params.off_diagonal_scale) == ("weight", 0.5)
-    assert (params.combine, params.gram_inputs) == ("gram", "merged")
+    params = _resolved({"spectrum": "flatten", "gram_alpha": 0.5, "lambda_min": 0.5}, DATA)
+    assert (params.spectrum, params.off_diagonal_scale, params.scale_min) == ("flatten", 0.5, 0.5)
+    assert (params.combine, params.gram_inputs, params.residual_weight) == ("gram", "merged", 1.0)
     # A filtered value that does not match this tensor sets nothing for it: the data default applies.
     params = _resolved({"combine": [{"filter": "linear_2", "value": "sum"}]}, DATA)
     assert params.combine == "gram"
