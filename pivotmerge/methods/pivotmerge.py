@@ -23,6 +23,8 @@ formulas); docs/methods.md states every formula. For one tensor of layer ``l``:
 6. ``W = W0 + scale_l (U M + rho * combine(trunc(R_k)))`` (flattened as a whole under ``flatten_total``).
 
 Vectors (biases, norms) take a sign-consistent mean of the deltas, scaled like a layer.
+A spec that gives calibration data and leaves them unset gets the data mode (`DATA_MODE`:
+gram combine on the merged model's inputs, spectrum kept, residuals whole, scale 1).
 With shared space, filtering and flattening off and uniform weights, this is
 task arithmetic with ``scale = scale_max``.
 """
