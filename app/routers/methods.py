@@ -49,6 +49,9 @@ class MethodOut(BaseModel):
     max_models: int | None = None
     calibration_data: list[str] = Field(
         default_factory=list, description="What the method can measure on the spec's calibration dataset.")
+    defaults_with_calibration: dict[str, Any] = Field(
+        default_factory=dict, description="Defaults that replace the parameters' own when the spec gives calibration "
+                                          "data (values the spec sets win).")
     parameters: list[ParameterOut]
 
 
@@ -72,6 +75,7 @@ def parameters_of(method: Method) -> list[ParameterOut]:
 def method_out(method: Method) -> MethodOut:
     return MethodOut(name=method.name, summary=method.summary, base_model=method.base, min_models=method.min_models,
                      max_models=method.max_models, calibration_data=[need.value for need in method.data],
+                     defaults_with_calibration=dict(method.with_calibration),
                      parameters=parameters_of(method))
 
 

@@ -28,9 +28,8 @@ class Variant:
 
 SCALES = [0.25, 0.5, 1.0, 1.5, 2.0]
 LAYER_SCALE = {"scale_max": [0.5, 1.0, 1.5, 2.0]}
-# Data mode fits layers like RegMean, whose merged update at scale 1/K is RegMean's; these scales bracket it.
-DATA_SCALE = {"scale_max": [0.25, 0.5, 1.0]}
-DATA_MODE = {"layer_weighting": "data", "combine": "gram", "gram_inputs": "merged"}
+# Data mode fits layers like RegMean: its merged update at scale 1 is RegMean's; these scales bracket it.
+DATA_SCALE = {"scale_max": [0.5, 1.0, 1.5]}
 
 BASELINES: tuple[Variant, ...] = (
     Variant("task_arithmetic", "task_arithmetic", grid={"scale": SCALES}),
@@ -43,8 +42,8 @@ BASELINES: tuple[Variant, ...] = (
 )
 PIVOTMERGE: tuple[Variant, ...] = (
     Variant("pivotmerge", "pivotmerge", grid={**LAYER_SCALE, "spectrum": ["flatten", "flatten_total"]}),
-    Variant("pivotmerge_data", "pivotmerge", fixed=DATA_MODE,
-            grid={**DATA_SCALE, "spectrum": ["keep", "flatten_total"]}, data=True),
+    # Given calibration data, PivotMerge's defaults are its data mode (gram combine on the merged model's inputs).
+    Variant("pivotmerge_data", "pivotmerge", grid={**DATA_SCALE, "layer_weighting": ["weight", "data"]}, data=True),
 )
 # Each PivotMerge component taken away, the rest at its defaults, the layer scale tuned as for the full method.
 ABLATIONS: tuple[Variant, ...] = (
@@ -52,11 +51,9 @@ ABLATIONS: tuple[Variant, ...] = (
     Variant("pivotmerge - flattening", "pivotmerge", fixed={"spectrum": "keep"}, grid=LAYER_SCALE),
     Variant("pivotmerge - residuals", "pivotmerge", fixed={"residual_weight": 0.0}, grid=LAYER_SCALE),
     Variant("pivotmerge - layer_weighting", "pivotmerge", fixed={"layer_weighting": "uniform"}, grid=LAYER_SCALE),
-    Variant("pivotmerge_data - gram", "pivotmerge", fixed={**DATA_MODE, "combine": "sum"}, grid=DATA_SCALE, data=True),
-    Variant("pivotmerge_data - merged_inputs", "pivotmerge", fixed={**DATA_MODE, "gram_inputs": "expert"},
-            grid=DATA_SCALE, data=True),
-    Variant("pivotmerge_data - data_weighting", "pivotmerge", fixed={**DATA_MODE, "layer_weighting": "weight"},
-            grid=DATA_SCALE, data=True),
+    # The plain sum of K updates wants about 1/K of the scale the gram combine's mean does.
+    Variant("pivotmerge_data - gram", "pivotmerge", fixed={"combine": "sum"}, grid={"scale_max": [0.25, 0.5, 1.0]}, data=True),
+    Variant("pivotmerge_data - merged_inputs", "pivotmerge", fixed={"gram_inputs": "expert"}, grid=DATA_SCALE, data=True),
 )
 TUNED: tuple[Variant, ...] = BASELINES + PIVOTMERGE + ABLATIONS
 

@@ -75,6 +75,7 @@ def methods_command(as_json: bool) -> None:
         click.echo(json.dumps({name: {"summary": m.summary, "base_model": m.base, "min_models": m.min_models,
                                       "max_models": m.max_models, "per_model": list(m.per_model),
                                       "engine_params": list(m.engine_params),
+                                      "defaults_with_calibration": dict(m.with_calibration),
                                       "aliases": {old: new for old, new in m.aliases().items() if old != new},
                                       "search": {p: asdict(s) for p, s in m.search_space.items()},
                                       "parameters": m.params.model_json_schema().get("properties", {})}
@@ -84,7 +85,7 @@ def methods_command(as_json: bool) -> None:
     for name, m in methods.items():
         table = Table(title=f"[bold]{name}[/] — {m.summary}", title_justify="left", show_edge=False)
         for col in ("parameter", "type", "default", "search", "description"):
-            table.add_column(col, no_wrap=col == "parameter")  # names stay whole, so they can be searched
+            table.add_column(col, no_wrap=col in ("parameter", "default"))  # names stay whole, so they can be searched
         old_names = {}
         for old, new in m.aliases().items():
             if old != new:
@@ -93,14 +94,16 @@ def methods_command(as_json: bool) -> None:
         for pname, field in m.params.model_fields.items():
             per = " (per model)" if pname in m.per_model else ""
             also = f" (also: {', '.join(old_names[pname])})" if pname in old_names else ""
-            table.add_row(pname + per, _type_name(field.annotation), repr(field.default),
+            default = repr(field.default) + (f"\nwith data: {m.with_calibration[pname]!r}" if pname in m.with_calibration else "")
+            table.add_row(pname + per, _type_name(field.annotation), default,
                           _search_text(search.get(pname)), (field.description or "") + also)
         for need in m.engine_params:
             table.add_row(f"{need} (set by the engine)", "calibration", "", "", "Measured on the spec's calibration data when "
                           "the parameters need it; never set in a spec.")
         models = f"{m.min_models}" + ("" if m.max_models == m.min_models else f"..{m.max_models or 'n'}")
         out.print(table)
-        out.print(f"  base_model: {m.base}; models: {models}\n")
+        with_data = "; 'with data': the default when the spec gives calibration data" if m.with_calibration else ""
+        out.print(f"  base_model: {m.base}; models: {models}{with_data}\n")
 
 
 def _search_text(search: Search | None) -> str:

@@ -34,7 +34,8 @@ import importlib
 import pkgutil
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Callable, Literal, Sequence, Union
+from types import MappingProxyType
+from typing import Any, Callable, Literal, Mapping, Sequence, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -129,6 +130,9 @@ class Method:
     needs: Callable[[Any], set[Need]] | None = None
     # Every Need `needs` may answer, for listings and for refusing them in a spec.
     data: tuple[Need, ...] = ()
+    # Defaults that replace the Params defaults when the spec gives calibration data, for the
+    # parameters the user did not set: a method that can use data does so when given it.
+    with_calibration: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def per_model(self) -> tuple[str, ...]:
@@ -172,15 +176,28 @@ _REGISTRY: dict[str, Method] = {}
 
 def method(name: str, *, summary: str, params: type[MethodParams], base: Literal["required", "optional", "unused"] = "required",
            min_models: int = 1, max_models: int | None = None, elementwise: bool = False,
-           needs: Callable[[Any], set[Need]] | None = None, data: Sequence[Need] = ()) -> Callable[[MergeFn], MergeFn]:
-    """Register the decorated merge function as method `name`; the function itself is returned unchanged."""
+           needs: Callable[[Any], set[Need]] | None = None, data: Sequence[Need] = (),
+           with_calibration: Mapping[str, Any] | None = None) -> Callable[[MergeFn], MergeFn]:
+    """Register the decorated merge function as method `name`; the function itself is returned unchanged.
+
+    `with_calibration`: parameter defaults for a spec that gives calibration data (the user's own
+    values still win), e.g. the settings under which the method reads that data."""
     if (needs is None) != (not data):
         raise ValueError(f"method {name!r}: give `needs` together with the `data` it may answer")
+    defaults = MappingProxyType(dict(with_calibration or {}))
+    if defaults:
+        if needs is None:
+            raise ValueError(f"method {name!r}: with_calibration defaults need a method that reads calibration data")
+        unknown = set(defaults) - set(params.model_fields)
+        if unknown:
+            raise ValueError(f"method {name!r}: with_calibration names no parameter: {', '.join(sorted(unknown))}")
+        params.model_validate(defaults)  # the defaults must be valid values
 
     def register(merge: MergeFn) -> MergeFn:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} registered twice")
-        _REGISTRY[name] = Method(name, summary, params, merge, base, min_models, max_models, elementwise, needs, tuple(data))
+        _REGISTRY[name] = Method(name, summary, params, merge, base, min_models, max_models, elementwise, needs, tuple(data),
+                                 defaults)
         return merge
     return register
 

@@ -9,11 +9,12 @@ formulas); docs/methods.md states every formula. For one tensor of layer ``l``:
 3. filtering: direction ``j`` is suppressed when the experts' coefficient rows
    cancel: ``1 - ||sum_k a_k C_k[j]|| / sum_k |a_k| ||C_k[j]|| > threshold``;
    with ``combine: gram`` and calibration Gram matrices ``G_k`` of the layer's inputs, experts are
-   combined as their inputs see them: ``(sum_k a_k X_k G_k)(sum_k a_k G_k)^-1 sum_k a_k``
-   in place of ``sum_k a_k X_k`` (equal Grams give the plain sum); with ``gram_inputs: merged`` the
+   combined as their inputs see them, a Gram-weighted mean ``(sum_k a_k X_k G_k)(sum_k a_k G_k)^-1``
+   in place of ``sum_k a_k X_k`` (so scale 1 is RegMean's update; equal Grams give the weighted mean
+   ``sum_k a_k X_k / sum_k a_k``); with ``gram_inputs: merged`` the
    layer is fitted on the inputs the merged model feeds it: ``G_k`` is then the Gram of those and
    ``C_k = X_k^T X~_k`` (expert inputs against merged inputs) replaces ``G_k`` on the left, plus the
-   pivot's own correction ``W0 ((sum_k a_k C_k)(sum_k a_k G_k)^-1 - I) sum_k a_k``;
+   pivot's own correction ``W0 ((sum_k a_k C_k)(sum_k a_k G_k)^-1 - I)``;
 4. spectrum of the merged shared update kept or flattened (Iso-C), or of the
    whole merged update, residuals included (``flatten_total``);
 5. per-expert weights ``a_k`` and layer scale ``scale_l`` from a score in [0, 1]:
@@ -22,6 +23,8 @@ formulas); docs/methods.md states every formula. For one tensor of layer ``l``:
 6. ``W = W0 + scale_l (U M + rho * combine(trunc(R_k)))`` (flattened as a whole under ``flatten_total``).
 
 Vectors (biases, norms) take a sign-consistent mean of the deltas, scaled like a layer.
+A spec that gives calibration data and leaves them unset gets the data mode (`DATA_MODE`:
+gram combine on the merged model's inputs, spectrum kept, residuals whole, scale 1).
 With shared space, filtering and flattening off and uniform weights, this is
 task arithmetic with ``scale = scale_max``.
 """
@@ -76,6 +79,14 @@ class Params(MethodParams):
         return self
 
 
+# The defaults when a spec gives calibration data (parameters the user sets win): each layer fitted on the
+# merged model's inputs, the fitted update whole and at its own scale; each choice is the quality suite's
+# dev evidence (docs/methods.md): off_diagonal_scale 1 was RegMean++'s choice on every seed, and
+# flattening the spectrum, halving the residuals or data layer weights each lowered dev accuracy here.
+DATA_MODE = {"combine": "gram", "gram_inputs": "merged", "off_diagonal_scale": 1.0, "spectrum": "keep",
+             "residual_weight": 1.0, "scale_min": 1.0}
+
+
 def needs(params: Params) -> set[Need]:
     out = {Need.ALIGNMENT} if params.layer_weighting == "data" else set()
     if params.combine == "gram":
@@ -125,14 +136,14 @@ def _interleaved_deltas(tensors: Sequence[Tensor], base: Tensor) -> Tensor:
 def _combiner(expert_weights: Tensor, grams: Sequence[Tensor] | None, cross: Sequence[Tensor] | None,
               off_diagonal_scale: float) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor] | None]:
     """``(r, K, n)`` expert stacks -> ``sum_k a_k X_k``, or with Gram matrices of the inputs
-    ``(sum_k a_k X_k C_k)(sum_k a_k G_k)^-1 sum_k a_k`` with ``C_k = G_k``: each expert counts most
-    along the input directions its own domain uses (RegMean's weighting, solved by `regmean_solve`);
-    equal Grams give the plain sum.
+    ``(sum_k a_k X_k C_k)(sum_k a_k G_k)^-1`` with ``C_k = G_k``: a weighted mean in which each expert
+    counts most along the input directions its own domain uses (RegMean's weighting, solved by
+    `regmean_solve`), so at scale 1 the update is RegMean's; equal Grams give the weighted mean.
 
     With cross Grams ``C_k = X_k^T X~_k`` (``G_k = X~_k^T X~_k``) the layer is the least-squares fit
     of every expert's outputs on the merged model's inputs ``X~_k``; the pivot then needs its own
-    correction, returned second: ``W0 -> W0 ((sum_k a_k C_k)(sum_k a_k G_k)^-1 - I) sum_k a_k``,
-    which is RegMean's solve of K copies of ``W0``, minus ``W0``, times ``sum_k a_k``.
+    correction, returned second: ``W0 -> W0 ((sum_k a_k C_k)(sum_k a_k G_k)^-1 - I)``,
+    which is RegMean's solve of K copies of ``W0``, minus ``W0``.
     """
     if grams is None:
         return (lambda x: torch.einsum("rkn,k->rn", x, expert_weights)), None
@@ -140,16 +151,15 @@ def _combiner(expert_weights: Tensor, grams: Sequence[Tensor] | None, cross: Seq
         if given is not None and len(given) != len(expert_weights):
             raise ValueError(f"{name}: expected {len(expert_weights)} matrices (one per expert), got {len(given)}")
     a = expert_weights.tolist()
-    total = float(expert_weights.sum())
 
     def solve(xs: Sequence[Tensor]) -> Tensor:
-        return regmean_solve(xs, grams, a, off_diagonal_scale, cross).mul_(total)
+        return regmean_solve(xs, grams, a, off_diagonal_scale, cross)
 
     def combine(x: Tensor) -> Tensor:
         return solve(x.unbind(dim=1))
     if cross is None:
         return combine, None
-    return combine, lambda pivot: solve([pivot] * len(a)).sub_(pivot, alpha=total)
+    return combine, lambda pivot: solve([pivot] * len(a)).sub_(pivot)
 
 
 def _flattened(m: Tensor) -> Tensor:
@@ -157,10 +167,11 @@ def _flattened(m: Tensor) -> Tensor:
     return (left * flatten_spectrum(sv, m.shape)) @ right
 
 
-def _conflict_filter(coef: Tensor, expert_weights: Tensor, combined: Tensor, threshold: float) -> int:
-    """Zero rows of ``combined`` (r, n) where the experts' rows of ``coef`` (r, K, n) cancel."""
+def _conflict_filter(coef: Tensor, expert_weights: Tensor, combined: Tensor, threshold: float, as_sum: float) -> int:
+    """Zero rows of ``combined`` (r, n) where the experts' rows of ``coef`` (r, K, n) cancel;
+    ``as_sum`` times ``combined`` is on the scale of the weighted sum (the gram combine is a mean)."""
     mass = (coef.norm(dim=2) * expert_weights.abs()).sum(dim=1)
-    agreement = combined.norm(dim=1) / mass.clamp_min(torch.finfo(mass.dtype).tiny)
+    agreement = combined.norm(dim=1) * as_sum / mass.clamp_min(torch.finfo(mass.dtype).tiny)
     suppress = (mass > 0) & (1 - agreement > threshold)
     combined[suppress] = 0
     return int(suppress.sum())
@@ -187,7 +198,8 @@ def _merge_matrix(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[fl
     cross = calibration.cross_grams if grams is not None and params.gram_inputs == "merged" else None
     combine, pivot_correction = _combiner(a, grams, cross, params.off_diagonal_scale)
     combined = combine(coef)
-    suppressed = _conflict_filter(coef, a, combined, params.conflict_threshold) if params.filtering else 0
+    as_sum = 1.0 if grams is None else float(a.sum())
+    suppressed = _conflict_filter(coef, a, combined, params.conflict_threshold, as_sum) if params.filtering else 0
     if params.spectrum == "flatten":
         combined = _flattened(combined)
     merged = combined if u is None else u @ combined
@@ -233,7 +245,8 @@ def _merge_vector(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[fl
 
 @method("pivotmerge", summary="PivotMerge (our reading): shared-space decomposition, conflict filtering, flattened spectrum, "
                              "layer-wise weights.",
-        params=Params, base="optional", needs=needs, data=(Need.ALIGNMENT, Need.GRAMS, Need.MERGED_INPUTS))
+        params=Params, base="optional", needs=needs, data=(Need.ALIGNMENT, Need.GRAMS, Need.MERGED_INPUTS),
+        with_calibration=DATA_MODE)
 def pivotmerge(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
                params: Params, generator: torch.Generator | None = None,
                calibration: Calibration = NO_CALIBRATION) -> Merged:

@@ -50,11 +50,18 @@ class TensorParams:
     calibration: Calibration = NO_CALIBRATION
 
 
+def gives_calibration(spec: MergeSpec) -> bool:
+    """The spec names calibration data, spec-wide or for any expert."""
+    return spec.calibration is not None or any(m.calibration is not None for m in spec.models)
+
+
 def resolve_params(spec: MergeSpec, method: Method, tensor: str, depth: float) -> TensorParams:
     """Per-model weights and the method's parameters for one tensor.
 
     Per-model parameters become one value per model: the model's own, else the
-    spec-wide value, else the method's default. Names stay as the spec spells them
+    spec-wide value, else the method's default. A parameter the spec leaves unset for
+    this tensor takes the method's default: where the spec gives calibration data, the
+    method's `with_calibration` value if it has one. Names stay as the spec spells them
     (old spellings included), so a validation error names what the user wrote.
     """
     global_values = {k: resolve_value(v, tensor, depth) for k, v in spec.parameters.items()}
@@ -65,9 +72,12 @@ def resolve_params(spec: MergeSpec, method: Method, tensor: str, depth: float) -
         weights.append(1.0 if w is None else float(w))
     values: dict[str, Any] = dict(global_values)
     canonical = method.aliases()
+    with_calibration = method.with_calibration if gives_calibration(spec) else {}
+    given = {canonical[k] for k in global_values}
+    values.update({k: v for k, v in with_calibration.items() if k not in given and k not in method.per_model})
     for name in method.per_model:
         spelled = {k: v for k, v in global_values.items() if canonical[k] == name}
-        key, default = next(iter(spelled.items()), (name, method.params.model_fields[name].default))
+        key, default = next(iter(spelled.items()), (name, with_calibration.get(name, method.params.model_fields[name].default)))
         per = []
         for entry in spec.models:
             own = next((resolve_value(v, tensor, depth) for k, v in entry.parameters.items() if canonical[k] == name), None)

@@ -59,8 +59,13 @@ def test_methods_marks_the_parameters_the_engine_sets(tmp_path, run_cli):
     listed = json.loads(result.stdout)
     assert listed["regmean"]["engine_params"] == ["grams", "cross_grams"] and listed["pivotmerge"]["engine_params"] == ["alignment", "grams", "cross_grams"]
     assert listed["linear"]["engine_params"] == []
+    assert listed["pivotmerge"]["defaults_with_calibration"] == {
+        "combine": "gram", "gram_inputs": "merged", "off_diagonal_scale": 1.0, "spectrum": "keep", "residual_weight": 1.0,
+        "scale_min": 1.0}
+    assert listed["linear"]["defaults_with_calibration"] == {}
     table = run_cli("methods", cwd=tmp_path).stdout
     assert "grams (set by the engine)" in table and "alignment (set by the engine)" in table
+    assert "with data: 'keep'" in table
 
 
 def test_the_service_contributes_its_commands_through_the_entry_point_group(tmp_path, run_cli):

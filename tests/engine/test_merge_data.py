@@ -114,9 +114,9 @@ def test_evaluate_inputs_needs_evaluate_datasets(example):
 
 
 def test_pivotmerge_combine_gram_receives_each_experts_grams(example, tmp_path):
-    # Everything else off and lambda = 1/K: the merge is RegMean's closed form on the engine's Grams.
+    # Everything else off and scale 1: the merge is RegMean's closed form on the engine's Grams.
     off = {"shared_space": False, "filtering": False, "spectrum": "keep", "layer_weighting": "uniform",
-           "lambda_max": 0.5, "combine": "gram", "gram_alpha": 0.8}
+           "lambda_max": 1.0, "combine": "gram", "gram_alpha": 0.8, "gram_inputs": "expert"}
     spec = _spec(example, "pivotmerge", parameters=off)
     for entry, domain in zip(spec["models"], ["shapes", "dots"]):
         entry["calibration"] = {"dataset": str(example.datasets[domain])}
@@ -133,9 +133,40 @@ def test_pivotmerge_combine_gram_receives_each_experts_grams(example, tmp_path):
 
 def test_pivotmerge_gram_combine_on_one_layer_with_data_weights(example, tmp_path):
     combine = [{"filter": "linear_1", "value": "gram"}, {"value": "sum"}]
-    spec = _spec(example, "pivotmerge", parameters={"layer_weighting": "data", "combine": combine})
+    spec = _spec(example, "pivotmerge", parameters={"layer_weighting": "data", "combine": combine, "gram_inputs": "expert"})
     report = pivotmerge.merge(spec, tmp_path / "out")
     layers = {e.tensor: e for e in report.layers}
     assert layers[W1].info["combine"] == "gram" and layers[W1].params["combine"] == "gram"
     assert layers[W1.replace("linear_1", "linear_2")].info["combine"] == "sum"
     assert set(report.calibration.alignment.scores) == {"projector.1", "projector.2"}
+
+
+DATA_MODE = {"combine": "gram", "gram_inputs": "merged", "off_diagonal_scale": 1.0, "spectrum": "keep",
+             "residual_weight": 1.0, "scale_min": 1.0}
+
+
+def test_calibration_and_no_parameters_get_pivotmerges_data_mode(example, tmp_path):
+    free = _spec(example, "pivotmerge")
+    del free["calibration"]
+    pivotmerge.merge(free, tmp_path / "free")
+    report = pivotmerge.merge(_spec(example, "pivotmerge"), tmp_path / "data")
+    layers = [e for e in report.layers if e.tensor.endswith(".weight")]
+    assert len(layers) == 2
+    for entry in layers:  # the report shows what ran: the data defaults, and the alignment they read
+        assert {k: entry.params[k] for k in DATA_MODE} == DATA_MODE
+        assert entry.info["combine"] == "gram (merged inputs)" and entry.info["scale"] == 1.0
+    assert report.calibration.passes == 2 and report.calibration.gram_tensors
+    with_data, without = load_file(tmp_path / "data" / "model.safetensors"), load_file(tmp_path / "free" / "model.safetensors")
+    for entry in layers:
+        assert (with_data[entry.tensor] - without[entry.tensor]).abs().max() > 1e-3
+
+
+def test_parameters_the_spec_sets_win_over_the_data_defaults(example, tmp_path):
+    report = pivotmerge.merge(_spec(example, "pivotmerge", parameters={"layer_weighting": "data", "gram_alpha": 0.8,
+                                                                       "spectrum": "flatten"}), tmp_path / "out")
+    entry = next(e for e in report.layers if e.tensor == W1)
+    # spectrum: flatten is the Params default, so the report leaves it out (the data default, keep, did not apply).
+    assert entry.params["layer_weighting"] == "data" and len(entry.params["alignment"]) == 2 and "spectrum" not in entry.params
+    assert entry.params["combine"] == "gram" and entry.params["gram_inputs"] == "merged"
+    assert entry.params["off_diagonal_scale"] == 0.8 and "gram_alpha" not in entry.params
+    assert report.calibration.alignment is not None and report.calibration.passes == 2

@@ -20,7 +20,7 @@ from tests.engine.test_merge_data import W1, _spec, example  # noqa: F401  (exam
 
 W2 = W1.replace("linear_1", "linear_2")
 OWN = ["shapes", "dots"]  # each expert's own calibration domain
-GRAM = {"combine": "gram", "gram_alpha": 0.8}
+GRAM = {"combine": "gram", "gram_alpha": 0.8, "layer_weighting": "weight"}  # no alignment: the closed forms below
 
 
 def _refit_spec(ex, gram_inputs: object) -> dict:
@@ -64,7 +64,9 @@ def test_second_pass_refits_linear_2_on_the_merged_linear_1_and_keeps_linear_1(e
         grams.append(merged.T @ merged)
         cross.append(own.T @ merged)
     method = get_method("pivotmerge")
-    params = method.params.model_validate({**GRAM, "gram_inputs": "merged"})
+    # The spec gives calibration data: the method's defaults with data, then the spec's values (gram_alpha is off_diagonal_scale).
+    params = method.params.model_validate({**method.with_calibration, "off_diagonal_scale": 0.8, "layer_weighting": "weight",
+                                           "gram_inputs": "merged"})
     experts = [_weights(e)[W2] for e in example.experts]
     expected = method(experts, _weights(example.base)[W2], [1.0, 1.0], params, None, Calibration(grams=grams, cross_grams=cross)).tensor
     assert torch.allclose(twice[W2], expected, atol=1e-5)

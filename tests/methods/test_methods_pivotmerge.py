@@ -169,32 +169,51 @@ def _grams(k, n, seed=1):
     return [x.T @ x for x in xs]
 
 
-def test_equal_grams_give_the_plain_sum():
+def test_equal_grams_give_the_weighted_mean():
+    # The gram combine is a mean: equal Grams give the plain sum's update over the weights' sum (3.5),
+    # shared part and residuals alike; without the shared space, sum_k w_k d_k / sum_k w_k.
     base, models = experts()
     gram = _grams(1, 5)[0]
-    out = run(models, base, [1.0, 0.5, 2.0], combine="gram", grams=[gram] * 3, **{**OFF, "shared_space": True})
-    plain = run(models, base, [1.0, 0.5, 2.0], **{**OFF, "shared_space": True})
-    assert torch.allclose(out.tensor, plain.tensor, atol=1e-4)
+    weights = [1.0, 0.5, 2.0]
+    shared = {**OFF, "shared_space": True, "energy": 0.5}
+    out = run(models, base, weights, combine="gram", grams=[gram] * 3, **shared)
+    plain = run(models, base, weights, **shared)
+    assert torch.allclose(out.tensor - base, (plain.tensor - base) / 3.5, atol=1e-4)
+    out = run(models, base, weights, combine="gram", grams=[gram] * 3, **OFF)
+    mean = base + sum(w * (m - base) for w, m in zip(weights, models)) / 3.5
+    assert torch.allclose(out.tensor, mean, atol=1e-4)
 
 
 def test_grams_with_everything_off_is_regmean_on_the_deltas():
-    # (sum_k d_k G_k)(sum_k G_k)^-1 * K, and lambda = 1/K turns it into RegMean exactly:
+    # (sum_k d_k G_k)(sum_k G_k)^-1 at scale 1 is RegMean exactly:
     # W0 + sum_k (W_k - W0) G_k (sum G)^-1 = (sum_k W_k G_k)(sum G)^-1.
     base, models = experts()
     grams = _grams(3, 5)
-    out = run(models, base, combine="gram", grams=grams, gram_alpha=0.9, lambda_max=1 / 3, **OFF)
+    out = run(models, base, combine="gram", grams=grams, gram_alpha=0.9, lambda_max=1.0, **OFF)
     assert torch.allclose(out.tensor, other("regmean", models, None, grams=grams, alpha=0.9), atol=1e-4)
     assert out.info["combine"] == "gram"
 
 
+def test_gram_combine_by_hand_with_weights_and_scale():
+    # Diagonal Grams make the solve per input column: column j of the update is
+    # sum_k w_k d_k[:, j] g_k[j] / sum_k w_k g_k[j], then times the scale (0.5).
+    base = torch.zeros(2, 2)
+    models = [T([[1.0, 2.0], [0.0, 4.0]]), T([[3.0, 0.0], [2.0, -4.0]])]
+    grams = [torch.diag(T([1.0, 3.0])), torch.diag(T([2.0, 1.0]))]
+    out = run(models, base, [1.0, 2.0], combine="gram", grams=grams, gram_alpha=1.0, lambda_max=0.5, **OFF)
+    col0 = (1 * 1 * T([1.0, 0.0]) + 2 * 2 * T([3.0, 2.0])) / (1 * 1 + 2 * 2)  # [13/5, 8/5]
+    col1 = (1 * 3 * T([2.0, 4.0]) + 2 * 1 * T([0.0, -4.0])) / (1 * 3 + 2 * 1)  # [6/5, 4/5]
+    assert torch.allclose(out.tensor, 0.5 * torch.stack([col0, col1], dim=1), atol=1e-6)
+
+
 def test_merged_inputs_fit_every_expert_on_the_merged_models_inputs():
-    # gram_inputs: merged, lambda 1/K, everything else off: the least-squares W minimising
+    # gram_inputs: merged, scale 1, everything else off: the least-squares W minimising
     # sum_k ||X~_k W^T - X_k W_k^T||^2 (merged inputs X~_k, expert inputs X_k), solved here by lstsq.
     base, models = experts()
     g = torch.Generator().manual_seed(3)
     own = [torch.randn(40, 5, generator=g, dtype=torch.float64) for _ in models]
     merged_in = [x + 0.3 * torch.randn(40, 5, generator=g, dtype=torch.float64) for x in own]
-    out = run(models, base, combine="gram", gram_inputs="merged", gram_alpha=1.0, lambda_max=1 / 3,
+    out = run(models, base, combine="gram", gram_inputs="merged", gram_alpha=1.0, lambda_max=1.0,
               grams=[x.T @ x for x in merged_in], cross_grams=[x.T @ xm for x, xm in zip(own, merged_in)], **OFF)
     lhs = torch.cat(merged_in)
     rhs = torch.cat([x @ w.double().T for x, w in zip(own, models)])
@@ -206,7 +225,7 @@ def test_merged_inputs_fit_every_expert_on_the_merged_models_inputs():
 def test_merged_inputs_equal_to_the_experts_give_regmean():
     base, models = experts()
     grams = _grams(3, 5)
-    params = dict(combine="gram", gram_alpha=0.9, lambda_max=1 / 3, grams=grams, **OFF)
+    params = dict(combine="gram", gram_alpha=0.9, lambda_max=1.0, grams=grams, **OFF)
     out = run(models, base, gram_inputs="merged", cross_grams=grams, **params)
     assert torch.allclose(out.tensor, run(models, base, **params).tensor, atol=1e-4)
 

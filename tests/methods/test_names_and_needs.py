@@ -65,3 +65,49 @@ def test_needs_follow_the_parameters_each_tensor_resolves_to():
     m = get_method("pivotmerge")
     assert m.needs_for(resolve_params(spec, m, "projector.linear_1.weight", 0.0).params) == {Need.GRAMS}
     assert m.needs_for(resolve_params(spec, m, "projector.linear_2.weight", 1.0).params) == set()
+
+
+def _resolved(parameters: dict, calibration: dict | None = None, per_expert: bool = False):
+    models = [{**m, "calibration": calibration} if per_expert else m for m in MODELS]
+    spec = spec_from_dict({"method": "pivotmerge", "base_model": "base", "models": models, "parameters": parameters,
+                           **({"calibration": calibration} if calibration and not per_expert else {})})
+    return resolve_params(spec, get_method("pivotmerge"), "projector.linear_1.weight", 0.0).params
+
+
+DATA = {"dataset": "calib.jsonl"}
+
+
+@pytest.mark.parametrize("per_expert", [False, True], ids=["spec-wide", "per expert"])
+def test_calibration_data_and_no_parameters_resolve_to_the_data_mode(per_expert):
+    params = _resolved({}, DATA, per_expert)
+    assert params.model_dump(include=set(get_method("pivotmerge").with_calibration)) == {
+        "combine": "gram", "gram_inputs": "merged", "off_diagonal_scale": 1.0, "spectrum": "keep", "residual_weight": 1.0,
+        "scale_min": 1.0}
+    assert get_method("pivotmerge").needs_for(params) == {Need.GRAMS, Need.MERGED_INPUTS}
+    free = _resolved({})
+    assert (free.combine, free.gram_inputs, free.off_diagonal_scale, free.spectrum, free.residual_weight, free.scale_min) == (
+        "sum", "expert", 0.9, "flatten", 0.5, 0.5)
+
+
+def test_values_the_spec_sets_win_over_the_data_defaults_under_any_spelling():
+    params = _resolved({"spectrum": "flatten", "gram_alpha": 0.5, "lambda_min": 0.5}, DATA)
+    assert (params.spectrum, params.off_diagonal_scale, params.scale_min) == ("flatten", 0.5, 0.5)
+    assert (params.combine, params.gram_inputs, params.residual_weight) == ("gram", "merged", 1.0)
+    # A filtered value that does not match this tensor sets nothing for it: the data default applies.
+    params = _resolved({"combine": [{"filter": "linear_2", "value": "sum"}]}, DATA)
+    assert params.combine == "gram"
+
+
+def test_with_calibration_defaults_must_name_valid_parameters_of_a_method_that_reads_data():
+    from pivotmerge.methods import method
+    from pivotmerge.methods.regmean import Params as RegMeanParams
+    from pivotmerge.methods.regmean import needs as regmean_needs
+
+    with pytest.raises(ValueError, match="names no parameter: gram_alpha"):
+        method("x", summary="", params=RegMeanParams, needs=regmean_needs, data=[Need.GRAMS],
+               with_calibration={"gram_alpha": 1.0})
+    with pytest.raises(ValueError, match="off_diagonal_scale"):
+        method("x", summary="", params=RegMeanParams, needs=regmean_needs, data=[Need.GRAMS],
+               with_calibration={"off_diagonal_scale": 2.0})
+    with pytest.raises(ValueError, match="reads calibration data"):
+        method("x", summary="", params=RegMeanParams, with_calibration={"off_diagonal_scale": 1.0})

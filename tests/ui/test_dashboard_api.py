@@ -31,6 +31,10 @@ def test_methods_lists_the_registry_with_parameters_and_defaults(http: httpx.Cli
         assert {n: p["default"] for n, p in params.items()} == {n: defaults[n] for n in params}
     assert listed["regmean"]["calibration_data"] == ["grams", "cross_grams"]
     assert listed["task_arithmetic"]["calibration_data"] == []
+    assert listed["pivotmerge"]["defaults_with_calibration"] == {
+        "combine": "gram", "gram_inputs": "merged", "off_diagonal_scale": 1.0, "spectrum": "keep", "residual_weight": 1.0,
+        "scale_min": 1.0}
+    assert listed["regmean"]["defaults_with_calibration"] == {}
     for name, method in registry.items():  # tuning's search ranges, where a method marks them
         searched = {p["name"]: p["search"] for p in listed[name]["parameters"] if p["search"]}
         assert searched == {n: {**asdict(s), "choices": s.choices and list(s.choices)} for n, s in method.search_space.items()}
