@@ -30,6 +30,7 @@ from pydantic import ValidationError
 
 from pivotmerge.errors import SpecError
 from pivotmerge.methods import Method, Need, Search, get_method
+from pivotmerge.plan.params import gives_calibration
 from pivotmerge.spec.schema import MergeSpec, format_validation_error
 
 # A study over a discrete space at most this large runs it whole, as a grid, instead of sampling it.
@@ -141,6 +142,11 @@ def _candidate(spec: MergeSpec, label: str, entry: Any, where: str) -> Candidate
             fixed[param] = value
     for param in fixed:
         searched.pop(param, None)
+    if (gives_calibration(spec) and method.with_calibration.get("gram_inputs") == "merged"
+            and "gram_inputs" not in fixed and "gram_inputs" not in searched):
+        # A trial is one merge pass; the data default's refit on the merged model's inputs is a
+        # second one, so trials fit each layer on the experts' own inputs.
+        fixed["gram_inputs"] = "expert"
     candidate = Candidate(label, method, fixed, searched)
     _check_values(candidate, f"{where}.{label}")
     return candidate
