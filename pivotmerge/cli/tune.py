@@ -8,13 +8,12 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pivotmerge.cli.progress_bar import LazyBar, console
 from pivotmerge.errors import PivotMergeError
 from pivotmerge.report.study import TrialRecord
 
-console = Console(stderr=True)
 TUNE_HINT = "pivotmerge tune needs optuna; install it with: pip install 'pivotmerge[tune]'"
 
 
@@ -33,29 +32,17 @@ def _params_text(params: dict) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
 
 
-class TrialBar:
-    """Trials done out of the budget, with the best dev objective so far. It appears when the study
-    starts, so a spec refused by the checks prints its one error line alone."""
+class TrialBar(LazyBar):
+    """Trials done out of the budget, with the best dev objective so far; it appears when the study starts."""
 
     def __init__(self, objective: str) -> None:
+        super().__init__("tuning")
         self._objective = objective
-        self._bar = Bar(TextColumn("tuning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("{task.fields[note]}", style="dim"), console=console, transient=False)
-        self._task = self._bar.add_task("tuning", total=None, note="")
         self._best: float | None = None
-        self._shown = False
-
-    def __enter__(self) -> "TrialBar":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._shown:
-            self._bar.stop()
 
     def start(self, budget: int) -> None:
         self._bar.update(self._task, total=budget)
-        self._bar.start()
-        self._shown = True
+        self._show()
 
     def advance(self, record: TrialRecord) -> None:
         if record.objective is not None:
