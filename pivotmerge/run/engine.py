@@ -280,7 +280,7 @@ def _refit_on_first_pass(plan: MergePlan, out_dir: Path, device: torch.device, c
         first = Path(tmp)
         write_shards(plan, first, device, _with_message(progress, "first pass: each layer fitted on the experts' own inputs"),
                      should_cancel)
-        carry_side_files(plan.reference.path, first, plan.spec.dtype)  # config and processor, so it loads
+        write_side_files(plan, first)  # config, processor and tokenizer, so it loads as the output will
         return merged_input_calibration(plan, first, calibrated, device, progress=progress, should_cancel=should_cancel)
 
 
@@ -366,13 +366,18 @@ def _write_merge(plan: MergePlan, folder: Path, device: torch.device, progress: 
     return finish_output(plan, folder, device, entries, files, timings, started)
 
 
+def write_side_files(plan: MergePlan, folder: Path) -> None:
+    """The base's config and processor, and the tokenizer of the merged vocabulary where the spec merges one."""
+    carry_side_files(plan.reference.path, folder, plan.spec.dtype)
+    if plan.vocabulary is not None:
+        write_tokenizer(plan.reference.path, folder, plan.vocabulary)
+
+
 def finish_output(plan: MergePlan, folder: Path, device: torch.device, entries: Sequence[MergedTensor],
                   files: Sequence[WrittenFile], timings: Timings, started: float) -> MergeReport:
     """Around the shards written in `folder`: the base's side files, the merge report and the model card.
     `started` is the merge's start on time.perf_counter's clock; returns the report."""
-    carry_side_files(plan.reference.path, folder, plan.spec.dtype)
-    if plan.vocabulary is not None:
-        write_tokenizer(plan.reference.path, folder, plan.vocabulary)
+    write_side_files(plan, folder)
     report = build_report(plan, device, entries, files, timings, time.perf_counter() - started)
     write_report(folder, report)
     write_model_card(folder, plan, report)

@@ -97,3 +97,31 @@ def test_a_text_lm_without_the_vlm_image_token_keeps_the_base_rows_for_it(family
     for lm_name, name in (("model.embed_tokens.weight", EMBED), ("lm_head.weight", HEAD)):
         torch.testing.assert_close(out[name][:-1], short[lm_name])
         assert torch.equal(out[name][-1], base[name][-1])  # the image token's row: the LM has none
+
+
+def test_the_first_pass_of_a_refit_tokenizes_with_the_union_vocabulary(family_models: dict[str, Built], grown: Path,
+                                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RegMean++ (`gram_inputs: merged`) measures inputs in its first-pass model: that model must read the
+    added tokens as the output will, not as the base tokenizer's unknown pieces."""
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    import pivotmerge.run.engine as engine
+
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "red.png")
+    (tmp_path / "calib.jsonl").write_text(json.dumps({"image": "red.png", "caption": "a red <calc> square"}) + "\n")
+    first_pass_ids: list[list[int]] = []
+    measure = engine.merged_input_calibration
+
+    def measure_and_record(plan, folder, *args, **kwargs):  # the real measurement, after noting the folder's tokenizer
+        first_pass_ids.append(AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids(ADDED))
+        return measure(plan, folder, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "merged_input_calibration", measure_and_record)
+    built = family_models["llava"]
+    spec = {**_spec(built, grown, tokenizer="union"), "method": "regmean", "parameters": {"gram_inputs": "merged"},
+            "components": ["projector", "language_model"], "calibration": {"dataset": str(tmp_path / "calib.jsonl")}}
+    merge(spec, tmp_path / "out")
+    rows = _state(built.base)[EMBED].shape[0]
+    assert first_pass_ids == [[rows, rows + 1]]
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").convert_tokens_to_ids(ADDED) == [rows, rows + 1]
