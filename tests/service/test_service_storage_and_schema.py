@@ -133,3 +133,24 @@ def test_api_serves_artifacts_from_s3(settings, sessions, team, s3_endpoint, s3_
     with tarfile.open(fileobj=io.BytesIO(archive.content)) as tar:
         assert tar.getnames() == ["model.safetensors"]
         assert tar.extractfile("model.safetensors").read() == payload
+
+
+def test_non_finite_metrics_are_stored_as_null_and_served(settings, sessions, team) -> None:
+    """A metric over no tokens is NaN and a perplexity can overflow: Postgres refuses both in JSON."""
+    metrics = {"merged": [{"dataset": "empty", "samples": 2, "tokens": 0, "caption_loss": float("nan"),
+                           "perplexity": float("inf"), "token_accuracy": float("nan")}]}
+    with sessions() as session:
+        team_id = session.scalar(select(ApiKey.team_id).where(ApiKey.key_sha256 == hash_key(team["Authorization"][7:])))
+        job = Job(team_id=team_id, kind=JobKind.merge, state=JobState.succeeded, spec={}, request_sha256="1" * 64,
+                  report={"evaluation": metrics, "total_s": float("-inf")}, metrics=metrics)
+        session.add(job)
+        session.commit()
+    with sessions() as session:
+        stored = session.get(Job, job.id)
+        assert stored.report["total_s"] is None
+        assert stored.metrics["merged"][0] == {"dataset": "empty", "samples": 2, "tokens": 0, "caption_loss": None,
+                                               "perplexity": None, "token_accuracy": None}
+    with TestClient(create_app(settings)) as client:
+        response = client.get(f"/v1/merges/{job.id}/metrics", headers=team)
+    assert response.status_code == 200
+    assert response.json()["metrics"]["merged"][0]["caption_loss"] is None
