@@ -207,13 +207,21 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
 # ----------------------------------------------------------------- drivers
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), infinite where it overflows a float (a loss above about 709 nats)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
 def evaluate_loaded(loaded: Loaded, dataset: Dataset, batch_size: int = 8, max_new_tokens: int = 8) -> DatasetMetrics:
     stats = caption_stats(loaded.model, caption_batches(loaded.processor, dataset.records, batch_size, dataset.prompt),
                           loaded.device)
     qa = [r for r in dataset.records if r.answer is not None]
     em = exact_match(answers(loaded, qa, batch_size, max_new_tokens), [r.answer or "" for r in qa]) if qa else None
     return DatasetMetrics(dataset=dataset.name, samples=len(dataset.records), tokens=stats.tokens,
-                          caption_loss=stats.loss, perplexity=math.exp(stats.loss), token_accuracy=stats.accuracy,
+                          caption_loss=stats.loss, perplexity=perplexity(stats.loss), token_accuracy=stats.accuracy,
                           exact_match=em, questions=len(qa), prompt=dataset.prompt)
 
 

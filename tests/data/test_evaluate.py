@@ -28,7 +28,7 @@ from pivotmerge.data.example import make_example
 Z0, Z1 = 3.0, 2.0
 
 
-def _bigram_repo(root: Path) -> Path:
+def _bigram_repo(root: Path, z0: float = Z0) -> Path:
     ex = make_example(root, n_experts=1, seed=0)
     state = load_file(ex.base / "model.safetensors")
     tok = load_model(ex.base, "cpu").processor.tokenizer
@@ -41,7 +41,7 @@ def _bigram_repo(root: Path) -> Path:
     emb[red] = 0
     emb[red, 1] = math.sqrt(d)
     head = torch.zeros(vocab, d)
-    head[red, 0] = Z0 / math.sqrt(d)
+    head[red, 0] = z0 / math.sqrt(d)
     head[eos, 1] = Z1 / math.sqrt(d)
     state["model.language_model.embed_tokens.weight"] = emb
     state["lm_head.weight"] = head
@@ -90,6 +90,14 @@ def test_metrics_match_the_hand_computation(bigram):
         assert m.token_accuracy == pytest.approx(3 / 11)
         # Greedy answer is "red" then end of sequence: right for the first question only.
         assert m.exact_match == pytest.approx(0.5)
+
+
+def test_a_loss_past_exp_range_gives_an_infinite_perplexity(bigram, tmp_path):
+    """exp(loss) overflows a float above about 709: a wildly wrong merge must still be scored, not crash."""
+    _, _, dataset = bigram
+    base, _ = _bigram_repo(tmp_path / "ex", z0=4000.0)  # every token after a non-"red" one costs about 4000 nats
+    (m,) = evaluate_models({"sure": base}, [dataset], device="cpu")["sure"]
+    assert m.caption_loss > 2000 and m.perplexity == math.inf
 
 
 def test_token_stats_on_hand_made_logits():
