@@ -24,6 +24,10 @@ def hub_cache_dir() -> Path:
     return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
 
 
+DOWNLOADS_OFF = ("downloads are off (the CLI allows them with --allow-downloads, "
+                 "the service with PIVOTMERGE_HUB_ALLOW_DOWNLOADS=true)")
+
+
 def resolve_hub_id(repo_id: str, revision: str | None, *, allow_downloads: bool) -> Path:
     """The snapshot folder of `repo_id` at `revision` (a branch, tag or commit; default main)."""
     from huggingface_hub import snapshot_download
@@ -34,7 +38,8 @@ def resolve_hub_id(repo_id: str, revision: str | None, *, allow_downloads: bool)
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=NEEDED_FILES, cache_dir=hub_cache_dir(),
                                       local_files_only=not allow_downloads))
     except LocalEntryNotFoundError:
-        how = "it could not be downloaded" if allow_downloads else "downloads are off (allow them with --allow-downloads)"
+        # The same engine runs under the CLI and the service: name the switch of each.
+        how = "it could not be downloaded" if allow_downloads else DOWNLOADS_OFF
         raise RepoError(f"{at}: not in the Hugging Face cache ({hub_cache_dir()}) and {how}") from None
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
         raise RepoError(f"{at}: {str(exc).splitlines()[0]}") from None

@@ -85,7 +85,7 @@ def test_a_hub_id_missing_from_the_cache_is_one_line_with_downloads_off(hub_cach
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip() == (
         f"error: models.0.model: org/absent: not in the Hugging Face cache ({hub_cache}) and downloads are off "
-        f"(allow them with --allow-downloads)")
+        f"(the CLI allows them with --allow-downloads, the service with PIVOTMERGE_HUB_ALLOW_DOWNLOADS=true)")
     assert not (tmp_path / "out").exists()
 
 
