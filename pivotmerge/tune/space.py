@@ -45,6 +45,8 @@ class Candidate:
     method: Method
     fixed: dict[str, Any] = field(default_factory=dict)
     searched: dict[str, Search] = field(default_factory=dict)
+    # Defaults that replace the method's own in this spec: its `with_calibration` where the spec gives data.
+    spec_defaults: dict[str, Any] = field(default_factory=dict)
 
     def key(self, name: str) -> str:
         """The parameter's name in the study (unique across candidates)."""
@@ -58,10 +60,11 @@ class Candidate:
         return [dict(zip(names, values)) for values in itertools.product(*(self.searched[n].choices or () for n in names))]
 
     def defaults(self) -> dict[str, Any]:
-        """The method's defaults for the searched parameters that lie in their (possibly narrowed) space."""
+        """What a plain merge of the spec would use for the searched parameters, where it lies in their
+        (possibly narrowed) space: the method's defaults, or its data defaults where the spec gives data."""
         out = {}
         for name, search in self.searched.items():
-            default = self.method.params.model_fields[name].default
+            default = self.spec_defaults.get(name, self.method.params.model_fields[name].default)
             if _within(default, search):
                 out[name] = default
         return out
@@ -147,7 +150,8 @@ def _candidate(spec: MergeSpec, label: str, entry: Any, where: str) -> Candidate
         # A trial is one merge pass; the data default's refit on the merged model's inputs is a
         # second one, so trials fit each layer on the experts' own inputs.
         fixed["gram_inputs"] = "expert"
-    candidate = Candidate(label, method, fixed, searched)
+    candidate = Candidate(label, method, fixed, searched,
+                          spec_defaults=dict(method.with_calibration) if gives_calibration(spec) else {})
     _check_values(candidate, f"{where}.{label}")
     return candidate
 

@@ -44,6 +44,19 @@ def test_the_tune_section_narrows_fixes_and_adds_parameters_and_labels_settings_
     assert "energy" not in pm_data.searched and "scale_max" in pm_data.searched
 
 
+def test_the_first_trial_of_a_candidate_is_what_a_plain_merge_of_the_spec_would_use():
+    [plain] = space(labels=["pivotmerge"]).candidates
+    assert plain.defaults()["spectrum"] == "flatten" and plain.defaults()["residual_weight"] == 0.5
+    with_data = {**SPEC, "calibration": {"dataset": "calib.jsonl"}}
+    [data] = space(labels=["pivotmerge"], spec=with_data).candidates
+    # Given data, PivotMerge's data defaults (spectrum kept, residuals whole, scale 1); its refit stays
+    # out of a trial (one merge pass), so that one is fixed to the experts' own inputs.
+    assert data.fixed == {"gram_inputs": "expert"}
+    assert {k: data.defaults()[k] for k in ("spectrum", "residual_weight", "scale_min", "off_diagonal_scale")} == {
+        "spectrum": "keep", "residual_weight": 1.0, "scale_min": 1.0, "off_diagonal_scale": 1.0}
+    assert data.defaults()["energy"] == 0.9  # not a data default: the method's own
+
+
 def test_a_discrete_space_is_a_grid_and_a_range_is_not():
     section = {"space": {"ties": {"density": [0.2, 0.5]}, "tsv": {"scale": [0.5, 1.0, 1.5]}}}
     grid = space(section).grid()
