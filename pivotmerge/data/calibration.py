@@ -399,6 +399,14 @@ def calibrate(plan: MergePlan, device: torch.device, *, allowed_roots: Sequence[
     return Calibrated(report, datasets)
 
 
+def refit_on(plan: MergePlan, per_expert: Sequence[MergedInputGrams]) -> None:
+    """Hand the plan, for its second pass, each linear weight's merged-input Grams and cross Grams;
+    the alignment scores stay as measured once on the experts."""
+    plan.calibrate({name: replace(plan.tensor_params[name].calibration, grams=[p.grams[name] for p in per_expert],
+                                  cross_grams=[p.cross_grams[name] for p in per_expert])
+                    for name in per_expert[0].grams})
+
+
 def merged_input_calibration(plan: MergePlan, first_pass: Path, calibrated: Calibrated, device: torch.device, *,
                              progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> Calibrated:
     """Hand the plan, for a second merge pass, what fits each layer on the inputs of the first pass's model.
@@ -412,7 +420,5 @@ def merged_input_calibration(plan: MergePlan, first_pass: Path, calibrated: Cali
     per_expert = collect_merged_input_grams(first_pass, [m.path for m in plan.models], calibrated.datasets,
                                             sorted(plan.merged), device=device.type, progress=progress,
                                             should_cancel=should_cancel)
-    plan.calibrate({name: replace(plan.tensor_params[name].calibration, grams=[p.grams[name] for p in per_expert],
-                                  cross_grams=[p.cross_grams[name] for p in per_expert])
-                    for name in per_expert[0].grams})
+    refit_on(plan, per_expert)
     return Calibrated({**calibrated.report, "gram_inputs": "merged", "passes": 2}, calibrated.datasets)

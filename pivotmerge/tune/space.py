@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 from pydantic import ValidationError
 
 from pivotmerge.errors import SpecError
-from pivotmerge.methods import Method, Need, Search, get_method
+from pivotmerge.methods import Method, Search, get_method
 from pivotmerge.plan.params import gives_calibration
 from pivotmerge.spec.schema import MergeSpec, format_validation_error
 
@@ -145,11 +145,6 @@ def _candidate(spec: MergeSpec, label: str, entry: Any, where: str) -> Candidate
             fixed[param] = value
     for param in fixed:
         searched.pop(param, None)
-    if (gives_calibration(spec) and method.with_calibration.get("gram_inputs") == "merged"
-            and "gram_inputs" not in fixed and "gram_inputs" not in searched):
-        # A trial is one merge pass; the data default's refit on the merged model's inputs is a
-        # second one, so trials fit each layer on the experts' own inputs.
-        fixed["gram_inputs"] = "expert"
     candidate = Candidate(label, method, fixed, searched,
                           spec_defaults=dict(method.with_calibration) if gives_calibration(spec) else {})
     _check_values(candidate, f"{where}.{label}")
@@ -188,11 +183,9 @@ def _check_values(candidate: Candidate, where: str) -> None:
     fixed = {k: v for k, v in candidate.fixed.items() if not isinstance(v, list)}
     for probe in probes:
         try:
-            params = candidate.method.params.model_validate({**fixed, **probe})
+            candidate.method.params.model_validate({**fixed, **probe})
         except ValidationError as exc:
             raise SpecError(f"{where}.{format_validation_error(exc)}") from None
-        if Need.MERGED_INPUTS in candidate.method.needs_for(params):
-            raise SpecError(f"{where}.gram_inputs: merged (a second merge pass) is not tuned; fix gram_inputs: expert")
 
 
 def params_of(candidate: Candidate, values: Mapping[str, Any]) -> dict[str, Any]:

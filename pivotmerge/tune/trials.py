@@ -9,7 +9,10 @@ on the dev data, without re-reading or re-writing the model.
   each trial copies only its merged tensors into it;
 * the dev sets are tokenised and their images decoded once;
 * calibration data is measured once per kind of data a trial needs (Gram matrices, alignment
-  scores) and handed to every later trial that needs the same.
+  scores) and handed to every later trial that needs the same;
+* a trial fitted on the merged model's inputs (``gram_inputs: merged``) merges twice, as `merge`
+  does: its first pass is swapped into the evaluation model, whose layer inputs are then measured
+  beside each expert's own (the experts are loaded once per study, when the first such trial runs).
 
 A trial's tensors are the engine's own (`pivotmerge.run.engine.merge_tensor`): the same
 parameters, per-tensor seeds and output dtype, so the best trial written by `merge` scores what
@@ -26,10 +29,10 @@ from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
-from pivotmerge.data.calibration import calibrate, match_name
+from pivotmerge.data.calibration import calibrate, match_name, merged_input_grams_of_loaded, refit_on
 from pivotmerge.data.datasets import Dataset
 from pivotmerge.data.evaluate import (CaptionBatch, DatasetMetrics, Loaded, answers, caption_batches, caption_stats,
-                                      exact_match, load_model)
+                                      exact_match, load_model, perplexity)
 from pivotmerge.errors import CompatibilityError, SpecError
 from pivotmerge.methods import Calibration, Method, Need
 from pivotmerge.plan.device import DTYPES, resolve_device
@@ -105,6 +108,8 @@ class TrialRunner:
             self._plan.close()
             raise
         self._calibration: dict[frozenset[Need], dict[str, Calibration]] = {}
+        self._calibration_sets: list[Dataset] = []  # each expert's calibration set, once measured
+        self._experts: list[Loaded] | None = None  # loaded for the first refit trial
         self.calibration_reports: dict[str, Any] = {}
 
     def close(self) -> None:
@@ -125,13 +130,29 @@ class TrialRunner:
             if needs not in self._calibration:
                 calibrated = calibrate(plan, self.device, allowed_roots=self._roots, relative_to=self._relative_to)
                 self._calibration[needs] = {n: p.calibration for n, p in plan.tensor_params.items()}
+                self._calibration_sets = self._calibration_sets or calibrated.datasets
                 self.calibration_reports["+".join(sorted(n.value for n in needs))] = calibrated.report
             else:
                 plan.calibrate(self._calibration[needs])
         return plan
 
     def merged(self, plan: MergePlan) -> dict[str, torch.Tensor]:
+        tensors = self._merge_each(plan)
+        if Need.MERGED_INPUTS in plan.needs:
+            self._refit(plan, tensors)
+            tensors = self._merge_each(plan)
+        return tensors
+
+    def _merge_each(self, plan: MergePlan) -> dict[str, torch.Tensor]:
         return {n: merge_tensor(plan, n, self.inputs[n], self.device, self._dtypes[n])[0] for n in self._depths}
+
+    def _refit(self, plan: MergePlan, first_pass: Mapping[str, torch.Tensor]) -> None:
+        """The first pass fitted each layer on the experts' own inputs: measure what it feeds its layers."""
+        self.swap_in(first_pass)
+        if self._experts is None:
+            self._experts = [load_model(m.path, self.device.type) for m in self._plan.models]
+        refit_on(plan, [merged_input_grams_of_loaded(self.loaded, expert, data, self._depths, BATCH_SIZE)
+                        for expert, data in zip(self._experts, self._calibration_sets, strict=True)])
 
     @torch.no_grad()
     def swap_in(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -147,7 +168,7 @@ class TrialRunner:
             qa = [r for r in dev.dataset.records if r.answer is not None] if self.objective == "qa" else []
             em = exact_match(answers(self.loaded, qa, BATCH_SIZE, MAX_NEW_TOKENS), [r.answer or "" for r in qa]) if qa else None
             out.append(DatasetMetrics(dataset=dev.dataset.name, samples=len(dev.dataset.records), tokens=stats.tokens,
-                                      caption_loss=stats.loss, perplexity=math.exp(stats.loss) if stats.tokens else math.nan,
+                                      caption_loss=stats.loss, perplexity=perplexity(stats.loss),
                                       token_accuracy=stats.accuracy, exact_match=em, questions=len(qa),
                                       prompt=dev.dataset.prompt))
         return out

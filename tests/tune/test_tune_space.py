@@ -49,9 +49,9 @@ def test_the_first_trial_of_a_candidate_is_what_a_plain_merge_of_the_spec_would_
     assert plain.defaults()["spectrum"] == "flatten" and plain.defaults()["residual_weight"] == 0.5
     with_data = {**SPEC, "calibration": {"dataset": "calib.jsonl"}}
     [data] = space(labels=["pivotmerge"], spec=with_data).candidates
-    # Given data, PivotMerge's data defaults (spectrum kept, residuals whole, scale 1); its refit stays
-    # out of a trial (one merge pass), so that one is fixed to the experts' own inputs.
-    assert data.fixed == {"gram_inputs": "expert"}
+    # Given data, PivotMerge's data defaults: spectrum kept, residuals whole, scale 1 (and, not searched,
+    # the gram combine refitted on the merged model's inputs, as a plain merge does).
+    assert data.fixed == {}
     assert {k: data.defaults()[k] for k in ("spectrum", "residual_weight", "scale_min", "off_diagonal_scale")} == {
         "spectrum": "keep", "residual_weight": 1.0, "scale_min": 1.0, "off_diagonal_scale": 1.0}
     assert data.defaults()["energy"] == 0.9  # not a data default: the method's own
@@ -77,7 +77,6 @@ def test_a_discrete_space_is_a_grid_and_a_range_is_not():
     ({"space": {"ties": {"density": {"low": 0.9, "high": 0.1}}}}, [], "tune.space.ties.density: low and high must be numbers"),
     ({"space": {"tsv": {"scale": {"low": 0, "high": 1}}}}, [], "tune.space.tsv.scale: a log range needs low > 0"),
     ({"space": {"pivotmerge": {"spectrum": ["keep", "sideways"]}}}, [], "tune.space.pivotmerge.spectrum: Input should be"),
-    ({"space": {"regmean": {"gram_inputs": "merged"}}}, [], "tune.space.regmean.gram_inputs: merged (a second merge pass) is not tuned"),
     ({"space": {"slerp": {}}}, [], "tune.space.slerp: method 'slerp' cannot merge 2 models"),
     ({"space": ["ties"]}, [], "tune.space: expected a mapping"),
     ({"space": {"ties": [0.5]}}, [], "tune.space.ties: expected a mapping"),

@@ -96,9 +96,10 @@ def test_calibration_is_measured_once_per_kind_of_data(spec, example, monkeypatc
         study = run_study(space, "loss", local_batches(r), trials=6)
     assert {t.label for t in study.trials} == {"regmean", "pm_data"}
     assert {t.state for t in study.trials} <= {"complete", "repeat"} and len(study.trials) == 6
-    # pm_data takes PivotMerge's data defaults (the spec gives calibration): gram combine, so it needs
-    # Grams besides its alignment scores; each kind of data is still measured once.
-    assert sorted(map(sorted, calls)) == [["alignment", "grams"], ["grams"]]
+    # pm_data takes PivotMerge's data defaults (the spec gives calibration): gram combine refitted on
+    # the merged model's inputs, so it needs Grams besides its alignment scores; each kind of data is
+    # still measured once (the refit's merged-input Grams change with every trial).
+    assert sorted(map(sorted, calls)) == [["alignment", "cross_grams", "grams"], ["grams"]]
 
 
 def test_a_trials_tensors_are_the_engines_merge(spec, runner, tmp_path):
@@ -108,6 +109,19 @@ def test_a_trials_tensors_are_the_engines_merge(spec, runner, tmp_path):
     merge({**spec.model_dump(mode="json"), "method": "ties", "parameters": params}, tmp_path / "out")
     written = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert in_memory and all(torch.equal(t, written[n]) for n, t in in_memory.items())
+
+
+def test_a_refit_trials_tensors_are_the_engines_two_pass_merge(spec, runner, tmp_path):
+    """RegMean++ (`gram_inputs: merged`): the trial's second pass, fitted on its first pass swapped
+    into the evaluation model, gives the tensors `merge` writes after its own two passes."""
+    params = {"gram_inputs": "merged", "off_diagonal_scale": 0.9}
+    regmean = methods.get_method("regmean")
+    in_memory = runner.merged(runner.plan(regmean, params))
+    one_pass = runner.merged(runner.plan(regmean, {**params, "gram_inputs": "expert"}))
+    merge({**spec.model_dump(mode="json"), "method": "regmean", "parameters": params}, tmp_path / "out")
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert in_memory and all(torch.equal(t, written[n]) for n, t in in_memory.items())
+    assert any(not torch.equal(t, one_pass[n]) for n, t in in_memory.items())  # the refit changed the merge
 
 
 def test_batches_fanned_out_to_two_runners_choose_what_one_process_chooses(spec, example, runner):
