@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -178,6 +179,43 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = WORKER_STOP_
             process.wait()
 
 
+WORKER_RESTART_SECONDS = 2.0
+
+
+class SupervisedWorker:
+    """serve's worker, started again whenever it exits on its own (killed, out of memory, crashed).
+
+    Its job comes back through the lease reaper of serve's API (the embedded
+    broker never returns a message a dead worker had taken); without a new
+    worker it would wait in the queue for good.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.process = start_worker()
+        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while True:
+            code = self.process.wait()
+            # A pause, so a worker that cannot start is not restarted in a tight loop.
+            if self._stopping.wait(WORKER_RESTART_SECONDS):
+                return
+            with self._lock:
+                if self._stopping.is_set():
+                    return
+                click.echo(f"the worker exited (status {code}); starting a new one", err=True)
+                self.process = start_worker()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping.set()
+        stop_process(self.process)
+        self._thread.join()
+
+
 def exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(0)
 
@@ -210,7 +248,7 @@ def serve(host: str, port: int, worker: bool) -> None:
         key_file = ensure_default_key(settings)
         click.echo(f"embedded mode: data in {settings.data_dir}; models are read from "
                    f"{os.pathsep.join(map(str, settings.allowed_roots))}\nAPI key of team '{DEFAULT_TEAM}': {key_file}")
-    worker_process = start_worker() if worker else None
+    supervised = SupervisedWorker() if worker else None
     # uvicorn re-raises the SIGTERM it caught once it has shut down; as SystemExit
     # it reaches the `finally` below instead of killing us with the worker left running.
     signal.signal(signal.SIGTERM, exit_on_sigterm)
@@ -218,8 +256,8 @@ def serve(host: str, port: int, worker: bool) -> None:
         click.echo(f"API on http://{host}:{port} (docs at /docs)")
         uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
     finally:
-        if worker_process is not None:
-            stop_process(worker_process)
+        if supervised is not None:
+            supervised.stop()
 
 
 # --------------------------------------------------------------------------- quickstart
