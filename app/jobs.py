@@ -122,6 +122,12 @@ def check_push(resource: JobResource, spec: MergeSpec, settings: Settings) -> No
                        "push_to_hub")
 
 
+def check_split(resource: JobResource, spec: MergeSpec) -> None:
+    """Only a merge runs in parts (workers.split); an analysis with `split` would silently ignore it."""
+    if spec.split is not None and resource.kind is not JobKind.merge:
+        raise ApiError(422, f"split: only a merge can be split, not an {resource.noun}", "split")
+
+
 def create_job(resource: JobResource, spec: MergeSpec, labels: list[str] | None, idempotency_key: str | None,
                request: Request, response: Response, session: Session, team: Team, settings: Settings) -> JobOut:
     label_map = parse_labels(labels)
@@ -136,6 +142,7 @@ def create_job(resource: JobResource, spec: MergeSpec, labels: list[str] | None,
                             "retry when one has finished", headers={"Retry-After": str(settings.retry_after_seconds)})
 
     check_push(resource, spec, settings)
+    check_split(resource, spec)
     resource.preflight(spec, allowed_roots=settings.allowed_roots, allow_downloads=settings.hub_allow_downloads)
     check_datasets(spec, allowed_roots=settings.allowed_roots)
 

@@ -73,6 +73,12 @@ def holds_lease(attempt: int) -> ColumnElement[bool]:
     return Job.attempts == attempt
 
 
+def runs_as(session: Session, job_id: uuid.UUID, attempt: int) -> bool:
+    """The job is `running` as `attempt`: that attempt's work goes on; a cancel, a requeue or an end stops it."""
+    return session.scalar(select(Job.id).where(Job.id == job_id, Job.state == JobState.running,
+                                               holds_lease(attempt))) is not None
+
+
 def owner_gone(dead_owner: str | None = None) -> ColumnElement[bool]:
     """The worker holding the job stopped renewing its lease, or is known to be dead."""
     gone = or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < utcnow())

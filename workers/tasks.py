@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import pivotmerge
 from core.db import make_engine, make_sessionmaker
-from core.job_states import add_event, holds_lease, renew_lease, start_attempt, transition
+from core.job_states import add_event, holds_lease, renew_lease, runs_as, start_attempt, transition
 from core.models import ACTIVE_STATES, FINAL_STATES, Artifact, Job, JobKind, JobState, utcnow
 from core.settings import Settings
 from core.storage import ArtifactStore, artifact_key, file_sha256, make_store
@@ -33,6 +33,7 @@ from pivotmerge.repos.output import REPORT_FILE
 from pivotmerge.spec.schema import spec_from_dict
 
 from workers.celery_app import RUN_JOB
+from workers.split import run_split_job
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,14 @@ class JobReporter:
         if self.lost.is_set():
             return True
         with self.sessions() as session:
-            row = session.execute(select(Job.state, Job.attempts).where(Job.id == self.job_id)).first()
-        return row is None or row.state is not JobState.running or row.attempts != self.attempt
+            return not runs_as(session, self.job_id, self.attempt)
+
+    def event(self, type: str, data: dict[str, Any]) -> None:
+        """Record a job event (a split merge's parts), unless the job is no longer this attempt's."""
+        if still_holds(self.sessions, self.job_id, self.attempt):
+            with self.sessions() as session:
+                add_event(session, self.job_id, type, data)
+                session.commit()
 
 
 class LeaseKeeper:
@@ -188,6 +195,10 @@ def run_engine(kind: JobKind, spec_data: dict[str, Any], out_dir: Path, settings
                reporter: JobReporter) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Run the job; returns (report, metrics) with out_dir holding the files to publish."""
     spec = spec_from_dict(spec_data)
+    if is_split(kind, spec_data):  # the parts store the shards; out_dir gets the rest
+        report = run_split_job(reporter.job_id, reporter.attempt, spec_data, out_dir, out_dir.parent, settings,
+                               reporter.progress, reporter.should_cancel, reporter.event)
+        return report.as_json(), None
     hooks = dict(progress=reporter.progress, should_cancel=reporter.should_cancel, allowed_roots=settings.allowed_roots,
                  allow_downloads=settings.hub_allow_downloads)
     if kind is JobKind.merge:
@@ -198,6 +209,11 @@ def run_engine(kind: JobKind, spec_data: dict[str, Any], out_dir: Path, settings
     out_dir.mkdir(parents=True)
     (out_dir / ANALYSIS_REPORT).write_text(json.dumps(report, indent=2))
     return report, report
+
+
+def is_split(kind: JobKind, spec_data: dict[str, Any]) -> bool:
+    """A merge whose parts run on the split workers (workers.split)."""
+    return kind is JobKind.merge and spec_data.get("split") is not None
 
 
 def push_merge(sessions: sessionmaker[Session], job_id: uuid.UUID, spec_data: dict[str, Any], out_dir: Path,
@@ -226,13 +242,17 @@ def recorded_files(out_dir: Path) -> dict[str, tuple[int, str]]:
     return {f["name"]: (f["size"], f["sha256"]) for f in json.loads(report.read_text()).get("files", [])}
 
 
-def publish(ctx: WorkerContext, session: Session, job_id: uuid.UUID, out_dir: Path) -> None:
+def publish(ctx: WorkerContext, session: Session, job_id: uuid.UUID, out_dir: Path, shards_stored: bool = False) -> None:
     """Put every output file in the artifact store and record its size and sha256.
 
     Shards (gigabytes) reuse the hash the writer computed; only the small side
-    files (config, tokenizer, report, card) are hashed here.
+    files (config, tokenizer, report, card) are hashed here. With
+    `shards_stored`, the shards the report lists are in the store already (a
+    split merge's parts put them there) and are only recorded.
     """
     recorded = recorded_files(out_dir)
+    for name, (size, digest) in recorded.items() if shards_stored else ():
+        session.add(Artifact(job_id=job_id, name=name, size=size, sha256=digest, storage_key=artifact_key(job_id, name)))
     for path in sorted(p for p in out_dir.rglob("*") if p.is_file()):
         name = path.relative_to(out_dir).as_posix()
         size = path.stat().st_size
@@ -317,7 +337,7 @@ def run_job(self: Task, job_id: str) -> None:
             report, metrics = run_engine(job.kind, job.spec, work / "out", ctx.settings, reporter)
             push_merge(ctx.sessions, jid, job.spec, work / "out", ctx.settings)
             with ctx.sessions() as session:
-                publish(ctx, session, jid, work / "out")
+                publish(ctx, session, jid, work / "out", shards_stored=is_split(job.kind, job.spec))
                 if transition(session, jid, [JobState.running], JobState.succeeded, report=report, metrics=metrics,
                               progress_fraction=1.0, progress_stage="done", only_if=holds_lease(attempt)):
                     session.commit()

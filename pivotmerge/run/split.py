@@ -11,7 +11,9 @@ byte-identical to a single `merge` of the same spec.
     report = finalize(spec, folder, results)
 
 Parts write into `folder` as they go (each shard under a hidden name until it is
-complete); making the folder visible only when complete is the caller's job.
+complete); making the folder visible only when complete is the caller's job. The
+service's parts write into scratch folders of their own and store their shards
+(workers.split); `finalize(..., shards_in_folder=False)` then writes the rest.
 """
 
 from __future__ import annotations
@@ -75,9 +77,12 @@ def merge_shards(spec: MergeSpec | Mapping[str, Any], folder: str | Path, shards
 
 
 def finalize(spec: MergeSpec | Mapping[str, Any], folder: str | Path, parts: Sequence[PartResult], *,
-             allowed_roots: Sequence[str | Path] | None = None, relative_to: Path | None = None) -> MergeReport:
+             allowed_roots: Sequence[str | Path] | None = None, relative_to: Path | None = None,
+             shards_in_folder: bool = True) -> MergeReport:
     """Check the parts cover every shard once; write the index, side files, report and model card.
 
+    With `shards_in_folder=False` the parts put their shards elsewhere (the
+    service's artifact store) and `folder` gets only what this step writes.
     The report's total time is the parts' summed time plus this step's.
     """
     started = time.perf_counter() - sum(p["total_s"] for p in parts)
@@ -88,7 +93,7 @@ def finalize(spec: MergeSpec | Mapping[str, Any], folder: str | Path, parts: Seq
         if covered != list(range(len(shards))):
             raise PivotMergeError(f"parts cover shards {covered}, expected each of 0..{len(shards) - 1} once")
         files = sorted((WrittenFile(**f) for p in parts for f in p["files"]), key=lambda f: f.file)
-        missing = [f.file for f in files if not (folder / f.file).is_file()]
+        missing = [f.file for f in files if shards_in_folder and not (folder / f.file).is_file()]
         if missing:
             raise PivotMergeError(f"{folder}: shard {missing[0]} is missing")
         order = {name: i for i, name in enumerate(plan.names)}

@@ -157,6 +157,7 @@ def parse_size(value: int | str) -> int:
 
 
 MAX_SHARD_SIZE = 2**50  # 1 PiB: any larger request is a typo, not a shard
+MAX_SPLIT_PARTS = 1024  # far more parts than workers anyone runs; each part is at least one shard
 
 # A byte count written as a number or a string such as '2GB' or '500MiB'.
 ByteSize = Annotated[int, BeforeValidator(lambda v: parse_size(v) if isinstance(v, str) else v)]
@@ -216,6 +217,12 @@ class MergeSpec(BaseModel):
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="Output dtype; default: the base's.")
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Where the maths runs.")
     out_shard_size: ByteSize = Field(2 * 10**9, gt=0, le=MAX_SHARD_SIZE, description="Largest output shard, bytes or e.g. '2GB'.")
+    split: int | None = Field(
+        None, ge=1, le=MAX_SPLIT_PARTS,
+        description="Run the merge as up to this many parts by output shard (one part is a run of whole shards), "
+                    "on the service's split workers, then finalize: the output is byte-identical to a merge run "
+                    "whole, which is what a local `pivotmerge merge` does. Data-free specs only (no calibration or "
+                    "evaluate: their statistics span the whole model), and no push_to_hub.")
     seed: int = Field(0, description="Seed for random methods (DARE, randomized SVD).")
     calibration: DatasetRef | None = Field(None, description="Image-text pairs for data-driven methods.")
     evaluate: list[DatasetRef] = Field(default_factory=list, description="Datasets to evaluate the merged model on.")
@@ -238,6 +245,17 @@ class MergeSpec(BaseModel):
     def _inputs_need_datasets(self) -> "MergeSpec":
         if self.evaluate_inputs and not self.evaluate:
             raise ValueError("evaluate_inputs: needs `evaluate` datasets to evaluate the inputs on")
+        return self
+
+    @model_validator(mode="after")
+    def _split_merges_take_no_data(self) -> "MergeSpec":
+        if self.split is None:
+            return self
+        if self.calibration is not None or any(m.calibration is not None for m in self.models) or self.evaluate:
+            raise ValueError("split: a split merge takes a data-free spec (no calibration or evaluate); "
+                             "run this merge whole (omit split)")
+        if self.push_to_hub is not None:
+            raise ValueError("split: a split merge cannot push_to_hub; run it whole (omit split) to push it")
         return self
 
     @model_validator(mode="after")
