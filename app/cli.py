@@ -16,6 +16,7 @@ from typing import Any, Iterator
 import click
 
 from core.settings import GPU_QUEUE, Settings
+from pivotmerge.bench import CACHE
 from pivotmerge.report.merge_report import MergeReport, read_report
 
 API_KEY_FILE = "api-key"
@@ -290,6 +291,9 @@ def start_embedded_service(data_dir: Path) -> tuple[subprocess.Popen[bytes], str
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIVOTMERGE_")}
     env["PIVOTMERGE_DATA_DIR"] = str(data_dir)
+    # One torch thread for the example's tiny models: on a busy 2-core machine a second one spins, and
+    # evaluating one of them took 27-30 s with 2 threads against 1.7 s with one.
+    env["OMP_NUM_THREADS"] = "1"
     log = data_dir / "service.log"
     with log.open("wb") as out:
         server = subprocess.Popen([sys.executable, "-c", "from pivotmerge.cli.main import main; main()", "serve",
@@ -334,23 +338,28 @@ def follow_job(client: Any, location: str, console: Any) -> dict[str, Any]:
 @click.command("quickstart")
 @click.option("--dir", "workdir", default="pivotmerge-quickstart", show_default=True,
               type=click.Path(file_okay=False, path_type=Path), help="Where the example models, service data and result go.")
-def quickstart(workdir: Path) -> None:
-    """Make example experts, start the embedded service, merge them with PivotMerge over HTTP, download the result."""
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=CACHE, show_default=True,
+              help="Where the trained example's world is kept after its first build (shared with `pivotmerge bench`).")
+def quickstart(workdir: Path, cache: Path) -> None:
+    """Train small experts, start the embedded service, merge them with PivotMerge over HTTP, download the result,
+    and compare the merged model with the base and every expert on every domain."""
     started = time.monotonic()
     workdir = workdir.resolve()
     data_dir = workdir / "service"
-    # The service boots (seconds of imports) while the example models are made.
+    # The service boots (seconds of imports) while the example is built.
     server, base_url, log = start_embedded_service(data_dir)
     try:
         import httpx
         import yaml
         from rich.console import Console
 
-        from pivotmerge.data.example import make_example
+        from pivotmerge.bench.trained_example import make_trained_example
 
         console = Console()
-        example = make_example(data_dir / "models" / "example", n_experts=3)
-        console.print(f"[bold]1.[/] Made a tiny LLaVA base model and {len(example.experts)} experts in {example.root}")
+        with console.status(f"building the trained example (about a minute the first time; then read from {cache})") as status:
+            example = make_trained_example(data_dir / "models" / "example", cache, progress=status.update)
+        console.print(f"[bold]1.[/] A tiny LLaVA base model and {len(example.experts)} experts, each trained on one "
+                      f"domain ({', '.join(example.datasets)}), with their data, in {example.root}")
 
         with httpx.Client(base_url=base_url, timeout=30) as client:
             wait_until_ready(client, server, log)
@@ -362,7 +371,8 @@ def quickstart(workdir: Path) -> None:
             if created.status_code != 202:
                 raise click.ClickException(f"the service refused the merge: {created.json()['detail']}")
             location = created.headers["Location"]
-            console.print(f"[bold]3.[/] Submitted a {spec['method']} merge: POST /v1/merges -> 202, {location}")
+            console.print(f"[bold]3.[/] Submitted a {spec['method']} merge of the experts' projectors, with each "
+                          f"expert's calibration data, evaluated on each domain's test split: POST /v1/merges -> 202, {location}")
 
             job = follow_job(client, location, console)
             if job["state"] != "succeeded":
@@ -373,15 +383,43 @@ def quickstart(workdir: Path) -> None:
             for artifact in artifacts:
                 download(client, artifact, out / artifact["name"])
             console.print(f"[bold]4.[/] Downloaded {len(artifacts)} files to {out} (sha256 of each checked)")
+            metrics = client.get(f"{location}/metrics").json()["metrics"]
     finally:
         stop_process(server, timeout=WORKER_STOP_SECONDS + 10)  # serve first waits for its worker
 
-    report = read_report(out)
     console.print(f"[bold]5.[/] The merge report (all of it: {out / 'merge_report.json'}):")
-    print_report(console, report)
+    print_report(console, read_report(out))
+    console.print(f"[bold]6.[/] What merging bought, from GET {location}/metrics:")
+    console.print(comparison_table(metrics, spec))
     console.print(f"\nDone in {time.monotonic() - started:.1f} s. Next: `pivotmerge serve` runs the service "
                   f"(docs at http://127.0.0.1:8000/docs); docs/service.md covers the API and deployment.")
     console.print(f"This job in the dashboard: `PIVOTMERGE_DATA_DIR={data_dir} pivotmerge serve`, then open http://127.0.0.1:8000/ui{location.removeprefix('/v1')} and sign in with the key in {data_dir / API_KEY_FILE}", soft_wrap=True)
+
+
+def comparison_table(metrics: dict[str, list[dict[str, Any]]], spec: dict[str, Any]) -> Any:
+    """Token accuracy of the merged model, the base and each expert (rows) on each evaluated dataset (columns).
+
+    `metrics` is a merge's evaluation as `GET /v1/merges/{id}/metrics` returns it: labels
+    'merged', 'base' and each expert's spec `model`; an expert's own domain, the
+    dataset named like its folder (`expert_<domain>`), is in bold.
+    """
+    from rich.table import Table
+
+    datasets = [m["dataset"] for m in metrics["merged"]]
+    table = Table("model", "what it is", *datasets, "mean",
+                  title="Token accuracy on each domain's test split (higher is better)",
+                  caption="Each expert knows its own domain (bold); the merged model is one model for all of them.")
+    experts = {entry["model"]: Path(entry["model"]).name for entry in spec["models"]}
+    roles = {"merged": f"{spec['method']} merge of the {len(experts)} experts",
+             "base": "the shared start: no expert training"}
+    for label, rows in metrics.items():
+        name = experts.get(label, label)
+        own = name.removeprefix("expert_") if label in experts else None
+        accuracy = {m["dataset"]: m["token_accuracy"] for m in rows}
+        cells = [f"[bold]{accuracy[d]:.3f}[/]" if d == own else f"{accuracy[d]:.3f}" for d in datasets]
+        mean = sum(accuracy.values()) / len(accuracy)
+        table.add_row(name, roles.get(label, f"trained on {own} only" if own else "an input"), *cells, f"{mean:.3f}")
+    return table
 
 
 def download(client: Any, artifact: dict[str, Any], path: Path) -> None:
@@ -406,10 +444,8 @@ def compact(value: Any) -> str:
 
 
 def print_report(console: Any, report: MergeReport) -> None:
-    """What was merged and how: the summary, then each merged tensor's recorded choices, then any evaluation."""
+    """What was merged and how: the summary, then each merged tensor's recorded choices."""
     from rich.table import Table
-
-    from pivotmerge.data.evaluate import metrics_table
 
     console.print_json(data=report.model_dump(mode="json", include={"method", "architecture", "device", "tensors", "timings"}))
     table = Table("merged tensor", "layer", "choices (lambda, expert weights, ranks...)")
@@ -417,5 +453,3 @@ def print_report(console: Any, report: MergeReport) -> None:
         info = ", ".join(f"{k}={compact(v)}" for k, v in (entry.info or {}).items())
         table.add_row(entry.tensor, str(entry.layer), info)
     console.print(table)
-    if report.evaluation is not None:
-        console.print(metrics_table(report.evaluation))

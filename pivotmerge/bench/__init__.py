@@ -1,3 +1,8 @@
 """Benchmarks: merge quality on a synthetic heterogeneous post-alignment suite (``quality``).
 
 May import: analysis, data, run."""
+
+from pathlib import Path
+
+# Where built worlds are kept by default, keyed by config and seed: the suite's, and the trained example's.
+CACHE = Path.home() / ".cache" / "pivotmerge" / "bench-worlds"

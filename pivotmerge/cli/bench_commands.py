@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from pivotmerge.bench import CACHE
+
 
 @click.group()
 def bench() -> None:
@@ -19,7 +21,7 @@ def bench() -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-quality"),
               show_default=True, help="Folder for results.md, results.json, raw_scores.json and the plot.")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
-              default=Path.home() / ".cache" / "pivotmerge" / "bench-worlds", show_default=True,
+              default=CACHE, show_default=True,
               help="Where built worlds are kept, keyed by their config and seed.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch CPU threads.")
 def quality(quick: bool, seeds: int | None, out: Path, cache: Path, threads: int) -> None:

@@ -1,4 +1,4 @@
-"""The data commands: make-example (tiny models and datasets made offline) and evaluate."""
+"""The data commands: make-example (tiny models, or trained ones with their data, made offline) and evaluate."""
 
 from __future__ import annotations
 
@@ -8,43 +8,63 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from pivotmerge.data.example import DOMAINS, SIZES
+from pivotmerge.bench import CACHE
+from pivotmerge.bench.domains import DOMAINS
+from pivotmerge.data.example import SIZES
+from pivotmerge.errors import PivotMergeError
 
 
 @click.command("make-example")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--experts", "n_experts", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Number of expert models to write.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed; the same seed writes identical weights.")
-@click.option("--lm-experts", is_flag=True, help="Experts also update the language model's linear layers.")
-@click.option("--size", type=click.Choice(list(SIZES)), default="tiny", show_default=True,
-              help="tiny: for tests (under 1 MB); small: for demos (~12 MB each).")
 @click.option("--data", "with_data", is_flag=True,
-              help=f"Also render synthetic image-caption datasets ({', '.join(DOMAINS)}) under OUT_DIR/data.")
-@click.option("--samples", "n_samples", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Samples per dataset with --data.")
-def make_example_command(out_dir: Path, n_experts: int, seed: int, lm_experts: bool, size: str,
-                         with_data: bool, n_samples: int) -> None:
+              help=f"Write the trained example instead: one expert per domain ({', '.join(DOMAINS)}) whose "
+                   "projector learned that domain, the domains' train/dev/test/calib data, and a spec that merges "
+                   "the experts with calibration data and scores the merge beside every input on the test data. "
+                   "About a minute to build the first time, then read from --cache.")
+@click.option("--experts", "n_experts", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Number of expert models to write (not with --data).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed; the same seed writes identical weights.")
+@click.option("--lm-experts", is_flag=True, help="Experts also update the language model's linear layers (not with --data).")
+@click.option("--size", type=click.Choice(list(SIZES)), default="tiny", show_default=True,
+              help="tiny: for tests (under 1 MB); small: for demos (~12 MB each) (not with --data).")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=CACHE, show_default=True,
+              help="With --data: where the trained example is kept after its first build (shared with `pivotmerge bench`).")
+@click.pass_context
+def make_example_command(ctx: click.Context, out_dir: Path, with_data: bool, n_experts: int, seed: int,
+                         lm_experts: bool, size: str, cache: Path) -> None:
     """Write a tiny LLaVA base model and experts to merge, made offline.
 
-    OUT_DIR gets base/ (the experts' shared starting point), expert_1/ ...
-    expert_K/ (the base with an updated projector), each a Hugging Face folder
-    that transformers loads, and pivotmerge.yaml, a spec merging the experts'
-    projectors with PivotMerge:
+    OUT_DIR gets base/ (the experts' shared starting point), the experts (each a
+    Hugging Face folder that transformers loads) and pivotmerge.yaml, a spec
+    merging the experts' projectors with PivotMerge. Without --data the experts
+    (expert_1/ ... expert_K/) are the base plus random projector updates: quick to
+    make, and they merge, but they learned nothing. With --data they are trained,
+    one per domain (expert_<domain>/), and the merge shows what merging buys:
 
     \b
         pivotmerge make-example demo --data
         pivotmerge merge demo/pivotmerge.yaml -o merged
     """
-    from pivotmerge.data.example import make_example
+    if with_data:
+        from click.core import ParameterSource
 
-    ex = make_example(out_dir, n_experts=n_experts, seed=seed, lm_experts=lm_experts, size=size,
-                      with_data=with_data, n_samples=n_samples)
+        from pivotmerge.bench.trained_example import make_trained_example
+
+        for name in ("n_experts", "lm_experts", "size"):
+            if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT:
+                option = next(p for p in ctx.command.params if p.name == name).opts[0]
+                raise PivotMergeError(f"{option}: does not apply with --data (the trained example has one expert per "
+                                      f"domain: {', '.join(DOMAINS)})")
+        ex = make_trained_example(out_dir, cache, seed=seed, progress=lambda message: click.echo(message, err=True))
+    else:
+        from pivotmerge.data.example import make_example
+
+        ex = make_example(out_dir, n_experts=n_experts, seed=seed, lm_experts=lm_experts, size=size)
     click.echo(f"base:    {ex.base}")
     for e in ex.experts:
         click.echo(f"expert:  {e}")
     for domain, path in ex.datasets.items():
-        click.echo(f"data:    {path}  ({domain})")
+        click.echo(f"test:    {path}  ({domain}; dev, calib and train beside it)")
     click.echo(f"spec:    {ex.spec}")
     click.echo(f"next:    pivotmerge merge {ex.spec} -o merged")
 
@@ -85,7 +105,7 @@ def evaluate_command(model: Path, data: tuple[Path, ...], limit: int | None, dev
     caption tokens, and question-answer exact match where records have answers.
 
     \b
-        pivotmerge evaluate merged --data demo/data/shapes/data.jsonl --data demo/data/dots/data.jsonl
+        pivotmerge evaluate merged --data demo/data/test/shapes/data.jsonl --data demo/data/test/dots/data.jsonl
     """
     from transformers.utils import logging as hf_logging
 

@@ -87,7 +87,7 @@ def tune_command(spec_file: Path, dev: tuple[Path, ...], methods: tuple[str, ...
 
     \b
         pivotmerge make-example demo --data
-        pivotmerge tune demo/pivotmerge.yaml --dev demo/data/shapes/data.jsonl \\
+        pivotmerge tune demo/pivotmerge.yaml --dev demo/data/dev/shapes/data.jsonl \\
             --methods task_arithmetic,ties,tsv,iso_c,pivotmerge --trials 30 -o tuned
     """
     if not dev:

@@ -204,7 +204,11 @@ def write_repo(out: Path, config, processor, state: dict[str, torch.Tensor]) -> 
     return out
 
 
-def write_spec(root: Path, base: Path, experts: list[Path]) -> Path:
+def write_spec(root: Path, base: Path, experts: list[Path], calibration: list[Path] | None = None,
+               evaluate: dict[str, Path] | None = None) -> Path:
+    """`root/pivotmerge.yaml`: PivotMerge of the experts' projectors at its defaults. `calibration`
+    gives each expert its own dataset (so the defaults are the data mode); `evaluate` (name ->
+    dataset) scores the merge beside the base and every expert."""
     import yaml
 
     spec = {
@@ -213,6 +217,11 @@ def write_spec(root: Path, base: Path, experts: list[Path]) -> Path:
         "models": [{"model": str(e)} for e in experts],
         "components": ["projector"],
     }
+    for entry, data in zip(spec["models"], calibration or []):
+        entry["calibration"] = {"dataset": str(data)}
+    if evaluate:
+        spec["evaluate"] = [{"name": name, "dataset": str(data)} for name, data in evaluate.items()]
+        spec["evaluate_inputs"] = True
     path = root / "pivotmerge.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
