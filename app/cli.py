@@ -410,7 +410,7 @@ def comparison_table(metrics: dict[str, list[dict[str, Any]]], spec: dict[str, A
                   title="Token accuracy on each domain's test split (higher is better)",
                   caption="Each expert knows its own domain (bold); the merged model is one model for all of them.")
     experts = {entry["model"]: Path(entry["model"]).name for entry in spec["models"]}
-    roles = {"merged": f"{spec['method']} merge of the {len(experts)} experts",
+    roles = {"merged": f"the {len(experts)} experts merged by {spec['method']}",
              "base": "the shared start: no expert training"}
     for label, rows in metrics.items():
         name = experts.get(label, label)
