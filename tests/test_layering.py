@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -220,9 +219,7 @@ def third_party(graph_files: dict[str, Path]) -> list[str]:
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="forks a child per module")
 def test_each_module_imports_on_its_own_in_a_fresh_interpreter() -> None:
-    started = time.monotonic()
     done = subprocess.run([sys.executable, "-c", ISOLATED_IMPORTS, ",".join(MODULES), ",".join(third_party(MODULES))],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "", f"failed alone: {done.stdout.strip()}\n{done.stderr[-3000:]}"
-    assert time.monotonic() - started < 120
