@@ -3,7 +3,7 @@ candidates searched, and the test scores of the chosen trial beside its dev scor
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, Sequence, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -61,8 +61,24 @@ class StudyReport(StudyModel):
     trials: list[TrialRecord]
     best: int  # the chosen trial's number
     best_test: list[DatasetMetrics] | None = None  # per test set, of the best trial; never used to choose
-    setup_s: float  # reading inputs, loading the evaluation model, tokenising the dev sets
+    setup_s: float  # reading inputs, loading the evaluation model, tokenising the dev sets (0 when workers ran the trials)
     seconds: float
 
     def best_trial(self) -> TrialRecord:
         return next(t for t in self.trials if t.number == self.best)
+
+
+class Scored(Protocol):
+    @property
+    def objective(self) -> float | None: ...
+
+
+T = TypeVar("T", bound=Scored)
+
+
+def best_of(trials: Sequence[T], direction: Literal["minimize", "maximize"]) -> T | None:
+    """The trial a study chooses: the best dev objective, the earliest of equals; None when none scored."""
+    scored = [t for t in trials if t.objective is not None]
+    if not scored:
+        return None
+    return (min if direction == "minimize" else max)(scored, key=lambda t: t.objective or 0.0)

@@ -77,6 +77,14 @@ def _within(value: Any, search: Search) -> bool:
 
 
 @dataclass(frozen=True)
+class FieldNames:
+    """What errors call the space and the candidate list: the CLI's words by default, the API's fields there."""
+
+    space: str = "tune.space"
+    methods: str = "--methods"
+
+
+@dataclass(frozen=True)
 class Space:
     candidates: list[Candidate]
 
@@ -96,18 +104,19 @@ class Space:
         return out
 
 
-def read_space(spec: MergeSpec, section: Mapping[str, Any] | None, labels: Sequence[str] = ()) -> Space:
+def read_space(spec: MergeSpec, section: Mapping[str, Any] | None, labels: Sequence[str] = (),
+               names: FieldNames = FieldNames()) -> Space:
     """The candidates `labels` names (default: those of the ``tune.space`` section, else the spec's method).
 
     Errors are SpecErrors naming the field: ``tune.space.ties.foo: not a parameter of 'ties' ...``.
     """
     space = (section or {}).get("space") or {}
     if not isinstance(space, dict):
-        raise SpecError("tune.space: expected a mapping of candidate label -> parameters")
+        raise SpecError(f"{names.space}: expected a mapping of candidate label -> parameters")
     chosen = list(labels) or list(space) or [spec.method]
     if len(set(chosen)) != len(chosen):
-        raise SpecError(f"--methods: {', '.join(chosen)} names a candidate twice")
-    return Space([_candidate(spec, label, space.get(label), "tune.space" if label in space else "--methods")
+        raise SpecError(f"{names.methods}: {', '.join(chosen)} names a candidate twice")
+    return Space([_candidate(spec, label, space.get(label), names.space if label in space else names.methods)
                   for label in chosen])
 
 

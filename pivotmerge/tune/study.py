@@ -20,7 +20,7 @@ import optuna
 from pivotmerge.errors import MergeCancelled, PivotMergeError, SpecError
 from pivotmerge.methods import get_method
 from pivotmerge.progress import CancelFn
-from pivotmerge.report.study import CandidateReport, SearchedParameter, StudyReport, TrialRecord
+from pivotmerge.report.study import CandidateReport, SearchedParameter, StudyReport, TrialRecord, best_of
 from pivotmerge.spec.schema import MergeSpec
 from pivotmerge.tune.space import Candidate, Space, params_of
 from pivotmerge.tune.trials import DIRECTION, Objective, TrialRunner, objective_value, trial_spec
@@ -138,11 +138,10 @@ def run_study(space: Space, objective: Objective, run_batch: BatchFn, *, trials:
             records.append(record)
             if on_trial is not None:
                 on_trial(record)
-    scored = [r for r in records if r.objective is not None]
-    if not scored:
+    best = best_of(records, direction)
+    if best is None:
         first = next((r.error for r in records if r.error), "no trial ran")
         raise PivotMergeError(f"tuning: no trial completed (first error: {first})")
-    best = (min if direction == "minimize" else max)(scored, key=lambda r: r.objective or 0.0)
     return StudyReport(objective=objective, direction=direction, sampler=sampler, seed=seed, budget_trials=trials,
                        budget_seconds=timeout_s, stopped=stopped, dev=list(dev_paths),
                        candidates=candidates_report(space), trials=records, best=best.number, setup_s=round(setup_s, 4),
@@ -158,6 +157,13 @@ def _repeat(proposal: Proposal, original: TrialRecord) -> TrialRecord:
                        state="repeat", objective=original.objective, dev=original.dev, seconds=0.0)
 
 
+def failed_trial(proposal: Proposal, exc: Exception, seconds: float) -> TrialRecord:
+    """The record of a proposal that raised `exc` after `seconds`: the study goes on, the error is the record."""
+    return TrialRecord(number=proposal.number, label=proposal.label, method=proposal.method, params=proposal.params,
+                       state="failed", seconds=round(seconds, 4),
+                       error=str(exc) if isinstance(exc, PivotMergeError) else f"{type(exc).__name__}: {exc}")
+
+
 def run_trial(runner: TrialRunner, proposal: Proposal) -> TrialRecord:
     """Run one proposal with `runner` and record it; an exception becomes a failed trial's error."""
     base = {"number": proposal.number, "label": proposal.label, "method": proposal.method, "params": proposal.params}
@@ -166,9 +172,8 @@ def run_trial(runner: TrialRunner, proposal: Proposal) -> TrialRecord:
         result = runner.run(get_method(proposal.method), proposal.params)
     except MergeCancelled:
         raise
-    except Exception as exc:  # a failing trial is recorded; the study goes on (its error is the record)
-        return TrialRecord(**base, state="failed", seconds=round(time.perf_counter() - started, 4),
-                           error=f"{type(exc).__name__}: {exc}" if not isinstance(exc, PivotMergeError) else str(exc))
+    except Exception as exc:  # a failing trial is recorded; the study goes on
+        return failed_trial(proposal, exc, time.perf_counter() - started)
     value = objective_value(result.metrics, runner.objective)
     if math.isnan(value):
         return TrialRecord(**base, state="failed", dev=result.metrics, seconds=round(result.seconds, 4),

@@ -67,6 +67,14 @@ def objective_value(metrics: Sequence[DatasetMetrics], objective: Objective) -> 
     return sum(values) / len(values) if values else math.nan
 
 
+def check_dev(dev: Sequence[Dataset], objective: Objective) -> None:
+    """The dev sets can score `objective`; errors name the field."""
+    if not dev:
+        raise SpecError("dev: give at least one dev dataset")
+    if objective == "qa" and not any(d.has_qa for d in dev):
+        raise SpecError("objective: qa needs dev records with a question and an answer")
+
+
 @dataclass
 class DevSet:
     dataset: Dataset
@@ -86,10 +94,7 @@ class TrialRunner:
 
     def __init__(self, spec: MergeSpec, dev: Sequence[Dataset], objective: Objective, *,
                  allowed_roots: Sequence[str | Path] | None = None, relative_to: Path | None = None) -> None:
-        if not dev:
-            raise SpecError("dev: give at least one dev dataset")
-        if objective == "qa" and not any(d.has_qa for d in dev):
-            raise SpecError("objective: qa needs dev records with a question and an answer")
+        check_dev(dev, objective)
         self.spec = spec
         self.objective = objective
         self._roots = allowed_roots
