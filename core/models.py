@@ -1,4 +1,4 @@
-"""Database models: teams and their API keys, jobs, job events and artifacts.
+"""Database models: teams and their API keys, jobs, job events, artifacts and tuning trials.
 
 Job state lives here, not in Celery's result backend: the API and the workers
 move jobs between states with conditional UPDATEs on these rows.
@@ -7,6 +7,7 @@ move jobs between states with conditional UPDATEs on these rows.
 from __future__ import annotations
 
 import enum
+import math
 import uuid
 from datetime import datetime, timezone
 from typing import Any
@@ -36,6 +37,18 @@ class UTCDateTime(TypeDecorator[datetime]):
 JSONValue = JSON().with_variant(JSONB(), "postgresql")
 
 
+def json_ready(value: Any) -> Any:
+    """`value` for a JSON column: JSONB has no NaN or infinity, so those floats become the strings
+    "NaN", "Infinity", "-Infinity", which pydantic reads back as the floats."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_ready(v) for v in value]
+    return value
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSONValue}
 
@@ -43,6 +56,7 @@ class Base(DeclarativeBase):
 class JobKind(str, enum.Enum):
     merge = "merge"
     analysis = "analysis"
+    tuning = "tuning"
 
 
 class JobState(str, enum.Enum):
@@ -65,6 +79,7 @@ def _enum(cls: type[enum.Enum]) -> Enum:
 
 TEAM_NAME_MAX_CHARS = 100
 LABEL_MAX_CHARS = 63
+CANDIDATE_MAX_CHARS = 64  # a tuning candidate's label
 
 
 class Team(Base):
@@ -172,6 +187,28 @@ class Artifact(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="artifacts")
+
+
+class Trial(Base):
+    """One trial of a tuning job: a merge setting and its dev scores, recorded by the worker that ran it
+    (or by the study, for a setting proposed again). Fields as `pivotmerge.report.study.TrialRecord`."""
+
+    __tablename__ = "trials"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    label: Mapped[str] = mapped_column(String(CANDIDATE_MAX_CHARS))  # the candidate: a method, or a setting of one
+    method: Mapped[str] = mapped_column(String(CANDIDATE_MAX_CHARS))
+    params: Mapped[dict[str, Any]]
+    state: Mapped[str] = mapped_column(String(16))  # complete, failed or repeat
+    objective: Mapped[float | None] = mapped_column(Float)
+    dev: Mapped[list[dict[str, Any]]] = mapped_column(JSONValue)  # metrics per dev set
+    seconds: Mapped[float] = mapped_column(Float)
+    merge_s: Mapped[float | None] = mapped_column(Float)
+    evaluate_s: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(255))  # "node@host:pid"; none for a repeat
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Webhook(Base):

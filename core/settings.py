@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     hub_endpoint: str | None = Field(None, description="The hub's URL for push_to_hub; default huggingface_hub's (HF_ENDPOINT).")
     split_broker_url: str = Field("redis://127.0.0.1:6379/0", description="Broker of split-merge part tasks (workers.split).")
     split_backend_url: str = Field("redis://127.0.0.1:6379/0", description="Result backend a split merge's chord needs.")
+    trial_queue: str = Field("", description=(
+        "Queue a tuning job sends its trials to, for the workers reading it (`-Q trials`); empty: the job's own "
+        "worker runs them (one process, as the embedded service has)."))
     broker_visibility_timeout: int = Field(7 * 3600, gt=0, description="Seconds before the broker redelivers an unacknowledged job.")
 
     @field_validator("allowed_roots", mode="before")
