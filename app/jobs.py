@@ -1,9 +1,10 @@
-"""What merges and analyses share: both are jobs of the same shape.
+"""What merges, analyses and tunings share: all are jobs of the same shape.
 
 The routes in app.routers.merges and app.routers.analyses are thin: each calls
 one plain function here with its `JobResource` (the kind, its URL collection and
-the check run before accepting). A job of another kind, of another team, or no
-job at all answer the same 404.
+the check run before accepting); app.routers.tunings takes them all from
+`add_job_routes`. A job of another kind, of another team, or no job at all
+answer the same 404.
 """
 
 from __future__ import annotations
@@ -15,22 +16,26 @@ import re
 import tarfile
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, AsyncIterator, Callable, Iterator
 
-from fastapi import Header, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import RedirectResponse, StreamingResponse
+from pydantic import BaseModel
 from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from pivotmerge.data.datasets import check_datasets
+from pivotmerge.errors import PivotMergeError
 from pivotmerge.spec.schema import MergeSpec, printable
 from workers.celery_app import enqueue_job
 
+from app.deps import SessionDep, StoreDep, TeamDep
 from app.downloads import etag_matches, parse_range
-from app.errors import NOT_FOUND, ApiError
+from app.errors import NOT_FOUND, ApiError, field_named_in
 from app.page_tokens import decode_page_token, encode_page_token
 from app.schemas import MAX_SEQ, ArtifactList, ErrorOut, ArtifactOut, EventOut, EventPage, JobOut, JobPage, MetricsOut, ProgressOut
 from core.job_states import add_event, current_state, request_cancel, transition
@@ -51,7 +56,33 @@ class JobResource:
     kind: JobKind
     collection: str
     noun: str
-    preflight: Callable[..., None]  # refuses a spec the worker could not run, before it is accepted
+    preflight: Callable[..., None]  # refuses a request the worker could not run, before it is accepted
+    # The request body's field holding the merge spec; None: the body is the spec.
+    spec_field: str | None = None
+
+    @property
+    def a_noun(self) -> str:
+        return f"{'an' if self.noun[0] in 'aeiou' else 'a'} {self.noun}"
+
+    def spec_of(self, body: Any) -> MergeSpec:
+        return body if self.spec_field is None else getattr(body, self.spec_field)
+
+
+@contextmanager
+def fields_under(prefix: str | None) -> Iterator[None]:
+    """Errors raised inside, about the merge spec, name their field where the spec sits in the request body
+    (`models.0.model` -> `spec.models.0.model`)."""
+    if prefix is None:
+        yield
+        return
+    try:
+        yield
+    except (ApiError, PivotMergeError) as exc:
+        detail = exc.detail if isinstance(exc, ApiError) else str(exc)
+        field = exc.field if isinstance(exc, ApiError) else field_named_in(detail)
+        status = exc.status if isinstance(exc, ApiError) else 422
+        raise ApiError(status, f"{prefix}.{detail}" if field else f"{prefix}: {detail}",
+                       f"{prefix}.{field}" if field else prefix) from None
 
 
 LABEL_KEY = re.compile(r"[a-z0-9][a-z0-9_.\-]{0,62}", re.ASCII)
@@ -90,9 +121,9 @@ def load_job(session: Session, team: Team, resource: JobResource, job_id: uuid.U
     return job
 
 
-def request_digest(kind: JobKind, spec: MergeSpec, labels: dict[str, str]) -> str:
-    """What makes two requests 'the same' for Idempotency-Key: kind, normalised spec and labels."""
-    canonical = json.dumps({"kind": kind.value, "spec": spec.model_dump(mode="json"), "labels": labels}, sort_keys=True)
+def request_digest(kind: JobKind, body: BaseModel, labels: dict[str, str]) -> str:
+    """What makes two requests 'the same' for Idempotency-Key: kind, normalised body and labels."""
+    canonical = json.dumps({"kind": kind.value, "spec": body.model_dump(mode="json"), "labels": labels}, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -116,7 +147,7 @@ def check_push(resource: JobResource, spec: MergeSpec, settings: Settings) -> No
     if spec.push_to_hub is None:
         return
     if resource.kind is not JobKind.merge:
-        raise ApiError(422, f"push_to_hub: only a merge can be pushed, not an {resource.noun}", "push_to_hub")
+        raise ApiError(422, f"push_to_hub: only a merge can be pushed, not {resource.a_noun}", "push_to_hub")
     if settings.hub_token is None:
         raise ApiError(422, "push_to_hub: this service has no hub token (PIVOTMERGE_HUB_TOKEN), so it cannot push",
                        "push_to_hub")
@@ -125,13 +156,13 @@ def check_push(resource: JobResource, spec: MergeSpec, settings: Settings) -> No
 def check_split(resource: JobResource, spec: MergeSpec) -> None:
     """Only a merge runs in parts (workers.split); an analysis with `split` would silently ignore it."""
     if spec.split is not None and resource.kind is not JobKind.merge:
-        raise ApiError(422, f"split: only a merge can be split, not an {resource.noun}", "split")
+        raise ApiError(422, f"split: only a merge can be split, not {resource.a_noun}", "split")
 
 
-def create_job(resource: JobResource, spec: MergeSpec, labels: list[str] | None, idempotency_key: str | None,
+def create_job(resource: JobResource, body: BaseModel, labels: list[str] | None, idempotency_key: str | None,
                request: Request, response: Response, session: Session, team: Team, settings: Settings) -> JobOut:
     label_map = parse_labels(labels)
-    digest = request_digest(resource.kind, spec, label_map)
+    digest = request_digest(resource.kind, body, label_map)
     if idempotency_key and (existing := _by_idempotency_key(session, team, idempotency_key)):
         return _replay(resource, existing, digest, response)
 
@@ -141,12 +172,15 @@ def create_job(resource: JobResource, spec: MergeSpec, labels: list[str] | None,
         raise ApiError(429, f"team has {active} active jobs, the limit is {settings.max_active_jobs_per_team}; "
                             "retry when one has finished", headers={"Retry-After": str(settings.retry_after_seconds)})
 
-    check_push(resource, spec, settings)
-    check_split(resource, spec)
-    resource.preflight(spec, allowed_roots=settings.allowed_roots, allow_downloads=settings.hub_allow_downloads)
-    check_datasets(spec, allowed_roots=settings.allowed_roots)
+    spec = resource.spec_of(body)
+    with fields_under(resource.spec_field):
+        check_push(resource, spec, settings)
+        check_split(resource, spec)
+    resource.preflight(body, allowed_roots=settings.allowed_roots, allow_downloads=settings.hub_allow_downloads)
+    with fields_under(resource.spec_field):
+        check_datasets(spec, allowed_roots=settings.allowed_roots)
 
-    job = Job(team_id=team.id, kind=resource.kind, spec=spec.model_dump(mode="json"),
+    job = Job(team_id=team.id, kind=resource.kind, spec=body.model_dump(mode="json"),
               idempotency_key=idempotency_key, request_sha256=digest,
               labels=[JobLabel(key=k, value=v) for k, v in sorted(label_map.items())])
     session.add(job)
@@ -378,3 +412,57 @@ def route_docs(resource: JobResource) -> dict[str, dict[str, Any]]:
                 416: {"model": ErrorOut, "description": "Range outside the file, or not a bytes range."},
             }),
     }
+
+
+def add_job_routes(router: APIRouter, resource: JobResource) -> Any:
+    """Add every route of `resource` but its POST to `router`: list, get, delete, cancel, events, metrics,
+    artifacts. Returns the dependency that loads the path's job (team-scoped), for the kind's own routes."""
+    docs = route_docs(resource)
+
+    def load(job_id: uuid.UUID, session: SessionDep, team: TeamDep) -> Job:
+        return load_job(session, team, resource, job_id)
+
+    # A default, not an Annotated alias: this module's annotations are strings, read in its globals
+    # (keyword-only parameters, so the others need none).
+    this_job = Depends(load)
+
+    @router.get("", **docs["list"])
+    def list_all(session: SessionDep, team: TeamDep, page_size: PageSizeQuery = 20, page_token: PageTokenQuery = None,
+                 state: StatesQuery = None, label: LabelsQuery = None) -> JobPage:
+        return list_jobs(resource, session, team, page_size, page_token, state, label)
+
+    @router.get("/{job_id}", **docs["get"])
+    def get(*, job: Job = this_job) -> JobOut:
+        return job_out(job)
+
+    @router.delete("/{job_id}", **docs["delete"])
+    def delete(*, job: Job = this_job, session: SessionDep, store: StoreDep) -> JobOut:
+        return delete_job(resource, session, store, job)
+
+    @router.post("/{job_id}:cancel", **docs["cancel"])
+    def cancel(*, job: Job = this_job, session: SessionDep) -> JobOut:
+        return cancel_job(resource, session, job)
+
+    @router.get("/{job_id}/events", **docs["events"])
+    def events(*, job: Job = this_job, request: Request, session: SessionDep, after_seq: AfterSeqQuery = 0,
+               last_event_id: LastEventIdHeader = None) -> Any:
+        return job_events(job, request, session, after_seq, last_event_id)
+
+    @router.get("/{job_id}/metrics", **docs["metrics"])
+    def metrics(*, job: Job = this_job) -> MetricsOut:
+        return job_metrics(job)
+
+    @router.get("/{job_id}/artifacts", **docs["artifacts"])
+    def artifacts(*, job: Job = this_job) -> ArtifactList:
+        return job_artifacts(resource, job)
+
+    @router.get("/{job_id}/artifacts:archive", **docs["archive"])
+    def archive(*, job: Job = this_job, store: StoreDep) -> Response:
+        return download_archive(resource, job, store)
+
+    @router.get("/{job_id}/artifacts/{name}", **docs["download"])
+    def download(*, job: Job = this_job, name: ArtifactNamePath, session: SessionDep, store: StoreDep,
+                 range_header: RangeHeader = None, if_none_match: IfNoneMatchHeader = None) -> Response:
+        return download_artifact(resource, job, name, session, store, range_header, if_none_match)
+
+    return Annotated[Job, this_job]

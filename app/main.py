@@ -14,7 +14,7 @@ from core.db import make_engine, make_sessionmaker
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.housekeeping import housekeeper_for
-from app.routers import analyses, health, inputs, merges, methods, webhooks
+from app.routers import analyses, health, inputs, merges, methods, tunings, webhooks
 from app.ui import pages as ui_pages
 from core.settings import Settings, get_settings
 from core.storage import make_store
@@ -49,6 +49,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-    for module in (merges, analyses, webhooks, methods, inputs, health, ui_pages):
+    for module in (merges, analyses, tunings, webhooks, methods, inputs, health, ui_pages):
         app.include_router(module.router)
     return app

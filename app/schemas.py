@@ -2,6 +2,8 @@
 
 The request body of POST /v1/merges and /v1/analyses is the engine's own
 `pivotmerge.spec.MergeSpec`: one schema for the CLI's YAML and the API's JSON.
+POST /v1/tunings takes such a spec with what `pivotmerge tune` takes beside it:
+core.tunings.TuningRequest, in core because the worker reads it too.
 """
 
 from __future__ import annotations
@@ -35,6 +37,34 @@ SpecBody = Annotated[MergeSpec, BeforeValidator(_accept_mergekit_config)]
 MAX_SEQ = 2**31 - 1  # event numbers are 32-bit integers in the database
 
 
+class TrialOut(BaseModel):
+    number: int = Field(..., description="From 0, in the order the study proposed them.")
+    label: str = Field(..., description="The candidate: a method, or a label of `space`.")
+    method: str
+    params: dict[str, Any] = Field(..., description="The merge's parameters: the candidate's fixed ones and the searched.")
+    state: Literal["complete", "failed", "repeat"] = Field(..., description=(
+        "failed: `error` says why (the study went on); repeat: a setting proposed again, its scores copied."))
+    objective: float | None = Field(None, description="The dev objective; null for a failed trial.")
+    dev: list[dict[str, Any]] = Field(..., description=(
+        "Metrics per dev set (caption_loss, perplexity, token_accuracy, exact_match, ...); a value that is not "
+        "a number reads \"NaN\" or \"Infinity\"."))
+    seconds: float
+    merge_s: float | None = None
+    evaluate_s: float | None = None
+    error: str | None = None
+    worker: str | None = Field(None, description="The worker process that ran it; null for a repeat.")
+    created_at: datetime
+
+
+class TrialList(BaseModel):
+    objective: Literal["loss", "accuracy", "qa"]
+    direction: Literal["minimize", "maximize"]
+    budget: int = Field(..., description="The trial budget asked for (a grid may be smaller).")
+    best: int | None = Field(None, description=(
+        "The best trial so far; once the job has succeeded, the one whose merge it wrote."))
+    trials: list[TrialOut]
+
+
 class ErrorOut(BaseModel):
     detail: str = Field(..., description="What went wrong, in one line.")
     field: str | None = Field(None, description="The offending field, when one is to blame.")
@@ -42,7 +72,7 @@ class ErrorOut(BaseModel):
 
 class ProgressOut(BaseModel):
     fraction: float = Field(..., ge=0, le=1)
-    stage: str | None = Field(None, description="check, calibrate, merge, refit (second merge pass of gram_inputs: merged), write, evaluate, analyze or done.")
+    stage: str | None = Field(None, description="check, calibrate, merge, refit (second merge pass of gram_inputs: merged), write, evaluate, analyze, tune (a tuning's trials) or done.")
     layer: int | None = Field(None, description="The layer being merged.")
     message: str | None = None
 
@@ -51,7 +81,7 @@ class JobOut(BaseModel):
     id: uuid.UUID
     kind: JobKind
     state: JobState
-    spec: dict[str, Any] = Field(..., description="The spec as accepted, with defaults filled in.")
+    spec: dict[str, Any] = Field(..., description="The spec (a tuning's: its request) as accepted, with defaults filled in.")
     progress: ProgressOut
     attempts: int = Field(..., description="Times a worker has started this job.")
     error: str | None = Field(None, description="Why the job failed.")
@@ -70,7 +100,7 @@ class JobPage(BaseModel):
 
 class EventOut(BaseModel):
     seq: int = Field(..., description="Sequence number within the job, from 1; the SSE event id.")
-    type: str = Field(..., description="state, progress or attempt.")
+    type: str = Field(..., description="state, progress, attempt, lease, pushed, deleted, expired, or trial (a tuning's trial was recorded).")
     data: dict[str, Any]
     created_at: datetime
 
@@ -96,7 +126,8 @@ class MetricsOut(BaseModel):
     metrics: Evaluation | dict[str, Any] | None = Field(
         None, description="A merge's evaluation (when its spec lists `evaluate` datasets): model label ('merged', "
                           "and with evaluate_inputs 'base' and each expert) -> metrics per dataset, as in its "
-                          "merge_report.json; an analysis's distance metrics; null until the job has succeeded "
+                          "merge_report.json; an analysis's distance metrics; a tuning's chosen trial: `dev` (the scores that "
+                          "chose it) and `test` (scored once, for it only); null until the job has succeeded "
                           "or when a merge evaluated nothing.")
 
 
