@@ -34,6 +34,7 @@ from pivotmerge.spec.schema import spec_from_dict
 
 from workers.celery_app import RUN_JOB
 from workers.split import run_split_job
+from workers.tuning import run_tuning
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,8 @@ def sweep_scratch(work_dir: Path, sessions: sessionmaker[Session]) -> None:
 def run_engine(kind: JobKind, spec_data: dict[str, Any], out_dir: Path, settings: Settings,
                reporter: JobReporter) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Run the job; returns (report, metrics) with out_dir holding the files to publish."""
+    if kind is JobKind.tuning:  # its spec is a tuning request (core.tunings)
+        return run_tuning(spec_data, out_dir, settings, reporter)
     spec = spec_from_dict(spec_data)
     if is_split(kind, spec_data):  # the parts store the shards; out_dir gets the rest
         report = run_split_job(reporter.job_id, reporter.attempt, spec_data, out_dir, out_dir.parent, settings,
@@ -335,7 +338,8 @@ def run_job(self: Task, job_id: str) -> None:
         with LeaseKeeper(reporter, ctx.settings.job_lease_seconds):
             work.mkdir(parents=True)
             report, metrics = run_engine(job.kind, job.spec, work / "out", ctx.settings, reporter)
-            push_merge(ctx.sessions, jid, job.spec, work / "out", ctx.settings)
+            if job.kind is JobKind.merge:  # a tuning's spec is a tuning request, and nothing else pushes
+                push_merge(ctx.sessions, jid, job.spec, work / "out", ctx.settings)
             with ctx.sessions() as session:
                 publish(ctx, session, jid, work / "out", shards_stored=is_split(job.kind, job.spec))
                 if transition(session, jid, [JobState.running], JobState.succeeded, report=report, metrics=metrics,

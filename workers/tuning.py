@@ -1,0 +1,137 @@
+"""The tuning job: the engine's study (`pivotmerge tune`) run by the job's task, its trials fanned out.
+
+With `Settings.trial_queue` set, each batch of the study's proposals goes out as trial tasks
+(workers.trials) to the workers reading that queue, and the study waits for their rows in `trials`;
+empty, the job's own process runs the trials. Either way every trial the study tells is a row, the
+job's progress is trials done out of the budget (with a `trial` event each), and the cancel check stops
+the study between batches and while it waits. The job's lease is renewed meanwhile by the task's own
+thread (workers.tasks.LeaseKeeper), as for any job.
+
+A restarted attempt runs the study again from its seed: it proposes the same trials, and those an
+earlier attempt recorded are read back instead of being sent again.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+from celery import current_app
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.job_states import add_event, holds_lease
+from core.models import Job, Trial, json_ready, utcnow
+from core.settings import Settings
+from core.tunings import TuningRequest
+from pivotmerge.errors import MergeCancelled
+from pivotmerge.progress import Progress
+from pivotmerge.report.study import TrialRecord
+from pivotmerge.tune.study import Proposal
+from pivotmerge.tune.tuning import tune
+
+from workers.celery_app import enqueue_trial
+
+POLL_SECONDS = 0.2  # how often a study waiting for its trials looks for their rows
+RECORD_FIELDS = tuple(TrialRecord.model_fields)
+
+
+class JobHooks(Protocol):
+    """What the job's task lends a tuning (workers.tasks.JobReporter): the attempt's row, progress, cancel check."""
+
+    sessions: sessionmaker[Session]
+    job_id: uuid.UUID
+    attempt: int
+
+    def progress(self, p: Progress) -> None: ...
+
+    def should_cancel(self) -> bool: ...
+
+
+def record_of(row: Trial) -> TrialRecord:
+    return TrialRecord.model_validate({name: getattr(row, name) for name in RECORD_FIELDS})
+
+
+def save_trial(session: Session, job_id: uuid.UUID, record: TrialRecord, worker: str | None) -> None:
+    """Add the trial's row, unless it is recorded already (by the worker that ran it, or an earlier attempt)."""
+    if session.get(Trial, (job_id, record.number)) is None:
+        session.add(Trial(job_id=job_id, worker=worker, **json_ready(record.model_dump(mode="json"))))
+
+
+class Study:
+    """One attempt's study, as the job sees it: each trial told is a row, an event and the job's progress."""
+
+    def __init__(self, hooks: JobHooks, settings: Settings, budget: int, worker: str | None) -> None:
+        self.hooks = hooks
+        self.settings = settings
+        self.budget = budget
+        self.worker = worker  # the job's worker: it runs the trials itself when they are not fanned out
+        self.done = 0
+        self.stage: str | None = None
+
+    def start(self, budget: int) -> None:
+        self.budget = budget
+
+    def told(self, record: TrialRecord) -> None:
+        self.done += 1
+        h = self.hooks
+        with h.sessions() as session:
+            ours = session.execute(update(Job).where(Job.id == h.job_id, holds_lease(h.attempt)).values(
+                progress_fraction=min(self.done / self.budget, 1.0), progress_stage="tune", progress_layer=None,
+                progress_message=f"{self.done} of {self.budget} trials; trial {record.number}: {record.label} {record.state}",
+                updated_at=utcnow())).rowcount
+            if ours:
+                save_trial(session, h.job_id, record, None if record.state == "repeat" else self.worker)
+                add_event(session, h.job_id, "trial", json_ready({
+                    "number": record.number, "label": record.label, "method": record.method, "state": record.state,
+                    "objective": record.objective, "error": record.error, "done": self.done, "total": self.budget,
+                    "fraction": min(self.done / self.budget, 1.0)}))
+            session.commit()
+
+    def final_merge(self, p: Progress) -> None:
+        """The chosen trial's merge, one progress report per stage: the job's fraction stays the trials'."""
+        if p.stage != self.stage:
+            self.stage = p.stage
+            self.hooks.progress(Progress(stage=p.stage, done=self.done, total=self.budget,
+                                         message="writing the chosen trial's merge"))
+
+    def _recorded(self, numbers: Sequence[int]) -> dict[int, TrialRecord]:
+        with self.hooks.sessions() as session:
+            rows = session.scalars(select(Trial).where(Trial.job_id == self.hooks.job_id, Trial.number.in_(numbers)))
+            return {row.number: record_of(row) for row in rows}
+
+    def fan_out(self, proposals: Sequence[Proposal]) -> list[TrialRecord]:
+        """The study's BatchFn: each proposal as a trial task; their records once every one has its row."""
+        numbers = [p.number for p in proposals]
+        recorded = self._recorded(numbers)
+        for p in proposals:
+            if p.number not in recorded:
+                enqueue_trial(current_app, self.hooks.job_id, self.hooks.attempt, asdict(p), self.settings.trial_queue)
+        while len(recorded) < len(numbers):
+            if self.hooks.should_cancel():
+                raise MergeCancelled("tuning cancelled")
+            time.sleep(POLL_SECONDS)
+            recorded = self._recorded(numbers)
+        return [recorded[n] for n in numbers]
+
+
+def run_tuning(spec_data: dict[str, Any], out_dir: Path, settings: Settings,
+               hooks: JobHooks) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the study and write the chosen trial's merge into out_dir; (report, metrics) for the job's row."""
+    request = TuningRequest.model_validate(spec_data)
+    with hooks.sessions() as session:
+        worker = session.scalar(select(Job.worker).where(Job.id == hooks.job_id))
+    study = Study(hooks, settings, request.trials, worker)
+    report = tune(request.spec, {"space": request.space}, request.dev, out_dir, methods=request.methods,
+                  trials=request.trials, objective=request.objective, test=request.test, seed=request.seed,
+                  timeout_s=request.timeout_s, run_batch=study.fan_out if settings.trial_queue else None,
+                  batch_size=request.batch_size, on_start=study.start, on_trial=study.told, progress=study.final_merge,
+                  should_cancel=hooks.should_cancel, allowed_roots=settings.allowed_roots)
+    assert report.study is not None  # tune always records it
+    chosen = report.study.best_trial()
+    metrics = {"dev": [m.model_dump(mode="json") for m in chosen.dev],
+               "test": [m.model_dump(mode="json") for m in report.study.best_test or []]}
+    return json_ready(report.as_json()), json_ready(metrics)
