@@ -36,6 +36,7 @@ class JobKindView(BaseModel):
 JOB_KINDS = [
     JobKindView(kind="merge", collection="merges", label="Merge"),
     JobKindView(kind="analysis", collection="analyses", label="Analysis"),
+    JobKindView(kind="tuning", collection="tunings", label="Tuning"),
 ]
 COLLECTIONS = {k.collection for k in JOB_KINDS}
 STATES = ["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import signal
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,13 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from selenium.common.exceptions import StaleElementReferenceException
+from sqlalchemy import select
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
+from core.models import Trial
 from pivotmerge.data.example import ExampleSet
 from tests.service.service_support import merge_spec, submit_and_freeze, wait_final
 from tests.ui.conftest import NARROW, WIDE, clear
@@ -270,3 +273,54 @@ def test_analysis_page_charts_each_layers_distance(browser, server, http, team, 
             for r in find_all(browser, "#distances-chart rect.bar")}
     assert bars == {layer: values[metric] for layer, values in metrics["layers"].items()}
     screenshot(browser, screenshots, "job-analysis")
+
+
+def test_tuning_page_shows_every_trial_and_charts_the_objective(browser, server, http, team, example, worker, sessions,
+                                                                 screenshots) -> None:
+    # A grid of five settings, one of which breaks the model: run in the worker's own process (the embedded default).
+    request = {"spec": merge_spec(example, components=["projector"]), "objective": "loss", "trials": 5,
+               "space": {"task_arithmetic": {"scale": [0.5, 1.0, 1e38]}, "ties": {"scale": 1.0, "density": [0.5, 1.0]}},
+               "dev": [{"dataset": str(example.datasets["shapes"])}], "test": [{"dataset": str(example.datasets["dots"])}]}
+    created = http.post("/v1/tunings", json=request, headers=team)
+    assert created.status_code == 202, created.text
+    job_id = created.json()["id"]
+    assert wait_final(http, f"/v1/tunings/{job_id}", team, JOB_TIMEOUT)["state"] == "succeeded"
+    with sessions() as session:
+        trials = session.scalars(select(Trial).where(Trial.job_id == uuid.UUID(job_id)).order_by(Trial.number)).all()
+    assert [t.state for t in trials] == ["complete", "complete", "failed", "complete", "complete"]
+
+    sign_in(browser, server, team)
+    Select(find(browser, "#filter-kind")).select_by_value("tunings")
+    wait(browser, lambda b: [tr.get_attribute("data-job-id") for tr in find_all(b, "#jobs tbody tr")] == [job_id],
+         "the tuning alone under the kind filter")
+    assert find(browser, "#jobs tbody tr td:nth-child(5)").text == "task_arithmetic, ties"
+    screenshot(browser, screenshots, "jobs-tunings")
+
+    browser.get(f"{server}/ui/tunings/{job_id}")
+    wait(browser, lambda b: find_all(b, "#metrics-chart rect.bar"), "the chosen trial's dev and test scores")
+    # Read in one script run each: the page redraws the table and chart as trial events replay.
+    rows = wait(browser, lambda b: (r := b.execute_script(
+        "return [...document.querySelectorAll('#trials-table tbody tr')]"
+        ".map((tr) => [tr.className, ...[...tr.cells].map((td) => td.textContent)])")) and len(r) == len(trials) and r,
+        "a row per trial")
+    # Each row is its trial in Postgres: number, candidate, dev loss (4 decimals shown) or the error, state, worker.
+    for (style, *cells), trial in zip(rows, trials):
+        assert (int(cells[0]), cells[1], cells[4], cells[6]) == (trial.number, trial.label, trial.state, trial.worker)
+        if trial.objective is None:
+            assert cells[3] == trial.error
+        else:
+            assert float(cells[3]) == pytest.approx(trial.objective, abs=5e-5 + 1e-12)
+    scored = {t.number: t.objective for t in trials if t.objective is not None}
+    assert [int(cells[0]) for style, *cells in rows if style == "best"] == [min(scored, key=scored.get)]
+    # The chart: a point per scored trial at its objective, coloured by candidate; the failed one a cross.
+    chart = browser.execute_script(
+        "const c = document.getElementById('trials-chart'), at = (n, a) => n.getAttribute(a);"
+        "return {points: [...c.querySelectorAll('circle.point')].map((p) => [at(p, 'data-x'), at(p, 'data-series'),"
+        " at(p, 'data-value')]), marks: [...c.querySelectorAll('text.mark')].map((m) => at(m, 'data-x')),"
+        " rings: c.querySelectorAll('circle.ring').length, steps: c.querySelectorAll('path.step').length}")
+    assert {int(x): (series, float(value)) for x, series, value in chart["points"]} == {
+        t.number: (t.label, t.objective) for t in trials if t.objective is not None}
+    assert chart["marks"] == ["2"] and chart["rings"] == 1 and chart["steps"] == 1
+    labels = {r.get_attribute("data-label") for r in find_all(browser, "#metrics-chart rect.bar")}
+    assert labels == {"shapes (dev)", "dots (test)"}
+    screenshot(browser, screenshots, "job-tuning")

@@ -80,8 +80,11 @@ function formatNumber(v) {
   return Math.abs(v) >= 1000 || Math.abs(v) < 0.001 ? v.toExponential(3) : v.toFixed(4);
 }
 
-// The order a spec is written in (the database keeps JSON keys in its own order).
-const KEY_ORDER = ["method", "base_model", "models", "model", "weight", "components", "include", "exclude", "parameters",
+// What a job merges with: a merge's method, a tuning's candidates.
+const methodOf = (job) => (job.kind === "tuning" ? job.spec.methods.join(", ") : job.spec.method || "");
+
+// The order a spec is written in (the database keeps JSON keys in its own order); a tuning's request first.
+const KEY_ORDER = ["spec", "methods", "space", "objective", "trials", "timeout_s", "batch_size", "dev", "test", "method", "base_model", "models", "model", "weight", "components", "include", "exclude", "parameters",
                    "calibration", "evaluate", "evaluate_inputs", "name", "dataset", "limit", "dtype", "device", "seed"];
 const keyRank = (k) => (KEY_ORDER.includes(k) ? KEY_ORDER.indexOf(k) : KEY_ORDER.length);
 
@@ -110,23 +113,43 @@ function toYaml(value, indent = "") {
   }).join("");
 }
 
-// A grouped bar chart as inline SVG: one group per label, one bar per series.
-function barChart(container, labels, series, options = {}) {
-  const NS = "http://www.w3.org/2000/svg";
-  const svg = (tag, attrs, text) => {
-    const node = document.createElementNS(NS, tag);
-    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
-    if (text !== undefined) node.textContent = text;
-    return node;
-  };
-  const values = series.flatMap((s) => s.values).filter((v) => typeof v === "number" && isFinite(v));
-  // Axis ticks at round steps (1, 2, 2.5 or 5 times a power of ten); an all-zero chart keeps an axis.
-  const top0 = Math.max(0, ...values), bottom0 = Math.min(0, ...values);
-  const raw = (top0 - bottom0 || 1) / 4;
+function svg(tag, attrs, text) {
+  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+const isNumber = (v) => typeof v === "number" && isFinite(v);
+
+// Axis ticks at round steps (1, 2, 2.5 or 5 times a power of ten) covering low..high; a flat range keeps an axis.
+function niceAxis(low, high) {
+  const raw = (high - low || 1) / 4;
   const power = 10 ** Math.floor(Math.log10(raw));
   const step = power * [1, 2, 2.5, 5, 10].find((m) => m * power >= raw);
-  const max = Math.ceil(top0 / step) * step || (bottom0 < 0 ? 0 : step * 4);
-  const min = Math.floor(bottom0 / step) * step;
+  const max = Math.ceil(high / step) * step || (low < 0 ? 0 : step * 4);
+  return { step, max, min: Math.floor(low / step) * step };
+}
+
+// Horizontal grid lines with their values, for a plot whose y(v) maps values to pixels.
+function yGrid(root, axis, y, left, right) {
+  for (let v = axis.min; v <= axis.max + axis.step / 2; v += axis.step) {
+    root.append(svg("line", { x1: left, x2: right, y1: y(v), y2: y(v), class: "grid" }));
+    root.append(svg("text", { x: left - 6, y: y(v) + 4, "text-anchor": "end", class: "axis" }, String(Number(v.toPrecision(4)))));
+  }
+}
+
+function legendOf(series, extra = []) {
+  const legend = el("div", { class: "legend" });
+  series.forEach((s, i) => legend.append(el("span", {}, el("i", { class: `swatch series-${i % 8}` }), s.name)));
+  for (const [swatch, name] of extra) legend.append(el("span", {}, el("i", { class: `swatch ${swatch}` }), name));
+  return legend;
+}
+
+// A grouped bar chart as inline SVG: one group per label, one bar per series.
+function barChart(container, labels, series, options = {}) {
+  const values = series.flatMap((s) => s.values).filter(isNumber);
+  const { step, max, min } = niceAxis(Math.min(0, ...values), Math.max(0, ...values));
   const span = max - min;
   const short = (label) => (label.length > 16 ? label.slice(0, 15) + "…" : label);
   const width = 640, left = 56, right = 8, top = 12;
@@ -139,15 +162,12 @@ function barChart(container, labels, series, options = {}) {
   const y = (v) => top + plotH * (max - v) / span;
   const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, class: "bar-chart", role: "img",
                             "aria-label": options.title || "bar chart" });
-  for (let v = min; v <= max + step / 2; v += step) {
-    root.append(svg("line", { x1: left, x2: width - right, y1: y(v), y2: y(v), class: "grid" }));
-    root.append(svg("text", { x: left - 6, y: y(v) + 4, "text-anchor": "end", class: "axis" }, String(Number(v.toPrecision(4)))));
-  }
+  yGrid(root, { step, max, min }, y, left, width - right);
   labels.forEach((label, g) => {
     const x0 = left + g * groupW + groupW * 0.1;
     series.forEach((s, i) => {
       const v = s.values[g];
-      if (typeof v !== "number" || !isFinite(v)) return;
+      if (!isNumber(v)) return;
       const rect = svg("rect", { x: x0 + i * barW, y: Math.min(y(v), y(0)), width: barW - 1,
                                  height: Math.max(1, Math.abs(y(v) - y(0))), class: `bar series-${i % 8}`,
                                  "data-series": s.name, "data-label": label, "data-value": v });
@@ -160,9 +180,51 @@ function barChart(container, labels, series, options = {}) {
       : { x, y: yLabel, "text-anchor": "middle", class: "axis" }, short(label)));
   });
   root.append(svg("line", { x1: left, x2: width - right, y1: y(0), y2: y(0), class: "zero" }));
-  const legend = el("div", { class: "legend" });
-  series.forEach((s, i) => legend.append(el("span", {}, el("i", { class: `swatch series-${i % 8}` }), s.name)));
-  container.replaceChildren(root, legend);
+  container.replaceChildren(root, legendOf(series));
+}
+
+// Points (x, y) as inline SVG, one colour per series: `series` [{name, points: [{x, y, title}]}];
+// options: `line` [[x, y], ...] drawn as steps (a best so far), `marks` [{x, title}] crosses on the
+// x axis for points without a value, `ring` the x of a point to circle, axis labels `xLabel`, `yLabel`.
+function pointChart(container, series, options = {}) {
+  const line = options.line || [], marks = options.marks || [];
+  const values = [...series.flatMap((s) => s.points.map((p) => p.y)), ...line.map(([, v]) => v)].filter(isNumber);
+  const axis = niceAxis(Math.min(...values), Math.max(...values));
+  const xs = [...series.flatMap((s) => s.points.map((p) => p.x)), ...marks.map((m) => m.x)];
+  const xAxis = niceAxis(0, Math.max(1, ...xs));
+  const width = 640, height = 260, left = 76, right = 12, top = 12, bottom = 48;
+  const x = (v) => left + (width - left - right) * v / xAxis.max;
+  const y = (v) => top + (height - top - bottom) * (axis.max - v) / (axis.max - axis.min);
+  const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, class: "point-chart", role: "img",
+                            "aria-label": options.title || "point chart" });
+  yGrid(root, axis, y, left, width - right);
+  const xStep = Math.max(1, Math.ceil(xAxis.step));  // trial numbers are whole
+  for (let v = 0; v <= xAxis.max; v += xStep) {
+    root.append(svg("text", { x: x(v), y: height - bottom + 16, "text-anchor": "middle", class: "axis" }, String(v)));
+  }
+  root.append(svg("text", { x: left + (width - left - right) / 2, y: height - 8, "text-anchor": "middle", class: "axis" },
+                  options.xLabel || ""));
+  root.append(svg("text", { x: 14, y: top + (height - top - bottom) / 2, "text-anchor": "middle", class: "axis",
+                            transform: `rotate(-90 14 ${top + (height - top - bottom) / 2})` }, options.yLabel || ""));
+  if (line.length) {
+    const path = line.map(([lx, ly], i) => (i ? `H ${x(lx)} V ${y(ly)}` : `M ${x(lx)} ${y(ly)}`)).join(" ");
+    root.append(svg("path", { d: path, class: "step" }));
+  }
+  series.forEach((s, i) => s.points.filter((p) => isNumber(p.y)).forEach((p) => {
+    const dot = svg("circle", { cx: x(p.x), cy: y(p.y), r: 5, class: `point series-${i % 8}`, "data-series": s.name,
+                                "data-x": p.x, "data-value": p.y });
+    dot.append(svg("title", {}, p.title || `${s.name} · ${p.x}: ${formatNumber(p.y)}`));
+    root.append(dot);
+    if (p.x === options.ring) root.append(svg("circle", { cx: x(p.x), cy: y(p.y), r: 9, class: "ring" }));
+  }));
+  for (const m of marks) {
+    const cross = svg("text", { x: x(m.x), y: height - bottom - 4, "text-anchor": "middle", class: "mark", "data-x": m.x }, "×");
+    cross.append(svg("title", {}, m.title));
+    root.append(cross);
+  }
+  const extra = [...(line.length ? [["swatch-line", options.lineLabel || "line"]] : []),
+                 ...(marks.length ? [["swatch-mark", options.markLabel || "no value"]] : [])];
+  container.replaceChildren(root, legendOf(series, extra));
 }
 
 function table(node, head, rows) {

@@ -26,7 +26,8 @@ function setProgress(fraction, stage, layer, message) {
 }
 
 function renderFacts() {
-  const facts = [["Kind", job.kind], ["Method", job.spec.method], ["Created", formatTime(job.created_at)],
+  const facts = [["Kind", job.kind], [job.kind === "tuning" ? "Candidates" : "Method", methodOf(job)],
+                 ["Created", formatTime(job.created_at)],
                  ["Started", formatTime(job.started_at)], ["Finished", formatTime(job.finished_at)],
                  ["Attempts", String(job.attempts)], ["Id", job.id]];
   $("facts").replaceChildren(...facts.filter(([, v]) => v).map(([k, v]) => el("div", {}, el("dt", { text: k }), el("dd", { text: v }))));
@@ -34,6 +35,10 @@ function renderFacts() {
 
 function describe(type, data) {
   if (type === "progress") return `${Math.round(data.fraction * 100)}% ${[data.stage, data.message].filter(Boolean).join(" ")}`;
+  if (type === "trial") {
+    const score = data.objective === null ? data.error : `${job.spec.objective} ${formatNumber(data.objective)}`;
+    return `${data.done}/${data.total} · trial ${data.number}: ${data.label} ${data.state}${score ? `, ${score}` : ""}`;
+  }
   return Object.entries(data).map(([k, v]) => `${k}: ${v}`).join(", ");
 }
 
@@ -42,6 +47,10 @@ function onEvent(type, event) {
     el("span", { class: "seq", text: `#${event.seq}` }), el("span", { class: "type", text: event.type }),
     el("span", { text: describe(event.type, event.data) })));
   if (event.type === "progress") setProgress(event.data.fraction, event.data.stage, event.data.layer, event.data.message);
+  if (event.type === "trial") {
+    setProgress(event.data.fraction, "tune", null, `${event.data.done} of ${event.data.total} trials`);
+    refreshTrials();
+  }
   if (event.type === "state") {
     setState(event.data.state, event.data.error);
     if (event.data.state === "succeeded") setProgress(1, "done");
@@ -90,12 +99,13 @@ async function readJsonArtifact(artifacts, name) {
 
 const modelLabel = (key) => (key === "merged" || key === "base" ? key : key.split("/").filter(Boolean).pop());
 
-function showMetrics(evaluation) {
+function showMetrics(evaluation, first = null) {
   const models = modelsOf(evaluation);
   const datasets = evaluation.merged.map((r) => r.dataset);
   const valueOf = (model, dataset, metric) => (evaluation[model].find((r) => r.dataset === dataset) || {})[metric];
+  const names = metricNames(evaluation);
   $("metrics-card").hidden = false;
-  fillSelect($("metric-choice"), metricNames(evaluation), (metric) => {
+  fillSelect($("metric-choice"), first && names.includes(first) ? [first, ...names.filter((n) => n !== first)] : names, (metric) => {
     barChart($("metrics-chart"), datasets,
              models.map((m) => ({ name: modelLabel(m), values: datasets.map((d) => valueOf(m, d, metric)) })),
              { title: `${metric} per dataset` });
@@ -129,10 +139,63 @@ function showLayers(layers) {
   table($("layers"), columns, layers.map((l) => columns.map((c) => cell(l[c]))));
 }
 
+const paramsText = (params) => Object.entries(params).sort(([a], [b]) => a.localeCompare(b))
+  .map(([k, v]) => `${k}=${typeof v === "number" ? Number(v.toPrecision(4)) : JSON.stringify(v)}`).join(", ");
+// The dev metric each objective is the mean of (pivotmerge.tune.trials.OBJECTIVE_METRIC).
+const OBJECTIVE_METRIC = { loss: "caption_loss", accuracy: "token_accuracy", qa: "exact_match" };
+
+// The study's trials: the dev objective of each by trial number, one colour per candidate, the best so
+// far as steps, failed trials as crosses; and the table of every trial.
+async function showTrials() {
+  const study = await api(`${jobPath}/trials`);
+  if (!study.trials.length) return;
+  const better = study.direction === "minimize" ? (a, b) => a < b : (a, b) => a > b;
+  const scored = study.trials.filter((t) => t.objective !== null);
+  let best = null;
+  const line = scored.map((t) => { best = best === null || better(t.objective, best) ? t.objective : best; return [t.number, best]; });
+  const metric = `dev ${study.objective}`;
+  $("trials-card").hidden = false;
+  pointChart($("trials-chart"), job.spec.methods.map((label) => ({
+    name: label,
+    points: scored.filter((t) => t.label === label).map((t) => ({
+      x: t.number, y: t.objective, title: `trial ${t.number} · ${label} (${paramsText(t.params)}): ${formatNumber(t.objective)}` })),
+  })), {
+    title: `${metric} by trial and candidate`, xLabel: "trial", yLabel: `${metric} (${study.direction === "minimize" ? "lower" : "higher"} is better)`,
+    line, lineLabel: "best so far", ring: study.best,
+    marks: study.trials.filter((t) => t.state === "failed").map((t) => ({ x: t.number, title: `trial ${t.number} failed: ${t.error}` })),
+    markLabel: "failed",
+  });
+  table($("trials-table"), ["Trial", "Candidate", "Parameters", metric, "State", "Seconds", "Worker"],
+        study.trials.map((t) => [t.number, t.label, paramsText(t.params), t.objective === null ? t.error : t.objective,
+                                 t.state, t.seconds, t.worker || ""]));
+  $("trials-table").querySelectorAll("tbody tr").forEach((tr, i) => {
+    tr.dataset.number = study.trials[i].number;
+    tr.classList.toggle("best", study.trials[i].number === study.best);
+  });
+  const chosen = study.trials.find((t) => t.number === study.best);
+  $("trials-summary").textContent = `${study.trials.length} of ${study.budget} trials` + (chosen
+    ? `; best: trial ${chosen.number} (${chosen.label}), ${metric} ${formatNumber(chosen.objective)}` : "");
+}
+
+// Trial events come in bursts (a batch, or the stored ones on load): one reload at a time, then one more if needed.
+let trialsLoading = null, trialsStale = false;
+function refreshTrials() {
+  if (trialsLoading) { trialsStale = true; return; }
+  trialsLoading = showTrials().catch((err) => flash(`Could not load the trials: ${err.message}`)).finally(() => {
+    trialsLoading = null;
+    if (trialsStale) { trialsStale = false; refreshTrials(); }
+  });
+}
+
 async function showResults() {
   const artifacts = await showArtifacts();
   const { metrics } = await api(`${jobPath}/metrics`);
-  if (job.kind === "merge") {
+  if (job.kind === "tuning") {
+    refreshTrials();
+    // The chosen trial's scores: dev (what chose it) and test (scored once, never used to choose).
+    const rows = (part) => (metrics[part] || []).map((r) => ({ ...r, dataset: `${r.dataset} (${part})` }));
+    if (metrics) showMetrics({ merged: [...rows("dev"), ...rows("test")] }, OBJECTIVE_METRIC[job.spec.objective]);
+  } else if (job.kind === "merge") {
     const report = await readJsonArtifact(artifacts, "merge_report.json");
     const evaluation = evaluationOf(metrics, report);
     if (evaluation) showMetrics(evaluation);

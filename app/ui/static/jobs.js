@@ -54,7 +54,7 @@ function row(job) {
     el("td", {}, badge(job.state)),
     el("td", {}, el("div", { class: "progress small", title: `${pct}%` },
                     el("div", { class: "progress-fill", style: `width:${pct}%` })), ` ${pct}%`),
-    el("td", { text: job.spec.method || "" }),
+    el("td", { text: methodOf(job) }),
     el("td", { class: "labels", text: Object.entries(job.labels || {}).map(([k, v]) => `${k}=${v}`).join(" ") }),
     el("td", { text: formatTime(job.created_at) }),
   );
