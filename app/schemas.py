@@ -46,8 +46,8 @@ class TrialOut(BaseModel):
         "failed: `error` says why (the study went on); repeat: a setting proposed again, its scores copied."))
     objective: float | None = Field(None, description="The dev objective; null for a failed trial.")
     dev: list[dict[str, Any]] = Field(..., description=(
-        "Metrics per dev set (caption_loss, perplexity, token_accuracy, exact_match, ...); a value that is not "
-        "a number reads \"NaN\" or \"Infinity\"."))
+        "Metrics per dev set (caption_loss, perplexity, token_accuracy, exact_match, ...); null where a value "
+        "was not a finite number."))
     seconds: float
     merge_s: float | None = None
     evaluate_s: float | None = None

@@ -7,7 +7,6 @@ move jobs between states with conditional UPDATEs on these rows.
 from __future__ import annotations
 
 import enum
-import math
 import uuid
 from datetime import datetime, timezone
 from typing import Any
@@ -36,17 +35,6 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 JSONValue = JSON().with_variant(JSONB(), "postgresql")
 
-
-def json_ready(value: Any) -> Any:
-    """`value` for a JSON column: JSONB has no NaN or infinity, so those floats become the strings
-    "NaN", "Infinity", "-Infinity", which pydantic reads back as the floats."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_ready(v) for v in value]
-    return value
 
 
 class Base(DeclarativeBase):

@@ -15,8 +15,8 @@ from core.models import CANDIDATE_MAX_CHARS
 MAX_TRIALS = 1000
 
 def non_finite_number(value: Any, where: str) -> str | None:
-    """The first NaN or infinity in `value`, as "<field>: <why>"; None if there is none (JSON can carry them,
-    a JSONB column cannot)."""
+    """The first NaN or infinity in `value`, as "<field>: <why>"; None if there is none. JSON can carry them
+    (as Python writes it), but no parameter's setting is one."""
     if isinstance(value, float) and not math.isfinite(value):
         return f"{where}: {value} is not a finite number"
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()

@@ -13,6 +13,7 @@ earlier attempt recorded are read back instead of being sent again.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import asdict
@@ -24,9 +25,10 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.job_states import add_event, holds_lease
-from core.models import Job, Trial, json_ready, utcnow
+from core.models import Job, Trial, utcnow
 from core.settings import Settings
 from core.tunings import TuningRequest
+from pivotmerge.data.evaluate import DatasetMetrics
 from pivotmerge.errors import MergeCancelled
 from pivotmerge.progress import Progress
 from pivotmerge.report.study import TrialRecord
@@ -37,6 +39,8 @@ from workers.celery_app import enqueue_trial
 
 POLL_SECONDS = 0.2  # how often a study waiting for its trials looks for their rows
 RECORD_FIELDS = tuple(TrialRecord.model_fields)
+# Metrics that are numbers even when not finite; JSON columns hold null for those (core.db).
+FLOAT_METRICS = {name for name, f in DatasetMetrics.model_fields.items() if f.annotation is float}
 
 
 class JobHooks(Protocol):
@@ -52,13 +56,14 @@ class JobHooks(Protocol):
 
 
 def record_of(row: Trial) -> TrialRecord:
-    return TrialRecord.model_validate({name: getattr(row, name) for name in RECORD_FIELDS})
+    dev = [{k: math.nan if v is None and k in FLOAT_METRICS else v for k, v in metrics.items()} for metrics in row.dev]
+    return TrialRecord.model_validate({**{name: getattr(row, name) for name in RECORD_FIELDS}, "dev": dev})
 
 
 def save_trial(session: Session, job_id: uuid.UUID, record: TrialRecord, worker: str | None) -> None:
     """Add the trial's row, unless it is recorded already (by the worker that ran it, or an earlier attempt)."""
     if session.get(Trial, (job_id, record.number)) is None:
-        session.add(Trial(job_id=job_id, worker=worker, **json_ready(record.model_dump(mode="json"))))
+        session.add(Trial(job_id=job_id, worker=worker, **record.model_dump(mode="json")))
 
 
 class Study:
@@ -85,10 +90,10 @@ class Study:
                 updated_at=utcnow())).rowcount
             if ours:
                 save_trial(session, h.job_id, record, None if record.state == "repeat" else self.worker)
-                add_event(session, h.job_id, "trial", json_ready({
+                add_event(session, h.job_id, "trial", {
                     "number": record.number, "label": record.label, "method": record.method, "state": record.state,
                     "objective": record.objective, "error": record.error, "done": self.done, "total": self.budget,
-                    "fraction": min(self.done / self.budget, 1.0)}))
+                    "fraction": min(self.done / self.budget, 1.0)})
             session.commit()
 
     def final_merge(self, p: Progress) -> None:
@@ -134,4 +139,4 @@ def run_tuning(spec_data: dict[str, Any], out_dir: Path, settings: Settings,
     chosen = report.study.best_trial()
     metrics = {"dev": [m.model_dump(mode="json") for m in chosen.dev],
                "test": [m.model_dump(mode="json") for m in report.study.best_test or []]}
-    return json_ready(report.as_json()), json_ready(metrics)
+    return report.as_json(), metrics

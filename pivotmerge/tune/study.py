@@ -175,9 +175,9 @@ def run_trial(runner: TrialRunner, proposal: Proposal) -> TrialRecord:
     except Exception as exc:  # a failing trial is recorded; the study goes on
         return failed_trial(proposal, exc, time.perf_counter() - started)
     value = objective_value(result.metrics, runner.objective)
-    if math.isnan(value):
+    if not math.isfinite(value):  # a broken merge: NaN, or an infinite loss, chooses nothing
         return TrialRecord(**base, state="failed", dev=result.metrics, seconds=round(result.seconds, 4),
-                           error=f"objective {runner.objective} is NaN on the dev sets")
+                           error=f"objective {runner.objective} is {'NaN' if math.isnan(value) else value} on the dev sets")
     return TrialRecord(**base, state="complete", objective=value, dev=result.metrics, seconds=round(result.seconds, 4),
                        merge_s=round(result.merge_s, 4), evaluate_s=round(result.evaluate_s, 4))
 
