@@ -240,7 +240,9 @@ def test_the_accepted_request_lists_its_defaults_and_retries_return_the_same_job
     ({"spec": {"models": [{"model": "MISSING"}, {"model": "MISSING"}]}}, "spec.models.0.model",
      "spec.models.0.model: …no such model folder"),
     ({"spec": {"seed": -1}}, "spec.seed", "spec.seed: the study's sampler takes a seed"),
-    ({"spec": {"push_to_hub": {"repo_id": "org/x"}}}, "spec.push_to_hub", "spec.push_to_hub: only merges can be pushed"),
+    ({"spec": {"push_to_hub": {"repo_id": "org/x"}}}, "spec.push_to_hub",
+     "spec.push_to_hub: only a merge can be pushed, not a tuning"),
+    ({"spec": {"split": 2}}, "spec.split", "spec.split: only a merge can be split, not a tuning"),
     ({"timeout_s": 1e9}, "timeout_s", "timeout_s: must be under the job's time limit"),
     ({"trials": 0}, "trials", "trials: Input should be greater than or equal to 1"),
 ])
