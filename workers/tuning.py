@@ -7,8 +7,8 @@ job's progress is trials done out of the budget (with a `trial` event each), and
 the study between batches and while it waits. The job's lease is renewed meanwhile by the task's own
 thread (workers.tasks.LeaseKeeper), as for any job.
 
-A restarted attempt runs the study again from its seed: it proposes the same trials, and those an
-earlier attempt recorded are read back instead of being sent again.
+A restarted attempt runs the study again from its seed: it proposes the same trials, and when they are
+fanned out, those an earlier attempt recorded are read back instead of being sent again.
 """
 
 from __future__ import annotations
