@@ -44,7 +44,7 @@ def two_workers(split_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
     try:
         from workers.split import celery
 
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90  # as the service fixtures wait: start-up under a loaded CI machine
         while len(celery.control.ping(destination=[f"{queue}-{i}@{os.uname().nodename}" for i in range(2)], timeout=1)) < 2:
             assert time.monotonic() < deadline, "workers did not start"
         yield queue
