@@ -227,12 +227,19 @@ def our_spec(method: str, base: Path, experts: Sequence[Path], params: dict[str,
             "parameters": params, "dtype": "bfloat16", "device": "cpu"}
 
 
+def console_script(name: str) -> str:
+    """`name` as installed beside this interpreter (a venv's own install), else from PATH:
+    PATH's `pivotmerge` may belong to another checkout."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() else shutil.which(name) or name
+
+
 def pivotmerge_cmd(config: Path, out: Path) -> list[str]:
-    return [shutil.which("pivotmerge") or "pivotmerge", "merge", str(config), "-o", str(out), "--force"]
+    return [console_script("pivotmerge"), "merge", str(config), "-o", str(out), "--force"]
 
 
 def mergekit_cmd(config: Path, out: Path) -> list[str]:
-    return [shutil.which("mergekit-yaml") or "mergekit-yaml", str(config), str(out), "--quiet"]
+    return [console_script("mergekit-yaml"), str(config), str(out), "--quiet"]
 
 
 def output_diff(a: Path, b: Path) -> tuple[float, float]:
