@@ -160,9 +160,9 @@ def _apply(method: Method, models: Sequence[torch.Tensor], base: torch.Tensor | 
                             None if base is None else f32(base.reshape(-1)[piece]), weights, params, generator, calibration)
             flat[piece].copy_(result.tensor)
             info = result.info
-            if consumed:  # all merged so far: a page two pieces share goes with the second
+            if consumed:  # this piece and the one before: a page they share goes once both are merged
                 for t in (*models, *([] if base is None else [base])):
-                    release(t.reshape(-1)[:piece.stop])
+                    release(t.reshape(-1)[max(0, start - step):piece.stop])
         return out, info
 
 
