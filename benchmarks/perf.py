@@ -16,8 +16,9 @@ plus dense noise holding 5% of the update's energy. Then, with the machine descr
    way; the two tools alternate and each pair is repeated, medians reported;
    the outputs are compared tensor by tensor (largest absolute difference,
    bytes); our merge report's own timings (waiting for reads, maths, waiting
-   for writes) and each tool's start-up (importing it, in a fresh process, with
-   `-X importtime`'s breakdown) show where the rest of the time goes;
+   for writes), a profiled merge (each thread's CPU, the main thread's heaviest
+   functions) and each tool's start-up (importing it, in a fresh process, with
+   `-X importtime`'s breakdown) show where the time goes;
 3. our SVD methods (tsv, iso_c, pivotmerge) on whole models, every component,
    their wall time against our TIES, and each tensor's SVD choice from the merge
    report (exact or randomized, rank, estimated error);
@@ -484,6 +485,65 @@ def projector_merge(shape: Shape, work: Path, repeats: int) -> dict[str, Any]:
             "load": os.getloadavg()[0]}
 
 
+# One merge in a fresh process, profiled: each thread's CPU time (from /proc/self/task, sampled
+# every 20 ms, threads named by the engine: reader, writer, hasher; the main thread does the
+# maths) and the main thread's heaviest functions (cProfile, own time). Prints JSON.
+_PROFILED = """
+import cProfile, json, os, pstats, sys, threading, time
+from pathlib import Path
+from pivotmerge.run.engine import merge
+from pivotmerge.spec.schema import load_spec
+tick = os.sysconf("SC_CLK_TCK")
+names, cpu, done = {}, {}, threading.Event()
+def sample():
+    while not done.is_set():
+        names.update({t.native_id: t.name.rsplit("_", 1)[0] for t in threading.enumerate()})
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                continue
+            cpu[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+        done.wait(0.02)
+spec = load_spec(Path(sys.argv[1]))
+sampler = threading.Thread(target=sample, name="sampler")
+sampler.start()
+time.sleep(0.05)
+before = dict(cpu)
+profile = cProfile.Profile()
+wall = time.perf_counter()
+profile.enable()
+report = merge(spec, sys.argv[2], overwrite=True)
+profile.disable()
+wall = time.perf_counter() - wall
+time.sleep(0.05)
+done.set()
+sampler.join()
+threads = {}
+for tid, seconds in cpu.items():
+    name = names.get(tid, "other")
+    if name != "sampler":
+        threads[name] = threads.get(name, 0.0) + seconds - before.get(tid, 0.0)
+stats = pstats.Stats(profile).stats
+def label(file, line, function):  # built-ins as "to", "torch.einsum"; Python functions with their place
+    return function.split("'")[1] if function.startswith("<method") else function.strip("<>").removeprefix("built-in method ") if file == "~" else f"{function} ({Path(file).name}:{line})"
+top = sorted(((v[2], label(*k)) for k, v in stats.items()), reverse=True)[:8]
+print(json.dumps({"wall_s": wall, "threads_cpu_s": threads, "timings": report.timings.__dict__,
+                  "main_top": [[name, own] for own, name in top], "load": os.getloadavg()[0]}))
+"""
+
+
+def profile_merges(methods: Sequence[str], work: Path) -> list[dict[str, Any]]:
+    """Each of `methods` (their mergekit configs, written by the comparison) merged once, profiled."""
+    rows = []
+    for method in methods:
+        done = subprocess.run([sys.executable, "-c", _PROFILED, str(work / f"{method}.mergekit.yml"), str(work / f"out-{method}-profiled")],
+                              capture_output=True, text=True, check=True)
+        rows.append({"method": method, **json.loads(done.stdout.strip().splitlines()[-1])})
+        shutil.rmtree(work / f"out-{method}-profiled", ignore_errors=True)
+    return rows
+
+
 def rss_at_scale(args: argparse.Namespace, shape: Shape, big: int, work: Path) -> list[dict[str, Any]]:
     """Our peak RSS for task_arithmetic on the benchmark's models and on ones of `big` parameters
     (same width, more layers; streaming: it must not grow)."""
@@ -565,6 +625,21 @@ def _startup_table(result: dict[str, Any]) -> list[Section]:
     return [("Start-up: a fresh process importing each tool's merge entry point (medians); heaviest packages by "
              "-X importtime self time, s",
              ["tool", "what", "wall s", "CPU s", "peak RSS MiB", "heaviest imports"], rows)]
+
+
+def _profile_table(result: dict[str, Any]) -> list[Section]:
+    rows = []
+    for r in result["profiles"]:
+        threads = r["threads_cpu_s"]
+        top = ", ".join(f"{name} {own:.2f}" for name, own in r["main_top"][:5])
+        rows.append([r["method"], f"{r['wall_s']:.1f}", f"{r['timings']['merge_s']:.1f}", f"{threads.get('MainThread', 0):.2f}",
+                     f"{threads.get('pivotmerge-read', 0):.2f}", f"{threads.get('pivotmerge-write', 0):.2f}",
+                     f"{threads.get('pivotmerge-hash', 0):.2f}", f"{r['load']:.1f}", top])
+    return [("One merge in-process, imports excluded: wall, the maths' wall, each thread's CPU (main: maths; reader: "
+             "mapping and paging in; writer: writing; hasher: sha256), and the main thread's heaviest functions "
+             "(cProfile own time, s)",
+             ["method", "wall s", "maths s", "main CPU s", "reader CPU s", "writer CPU s", "hasher CPU s", "load",
+              "main thread's heaviest"], rows)]
 
 
 def _svd_tables(result: dict[str, Any]) -> list[Section]:
@@ -653,6 +728,8 @@ def sections(result: dict[str, Any]) -> list[Section]:
     out += _vs_mergekit_tables(result)
     if result.get("startup"):
         out += _startup_table(result)
+    if result.get("profiles"):
+        out += _profile_table(result)
     out += _svd_tables(result) + _projector_and_scale(result)
     out.append(("Targets (issue 17)", ["target", "this run", "met"],
                 [[t, figure, "met" if ok else "missed"] for t, figure, ok in targets(result)]))
@@ -724,7 +801,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.out:
             args.out.write_text(json.dumps(result, indent=2) + "\n")
 
-    result["svd_errors"], result["projector"], result["rss_at_scale"] = [], None, []
+    result["svd_errors"], result["projector"], result["rss_at_scale"], result["profiles"] = [], None, [], []
     result["io_floor"] = io_floor(repos, args.work, args.repeats)
     result["startup"] = startup(args.repeats, args.work)
     checkpoint()
@@ -735,6 +812,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         else:
             result["ours_only"].append(time_ours(method, repos, args.work, args.repeats))
         checkpoint()
+    result["profiles"] = profile_merges([m for m in ("linear", "task_arithmetic") if m in args.methods], args.work)
+    checkpoint()
     svd_methods = [m for m in args.methods if m in OUR_ONLY_METHODS]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for name in args.svd_tensors:
