@@ -109,6 +109,21 @@ def test_get_maps_without_reading_populate_reads_every_page_and_release_drops_th
     repo.close()
 
 
+def test_converting_a_consumed_input_for_a_method_releases_its_pages_only_when_that_copied_it(tmp_path: Path):
+    g = torch.Generator().manual_seed(2)
+    stored = {"half": torch.randn(256, 1024, generator=g).to(torch.bfloat16), "full": torch.randn(256, 1024, generator=g)}
+    repo = ModelRepo.open(str(write_repo(tmp_path / "m", stored)))
+    half, full = repo.get("half"), repo.get("full")
+    populate(half)
+    populate(full)
+    converted = engine._float32(half, torch.device("cpu"), consumed=True)
+    assert torch.equal(converted, stored["half"].float()) and _resident_kib(half) <= 8
+    # Already float32: the method gets the map itself, whose pages (and any writes into them) must stay.
+    same = engine._float32(full, torch.device("cpu"), consumed=True)
+    assert same.data_ptr() == full.data_ptr() and _resident_kib(full) >= 1024
+    repo.close()
+
+
 def test_release_leaves_memory_that_is_not_a_map_alone():
     own = torch.arange(1 << 16, dtype=torch.float32)  # 64 pages of heap: dropping them would read back as zeros
     release(own)
