@@ -12,9 +12,13 @@ plus dense noise holding 5% of the update's energy. Then, with the machine descr
    of the same size;
 2. runs the same mergekit YAML with `mergekit-yaml` and with `pivotmerge merge`
    (which accepts mergekit configs), each run in its own fresh subprocess whose
-   wall time and peak RSS (os.wait4's ru_maxrss) are measured the same way; the
-   two tools alternate and each pair is repeated, medians reported; the outputs
-   are compared tensor by tensor (largest absolute difference, bytes);
+   wall time, CPU time and peak RSS (os.wait4's rusage) are measured the same
+   way; the two tools alternate and each pair is repeated, medians reported;
+   the outputs are compared tensor by tensor (largest absolute difference,
+   bytes); our merge report's own timings (waiting for reads, maths, waiting
+   for writes), a profiled merge (each thread's CPU, the main thread's heaviest
+   functions) and each tool's start-up (importing it, in a fresh process, with
+   `-X importtime`'s breakdown) show where the time goes;
 3. our SVD methods (tsv, iso_c, pivotmerge) on whole models, every component,
    their wall time against our TIES, and each tensor's SVD choice from the merge
    report (exact or randomized, rank, estimated error);
@@ -23,7 +27,12 @@ plus dense noise holding 5% of the update's energy. Then, with the machine descr
 5. a projector-only merge of LLaVA-named copies of the models: its time and the
    bytes it read, against copying the base;
 6. our peak RSS for task_arithmetic on a 1B-parameter-shaped model against the
-   200M one (streaming: it must stay flat).
+   200M one (streaming: it must stay flat);
+7. the issue's targets (issue 17), each met or missed, with its figure.
+
+Both tools start from bytecode: mergekit's is compiled at install, and this
+checkout's is compiled first (an editable install under PYTHONDONTWRITEBYTECODE
+would otherwise compile every module on every start).
 
 Speed is measured here, never in tests; the machine is shared, so figures are medians.
 """
@@ -31,6 +40,7 @@ Speed is measured here, never in tests; the machine is shared, so figures are me
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import platform
@@ -51,7 +61,7 @@ from rich.table import Table
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-console = Console(width=160)
+console = Console(width=200)
 EXPERTS = 3
 # mergekit computes in `dtype` and writes `out_dtype`; float32 maths is what we do, so
 # the two tools run the same definition and differ only in bf16 rounding.
@@ -59,7 +69,10 @@ MERGEKIT_METHODS: dict[str, dict[str, Any]] = {
     "linear": {"parameters": {"weight": 1.0}},
     "task_arithmetic": {"parameters": {"weight": 0.5}},
     "ties": {"parameters": {"weight": 1.0, "density": 0.5}},
+    "dare_ties": {"parameters": {"weight": 1.0, "density": 0.5}},
 }
+# Random methods (DARE drops entries at random): the tools' outputs cannot agree.
+RANDOM_METHODS = {"dare_ties"}
 # The SVD methods at their defaults (svd: auto), tsv with the rank rule's energy share
 # (its default, 1, keeps rank_fraction directions of noise too: exact SVDs throughout).
 OUR_ONLY_METHODS: dict[str, dict[str, Any]] = {
@@ -190,6 +203,8 @@ def llava_config(shape: Shape) -> dict[str, Any]:
 class Run:
     wall_s: float
     peak_rss_mb: float
+    cpu_s: float  # user + system, all threads
+    load: float  # 1-minute load average when the run started
 
 
 # Measures one command from a small process: Linux carries the exec-ing process's
@@ -201,17 +216,18 @@ with open(sys.argv[1], "wb") as log:
     start = time.perf_counter()
     proc = subprocess.Popen(sys.argv[2:], stdout=log, stderr=subprocess.STDOUT)
     _, status, usage = os.wait4(proc.pid, 0)
-print(time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status))
+print(time.perf_counter() - start, usage.ru_maxrss, usage.ru_utime + usage.ru_stime, os.waitstatus_to_exitcode(status))
 """
 
 
 def run_measured(cmd: Sequence[str], log: Path) -> Run:
-    """Run `cmd` in a fresh process; its wall time and its own peak RSS (not ours)."""
+    """Run `cmd` in a fresh process; its wall time, CPU time and its own peak RSS (not ours)."""
+    load = os.getloadavg()[0]
     out = subprocess.run([sys.executable, "-c", _LAUNCHER, str(log), *cmd], capture_output=True, text=True, check=True)
-    wall, rss_kb, rc = out.stdout.split()
+    wall, rss_kb, cpu, rc = out.stdout.split()
     if int(rc) != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({rc}); see {log}:\n{log.read_text()[-3000:]}")
-    return Run(float(wall), int(rss_kb) / 1024)  # Linux reports kilobytes
+    return Run(float(wall), int(rss_kb) / 1024, float(cpu), load)  # Linux reports kilobytes
 
 
 def mergekit_config(method: str, base: Path, experts: Sequence[Path]) -> dict[str, Any]:
@@ -227,12 +243,19 @@ def our_spec(method: str, base: Path, experts: Sequence[Path], params: dict[str,
             "parameters": params, "dtype": "bfloat16", "device": "cpu"}
 
 
+def console_script(name: str) -> str:
+    """`name` as installed beside this interpreter (a venv's own install), else from PATH:
+    PATH's `pivotmerge` may belong to another checkout."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() else shutil.which(name) or name
+
+
 def pivotmerge_cmd(config: Path, out: Path) -> list[str]:
-    return [shutil.which("pivotmerge") or "pivotmerge", "merge", str(config), "-o", str(out), "--force"]
+    return [console_script("pivotmerge"), "merge", str(config), "-o", str(out), "--force"]
 
 
 def mergekit_cmd(config: Path, out: Path) -> list[str]:
-    return [shutil.which("mergekit-yaml") or "mergekit-yaml", str(config), str(out), "--quiet"]
+    return [console_script("mergekit-yaml"), str(config), str(out), "--quiet"]
 
 
 def output_diff(a: Path, b: Path) -> tuple[float, float]:
@@ -262,11 +285,12 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
 
 
 def median_run(runs: Sequence[Run]) -> Run:
-    return Run(statistics.median(r.wall_s for r in runs), statistics.median(r.peak_rss_mb for r in runs))
+    return Run(*(statistics.median(getattr(r, f) for r in runs) for f in ("wall_s", "peak_rss_mb", "cpu_s", "load")))
 
 
 def compare_with_mergekit(method: str, repos: Sequence[Path], work: Path, repeats: int) -> dict[str, Any]:
-    """Alternate mergekit and ours `repeats` times on one config; medians and the output difference."""
+    """Alternate mergekit and ours `repeats` times on one config; medians, the output difference
+    and our last run's own timings (from its merge report)."""
     config = work / f"{method}.mergekit.yml"
     config.write_text(yaml.safe_dump(mergekit_config(method, repos[0], repos[1:])))
     runs: dict[str, list[Run]] = {"mergekit": [], "ours": []}
@@ -275,10 +299,36 @@ def compare_with_mergekit(method: str, repos: Sequence[Path], work: Path, repeat
             runs[tool].append(run_measured(cmd(config, work / f"out-{method}-{tool}"), work / f"{method}-{tool}.log"))
     mk, ours = median_run(runs["mergekit"]), median_run(runs["ours"])
     worst, differing = output_diff(work / f"out-{method}-ours", work / f"out-{method}-mergekit")
+    report = json.loads((work / f"out-{method}-ours" / "merge_report.json").read_text())
     return {"method": method, "mergekit": asdict(mk), "ours": asdict(ours),
-            "wall_ratio": ours.wall_s / mk.wall_s, "rss_ratio": ours.peak_rss_mb / mk.peak_rss_mb,
-            "max_abs_diff": worst, "differing_fraction": differing,
+            "wall_ratio": ours.wall_s / mk.wall_s, "cpu_ratio": ours.cpu_s / mk.cpu_s,
+            "rss_ratio": ours.peak_rss_mb / mk.peak_rss_mb, "max_abs_diff": worst, "differing_fraction": differing,
+            "random": method in RANDOM_METHODS, "our_timings": report["timings"],
             "runs": {k: [asdict(r) for r in v] for k, v in runs.items()}}
+
+
+# Each tool's merge entry point, imported in a fresh process: what every merge pays before it starts.
+STARTUP_IMPORTS = {"ours": "import pivotmerge.cli.commands, pivotmerge.run.engine",
+                   "mergekit": "import mergekit.scripts.run_yaml", "torch alone": "import torch"}
+
+
+def startup(repeats: int, work: Path) -> dict[str, Any]:
+    """Per tool: a fresh process importing its merge entry point (median wall and CPU of `repeats`),
+    the heaviest top-level packages by `-X importtime` self time, and `pivotmerge merge --help`."""
+    out: dict[str, Any] = {}
+    for tool, code in STARTUP_IMPORTS.items():
+        runs = [run_measured([sys.executable, "-c", code], work / "startup.log") for _ in range(repeats)]
+        trace = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True, check=True).stderr
+        packages: dict[str, float] = {}
+        for line in trace.splitlines()[1:]:
+            own, _, name = line.removeprefix("import time:").split("|")
+            top = name.strip().split(".")[0]
+            packages[top] = packages.get(top, 0.0) + int(own) / 1e6
+        heaviest = dict(sorted(packages.items(), key=lambda kv: -kv[1])[:6])
+        out[tool] = {**asdict(median_run(runs)), "importtime_s": sum(packages.values()), "heaviest": heaviest}
+    help_runs = [run_measured([console_script("pivotmerge"), "merge", "--help"], work / "startup.log") for _ in range(repeats)]
+    out["merge --help"] = asdict(median_run(help_runs))
+    return out
 
 
 def time_ours(method: str, repos: Sequence[Path], work: Path, repeats: int) -> dict[str, Any]:
@@ -382,42 +432,116 @@ def io_floor(repos: Sequence[Path], work: Path, repeats: int) -> dict[str, Any]:
             "read_bytes": sum(f.stat().st_size for f in files), "write_bytes": out_bytes}
 
 
-# Runs one merge in a fresh process and prints, as JSON, its own time and the bytes it
-# read (/proc/self/io rchar) from just before to just after the merge (imports excluded).
+# Runs one merge in a fresh process and prints, as JSON, its own time (imports excluded; the
+# previous output removed first, outside the timing) and what it read: the bytes of the tensors
+# it took from its inputs (ModelRepo.get maps them) and of other file reads (/proc/self/io
+# rchar: headers, configs).
 _IN_PROCESS = """
-import json, sys, time
+import json, shutil, sys, time
+from pivotmerge.repos.model_repo import ModelRepo
 from pivotmerge.run.engine import merge
+taken = []
+get = ModelRepo.get
+def counted(self, name):
+    taken.append(self.tensors[name].nbytes)
+    return get(self, name)
+ModelRepo.get = counted
 def rchar():
     return int(dict(l.split(": ") for l in open("/proc/self/io").read().splitlines())["rchar"])
 spec = json.loads(sys.argv[1])
+shutil.rmtree(sys.argv[2], ignore_errors=True)
 r0, t0 = rchar(), time.perf_counter()
-merge(spec, sys.argv[2], overwrite=True)
-print(json.dumps({"merge_s": time.perf_counter() - t0, "read_bytes": rchar() - r0}))
+report = merge(spec, sys.argv[2])
+print(json.dumps({"merge_s": time.perf_counter() - t0, "tensor_bytes": sum(taken), "other_bytes": rchar() - r0,
+                  "timings": report.timings.__dict__}))
 """
 
 
 def projector_merge(shape: Shape, work: Path, repeats: int) -> dict[str, Any]:
-    """A projector-only task-arithmetic merge of LLaVA-named models against copying the base."""
+    """A projector-only task-arithmetic merge of LLaVA-named models against copying the base,
+    alternating."""
     repos = make_models(work / f"models-llava-{shape.layers}L", shape, llava=True)
     spec = our_spec("task_arithmetic", repos[0], repos[1:], {}) | {"components": ["projector"]}
-    merges = [json.loads(subprocess.run([sys.executable, "-c", _IN_PROCESS, json.dumps(spec), str(work / "out-projector")],
-                                        capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-              for _ in range(repeats)]
-    copies = []
+    merges, copies = [], []
     for _ in range(repeats):
+        done = subprocess.run([sys.executable, "-c", _IN_PROCESS, json.dumps(spec), str(work / "out-projector")],
+                              capture_output=True, text=True, check=True)
+        merges.append(json.loads(done.stdout.strip().splitlines()[-1]))
         target = work / "copy-base"
         shutil.rmtree(target, ignore_errors=True)
         t0 = time.perf_counter()
         shutil.copytree(repos[0], target)
         copies.append(time.perf_counter() - t0)
     shutil.rmtree(work / "copy-base", ignore_errors=True)
-    base_bytes = (repos[0] / "model.safetensors").stat().st_size
+    base_bytes = sum(2 * _numel(s) for s in {**{f"language_model.{n}": s for n, s in shape.tensors().items()},
+                                               **projector_tensors(shape)}.values())
     projector_bytes = sum(2 * _numel(s) for s in projector_tensors(shape).values())
     merge_s = statistics.median(m["merge_s"] for m in merges)
     copy_s = statistics.median(copies)
     return {"merge_s": merge_s, "copy_base_s": copy_s, "extra_s": merge_s - copy_s,
-            "read_bytes": statistics.median(m["read_bytes"] for m in merges), "base_bytes": base_bytes,
-            "expected_read_bytes": base_bytes + EXPERTS * projector_bytes, "runs": merges, "copies": copies}
+            "tensor_bytes": statistics.median(m["tensor_bytes"] for m in merges),
+            "other_bytes": statistics.median(m["other_bytes"] for m in merges), "base_bytes": base_bytes,
+            "expected_tensor_bytes": base_bytes + EXPERTS * projector_bytes, "runs": merges, "copies": copies,
+            "load": os.getloadavg()[0]}
+
+
+# One merge in a fresh process, profiled: each thread's CPU time (from /proc/self/task, sampled
+# every 20 ms, threads named by the engine: reader, writer, hasher; the main thread does the
+# maths) and the main thread's heaviest functions (cProfile, own time). Prints JSON.
+_PROFILED = """
+import cProfile, json, os, pstats, sys, threading, time
+from pathlib import Path
+from pivotmerge.run.engine import merge
+from pivotmerge.spec.schema import load_spec
+tick = os.sysconf("SC_CLK_TCK")
+names, cpu, done = {}, {}, threading.Event()
+def sample():
+    while not done.is_set():
+        names.update({t.native_id: t.name.rsplit("_", 1)[0] for t in threading.enumerate()})
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                continue
+            cpu[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+        done.wait(0.02)
+spec = load_spec(Path(sys.argv[1]))
+sampler = threading.Thread(target=sample, name="sampler")
+sampler.start()
+time.sleep(0.05)
+before = dict(cpu)
+profile = cProfile.Profile()
+wall = time.perf_counter()
+profile.enable()
+report = merge(spec, sys.argv[2], overwrite=True)
+profile.disable()
+wall = time.perf_counter() - wall
+time.sleep(0.05)
+done.set()
+sampler.join()
+threads = {}
+for tid, seconds in cpu.items():
+    name = names.get(tid, "other")
+    if name != "sampler":
+        threads[name] = threads.get(name, 0.0) + seconds - before.get(tid, 0.0)
+stats = pstats.Stats(profile).stats
+def label(file, line, function):  # built-ins as "to", "torch.einsum"; Python functions with their place
+    return function.split("'")[1] if function.startswith("<method") else function.strip("<>").removeprefix("built-in method ") if file == "~" else f"{function} ({Path(file).name}:{line})"
+top = sorted(((v[2], label(*k)) for k, v in stats.items()), reverse=True)[:8]
+print(json.dumps({"wall_s": wall, "threads_cpu_s": threads, "timings": report.timings.__dict__,
+                  "main_top": [[name, own] for own, name in top], "load": os.getloadavg()[0]}))
+"""
+
+
+def profile_merges(methods: Sequence[str], work: Path) -> list[dict[str, Any]]:
+    """Each of `methods` (their mergekit configs, written by the comparison) merged once, profiled."""
+    rows = []
+    for method in methods:
+        done = subprocess.run([sys.executable, "-c", _PROFILED, str(work / f"{method}.mergekit.yml"), str(work / f"out-{method}-profiled")],
+                              capture_output=True, text=True, check=True)
+        rows.append({"method": method, **json.loads(done.stdout.strip().splitlines()[-1])})
+        shutil.rmtree(work / f"out-{method}-profiled", ignore_errors=True)
+    return rows
 
 
 def rss_at_scale(args: argparse.Namespace, shape: Shape, big: int, work: Path) -> list[dict[str, Any]]:
@@ -438,110 +562,203 @@ def rss_at_scale(args: argparse.Namespace, shape: Shape, big: int, work: Path) -
 def machine() -> dict[str, Any]:
     import psutil
 
-    return {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").is_file() else platform.processor()
+    return {"cpus": os.cpu_count(), "cpu": cpu, "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "load_avg": os.getloadavg()}
+            "mergekit": _version("mergekit"), "torch_threads": torch.get_num_threads(), "load_avg": os.getloadavg()}
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+# (title, column names, rows) for a table; (None, None, [[line]]) for a line of text.
+Section = tuple[str | None, list[str] | None, list[list[str]]]
+
+
+def _vs_mergekit_tables(result: dict[str, Any]) -> list[Section]:
+    io = result["io_floor"]
+    ties = next((r["ours"]["wall_s"] for r in result["vs_mergekit"] if r["method"] == "ties"), None)
+    rows = []
+    for r in result["vs_mergekit"]:
+        mk, ours = r["mergekit"], r["ours"]
+        diff = ["random", "random"] if r["random"] else [f"{r['max_abs_diff']:.3g}", f"{100 * r['differing_fraction']:.2f}%"]
+        rows.append([r["method"], f"{mk['wall_s']:.1f} / {ours['wall_s']:.1f}", f"{r['wall_ratio']:.2f}",
+                     f"{mk['cpu_s']:.1f} / {ours['cpu_s']:.1f}", f"{r['cpu_ratio']:.2f}", f"{ours['wall_s'] / io['floor_s']:.1f}", "-",
+                     f"{mk['peak_rss_mb']:.0f} / {ours['peak_rss_mb']:.0f}", f"{r['rss_ratio']:.2f}", *diff,
+                     f"{mk['load']:.1f} / {ours['load']:.1f}"])
+    for r in result["ours_only"]:
+        ours = r["ours"]
+        rows.append([r["method"], f"- / {ours['wall_s']:.1f}", "-", f"- / {ours['cpu_s']:.1f}", "-",
+                     f"{ours['wall_s'] / io['floor_s']:.1f}", f"{ours['wall_s'] / ties:.2f}" if ties else "-",
+                     f"- / {ours['peak_rss_mb']:.0f}", "-", "-", "-", f"- / {ours['load']:.1f}"])
+    columns = ["method", "wall s mk / ours", "wall ours/mk", "CPU s mk / ours", "CPU ours/mk", "ours / I-O floor",
+               "ours / our TIES", "peak RSS MiB mk / ours", "RSS ours/mk", "max abs diff", "elements differing", "load mk / ours"]
+    title = (f"Ours vs mergekit: {result['params'] / 1e6:.0f}M-parameter bf16 models, base + {EXPERTS} experts "
+             f"(medians of {result['repeats']} alternating runs; CPU = user + system, all threads)")
+    timing_rows = [[r["method"], f"{r['ours']['wall_s']:.1f}", f"{t['total_s']:.1f}", f"{t['total_s'] / io['floor_s']:.1f}",
+                    f"{t['read_s']:.2f}", f"{t['merge_s']:.2f}", f"{t['write_s']:.2f}", f"{r['ours']['wall_s'] - t['total_s']:.1f}"]
+                   for r in result["vs_mergekit"] for t in [r["our_timings"]]]
+    return [(title, columns, rows),
+            (None, None, [[f"I/O floor: reading the four inputs ({io['read_bytes'] / 2**30:.2f} GiB) {io['read_s']:.2f} s, "
+                           f"writing one output ({io['write_bytes'] / 2**30:.2f} GiB) {io['write_s']:.2f} s: {io['floor_s']:.2f} s."]]),
+            ("Where our wall time goes (last run's merge report): the merge itself, of it waiting for reads, maths "
+             "(the main thread), waiting for the writer; the rest is start-up and exit",
+             ["method", "wall s", "merge s", "merge / I-O floor", "waiting for reads s", "maths s", "waiting for writes s",
+              "start-up + exit s"],
+             timing_rows)]
+
+
+def _startup_table(result: dict[str, Any]) -> list[Section]:
+    rows = []
+    for tool, r in result["startup"].items():
+        heaviest = ", ".join(f"{name} {t:.2f}" for name, t in r.get("heaviest", {}).items())
+        rows.append([tool, STARTUP_IMPORTS.get(tool, "pivotmerge merge --help"), f"{r['wall_s']:.2f}", f"{r['cpu_s']:.2f}",
+                     f"{r['peak_rss_mb']:.0f}", heaviest or "-"])
+    return [("Start-up: a fresh process importing each tool's merge entry point (medians); heaviest packages by "
+             "-X importtime self time, s",
+             ["tool", "what", "wall s", "CPU s", "peak RSS MiB", "heaviest imports"], rows)]
+
+
+def _profile_table(result: dict[str, Any]) -> list[Section]:
+    rows = []
+    for r in result["profiles"]:
+        threads = r["threads_cpu_s"]
+        top = ", ".join(f"{name} {own:.2f}" for name, own in r["main_top"][:5])
+        rows.append([r["method"], f"{r['wall_s']:.1f}", f"{r['timings']['merge_s']:.1f}", f"{threads.get('MainThread', 0):.2f}",
+                     f"{threads.get('pivotmerge-read', 0):.2f}", f"{threads.get('pivotmerge-write', 0):.2f}",
+                     f"{threads.get('pivotmerge-hash', 0):.2f}", f"{r['load']:.1f}", top])
+    return [("One merge in-process, imports excluded: wall, the maths' wall, each thread's CPU (main: maths; reader: "
+             "mapping and paging in; writer: writing; hasher: sha256), and the main thread's heaviest functions "
+             "(cProfile own time, s)",
+             ["method", "wall s", "maths s", "main CPU s", "reader CPU s", "writer CPU s", "hasher CPU s", "load",
+              "main thread's heaviest"], rows)]
+
+
+def _svd_tables(result: dict[str, Any]) -> list[Section]:
+    out: list[Section] = []
+    if result["ours_only"]:
+        rows = [[r["method"], str(len(c["per_tensor"])), str(c["randomized"]), str(c["exact"]), f"{c['ranks'][0]}-{c['ranks'][1]}",
+                 f"{c['max_estimated_error']:.1e}"] for r in result["ours_only"] for c in [r["svd_choices"]]]
+        out.append(("SVD choices per tensor, from each merge report (svd: auto)",
+                    ["method", "tensors with SVDs", "randomized SVDs", "exact SVDs", "ranks", "max estimated error"], rows))
+    if result["svd_errors"]:
+        rows = [[f"{r['tensor']} ({r['shape'][0]} x {r['shape'][1]})", r["method"], r["device"], f"{r['exact_s']:.2f}",
+                 f"{r['auto_s']:.2f}", ", ".join(f"{c['svd'][0]}{c['rank']}" for c in r["auto_choice"] or []),
+                 f"{r['auto_rel_error']:.1e}"] for r in result["svd_errors"]]
+        out.append(("svd: auto against svd: exact on the models' own tensors (one run each)",
+                    ["tensor", "method", "device", "exact s", "auto s", "auto route (e/r + rank)", "real error vs exact"], rows))
+    return out
+
+
+def _projector_and_scale(result: dict[str, Any]) -> list[Section]:
+    out: list[Section] = []
+    p = result.get("projector")
+    if p:
+        out.append((None, None, [[
+            f"Projector-only merge (LLaVA names, in-process, imports excluded, medians): {p['merge_s']:.2f} s; copying the "
+            f"base folder: {p['copy_base_s']:.2f} s; extra {p['extra_s']:+.2f} s. Tensors taken from the inputs: "
+            f"{p['tensor_bytes'] / 2**20:.1f} MiB (expected: the base's {p['base_bytes'] / 2**20:.1f} MiB + the experts' "
+            f"projectors = {p['expected_tensor_bytes'] / 2**20:.1f} MiB); other reads (headers, configs) {p['other_bytes'] / 2**20:.2f} MiB; "
+            f"load {p['load']:.1f}."]]))
+    if result["rss_at_scale"]:
+        rows = [[str(r["layers"]), f"{r['params'] / 1e6:.0f}M", f"{r['wall_s']:.1f}", f"{r['peak_rss_mb']:.0f}", f"{r['load']:.1f}"]
+                for r in result["rss_at_scale"]]
+        out.append(("Our peak RSS as the model grows (task_arithmetic, same width, more layers; medians)",
+                    ["layers", "parameters per model", "wall s", "peak RSS MiB", "load"], rows))
+    return out
+
+
+def targets(result: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """Issue 17's targets: (target, this run's figures, met)."""
+    out = []
+    io = result["io_floor"]
+    vs = {r["method"]: r for r in result["vs_mergekit"]}
+    for method in ("linear", "task_arithmetic"):
+        r = vs.get(method)
+        if r:
+            floor = r["ours"]["wall_s"] / io["floor_s"]
+            out += [(f"{method}: wall <= 0.25x mergekit", f"{r['wall_ratio']:.2f}x", r["wall_ratio"] <= 0.25),
+                    (f"{method}: wall <= 3x the I/O floor", f"{floor:.1f}x", floor <= 3),
+                    (f"{method}: peak RSS <= 0.25x mergekit", f"{r['rss_ratio']:.2f}x", r["rss_ratio"] <= 0.25),
+                    (f"{method}: bit-identical to mergekit in bf16", f"max abs diff {r['max_abs_diff']:.3g}", r["max_abs_diff"] == 0)]
+    for method in ("ties", "dare_ties"):
+        r = vs.get(method)
+        if r:
+            out += [(f"{method}: wall <= 0.1x mergekit", f"{r['wall_ratio']:.2f}x", r["wall_ratio"] <= 0.1),
+                    (f"{method}: peak RSS <= 0.3x mergekit", f"{r['rss_ratio']:.2f}x", r["rss_ratio"] <= 0.3)]
+    if len(result["rss_at_scale"]) == 2:
+        small, big = result["rss_at_scale"]
+        growth = big["peak_rss_mb"] / small["peak_rss_mb"] - 1
+        out.append((f"peak RSS at {big['params'] / 1e6:.0f}M within 10% of {small['params'] / 1e6:.0f}M (task_arithmetic)",
+                    f"{big['peak_rss_mb']:.0f} vs {small['peak_rss_mb']:.0f} MiB ({100 * growth:+.1f}%)", growth <= 0.10))
+    ties = vs.get("ties")
+    for r in result["ours_only"]:
+        if ties:
+            ratio = r["ours"]["wall_s"] / ties["ours"]["wall_s"]
+            out.append((f"{r['method']} on whole models: wall <= 3x our TIES", f"{ratio:.2f}x", ratio <= 3))
+    if result["svd_errors"]:
+        worst = max(r["auto_rel_error"] for r in result["svd_errors"])
+        out.append(("randomized SVD: real error < 1% of the merged update", f"at most {worst:.1e}", worst < 0.01))
+    p = result.get("projector")
+    if p:
+        out += [("projector-only merge reads only the experts' projectors",
+                 f"{p['tensor_bytes'] / 2**20:.1f} of {p['expected_tensor_bytes'] / 2**20:.1f} MiB expected",
+                 p["tensor_bytes"] == p["expected_tensor_bytes"]),
+                ("projector-only merge: well under 1 s more than copying the base (< 0.5 s)", f"{p['extra_s']:+.2f} s", p["extra_s"] < 0.5)]
+    return out
+
+
+def sections(result: dict[str, Any]) -> list[Section]:
+    """Every table of a run, for the console and for markdown alike."""
+    m = result["machine"]
+    after = m.get("load_avg_after", m["load_avg"])
+    described = (f"Machine: {m['cpus']} CPUs ({m.get('cpu', '?')}), {m['memory_gib']} GiB, GPU {m['cuda'] or 'none'}; "
+                 f"{m['platform']}, Python {m['python']}, torch {m['torch']}, mergekit {m.get('mergekit')}; load average "
+                 f"{m['load_avg'][0]:.1f} at the start, {after[0]:.1f} at the end (each run's own is in the tables). "
+                 f"Command: `{result.get('command', '')}`")
+    out: list[Section] = [(None, None, [[described]])]
+    out += _vs_mergekit_tables(result)
+    if result.get("startup"):
+        out += _startup_table(result)
+    if result.get("profiles"):
+        out += _profile_table(result)
+    out += _svd_tables(result) + _projector_and_scale(result)
+    out.append(("Targets (issue 17)", ["target", "this run", "met"],
+                [[t, figure, "met" if ok else "missed"] for t, figure, ok in targets(result)]))
+    return out
 
 
 def print_results(result: dict[str, Any]) -> None:
-    m = result["machine"]
-    console.print(f"machine: {m['cpus']} CPUs, {m['memory_gib']} GiB, GPU {m['cuda'] or 'none'}; {m['platform']}, Python "
-                  f"{m['python']}, torch {m['torch']}; load average {m['load_avg'][0]:.1f} before, "
-                  f"{m['load_avg_after'][0]:.1f} after (on {m['cpus']} cores: figures are noisy; medians of alternating runs)")
-    io = result["io_floor"]
-    ties = next((r["ours"]["wall_s"] for r in result["vs_mergekit"] if r["method"] == "ties"), None)
-    table = Table(title=f"ours vs mergekit: {result['params'] / 1e6:.0f}M-parameter bf16 models, base + {EXPERTS} experts (medians)")
-    for col in ("method", "mergekit s", "ours s", "wall ours/mk", "ours/I-O floor", "ours/our ties", "mergekit RSS MiB",
-                "ours RSS MiB", "RSS ours/mk", "max |diff|", "differing", "bytes identical"):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    for r in result["vs_mergekit"]:
-        table.add_row(r["method"], f"{r['mergekit']['wall_s']:.1f}", f"{r['ours']['wall_s']:.1f}", f"{r['wall_ratio']:.2f}",
-                      f"{r['ours']['wall_s'] / io['floor_s']:.1f}", "-",
-                      f"{r['mergekit']['peak_rss_mb']:.0f}", f"{r['ours']['peak_rss_mb']:.0f}", f"{r['rss_ratio']:.2f}",
-                      f"{r['max_abs_diff']:.3g}", f"{r['differing_fraction']:.2e}", "yes" if r["max_abs_diff"] == 0 else "no")
-    for r in result["ours_only"]:
-        table.add_row(r["method"], "-", f"{r['ours']['wall_s']:.1f}", "-", f"{r['ours']['wall_s'] / io['floor_s']:.1f}",
-                      f"{r['ours']['wall_s'] / ties:.2f}" if ties else "-", "-", f"{r['ours']['peak_rss_mb']:.0f}",
-                      "-", "-", "-", "-")
-    console.print(table)
-    console.print(f"I/O floor: read {io['read_bytes'] / 2**30:.2f} GiB in {io['read_s']:.2f} s, write "
-                  f"{io['write_bytes'] / 2**30:.2f} GiB in {io['write_s']:.2f} s: {io['floor_s']:.2f} s")
-    if result["ours_only"]:
-        t = Table(title="SVD choices per tensor, from each merge report (svd: auto)")
-        for col in ("method", "tensors", "randomized SVDs", "exact SVDs", "ranks", "max estimated error"):
-            t.add_column(col, justify="right")
-        for r in result["ours_only"]:
-            c = r["svd_choices"]
-            t.add_row(r["method"], str(len(c["per_tensor"])), str(c["randomized"]), str(c["exact"]),
-                      f"{c['ranks'][0]}-{c['ranks'][1]}", f"{c['max_estimated_error']:.2e}")
-        console.print(t)
-    if result["svd_errors"]:
-        t = Table(title="svd: auto against svd: exact on the models' own tensors (one run each)")
-        for col in ("tensor", "method", "device", "exact s", "auto s", "auto route", "real rel. error"):
-            t.add_column(col, justify="right")
-        for r in result["svd_errors"]:
-            route = ", ".join(f"{c['svd'][0]}{c['rank']}" for c in r["auto_choice"] or [])
-            t.add_row(r["tensor"], r["method"], r["device"], f"{r['exact_s']:.2f}", f"{r['auto_s']:.2f}", route,
-                      f"{r['auto_rel_error']:.2e}")
-        console.print(t)
-    p = result.get("projector")
-    if p:
-        console.print(f"projector-only merge (LLaVA names, in-process, imports excluded): {p['merge_s']:.2f} s; copying "
-                      f"the base folder: {p['copy_base_s']:.2f} s; extra {p['extra_s']:+.2f} s; read "
-                      f"{p['read_bytes'] / 2**20:.1f} MiB (base {p['base_bytes'] / 2**20:.1f} MiB + the experts' projectors: "
-                      f"{p['expected_read_bytes'] / 2**20:.1f} MiB)")
-    if result["rss_at_scale"]:
-        t = Table(title="our peak RSS as the model grows (task_arithmetic, same width, more layers)")
-        for col in ("layers", "params", "wall s", "peak RSS MiB"):
-            t.add_column(col, justify="right")
-        for r in result["rss_at_scale"]:
-            t.add_row(str(r["layers"]), f"{r['params'] / 1e6:.0f}M", f"{r['wall_s']:.1f}", f"{r['peak_rss_mb']:.0f}")
-        console.print(t)
+    for title, columns, rows in sections(result):
+        if columns is None:
+            console.print(rows[0][0])
+            continue
+        table = Table(title=title)
+        for i, col in enumerate(columns):
+            table.add_column(col, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The results as the markdown tables of docs/performance.md."""
-    io = result["io_floor"]
-    ties = next((r["ours"]["wall_s"] for r in result["vs_mergekit"] if r["method"] == "ties"), None)
-    lines = ["| method | mergekit wall s | ours wall s | ours/mergekit | ours/I-O floor | ours/our TIES | mergekit peak RSS MiB | "
-             "ours peak RSS MiB | RSS ours/mergekit | max abs diff | differing elements |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in result["vs_mergekit"]:
-        lines.append(f"| {r['method']} | {r['mergekit']['wall_s']:.1f} | {r['ours']['wall_s']:.1f} | {r['wall_ratio']:.2f} | "
-                     f"{r['ours']['wall_s'] / io['floor_s']:.1f} | - | {r['mergekit']['peak_rss_mb']:.0f} | "
-                     f"{r['ours']['peak_rss_mb']:.0f} | {r['rss_ratio']:.2f} | {r['max_abs_diff']:.3g} | "
-                     f"{100 * r['differing_fraction']:.2f}% |")
-    for r in result["ours_only"]:
-        lines.append(f"| {r['method']} | - | {r['ours']['wall_s']:.1f} | - | {r['ours']['wall_s'] / io['floor_s']:.1f} | "
-                     f"{r['ours']['wall_s'] / ties:.2f} | - | {r['ours']['peak_rss_mb']:.0f} | - | - | - |" if ties else "")
-    lines += ["", f"I/O floor: reading the four inputs ({io['read_bytes'] / 2**30:.2f} GiB) {io['read_s']:.2f} s, writing one "
-                  f"output ({io['write_bytes'] / 2**30:.2f} GiB) {io['write_s']:.2f} s: {io['floor_s']:.2f} s.", ""]
-    if result["ours_only"]:
-        lines += ["| method | tensors with SVDs | randomized SVDs | exact SVDs | ranks | max estimated error |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for r in result["ours_only"]:
-            c = r["svd_choices"]
-            lines.append(f"| {r['method']} | {len(c['per_tensor'])} | {c['randomized']} | {c['exact']} | "
-                         f"{c['ranks'][0]}-{c['ranks'][1]} | {c['max_estimated_error']:.1e} |")
+    """The results as the markdown of docs/performance.md."""
+    lines: list[str] = []
+    for title, columns, rows in sections(result):
+        if columns is None:
+            lines += [rows[0][0], ""]
+            continue
+        lines += [f"**{title}**", "", "| " + " | ".join(columns) + " |", "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
         lines.append("")
-    if result["svd_errors"]:
-        lines += ["| tensor | method | exact s | auto s | auto route (e/r + rank) | real error vs exact |", "|---|---|---:|---:|---|---:|"]
-        for r in result["svd_errors"]:
-            route = ", ".join(f"{c['svd'][0]}{c['rank']}" for c in r["auto_choice"] or [])
-            lines.append(f"| {r['tensor']} ({r['shape'][0]} x {r['shape'][1]}) | {r['method']} | {r['exact_s']:.2f} | "
-                         f"{r['auto_s']:.2f} | {route} | {r['auto_rel_error']:.1e} |")
-        lines.append("")
-    p = result.get("projector")
-    if p:
-        lines += [f"Projector-only merge: {p['merge_s']:.2f} s in-process (copying the base folder: {p['copy_base_s']:.2f} s; "
-                  f"extra {p['extra_s']:+.2f} s); read {p['read_bytes'] / 2**20:.1f} MiB = the base "
-                  f"({p['base_bytes'] / 2**20:.1f} MiB) + the experts' projectors (expected total "
-                  f"{p['expected_read_bytes'] / 2**20:.1f} MiB).", ""]
-    if result["rss_at_scale"]:
-        lines += ["| layers | parameters per model | wall s | peak RSS MiB |", "|---:|---:|---:|---:|"]
-        for r in result["rss_at_scale"]:
-            lines.append(f"| {r['layers']} | {r['params'] / 1e6:.0f}M | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -551,7 +768,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--layers", type=int, help="Decoder layers (default: what reaches --params).")
-    parser.add_argument("--methods", nargs="+", default=["ties", *OUR_ONLY_METHODS, "linear", "task_arithmetic"],
+    parser.add_argument("--methods", nargs="+", default=["ties", "dare_ties", *OUR_ONLY_METHODS, "linear", "task_arithmetic"],
                         choices=[*MERGEKIT_METHODS, *OUR_ONLY_METHODS])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--svd-tensors", nargs="*", default=["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight",
@@ -572,8 +789,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.work.mkdir(parents=True, exist_ok=True)
     shape = shape_for(args.params, args.hidden, args.layers, args.vocab)
     console.print(f"models: {shape} = {shape.params / 1e6:.1f}M parameters each, in {args.work}")
-    result: dict[str, Any] = {"machine": machine(), "shape": asdict(shape), "params": shape.params,
-                              "command": " ".join([sys.executable, *sys.argv]), "vs_mergekit": [], "ours_only": []}
+    import pivotmerge
+
+    compileall.compile_dir(Path(pivotmerge.__file__).parent, quiet=1)  # as `pip install` does; mergekit's is compiled
+    result: dict[str, Any] = {"machine": machine(), "shape": asdict(shape), "params": shape.params, "repeats": args.repeats,
+                              "command": " ".join(["python", *sys.argv]), "vs_mergekit": [], "ours_only": []}
     repos = make_models(args.work / f"models-{shape.layers}L", shape)
 
     def checkpoint() -> None:
@@ -581,8 +801,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.out:
             args.out.write_text(json.dumps(result, indent=2) + "\n")
 
+    result["svd_errors"], result["projector"], result["rss_at_scale"], result["profiles"] = [], None, [], []
     result["io_floor"] = io_floor(repos, args.work, args.repeats)
-    result["svd_errors"], result["projector"], result["rss_at_scale"] = [], None, []
+    result["startup"] = startup(args.repeats, args.work)
+    checkpoint()
     # TIES first: the SVD methods' target is relative to it.
     for method in sorted(args.methods, key=lambda m: m != "ties"):
         if method in MERGEKIT_METHODS:
@@ -590,6 +812,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         else:
             result["ours_only"].append(time_ours(method, repos, args.work, args.repeats))
         checkpoint()
+    result["profiles"] = profile_merges([m for m in ("linear", "task_arithmetic") if m in args.methods], args.work)
+    checkpoint()
     svd_methods = [m for m in args.methods if m in OUR_ONLY_METHODS]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for name in args.svd_tensors:

@@ -1,19 +1,24 @@
-"""The engine's commands: merge, methods, analyze, fold."""
+"""The engine's commands: merge, methods, analyze, fold.
+
+What needs torch (methods, specs, the engine) is imported inside each command, so
+that listing commands and `--help` do not wait for it.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from pivotmerge.methods import Search, all_methods
 from pivotmerge.cli.progress_bar import ProgressBar, console
-from pivotmerge.spec.schema import load_spec, read_yaml
+
+if TYPE_CHECKING:
+    from pivotmerge.methods import Search
 
 @click.command("merge")
 @click.argument("spec_file", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
@@ -35,6 +40,7 @@ def merge_command(spec_file: Path, out_dir: Path, force: bool, device: str | Non
     (with `evaluate_inputs: true`, the base and each expert beside the merge).
     """
     from pivotmerge.run.engine import merge
+    from pivotmerge.spec.schema import load_spec
 
     spec = load_spec(spec_file)
     if device:
@@ -69,6 +75,7 @@ def _type_name(annotation: Any) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def methods_command(as_json: bool) -> None:
     """List the merge methods and their parameters."""
+    from pivotmerge.methods import all_methods
 
     methods = all_methods()
     if as_json:
@@ -130,6 +137,7 @@ def analyze_command(spec_file: Path, as_json: bool) -> None:
     merge (docs/metrics.md defines each metric).
     """
     from pivotmerge.analysis.analyze import analyze
+    from pivotmerge.spec.schema import load_spec
 
     spec = load_spec(spec_file)
     with ProgressBar("analyzing") as bar:
@@ -175,6 +183,7 @@ def fold_command(spec_file: Path, out_dir: Path, force: bool, as_json: bool) -> 
     and tokenizer files, fold_report.json and a model card (docs/evaluation.md).
     """
     from pivotmerge.analysis.fold_repo import fold, fold_spec_from_dict
+    from pivotmerge.spec.schema import read_yaml
 
     spec = fold_spec_from_dict(read_yaml(spec_file))
     with ProgressBar(f"folding ({spec.method})") as bar:

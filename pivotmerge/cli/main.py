@@ -9,6 +9,7 @@ and `pivotmerge merge` imports neither.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from importlib.metadata import entry_points
 
@@ -35,6 +36,10 @@ COMMANDS: dict[str, str] = {
 COMMAND_GROUP = "pivotmerge.commands"
 SERVICE_COMMANDS = ("serve", "quickstart", "admin")
 SERVICE_HINT = "the HTTP service's commands; install them with: pip install 'pivotmerge[service]'"
+# Engine commands whose work is complete when they return (outputs moved into place, stdout
+# written). A process running one ends at once instead of tearing down torch's modules:
+# `python -c "import torch"` takes 3.5 s of CPU here, 2.6 s when it ends with os._exit.
+EXIT_AT_ONCE = ("merge", "fold", "analyze")
 
 
 def all_commands() -> dict[str, str]:
@@ -97,9 +102,14 @@ def cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors exit 2 with one readable line, never a traceback."""
+    """Entry point: user errors exit 2 with one readable line, never a traceback.
+
+    Without `argv` (the console script) main owns the process, which ends with
+    os._exit after an EXIT_AT_ONCE command; called with `argv`, it returns.
+    """
+    args = sys.argv[1:] if argv is None else argv
     try:
-        cli.main(args=argv, standalone_mode=False)
+        cli.main(args=args, standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -112,3 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    if argv is None and args[:1] and args[0] in EXIT_AT_ONCE:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -4,19 +4,26 @@ Only safetensors are ever read; pickled weights are refused, never unpickled.
 When allowed roots are given, a repo and every file it reads must resolve
 inside one of them (symbolic links included).
 
-Tensor bytes are read with positioned reads (pread) into a fresh tensor, not
-through a memory map: every page of a map a merge has touched counts in the
-process's resident memory until the map closes, so a mapped merge grows to the
-size of all its inputs, while pread leaves them in the shared page cache.
-pread also releases the GIL, so reads overlap with maths in other threads.
+Each tensor is its own private memory map of just its bytes, unmapped when the
+tensor is freed: no copy out of the page cache and no fresh pages to zero
+(pread into new buffers cost a merge of four 200M-parameter models 1.5 s of CPU,
+the maps 0.4 s), and resident memory holds only the tensors alive, not every
+page a merge has touched (as one map of the whole file does). Pages are read
+when first touched; `populate` reads them all at once, in the caller's thread
+(a reader thread, ahead of the maths), and `release` drops pages a merge is
+done with. The map is private: writing into such a tensor copies the page and
+never touches the file.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import mmap
 import os
 import re
+import weakref
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -126,12 +133,14 @@ class ModelRepo:
         return replace(self, tensors=tensors, _fds=self._fds)
 
     def get(self, name: str) -> torch.Tensor:
-        """One tensor, read into its own memory (safe to call from several threads)."""
+        """One tensor, mapped from its file (safe to call from several threads)."""
         info = self.tensors[name]
-        out = torch.empty(info.shape, dtype=info.dtype)
-        if info.nbytes:
-            _pread_into(self._fd(info.file), out.reshape(-1).view(torch.uint8).numpy(), info.offset, self.ref, name)
-        return out
+        if not info.nbytes:
+            return torch.empty(info.shape, dtype=info.dtype)
+        data = _map(self._fd(info.file), info.offset, info.nbytes, self.ref, name)
+        if info.offset % info.dtype.itemsize:  # torch needs aligned elements: copy (files we write keep plan order)
+            return data.clone().view(info.dtype).view(info.shape)
+        return data.view(info.dtype).view(info.shape)
 
     def _fd(self, file: str) -> int:
         fd = self._fds.get(file)
@@ -208,14 +217,60 @@ def _read_header(path: Path, file: str, ref: str) -> dict[str, TensorInfo]:
     return tensors
 
 
-def _pread_into(fd: int, buffer: Any, offset: int, ref: str, name: str) -> None:
-    view = memoryview(buffer)
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise RepoError(f"{ref}: tensor {name} is truncated")
-        done += n
+_libc = ctypes.CDLL(None, use_errno=True)  # ctypes calls release the GIL
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_PAGE = mmap.PAGESIZE
+# Linux 5.14+: map every page now, read-only, even in a writable private map (MAP_POPULATE
+# would copy each page). Older kernels answer EINVAL and the pages fault in on first use.
+_MADV_POPULATE_READ = 22
+# The data pointer of each live map's tensor -> the map's (address, length).
+_MAPS: dict[int, tuple[int, int]] = {}
+
+
+def _map(fd: int, offset: int, nbytes: int, ref: str, name: str) -> torch.Tensor:
+    """`nbytes` bytes of `fd` at `offset` as a uint8 tensor over a private map of them, unmapped
+    when the tensor is freed. (Not the mmap module: its maps hold a duplicate of the file
+    descriptor each, and tuning keeps every merged tensor's inputs alive.)"""
+    if os.fstat(fd).st_size < offset + nbytes:  # a page past the end would kill the process (SIGBUS) when read
+        raise RepoError(f"{ref}: tensor {name} is truncated")
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    length = offset + nbytes - start
+    address = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, start)
+    if address == _MAP_FAILED:
+        raise RepoError(f"{ref}: cannot map tensor {name}: {os.strerror(ctypes.get_errno())}")
+    region = (ctypes.c_char * length).from_address(address)
+    tensor = torch.frombuffer(region, dtype=torch.uint8, offset=offset - start, count=nbytes)
+    _MAPS[tensor.data_ptr()] = (address, length)
+    weakref.finalize(region, _unmap, tensor.data_ptr(), address, length)  # torch keeps `region` alive with the tensor
+    return tensor
+
+
+def _unmap(key: int, address: int, length: int) -> None:
+    del _MAPS[key]  # before the address can be mapped again
+    _libc.munmap(address, length)
+
+
+def populate(tensor: torch.Tensor) -> None:
+    """Read every page of a tensor `ModelRepo.get` made now, in this thread; other tensors are left alone."""
+    span = _MAPS.get(tensor.untyped_storage().data_ptr())
+    if span is not None:
+        _libc.madvise(*span, _MADV_POPULATE_READ)
+
+
+def release(piece: torch.Tensor) -> None:
+    """Drop the whole pages of `piece`, a contiguous part of a tensor `ModelRepo.get` made, from this
+    process's memory (other tensors are left alone). Reading them again reads the file: what was
+    written into them is lost."""
+    if piece.untyped_storage().data_ptr() not in _MAPS:
+        return
+    start = -(-piece.data_ptr() // _PAGE) * _PAGE
+    end = (piece.data_ptr() + piece.numel() * piece.element_size()) // _PAGE * _PAGE
+    if end > start:
+        _libc.madvise(start, end - start, mmap.MADV_DONTNEED)
 
 
 def _dtype(code: str, ref: str, name: str) -> torch.dtype:

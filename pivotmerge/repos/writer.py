@@ -3,6 +3,10 @@
 Every output tensor's name, shape and dtype is known before merging starts, so
 the shard layout and headers are fixed up front and each tensor's bytes are
 appended the moment it is merged: memory never holds more than one tensor.
+Each file's sha256 is taken from the bytes as they are written, in a second
+thread: hashing costs as much as writing (for a 390 MB shard here, sha256 0.35 s
+of one core, the write into the page cache 0.2-0.5 s), so hashing beside the
+write instead of after it keeps a copied tensor's time near a plain copy's.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Collection, Sequence
@@ -107,6 +112,7 @@ class ShardWriter:
         self._shard = -1
         self._fh: BinaryIO | None = None
         self._hash = hashlib.sha256()
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pivotmerge-hash")
         self._size = 0
         self.written: list[WrittenFile] = []
 
@@ -139,8 +145,11 @@ class ShardWriter:
 
     def _emit(self, data: bytes | memoryview) -> None:
         assert self._fh is not None
-        self._fh.write(data)
-        self._hash.update(data)
+        hashed = self._hasher.submit(self._hash.update, data)  # sha256 releases the GIL: both run at once
+        try:
+            self._fh.write(data)
+        finally:
+            hashed.result()  # `data` may be freed once this returns
         self._size += len(data)
 
     def _finish_shard(self) -> None:
@@ -154,6 +163,7 @@ class ShardWriter:
 
     def close(self) -> list[WrittenFile]:
         """Check every tensor was written; write the index of a whole (not partial) output."""
+        self._hasher.shutdown()
         if self._next != len(self._order):
             raise ValueError(f"writer closed after {self._next} of {len(self._order)} tensors")
         if self._only is None:
@@ -161,6 +171,7 @@ class ShardWriter:
         return self.written
 
     def abort(self) -> None:
+        self._hasher.shutdown()
         if self._fh is not None:
             self._fh.close()
             self._fh = None

@@ -2,7 +2,8 @@
 
 Peak memory stays near (number of models + 1) x the largest tensor: inputs are
 memory-mapped, each merged tensor is written out as soon as it exists, and the
-output folder appears only when complete.
+output folder appears only when complete. Elementwise methods (linear, task
+arithmetic) hold less: their inputs' pages go as each piece is merged.
 """
 
 from __future__ import annotations
@@ -29,16 +30,16 @@ from pivotmerge.plan.params import TensorParams
 from pivotmerge.plan.plan import MergePlan, Timings, check, plan_merge
 from pivotmerge.progress import CancelFn, Progress, ProgressFn
 from pivotmerge.report.merge_report import CalibrationReport, MergedTensor, MergeReport, build_report, write_model_card, write_report
-from pivotmerge.repos.model_repo import ModelRepo, resolve_roots
+from pivotmerge.repos.model_repo import ModelRepo, populate, release, resolve_roots
 from pivotmerge.repos.output import building, carry_side_files, check_out_dir
 from pivotmerge.repos.vocab import write_tokenizer
 from pivotmerge.repos.writer import ShardWriter, WrittenFile
 from pivotmerge.spec.schema import MergeSpec
 
 
-# Tensors read ahead of the one being merged, by a reader thread: reads (pread,
-# GIL released) overlap the maths, and memory holds at most this many extra
-# tensors' inputs.
+# Tensors read ahead of the one being merged, by a reader thread: reads (page
+# faults, GIL released) overlap the maths, and memory holds at most this many
+# extra tensors' inputs.
 PREFETCH = 2
 # Elements per piece when an elementwise method runs in pieces: 1M float32 values
 # (4 MiB a piece) stay in cache across the method's passes and come from glibc's
@@ -53,8 +54,16 @@ def _input_repos(plan: MergePlan, name: str) -> list[ModelRepo]:
 
 
 def _read_inputs(plan: MergePlan, name: str) -> list[torch.Tensor]:
-    """What merging `name` needs, as stored."""
+    """What merging `name` needs, as stored (mapped: pages are read when first touched)."""
     return [r.get(name) for r in _input_repos(plan, name)]
+
+
+def _read_ahead(plan: MergePlan, name: str) -> list[torch.Tensor]:
+    """`_read_inputs` with every page read now, by the reader thread, not when the maths touches it."""
+    inputs = _read_inputs(plan, name)
+    for t in inputs:
+        populate(t)
+    return inputs
 
 
 class _ReadAhead:
@@ -62,10 +71,11 @@ class _ReadAhead:
     ahead of the one being merged.
 
     Read-ahead holds at most half the largest tensor's inputs, and a tensor that
-    does not fit is read when its turn comes: the largest tensors set the peak,
-    and reading the next large one during a large merge (the 32000 x 1024
-    embedding while the head merges) put all its inputs on top of that peak
-    (250 MiB of bf16 on four 200M models).
+    does not fit is mapped when its turn comes, its pages read as the maths
+    reaches them (and, by an elementwise merge, released behind it): the largest
+    tensors set the peak, and reading the next large one during a large merge
+    (the 32000 x 1024 embedding while the head merges) put all its inputs on top
+    of that peak (250 MiB of bf16 on four 200M models).
     """
 
     def __init__(self, plan: MergePlan, names: Sequence[str], pool: ThreadPoolExecutor) -> None:
@@ -79,9 +89,10 @@ class _ReadAhead:
 
     def take(self) -> list[torch.Tensor]:
         """The next tensor's inputs, once read; then reads ahead what fits."""
-        if not self._reads:
-            self._submit()
-        inputs = self._reads.popleft().result()
+        if self._reads:
+            inputs = self._reads.popleft().result()
+        else:
+            inputs = _read_inputs(self._plan, self._names[self._taken])
         self._taken += 1
         while len(self._reads) < PREFETCH and self._fits():
             self._submit()
@@ -89,22 +100,33 @@ class _ReadAhead:
 
     def _submit(self) -> None:
         name = self._names[self._taken + len(self._reads)]
-        self._reads.append(self._pool.submit(_read_inputs, self._plan, name))
+        self._reads.append(self._pool.submit(_read_ahead, self._plan, name))
 
     def _fits(self) -> bool:
         ahead = self._taken + len(self._reads)
         return ahead < len(self._names) and sum(self._sizes[self._taken:ahead + 1]) <= self._budget
 
 
+def _float32(t: torch.Tensor, device: torch.device, consumed: bool) -> torch.Tensor:
+    """`t` in float32 on `device`. When `consumed` and that is a copy, `t`'s pages are released:
+    the method holds the copy, and reading `t` again would read its file."""
+    out = t.to(device=device, dtype=torch.float32)
+    if consumed and out.data_ptr() != t.data_ptr():
+        release(t.reshape(-1))
+    return out
+
+
 class _Float32On(Sequence[torch.Tensor]):
     """The experts' tensors as a method sees them: float32 on the device, converted
     on access. A method that forms deltas one expert at a time (TIES, TSV) then
     holds one expert in float32, not all of them: on three 200M-parameter models
-    that is 400 MB less at the embedding matrix."""
+    that is 400 MB less at the embedding matrix. With `consumed` inputs, each
+    stored tensor's pages go once converted (TIES on those models: 250 MB less)."""
 
-    def __init__(self, tensors: Sequence[torch.Tensor], device: torch.device) -> None:
+    def __init__(self, tensors: Sequence[torch.Tensor], device: torch.device, consumed: bool) -> None:
         self._tensors = tensors
         self._device = device
+        self._consumed = consumed
 
     def __len__(self) -> int:
         return len(self._tensors)
@@ -117,25 +139,28 @@ class _Float32On(Sequence[torch.Tensor]):
 
     def __getitem__(self, i: int | slice) -> torch.Tensor | list[torch.Tensor]:
         if isinstance(i, slice):
-            return [t.to(device=self._device, dtype=torch.float32) for t in self._tensors[i]]
-        return self._tensors[i].to(device=self._device, dtype=torch.float32)
+            return [_float32(t, self._device, self._consumed) for t in self._tensors[i]]
+        return _float32(self._tensors[i], self._device, self._consumed)
 
 
 def _apply(method: Method, models: Sequence[torch.Tensor], base: torch.Tensor | None, weights: list[float],
            params: Any, calibration: Calibration, generator: torch.Generator, device: torch.device,
-           dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, Any]]:
+           dtype: torch.dtype, consumed: bool) -> tuple[torch.Tensor, dict[str, Any]]:
     """Run `method` in float32 on `device` and return the result in `dtype` with its info.
 
     An elementwise method runs over flat pieces of the tensor, so its float32
-    temporaries never exceed a piece whatever the tensor's size.
+    temporaries never exceed a piece whatever the tensor's size. When the inputs
+    are `consumed` (read no more after this call), their pages are released once
+    used: each piece's once merged, so they never add up to whole tensors, and
+    for other methods each input's once converted to float32.
     """
     def f32(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=torch.float32)
 
     with _single_threaded(device):
         if not method.elementwise:
-            result = method(_Float32On(models, device), None if base is None else f32(base), weights, params, generator,
-                            calibration)
+            result = method(_Float32On(models, device, consumed), None if base is None else _float32(base, device, consumed),
+                            weights, params, generator, calibration)
             return result.tensor.to(dtype), result.info
         out = torch.empty(models[0].shape, dtype=dtype, device=device)
         flat = out.view(-1)
@@ -147,6 +172,9 @@ def _apply(method: Method, models: Sequence[torch.Tensor], base: torch.Tensor | 
                             None if base is None else f32(base.reshape(-1)[piece]), weights, params, generator, calibration)
             flat[piece].copy_(result.tensor)
             info = result.info
+            if consumed:  # this piece and the one before: a page they share goes once both are merged
+                for t in (*models, *([] if base is None else [base])):
+                    release(t.reshape(-1)[max(0, start - step):piece.stop])
         return out, info
 
 
@@ -188,28 +216,34 @@ def _merge_tensors(plan: MergePlan, outputs: Sequence[OutputTensor], device: tor
             inputs = reads.take()
             t1 = time.perf_counter()
             timings.read_s += t1 - t0  # time spent waiting for reads, not the reads themselves
+            entry: MergedTensor | None = None
             if name not in plan.merged:
-                yield name, inputs[0].to(out.dtype), None
-                continue
-            resolved = plan.tensor_params[name]
-            tensor, info = merge_tensor(plan, name, inputs, device, out.dtype)
-            timings.merge_s += time.perf_counter() - t1
-            entry = MergedTensor(tensor=name, component=place.component_name, layer=place.layer,
-                                 weights=resolved.weights, params=_reported_params(resolved), info=info or None)
+                tensor = inputs[0].to(out.dtype)
+            else:
+                resolved = plan.tensor_params[name]
+                tensor, info = merge_tensor(plan, name, inputs, device, out.dtype, consumed=True)
+                timings.merge_s += time.perf_counter() - t1
+                entry = MergedTensor(tensor=name, component=place.component_name, layer=place.layer,
+                                     weights=resolved.weights, params=_reported_params(resolved), info=info or None)
+            # Hold nothing while suspended: these inputs and this output would otherwise stay
+            # alive through the next tensor's read and merge, on top of its own memory.
+            del inputs
             yield name, tensor, entry
+            del tensor
     if progress is not None:
         progress(Progress("merge", total, total))
 
 
 def merge_tensor(plan: MergePlan, name: str, inputs: Sequence[torch.Tensor], device: torch.device,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, Any]]:
+                 dtype: torch.dtype, consumed: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
     """Merged tensor `name` of `plan` from its inputs as stored ([base?, *models]), in `dtype`, with the
-    method's info: what a merge writes for it, so tuning's in-memory trials are the merge's own bits."""
+    method's info: what a merge writes for it, so tuning's in-memory trials are the merge's own bits.
+    `consumed`: the inputs are read no more (a merge's, not a trial's), so their memory may go as they are."""
     base, models = (inputs[0], inputs[1:]) if plan.base else (None, inputs)
     resolved = plan.tensor_params[name]
     generator = torch.Generator(device=device).manual_seed(_tensor_seed(plan.spec.seed, name))
     return _apply(plan.method, models, base, resolved.weights, resolved.params, resolved.calibration, generator,
-                  device, dtype)
+                  device, dtype, consumed)
 
 
 def _reported_params(resolved: TensorParams) -> dict[str, Any]:
@@ -329,6 +363,7 @@ def write_shards(plan: MergePlan, folder: Path, device: torch.device, progress: 
             if entry is not None:
                 entries.append(entry)
             yield name, tensor
+            del tensor  # written or being written: only the writer holds it now
 
     files = write_tensors(writer, merged(), timings)
     return files, entries, timings
@@ -351,6 +386,7 @@ def write_tensors(writer: ShardWriter, tensors: Iterable[tuple[str, torch.Tensor
                 if pending is not None:
                     pending.result()
                 pending = write_pool.submit(writer.write, name, tensor)
+                del tensor  # the write holds it until written, not this loop while the next is made
                 if timings is not None:
                     timings.write_s += time.perf_counter() - t0
             if pending is not None:
