@@ -20,24 +20,30 @@ from pivotmerge.errors import RepoError
 from pivotmerge.methods import get_method
 from pivotmerge.plan.params import resolve_params
 from pivotmerge.repos.model_repo import ModelRepo, populate, release
-from pivotmerge.spec.schema import spec_from_dict
+from pivotmerge.spec.schema import MergeSpec, spec_from_dict
 from tests.repo_factory import llava_like, write_repo
+
+
+def _merged_over_the_first(tmp_path: Path, states: list[dict[str, torch.Tensor]], method: str,
+                           parameters: dict) -> tuple[MergeSpec, dict[str, torch.Tensor]]:
+    """`merge` of the later states over the first (weights 0.5, 1.5, ...): its spec and its tensors."""
+    repos = [write_repo(tmp_path / f"m{i}", s) for i, s in enumerate(states)]
+    spec = spec_from_dict({"method": method, "base_model": str(repos[0]), "parameters": parameters, "device": "cpu",
+                           "models": [{"model": str(r), "weight": 0.5 + i} for i, r in enumerate(repos[1:])]})
+    pivotmerge.merge(spec, tmp_path / "out")
+    return spec, load_file(str(tmp_path / "out" / "model.safetensors"))
 
 
 @pytest.mark.parametrize("method, parameters", [("linear", {}), ("task_arithmetic", {"lambda": 0.6})])
 def test_elementwise_methods_merged_in_pieces_equal_the_whole_tensor_call(tmp_path: Path, monkeypatch, method, parameters):
     monkeypatch.setattr(engine, "CPU_PIECE", 7)  # odd-sized pieces, a ragged last piece
     states = [llava_like(seed, hidden=12) for seed in range(3)]
-    repos = [write_repo(tmp_path / f"m{i}", s) for i, s in enumerate(states)]
-    spec = {"method": method, "base_model": str(repos[0]), "models": [{"model": str(r), "weight": 0.5 + i} for i, r in enumerate(repos[1:])],
-            "parameters": parameters, "device": "cpu"}
-    pivotmerge.merge(spec, tmp_path / "out")
-    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    spec, merged = _merged_over_the_first(tmp_path, states, method, parameters)
     m = get_method(method)
     for name, base in states[0].items():
         if not base.is_floating_point():
             continue
-        resolved = resolve_params(spec_from_dict(spec), m, name, 0.0)
+        resolved = resolve_params(spec, m, name, 0.0)
         expected = m([s[name] for s in states[1:]], base, resolved.weights, resolved.params).tensor
         assert torch.allclose(merged[name], expected, rtol=0, atol=1e-6), name
 
@@ -67,14 +73,10 @@ def test_elementwise_merge_releasing_input_pages_piece_by_piece_equals_the_whole
     g = torch.Generator().manual_seed(0)
     states = [{"language_model.model.embed_tokens.weight": torch.randn(50, 1000, generator=g).to(dtype),
                "multi_modal_projector.linear_1.weight": torch.randn(300, 40, generator=g).to(dtype)} for _ in range(3)]
-    repos = [write_repo(tmp_path / f"m{i}", s) for i, s in enumerate(states)]
-    spec = {"method": method, "base_model": str(repos[0]), "models": [{"model": str(r), "weight": 0.5 + i} for i, r in enumerate(repos[1:])],
-            "parameters": parameters, "device": "cpu"}
-    pivotmerge.merge(spec, tmp_path / "out")
-    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    spec, merged = _merged_over_the_first(tmp_path, states, method, parameters)
     m = get_method(method)
     for name, base in states[0].items():
-        resolved = resolve_params(spec_from_dict(spec), m, name, 0.0)
+        resolved = resolve_params(spec, m, name, 0.0)
         expected = m([s[name].float() for s in states[1:]], base.float(), resolved.weights, resolved.params).tensor.to(dtype)
         assert torch.allclose(merged[name].float(), expected.float(), rtol=0, atol=1e-6 if dtype == torch.float32 else 0), name
 
