@@ -17,19 +17,24 @@ import pivotmerge
 from tests.repo_factory import llava_like, write_repo
 from tests.engine.test_split_merge import weight_files
 
-REDIS_DB = "redis://127.0.0.1:6379/14"  # this test's own database on the CI Redis
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def split_env(monkeypatch) -> dict[str, str]:
-    redis.Redis.from_url(REDIS_DB).ping()
-    env = {"PIVOTMERGE_SPLIT_BROKER_URL": REDIS_DB, "PIVOTMERGE_SPLIT_BACKEND_URL": REDIS_DB}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    return env
+def split_env() -> dict[str, str]:
+    """The broker, result backend and key prefix of this process's split app, for its workers.
+
+    `workers.split.celery` is configured when the module is first imported (another test module
+    may import it while being collected), so the workers follow it rather than the other way round;
+    the test's own queue keeps its tasks apart.
+    """
+    from workers.split import celery
+
+    redis.Redis.from_url(celery.conf.broker_url).ping()
+    return {"PIVOTMERGE_SPLIT_BROKER_URL": celery.conf.broker_url, "PIVOTMERGE_SPLIT_BACKEND_URL": celery.conf.result_backend,
+            "PIVOTMERGE_BROKER_KEY_PREFIX": (celery.conf.broker_transport_options or {}).get("global_keyprefix", "")}
 
 
 @pytest.fixture
