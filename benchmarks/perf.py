@@ -757,7 +757,7 @@ def markdown(result: dict[str, Any]) -> str:
             lines += [rows[0][0], ""]
             continue
         lines += [f"**{title}**", "", "| " + " | ".join(columns) + " |", "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        lines += ["| " + " | ".join(cell.replace("<", "&lt;") for cell in row) + " |" for row in rows]  # `<genexpr>` is not a tag
         lines.append("")
     return "\n".join(lines)
 
