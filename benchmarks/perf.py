@@ -812,7 +812,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         else:
             result["ours_only"].append(time_ours(method, repos, args.work, args.repeats))
         checkpoint()
-    result["profiles"] = profile_merges([m for m in ("linear", "task_arithmetic") if m in args.methods], args.work)
+    result["profiles"] = profile_merges([m for m in MERGEKIT_METHODS if m in args.methods], args.work)
     checkpoint()
     svd_methods = [m for m in args.methods if m in OUR_ONLY_METHODS]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

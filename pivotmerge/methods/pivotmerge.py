@@ -20,7 +20,8 @@ formulas); docs/methods.md states every formula. For one tensor of layer ``l``:
 5. per-expert weights ``a_k`` and layer scale ``scale_l`` from a score in [0, 1]:
    the expert's energy share in the shared space (``weight``) or calibration
    alignment (``data``);
-6. ``W = W0 + scale_l (U M + rho * combine(trunc(R_k)))`` (flattened as a whole under ``flatten_total``).
+6. ``W = W0 + scale_l (U M + rho * combine(trunc(R_k)))`` (flattened as a whole under ``flatten_total``);
+   ``rho`` is 0 by default without data, 1 in the data mode.
 
 Vectors (biases, norms) take a sign-consistent mean of the deltas, scaled like a layer.
 A spec that gives calibration data and leaves them unset gets the data mode (`DATA_MODE`:
@@ -49,7 +50,9 @@ class Params(MethodParams):
     max_rank: int | None = Field(None, ge=1, description="Shared subspace: at most this many directions (required with svd: randomized).")
     filtering: bool = Field(False, description="Suppress shared directions on which the experts' updates cancel (off by default: it never helped on the bench's dev splits).")
     conflict_threshold: Annotated[float, Search(0.3, 0.9)] = Field(0.5, ge=0, le=1, description="Suppress a direction whose conflict score 1 - |sum| / sum|.| exceeds this.")
-    residual_weight: Annotated[float, Search(0.0, 1.0)] = Field(0.5, ge=0, description="Weight of the experts' residuals outside the shared space; 0 drops them.")
+    residual_weight: Annotated[float, Search(0.0, 1.0)] = Field(
+        0.0, ge=0, description="Weight of the experts' residuals outside the shared space; 0 (default without data: they "
+                               "lowered dev accuracy on the quality suite) drops them.")
     residual_rank: int | None = Field(None, ge=1, description="Truncate each expert's residual to this rank; None keeps it whole.")
     spectrum: Annotated[Literal["keep", "flatten", "flatten_total"], Search(choices=("keep", "flatten", "flatten_total"))] = Field(
         "flatten", description="keep the singular values; flatten: replace those of the merged shared update by their mean (Iso-C); "
