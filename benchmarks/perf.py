@@ -15,8 +15,8 @@ plus dense noise holding 5% of the update's energy. Then, with the machine descr
    wall time, CPU time and peak RSS (os.wait4's rusage) are measured the same
    way; the two tools alternate and each pair is repeated, medians reported;
    the outputs are compared tensor by tensor (largest absolute difference,
-   bytes); our merge report's own timings (waiting for reads, maths, waiting
-   for writes), a profiled merge (each thread's CPU, the main thread's heaviest
+   bytes); our merge report's own timings (waiting for reads, for the maths,
+   for writes), a profiled merge (each thread's CPU, the tensor merges' heaviest
    functions) and each tool's start-up (importing it, in a fresh process, with
    `-X importtime`'s breakdown) show where the time goes;
 3. our SVD methods (tsv, iso_c, pivotmerge) on whole models, every component,
@@ -486,8 +486,8 @@ def projector_merge(shape: Shape, work: Path, repeats: int) -> dict[str, Any]:
 
 
 # One merge in a fresh process, profiled: each thread's CPU time (from /proc/self/task, sampled
-# every 20 ms, threads named by the engine: reader, writer, hasher; the main thread does the
-# maths) and the main thread's heaviest functions (cProfile, own time). Prints JSON.
+# every 20 ms, threads named by the engine: maths, reader, writer, hasher; the main thread hands
+# tensors out) and the heaviest functions of the tensor merges (cProfile, own time). Prints JSON.
 _PROFILED = """
 import cProfile, json, os, pstats, sys, threading, time
 from pathlib import Path
@@ -505,16 +505,25 @@ def sample():
                 continue
             cpu[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
         done.wait(0.02)
+import pivotmerge.run.engine as engine
+profiles = []
+merge_one = engine._merge_one
+def profiled(*args):  # cProfile follows one thread: one profile per tensor, in the thread merging it
+    profile = cProfile.Profile()
+    profiles.append(profile)
+    profile.enable()
+    try:
+        return merge_one(*args)
+    finally:
+        profile.disable()
+engine._merge_one = profiled
 spec = load_spec(Path(sys.argv[1]))
 sampler = threading.Thread(target=sample, name="sampler")
 sampler.start()
 time.sleep(0.05)
 before = dict(cpu)
-profile = cProfile.Profile()
 wall = time.perf_counter()
-profile.enable()
 report = merge(spec, sys.argv[2], overwrite=True)
-profile.disable()
 wall = time.perf_counter() - wall
 time.sleep(0.05)
 done.set()
@@ -524,12 +533,12 @@ for tid, seconds in cpu.items():
     name = names.get(tid, "other")
     if name != "sampler":
         threads[name] = threads.get(name, 0.0) + seconds - before.get(tid, 0.0)
-stats = pstats.Stats(profile).stats
+stats = pstats.Stats(*profiles).stats
 def label(file, line, function):  # built-ins as "to", "torch.einsum"; Python functions with their place
     return function.split("'")[1] if function.startswith("<method") else function.strip("<>").removeprefix("built-in method ") if file == "~" else f"{function} ({Path(file).name}:{line})"
 top = sorted(((v[2], label(*k)) for k, v in stats.items()), reverse=True)[:8]
 print(json.dumps({"wall_s": wall, "threads_cpu_s": threads, "timings": report.timings.__dict__,
-                  "main_top": [[name, own] for own, name in top], "load": os.getloadavg()[0]}))
+                  "maths_top": [[name, own] for own, name in top], "load": os.getloadavg()[0]}))
 """
 
 
@@ -609,10 +618,10 @@ def _vs_mergekit_tables(result: dict[str, Any]) -> list[Section]:
     return [(title, columns, rows),
             (None, None, [[f"I/O floor: reading the four inputs ({io['read_bytes'] / 2**30:.2f} GiB) {io['read_s']:.2f} s, "
                            f"writing one output ({io['write_bytes'] / 2**30:.2f} GiB) {io['write_s']:.2f} s: {io['floor_s']:.2f} s."]]),
-            ("Where our wall time goes (last run's merge report): the merge itself, of it waiting for reads, maths "
-             "(the main thread), waiting for the writer; the rest is start-up and exit",
-             ["method", "wall s", "merge s", "merge / I-O floor", "waiting for reads s", "maths s", "waiting for writes s",
-              "start-up + exit s"],
+            ("Where our wall time goes (last run's merge report): the merge itself, of it waiting for reads, for the "
+             "maths (merges run on every core) and for the writer; the rest is start-up and exit",
+             ["method", "wall s", "merge s", "merge / I-O floor", "waiting for reads s", "waiting for maths s",
+              "waiting for writes s", "start-up + exit s"],
              timing_rows)]
 
 
@@ -631,15 +640,15 @@ def _profile_table(result: dict[str, Any]) -> list[Section]:
     rows = []
     for r in result["profiles"]:
         threads = r["threads_cpu_s"]
-        top = ", ".join(f"{name} {own:.2f}" for name, own in r["main_top"][:5])
-        rows.append([r["method"], f"{r['wall_s']:.1f}", f"{r['timings']['merge_s']:.1f}", f"{threads.get('MainThread', 0):.2f}",
-                     f"{threads.get('pivotmerge-read', 0):.2f}", f"{threads.get('pivotmerge-write', 0):.2f}",
-                     f"{threads.get('pivotmerge-hash', 0):.2f}", f"{r['load']:.1f}", top])
-    return [("One merge in-process, imports excluded: wall, the maths' wall, each thread's CPU (main: maths; reader: "
-             "mapping and paging in; writer: writing; hasher: sha256), and the main thread's heaviest functions "
-             "(cProfile own time, s)",
-             ["method", "wall s", "maths s", "main CPU s", "reader CPU s", "writer CPU s", "hasher CPU s", "load",
-              "main thread's heaviest"], rows)]
+        top = ", ".join(f"{name} {own:.2f}" for name, own in r.get("maths_top", r.get("main_top", []))[:5])
+        rows.append([r["method"], f"{r['wall_s']:.1f}", f"{r['timings']['merge_s']:.1f}", f"{threads.get('pivotmerge-maths', 0):.2f}",
+                     f"{threads.get('MainThread', 0):.2f}", f"{threads.get('pivotmerge-read', 0):.2f}",
+                     f"{threads.get('pivotmerge-write', 0):.2f}", f"{threads.get('pivotmerge-hash', 0):.2f}", f"{r['load']:.1f}", top])
+    return [("One merge in-process, imports excluded: wall, the time spent waiting for merged tensors, each thread's CPU "
+             "(maths: the tensor merges, one per core; main: handing tensors out; reader: mapping and paging in; writer: "
+             "writing; hasher: sha256), and the merges' heaviest functions (cProfile own time, s)",
+             ["method", "wall s", "waiting for maths s", "maths CPU s", "main CPU s", "reader CPU s", "writer CPU s",
+              "hasher CPU s", "load", "heaviest in the merges"], rows)]
 
 
 def _svd_tables(result: dict[str, Any]) -> list[Section]:

@@ -8,7 +8,9 @@ arithmetic) hold less: their inputs' pages go as each piece is merged.
 
 from __future__ import annotations
 
+import os
 import tempfile
+import threading
 import time
 import zlib
 from collections import deque
@@ -82,8 +84,8 @@ class _ReadAhead:
         self._plan = plan
         self._names = names
         self._pool = pool
-        self._sizes = [sum(r.tensors[n].nbytes for r in _input_repos(plan, n)) for n in names]
-        self._budget = max(self._sizes, default=0) // 2
+        self.sizes = [sum(r.tensors[n].nbytes for r in _input_repos(plan, n)) for n in names]
+        self._budget = max(self.sizes, default=0) // 2
         self._reads: deque[Future[list[torch.Tensor]]] = deque()
         self._taken = 0  # tensors handed out; reads of names[_taken:_taken + len(_reads)] are in flight
 
@@ -104,7 +106,7 @@ class _ReadAhead:
 
     def _fits(self) -> bool:
         ahead = self._taken + len(self._reads)
-        return ahead < len(self._names) and sum(self._sizes[self._taken:ahead + 1]) <= self._budget
+        return ahead < len(self._names) and sum(self.sizes[self._taken:ahead + 1]) <= self._budget
 
 
 def _float32(t: torch.Tensor, device: torch.device, consumed: bool) -> torch.Tensor:
@@ -178,60 +180,104 @@ def _apply(method: Method, models: Sequence[torch.Tensor], base: torch.Tensor | 
         return out, info
 
 
+_threads_lock = threading.Lock()
+_threads_users = 0
+_threads_before = 0
+
+
 @contextmanager
 def _single_threaded(device: torch.device) -> Iterator[None]:
-    """One intra-op thread for CPU merge maths.
+    """One intra-op thread for CPU merge maths, process-wide while any merge runs.
 
     OpenMP's fork/join per op rarely pays on merge-sized ops, and its spinning
     workers collapse on a shared machine (profiled on 2 busy cores: the maths
     of task_arithmetic on three 200M models took 18-29 s with 2 threads, 5-9 s
     with 1; TIES on a 2816 x 1024 weight 1.4-1.7 s against 0.9-1.0 s). The
-    reader and writer threads keep the other cores busy instead.
+    cores go to merging several tensors at once instead (`_merge_tensors`).
+    Counted, so nested and concurrent users share one setting: threads started
+    meanwhile take it, and the last one out restores the count.
     """
+    global _threads_users, _threads_before
     if device.type != "cpu":
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    with _threads_lock:
+        if _threads_users == 0:
+            _threads_before = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _threads_users += 1
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        with _threads_lock:
+            _threads_users -= 1
+            if _threads_users == 0:
+                torch.set_num_threads(_threads_before)
+
+
+def _maths_workers(device: torch.device) -> int:
+    """Tensors merged at once: one per CPU core this process may use, each single-threaded
+    (`_single_threaded`); one on a GPU, whose kernels queue anyway."""
+    return max(1, len(os.sched_getaffinity(0))) if device.type == "cpu" else 1
 
 
 def _merge_tensors(plan: MergePlan, outputs: Sequence[OutputTensor], device: torch.device, timings: Timings,
                    progress: ProgressFn | None, should_cancel: CancelFn | None) -> Iterator[tuple[str, torch.Tensor, MergedTensor | None]]:
-    """Yield (name, output tensor, report entry or None) for `outputs`, in order."""
+    """Yield (name, output tensor, report entry or None) for `outputs`, in order.
+
+    Up to `_maths_workers` tensors are merged at once, as long as their inputs together are no
+    larger than the largest tensor's: a merge's memory follows its inputs, so the peak stays that
+    of the largest tensor merged alone (which runs alone), while the many small ones share the cores.
+    """
     total = len(outputs)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pivotmerge-read") as reader:
+    workers = _maths_workers(device)
+    with _single_threaded(device), ThreadPoolExecutor(max_workers=1, thread_name_prefix="pivotmerge-read") as reader, \
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pivotmerge-maths") as maths:
         reads = _ReadAhead(plan, [o.name for o in outputs], reader)
-        for i, out in enumerate(outputs):
-            name = out.name
-            if should_cancel is not None and should_cancel():
-                raise MergeCancelled("merge cancelled")
-            place = plan.places[name]
-            if progress is not None:
-                progress(Progress("merge", i, total, tensor=name, layer=place.layer))
+        budget = max(reads.sizes, default=0)
+        running: deque[tuple[int, Future[tuple[torch.Tensor, MergedTensor | None]]]] = deque()
+        submitted = 0
+
+        def fits() -> bool:
+            return (len(running) < workers
+                    and sum(reads.sizes[j] for j, _ in running) + reads.sizes[submitted] <= budget)
+
+        for i in range(total):
+            while submitted < total and (submitted <= i or fits()):
+                if should_cancel is not None and should_cancel():
+                    raise MergeCancelled("merge cancelled")
+                out = outputs[submitted]
+                if progress is not None:
+                    progress(Progress("merge", submitted, total, tensor=out.name, layer=plan.places[out.name].layer))
+                t0 = time.perf_counter()
+                inputs = reads.take()
+                timings.read_s += time.perf_counter() - t0  # time spent waiting for reads, not the reads themselves
+                running.append((submitted, maths.submit(_merge_one, plan, out, inputs, device)))
+                del inputs  # the merge holds them until done
+                submitted += 1
             t0 = time.perf_counter()
-            inputs = reads.take()
-            t1 = time.perf_counter()
-            timings.read_s += t1 - t0  # time spent waiting for reads, not the reads themselves
-            entry: MergedTensor | None = None
-            if name not in plan.merged:
-                tensor = inputs[0].to(out.dtype)
-            else:
-                resolved = plan.tensor_params[name]
-                tensor, info = merge_tensor(plan, name, inputs, device, out.dtype, consumed=True)
-                timings.merge_s += time.perf_counter() - t1
-                entry = MergedTensor(tensor=name, component=place.component_name, layer=place.layer,
-                                     weights=resolved.weights, params=_reported_params(resolved), info=info or None)
-            # Hold nothing while suspended: these inputs and this output would otherwise stay
-            # alive through the next tensor's read and merge, on top of its own memory.
-            del inputs
-            yield name, tensor, entry
+            tensor, entry = running.popleft()[1].result()
+            timings.merge_s += time.perf_counter() - t0  # time spent waiting for merges
+            # Hold nothing while suspended: this output would otherwise stay alive through
+            # the next tensor's merge, on top of its own memory.
+            yield outputs[i].name, tensor, entry
             del tensor
     if progress is not None:
         progress(Progress("merge", total, total))
+
+
+def _merge_one(plan: MergePlan, out: OutputTensor, inputs: list[torch.Tensor],
+               device: torch.device) -> tuple[torch.Tensor, MergedTensor | None]:
+    """Output tensor `out` from its inputs as stored, with its report entry (None when copied)."""
+    name = out.name
+    if name not in plan.merged:
+        return inputs[0].to(out.dtype), None
+    resolved = plan.tensor_params[name]
+    place = plan.places[name]
+    tensor, info = merge_tensor(plan, name, inputs, device, out.dtype, consumed=True)
+    del inputs[:]  # their pages may go now, not when the pool drops this call
+    return tensor, MergedTensor(tensor=name, component=place.component_name, layer=place.layer,
+                                weights=resolved.weights, params=_reported_params(resolved), info=info or None)
 
 
 def merge_tensor(plan: MergePlan, name: str, inputs: Sequence[torch.Tensor], device: torch.device,

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,57 @@ def test_console_script_merge_ends_with_its_files_and_report_complete(tmp_path: 
     for f in report["files"]:
         assert hashlib.sha256((tmp_path / "out" / f["name"]).read_bytes()).hexdigest() == f["sha256"]
     assert json.loads((tmp_path / "out" / "merge_report.json").read_text())["files"] == report["files"]
+
+
+@pytest.mark.parametrize("method, parameters", [("ties", {"density": 0.5}), ("pivotmerge", {})])
+def test_tensors_merged_side_by_side_write_the_bytes_of_one_at_a_time(tmp_path: Path, monkeypatch, method, parameters):
+    states = [llava_like(seed, hidden=16) for seed in range(4)]
+    repos = [write_repo(tmp_path / f"m{i}", s) for i, s in enumerate(states)]
+    spec = {"method": method, "base_model": str(repos[0]), "parameters": parameters, "device": "cpu",
+            "models": [{"model": str(r)} for r in repos[1:]]}
+    in_flight: list[int] = []
+    sizes: dict[str, int] = {}
+    merge_one = engine._merge_one
+
+    def recorded(plan, out, inputs, device):
+        sizes[out.name] = sum(t.nbytes for t in inputs)
+        in_flight.append(torch.get_num_threads())
+        return merge_one(plan, out, inputs, device)
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(engine, "_merge_one", recorded)
+    monkeypatch.setattr(engine, "_maths_workers", lambda device: 3)
+    pivotmerge.merge(spec, tmp_path / "side_by_side")
+    assert set(in_flight) == {1} and torch.get_num_threads() == threads  # single-threaded maths, then restored
+    monkeypatch.setattr(engine, "_maths_workers", lambda device: 1)
+    pivotmerge.merge(spec, tmp_path / "one_at_a_time")
+    digest = [hashlib.sha256((tmp_path / d / "model.safetensors").read_bytes()).hexdigest()
+              for d in ("side_by_side", "one_at_a_time")]
+    assert digest[0] == digest[1]
+    assert len(sizes) == len(states[0])
+
+
+def test_tensors_in_flight_never_hold_more_inputs_than_the_largest_tensor(tmp_path: Path, monkeypatch):
+    states = [llava_like(seed, hidden=16) for seed in range(3)]
+    repos = [write_repo(tmp_path / f"m{i}", s) for i, s in enumerate(states)]
+    spec = {"method": "task_arithmetic", "base_model": str(repos[0]), "device": "cpu",
+            "models": [{"model": str(r)} for r in repos[1:]]}
+    lock, held, peaks = threading.Lock(), [0], []
+    merge_one = engine._merge_one
+
+    def counted(plan, out, inputs, device):
+        size = sum(t.nbytes for t in inputs)
+        with lock:
+            held[0] += size
+            peaks.append(held[0])
+        try:
+            return merge_one(plan, out, inputs, device)
+        finally:
+            with lock:
+                held[0] -= size
+
+    monkeypatch.setattr(engine, "_merge_one", counted)
+    monkeypatch.setattr(engine, "_maths_workers", lambda device: 4)
+    pivotmerge.merge(spec, tmp_path / "out")
+    largest = max(sum(s[name].nbytes for s in states) for name in states[0])
+    assert max(peaks) <= largest
