@@ -43,6 +43,8 @@ from pivotmerge.spec.schema import MergeSpec
 # faults, GIL released) overlap the maths, and memory holds at most this many
 # extra tensors' inputs.
 PREFETCH = 2
+# Inputs of the tensors being merged at once, at most, as a multiple of the largest tensor's.
+IN_FLIGHT = 1.25
 # Elements per piece when an elementwise method runs in pieces: 1M float32 values
 # (4 MiB a piece) stay in cache across the method's passes and come from glibc's
 # heap instead of fresh page-faulted mappings; a GPU wants much larger launches.
@@ -225,16 +227,18 @@ def _merge_tensors(plan: MergePlan, outputs: Sequence[OutputTensor], device: tor
                    progress: ProgressFn | None, should_cancel: CancelFn | None) -> Iterator[tuple[str, torch.Tensor, MergedTensor | None]]:
     """Yield (name, output tensor, report entry or None) for `outputs`, in order.
 
-    Up to `_maths_workers` tensors are merged at once, as long as their inputs together are no
-    larger than the largest tensor's: a merge's memory follows its inputs, so the peak stays that
-    of the largest tensor merged alone (which runs alone), while the many small ones share the cores.
+    Up to `_maths_workers` tensors are merged at once, as long as their inputs together are at
+    most 1.25x the largest tensor's (`IN_FLIGHT`): a merge's memory follows its inputs, so the
+    peak stays near that of the largest tensor alone, while the many small ones share the cores,
+    also beside the largest (TIES on three 194M-parameter experts: 14.1 s with the largest alone,
+    11.1-12.1 s beside small ones, peak RSS +2.6%).
     """
     total = len(outputs)
     workers = _maths_workers(device)
     with _single_threaded(device), ThreadPoolExecutor(max_workers=1, thread_name_prefix="pivotmerge-read") as reader, \
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pivotmerge-maths") as maths:
         reads = _ReadAhead(plan, [o.name for o in outputs], reader)
-        budget = max(reads.sizes, default=0)
+        budget = int(max(reads.sizes, default=0) * IN_FLIGHT)
         running: deque[tuple[int, Future[tuple[torch.Tensor, MergedTensor | None]]]] = deque()
         submitted = 0
 
