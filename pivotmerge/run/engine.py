@@ -1,8 +1,9 @@
 """The merge engine: stream a planned merge one tensor at a time.
 
 Peak memory stays near (number of models + 1) x the largest tensor: inputs are
-memory-mapped, each merged tensor is written out as soon as it exists, and the
-output folder appears only when complete. Elementwise methods (linear, task
+memory-mapped, each merged tensor is written out as soon as it exists, tensors
+merged side by side (one per core) hold at most a quarter more inputs than the
+largest alone, and the output folder appears only when complete. Elementwise methods (linear, task
 arithmetic) hold less: their inputs' pages go as each piece is merged.
 """
 
