@@ -200,10 +200,10 @@ def test_tensors_merged_side_by_side_write_the_bytes_of_one_at_a_time(tmp_path: 
 
     threads = torch.get_num_threads()
     monkeypatch.setattr(engine, "_merge_one", recorded)
-    monkeypatch.setattr(engine, "_maths_workers", lambda device: 3)
+    monkeypatch.setattr(engine, "_maths_workers", lambda method, device: 3)
     pivotmerge.merge(spec, tmp_path / "side_by_side")
     assert set(in_flight) == {1} and torch.get_num_threads() == threads  # single-threaded maths, then restored
-    monkeypatch.setattr(engine, "_maths_workers", lambda device: 1)
+    monkeypatch.setattr(engine, "_maths_workers", lambda method, device: 1)
     pivotmerge.merge(spec, tmp_path / "one_at_a_time")
     digest = [hashlib.sha256((tmp_path / d / "model.safetensors").read_bytes()).hexdigest()
               for d in ("side_by_side", "one_at_a_time")]
@@ -231,7 +231,7 @@ def test_tensors_in_flight_never_hold_more_inputs_than_their_budget(tmp_path: Pa
                 held[0] -= size
 
     monkeypatch.setattr(engine, "_merge_one", counted)
-    monkeypatch.setattr(engine, "_maths_workers", lambda device: 4)
+    monkeypatch.setattr(engine, "_maths_workers", lambda method, device: 4)
     pivotmerge.merge(spec, tmp_path / "out")
     largest = max(sum(s[name].nbytes for s in states) for name in states[0])
     assert max(peaks) <= largest * engine.IN_FLIGHT
