@@ -125,6 +125,10 @@ class Method:
     # True when each output element depends only on the inputs' same element (and the
     # parameters): the engine may then merge a large tensor in cache-sized pieces.
     elementwise: bool = False
+    # True when the method reads its inputs piece by piece and converts each piece to float32
+    # itself: on the CPU the engine then hands it the tensors as stored (bf16, say) instead of
+    # whole float32 copies, which halve the memory a large tensor's inputs hold.
+    stored_inputs: bool = False
     # The calibration data a merge with these parameters takes; None: the method reads none
     # (and its merge function takes no `calibration` argument).
     needs: Callable[[Any], set[Need]] | None = None
@@ -176,7 +180,7 @@ _REGISTRY: dict[str, Method] = {}
 
 def method(name: str, *, summary: str, params: type[MethodParams], base: Literal["required", "optional", "unused"] = "required",
            min_models: int = 1, max_models: int | None = None, elementwise: bool = False,
-           needs: Callable[[Any], set[Need]] | None = None, data: Sequence[Need] = (),
+           stored_inputs: bool = False, needs: Callable[[Any], set[Need]] | None = None, data: Sequence[Need] = (),
            with_calibration: Mapping[str, Any] | None = None) -> Callable[[MergeFn], MergeFn]:
     """Register the decorated merge function as method `name`; the function itself is returned unchanged.
 
@@ -196,8 +200,8 @@ def method(name: str, *, summary: str, params: type[MethodParams], base: Literal
     def register(merge: MergeFn) -> MergeFn:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} registered twice")
-        _REGISTRY[name] = Method(name, summary, params, merge, base, min_models, max_models, elementwise, needs, tuple(data),
-                                 defaults)
+        _REGISTRY[name] = Method(name, summary, params, merge, base, min_models, max_models, elementwise, stored_inputs,
+                                 needs, tuple(data), defaults)
         return merge
     return register
 

@@ -20,22 +20,23 @@ class Params(MethodParams):
 
 
 @method("ties", summary="Trim each delta to its top-density magnitudes, elect signs by mass, average the agreeing entries.",
-        params=Params)
+        params=Params, stored_inputs=True)
 def ties(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
          params: Params, generator: torch.Generator | None = None) -> Tensor:
     """Two passes over flat pieces, so no temporary is larger than a piece: each
     expert's cut-off over its whole delta, then trim, election and disjoint mean
-    piece by piece. Same bits as on whole tensors (see ``PIECE``)."""
+    piece by piece. Same bits as on whole tensors (see ``PIECE``). The inputs may be
+    stored in any float dtype (``stored_inputs``): each piece is converted to float32
+    as it is read, exactly, so no whole float32 copy of an expert is ever held."""
     assert base is not None
     flat_base = base.reshape(-1)
-    # One float32 copy of each expert (the engine converts on access); pieces are views of it.
     experts = [t.reshape(-1) for t in tensors]
     n = flat_base.numel()
     cuts = [magnitude_cut(partial(_delta_piece, x, flat_base), n, density)
             for x, density in zip(experts, per_model(params.density, len(experts), "density"))]
-    merged = torch.empty_like(flat_base)
+    merged = torch.empty_like(flat_base, dtype=torch.float32)
     for piece in flat_pieces(n):
-        deltas = stacked_deltas([x[piece] for x in experts], flat_base[piece])
+        deltas = stacked_deltas([x[piece] for x in experts], flat_base[piece].float())
         for d, cut in zip(deltas, cuts):
             cut.apply_(d)
         merged[piece] = consensus_merge(deltas, weights, params.normalize)
@@ -43,4 +44,4 @@ def ties(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float
 
 
 def _delta_piece(expert: Tensor, base: Tensor, piece: slice) -> Tensor:
-    return expert[piece] - base[piece]
+    return expert[piece].float() - base[piece].float()

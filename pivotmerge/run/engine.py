@@ -2,8 +2,8 @@
 
 Peak memory stays near (number of models + 1) x the largest tensor: inputs are
 memory-mapped, each merged tensor is written out as soon as it exists, tensors
-merged side by side (one per core) hold at most a quarter more inputs than the
-largest alone, and the output folder appears only when complete. Elementwise methods (linear, task
+merged side by side (one per core) hold no more inputs than the largest alone,
+and the output folder appears only when complete. Elementwise methods (linear, task
 arithmetic) hold less: their inputs' pages go as each piece is merged.
 """
 
@@ -44,8 +44,6 @@ from pivotmerge.spec.schema import MergeSpec
 # faults, GIL released) overlap the maths, and memory holds at most this many
 # extra tensors' inputs.
 PREFETCH = 2
-# Inputs of the tensors being merged at once, at most, as a multiple of the largest tensor's.
-IN_FLIGHT = 1.25
 # Elements per piece when an elementwise method runs in pieces: 1M float32 values
 # (4 MiB a piece) stay in cache across the method's passes and come from glibc's
 # heap instead of fresh page-faulted mappings; a GPU wants much larger launches.
@@ -164,8 +162,11 @@ def _apply(method: Method, models: Sequence[torch.Tensor], base: torch.Tensor | 
 
     with _single_threaded(device):
         if not method.elementwise:
-            result = method(_Float32On(models, device, consumed), None if base is None else _float32(base, device, consumed),
-                            weights, params, generator, calibration)
+            if method.stored_inputs and device.type == "cpu":  # the method converts each piece itself
+                result = method(models, base, weights, params, generator, calibration)
+            else:
+                result = method(_Float32On(models, device, consumed), None if base is None else _float32(base, device, consumed),
+                                weights, params, generator, calibration)
             return result.tensor.to(dtype), result.info
         out = torch.empty(models[0].shape, dtype=dtype, device=device)
         flat = out.view(-1)
@@ -230,18 +231,18 @@ def _merge_tensors(plan: MergePlan, outputs: Sequence[OutputTensor], device: tor
                    progress: ProgressFn | None, should_cancel: CancelFn | None) -> Iterator[tuple[str, torch.Tensor, MergedTensor | None]]:
     """Yield (name, output tensor, report entry or None) for `outputs`, in order.
 
-    Up to `_maths_workers` tensors are merged at once, as long as their inputs together are at
-    most 1.25x the largest tensor's (`IN_FLIGHT`): a merge's memory follows its inputs, so the
-    peak stays near that of the largest tensor alone, while the many small ones share the cores,
-    also beside the largest (TIES on three 194M-parameter experts: 14.1 s with the largest alone,
-    11.1-12.1 s beside small ones, peak RSS +2.6%).
+    Up to `_maths_workers` tensors are merged at once, as long as their inputs together are no
+    larger than the largest tensor's: a merge's memory follows its inputs, so the peak stays that
+    of the largest tensor merged alone, while the many small ones share the cores. (Letting small
+    ones run beside the largest, up to 1.25x its inputs, sped TIES up while it held float32
+    copies of its inputs; since it reads them as stored it gains nothing and costs 26 MiB.)
     """
     total = len(outputs)
     workers = _maths_workers(plan.method, device)
     with _single_threaded(device), ThreadPoolExecutor(max_workers=1, thread_name_prefix="pivotmerge-read") as reader, \
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pivotmerge-maths") as maths:
         reads = _ReadAhead(plan, [o.name for o in outputs], reader)
-        budget = int(max(reads.sizes, default=0) * IN_FLIGHT)
+        budget = max(reads.sizes, default=0)
         running: deque[tuple[int, Future[tuple[torch.Tensor, MergedTensor | None]]]] = deque()
         submitted = 0
 

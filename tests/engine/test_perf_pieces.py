@@ -234,4 +234,4 @@ def test_tensors_in_flight_never_hold_more_inputs_than_their_budget(tmp_path: Pa
     monkeypatch.setattr(engine, "_maths_workers", lambda method, device: 4)
     pivotmerge.merge(spec, tmp_path / "out")
     largest = max(sum(s[name].nbytes for s in states) for name in states[0])
-    assert max(peaks) <= largest * engine.IN_FLIGHT
+    assert max(peaks) <= largest

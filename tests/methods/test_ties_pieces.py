@@ -108,3 +108,18 @@ def test_cut_of_zero_deltas_and_extreme_magnitudes() -> None:
 def test_trim_of_non_contiguous_tensor() -> None:
     d = torch.randn(8, 6, generator=torch.Generator().manual_seed(3)).t()
     assert torch.equal(magnitude_trim_(d.clone().t().t(), 0.4), reference_trim_(d.contiguous(), 0.4))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ties_on_inputs_as_stored_keeps_the_bits_of_ties_on_float32_copies(monkeypatch, dtype):
+    # The engine hands TIES the stored tensors (`stored_inputs`); each piece is converted as read.
+    monkeypatch.setattr(_ops, "PIECE", 64)  # several pieces and a ragged last one
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(37, 29, generator=g).to(dtype)
+    experts = [(base.float() + 0.1 * torch.randn(37, 29, generator=g)).to(dtype) for _ in range(3)]
+    ties = get_method("ties")
+    assert ties.stored_inputs
+    params = ties.params.model_validate({"density": 0.3, "lambda": 0.7})
+    stored = ties(experts, base, [1.0, 0.5, 2.0], params).tensor
+    copies = ties([e.float() for e in experts], base.float(), [1.0, 0.5, 2.0], params).tensor
+    assert stored.dtype == torch.float32 and torch.equal(stored, copies)
