@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file
 
-from pivotmerge.bench.quality import FULL, PROJECTOR, PROJECTOR_LAYERS, Scorer, merged
+from pivotmerge.bench.quality import FULL, PROJECTOR, PROJECTOR_LAYERS, Scorer, merged, select
 from pivotmerge.bench.variants import Variant
 from pivotmerge.bench.world import World, build_world
 
@@ -39,16 +39,20 @@ SCALES = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 ENERGIES = (0.5, 0.7, 0.9, 0.95)
 RESIDUALS = (0.0, 0.5, 1.0)
 FREE = Variant("pivotmerge", "pivotmerge")
-REGMEAN_PP = Variant("regmean_plus_plus", "regmean", fixed={"gram_inputs": "merged"}, data=True)
+REGMEAN_PP = Variant("regmean_plus_plus", "regmean", fixed={"gram_inputs": "merged"},
+                     grid={"off_diagonal_scale": [0.5, 0.9, 1.0]}, data=True)
 DATA = Variant("pivotmerge_data", "pivotmerge", data=True)
 Scores = tuple[float, float]  # dev, test mean token accuracy
 
 
+def layer_scales(scales: tuple[float, float]) -> list[dict[str, Any]]:
+    """A `scale_max`: `scales[0]` for the projector's first layer, `scales[1]` for its second."""
+    return [{"filter": rf"\.{PROJECTOR_LAYERS[0]}\.", "value": scales[0]}, {"value": scales[1]}]
+
+
 def per_layer(scales: tuple[float, float]) -> dict[str, Any]:
-    """Uniform weights, `scales[0]` for the projector's first layer and `scales[1]` for its second."""
-    first = PROJECTOR_LAYERS[0]
-    return {"layer_weighting": "uniform",
-            "scale_max": [{"filter": rf"\.{first}\.", "value": scales[0]}, {"value": scales[1]}]}
+    """Uniform weights and `layer_scales(scales)`."""
+    return {"layer_weighting": "uniform", "scale_max": layer_scales(scales)}
 
 
 class Probe:
@@ -64,15 +68,11 @@ class Probe:
         path = merged(self.world, variant, params, self.work / "merged")
         return self.accuracy(path, "dev"), self.accuracy(path, "test")
 
-    def dev_chosen(self, variant: Variant, grid: list[dict[str, Any]]) -> dict[str, Any]:
-        """The first candidate best on dev, with its scores."""
-        best: dict[str, Any] | None = None
-        for params in grid:
-            dev, test = self.scores(variant, params)
-            if best is None or dev > best["dev"]:
-                best = {"params": params, "dev": dev, "test": test}
-        assert best is not None
-        return best
+    def dev_chosen(self, variant: Variant) -> dict[str, Any]:
+        """The bench's grid search (`select`): the first candidate best on dev, and its test score."""
+        chosen = select(variant, self.world, self.score, self.work / "search")
+        return {"params": chosen["params"], "dev": max(s["dev_token_accuracy"] for s in chosen["search"]),
+                "test": chosen["test"]["average"]["token_accuracy"]}
 
 
 def self_set_scales(probe: Probe) -> dict[str, tuple[float, float]]:
@@ -97,20 +97,21 @@ def run_seed(seed: int, cache: Path, work: Path, log: Callable[[str], None]) -> 
     probe = Probe(build_world(FULL.world, seed, cache, log), work)
     out: dict[str, Any] = {"seed": seed}
     log(f"seed {seed}: layer-wise scales")
-    out["one_scale"] = probe.dev_chosen(FREE, [per_layer((s, s)) for s in SCALES])
-    out["per_layer_scales"] = probe.dev_chosen(FREE, [per_layer(pair) for pair in itertools.product(SCALES, SCALES)])
+    uniform = {"layer_weighting": "uniform"}
+    out["one_scale"] = probe.dev_chosen(Variant("one scale", "pivotmerge", uniform, {"scale_max": list(SCALES)}))
+    out["per_layer_scales"] = probe.dev_chosen(Variant("a scale per layer", "pivotmerge", uniform, {
+        "scale_max": [layer_scales(pair) for pair in itertools.product(SCALES, SCALES)]}))
     log(f"seed {seed}: self-set scales")
     out["defaults"] = dict(zip(("dev", "test"), probe.scores(FREE, {})))
     out["self_set"] = {rule: {"scales": scales, **dict(zip(("dev", "test"), probe.scores(FREE, per_layer(scales))))}
                        for rule, scales in self_set_scales(probe).items()}
     log(f"seed {seed}: residuals x energy")
-    out["residuals"] = {f"energy {e}, residual_weight {r}": probe.dev_chosen(
-        FREE, [{"energy": e, "residual_weight": r, "scale_max": s} for s in (0.5, 0.75, 1.0, 1.5, 2.0)])
+    out["residuals"] = {f"energy {e}, residual_weight {r}": probe.dev_chosen(Variant(
+        "residuals", "pivotmerge", {"energy": e, "residual_weight": r}, {"scale_max": [0.5, 0.75, 1.0, 1.5, 2.0]}))
         for e, r in itertools.product(ENERGIES, RESIDUALS)}
     log(f"seed {seed}: data mode and its ceiling")
     out["joint_test"] = probe.accuracy(probe.world.joint, "test")
-    out["regmean_plus_plus"] = probe.dev_chosen(REGMEAN_PP, [{"gram_inputs": "merged", "off_diagonal_scale": a}
-                                                             for a in (0.5, 0.9, 1.0)])
+    out["regmean_plus_plus"] = probe.dev_chosen(REGMEAN_PP)
     out["pivotmerge_data"] = dict(zip(("dev", "test"), probe.scores(DATA, {})))
     return out
 
