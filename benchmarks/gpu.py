@@ -33,7 +33,7 @@ import torch
 
 from perf import EXPERTS, fine_tune_like  # noqa: E402  (run from benchmarks/)
 from pivotmerge.methods import Calibration, Method, all_methods
-from pivotmerge.methods._ops import exact_svd, low_rank_svd
+from pivotmerge.methods.toolkit.svd import exact_svd, low_rank_svd
 
 HIDDEN, MLP, VOCAB = 4096, 11008, 32000
 TENSORS: dict[str, tuple[int, ...]] = {

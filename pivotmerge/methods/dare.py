@@ -11,7 +11,9 @@ import torch
 from pydantic import Field
 
 from pivotmerge.methods import MethodParams, Tensor, method, per_model
-from pivotmerge.methods._ops import add_weighted_deltas, consensus_merge, onto_base, random_drop_, stacked_deltas
+from pivotmerge.methods.toolkit.consensus import consensus_merge
+from pivotmerge.methods.toolkit.deltas import add_weighted_deltas, onto_base, stacked_deltas
+from pivotmerge.methods.toolkit.sparsify import random_drop_
 from pivotmerge.methods.fields import Density, Scale, scale_field
 
 

@@ -13,8 +13,9 @@ import torch
 from pydantic import Field
 
 from pivotmerge.methods import Merged, MethodParams, Search, Tensor, method
-from pivotmerge.methods._ops import (SvdMode, add_weighted_deltas, column_weights, flatten_spectrum, onto_base, orthogonalize,
-                                     significant, stacked_deltas, svd, weighted_sum)
+from pivotmerge.methods.toolkit.deltas import add_weighted_deltas, column_weights, onto_base, stacked_deltas, weighted_sum
+from pivotmerge.methods.toolkit.spectrum import flatten_spectrum, significant
+from pivotmerge.methods.toolkit.svd import SvdMode, orthogonalize, svd
 from pivotmerge.methods.fields import Scale, scale_field
 
 

@@ -38,8 +38,10 @@ import torch
 from pydantic import AliasChoices, Field, model_validator
 
 from pivotmerge.methods import NO_CALIBRATION, Calibration, Merged, MethodParams, Need, Search, Tensor, method
-from pivotmerge.methods._ops import (SvdMode, column_weights, elected_mask, flatten_spectrum, low_rank_svd, masked_merge,
-                                     onto_base, significant, svd, weighted_sum)
+from pivotmerge.methods.toolkit.consensus import elected_mask, masked_merge
+from pivotmerge.methods.toolkit.deltas import column_weights, onto_base, weighted_sum
+from pivotmerge.methods.toolkit.spectrum import flatten_spectrum, significant
+from pivotmerge.methods.toolkit.svd import SvdMode, low_rank_svd, svd
 from pivotmerge.methods.fields import OffDiagonalScale, Scale, off_diagonal_scale_field
 from pivotmerge.methods.regmean import regmean_solve
 

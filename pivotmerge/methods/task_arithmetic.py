@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 
 from pivotmerge.methods import MethodParams, Tensor, method
-from pivotmerge.methods._ops import add_weighted_deltas
+from pivotmerge.methods.toolkit.deltas import add_weighted_deltas
 from pivotmerge.methods.fields import Scale, scale_field
 
 

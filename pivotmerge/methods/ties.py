@@ -9,7 +9,10 @@ import torch
 from pydantic import Field
 
 from pivotmerge.methods import MethodParams, Tensor, method, per_model
-from pivotmerge.methods._ops import consensus_merge, flat_pieces, magnitude_cut, onto_base, stacked_deltas
+from pivotmerge.methods.toolkit.consensus import consensus_merge
+from pivotmerge.methods.toolkit.deltas import onto_base, stacked_deltas
+from pivotmerge.methods.toolkit.pieces import flat_pieces
+from pivotmerge.methods.toolkit.sparsify import magnitude_cut
 from pivotmerge.methods.fields import Density, Scale, scale_field
 
 

@@ -14,8 +14,9 @@ import torch
 from pydantic import Field
 
 from pivotmerge.methods import Merged, MethodParams, Tensor, method
-from pivotmerge.methods._ops import (SvdMode, add_weighted_deltas, low_rank_svds, onto_base, orthogonalize, significant,
-                                     stacked_deltas)
+from pivotmerge.methods.toolkit.deltas import add_weighted_deltas, onto_base, stacked_deltas
+from pivotmerge.methods.toolkit.spectrum import significant
+from pivotmerge.methods.toolkit.svd import SvdMode, low_rank_svds, orthogonalize
 from pivotmerge.methods.fields import Scale, scale_field
 
 

@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 
 from pivotmerge.methods import PER_MODEL, MethodParams, Search, method, per_model
-from pivotmerge.methods._ops import add_weighted_deltas
+from pivotmerge.methods.toolkit.deltas import add_weighted_deltas
 from pivotmerge.methods.fields import Scale, scale_field
 
 
