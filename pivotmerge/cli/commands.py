@@ -7,7 +7,6 @@ that listing commands and `--help` do not wait for it.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -76,17 +75,11 @@ def _type_name(annotation: Any) -> str:
 def methods_command(as_json: bool) -> None:
     """List the merge methods and their parameters."""
     from pivotmerge.methods import all_methods
+    from pivotmerge.methods.description import describe
 
     methods = all_methods()
-    if as_json:
-        click.echo(json.dumps({name: {"summary": m.summary, "base_model": m.base, "min_models": m.min_models,
-                                      "max_models": m.max_models, "per_model": list(m.per_model),
-                                      "engine_params": list(m.engine_params),
-                                      "defaults_with_calibration": dict(m.with_calibration),
-                                      "aliases": {old: new for old, new in m.aliases().items() if old != new},
-                                      "search": {p: asdict(s) for p, s in m.search_space.items()},
-                                      "parameters": m.params.model_json_schema().get("properties", {})}
-                               for name, m in methods.items()}, indent=2))
+    if as_json:  # the body of GET /v1/methods
+        click.echo(json.dumps({"methods": [describe(m).model_dump(mode="json") for m in methods.values()]}, indent=2))
         return
     out = Console()
     for name, m in methods.items():

@@ -78,7 +78,7 @@ def regmean_solve(weights: Sequence[Tensor], grams: Sequence[Tensor], scales: Se
 
 @method("regmean", summary="RegMean: per linear layer, (sum_k W_k G_k)(sum_k G_k)^-1 with Gram matrices of its inputs on "
                            "calibration data (gram_inputs: merged: RegMean++, fitted on the merged model's inputs).",
-        params=Params, base="unused", needs=needs, data=(Need.GRAMS, Need.MERGED_INPUTS))
+        params=Params, base="unused", needs=needs)
 def regmean(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
             params: Params, generator: torch.Generator | None = None, calibration: Calibration = NO_CALIBRATION) -> Merged:
     if calibration.grams is None or tensors[0].ndim != 2:

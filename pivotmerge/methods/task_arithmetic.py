@@ -17,7 +17,7 @@ class Params(MethodParams):
     normalize: bool = Field(False, description="Divide the summed delta by the sum of the weights (mergekit's default: false).")
 
 
-@method("task_arithmetic", summary="W0 + scale * sum_k w_k (W_k - W0).", params=Params, elementwise=True)
+@method("task_arithmetic", summary="W0 + scale * sum_k w_k (W_k - W0).", params=Params, execution="elementwise")
 def task_arithmetic(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
                     params: Params, generator: torch.Generator | None = None) -> Tensor:
     assert base is not None  # the registry marks base as required

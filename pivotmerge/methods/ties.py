@@ -23,7 +23,7 @@ class Params(MethodParams):
 
 
 @method("ties", summary="Trim each delta to its top-density magnitudes, elect signs by mass, average the agreeing entries.",
-        params=Params, stored_inputs=True)
+        params=Params, execution="stored_inputs")
 def ties(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
          params: Params, generator: torch.Generator | None = None) -> Tensor:
     """Two passes over flat pieces, so no temporary is larger than a piece: each

@@ -19,8 +19,9 @@ import optuna
 
 from pivotmerge.errors import MergeCancelled, PivotMergeError, SpecError
 from pivotmerge.methods import get_method
+from pivotmerge.methods.description import SearchRange
 from pivotmerge.progress import CancelFn
-from pivotmerge.report.study import CandidateReport, SearchedParameter, StudyReport, TrialRecord, best_of
+from pivotmerge.report.study import CandidateReport, StudyReport, TrialRecord, best_of
 from pivotmerge.spec.schema import MergeSpec
 from pivotmerge.tune.space import Candidate, Space, params_of
 from pivotmerge.tune.trials import DIRECTION, Objective, TrialRunner, objective_value, trial_spec
@@ -54,9 +55,7 @@ def _enqueue(study: optuna.Study, space: Space, label: str, values: Mapping[str,
 
 def candidates_report(space: Space) -> dict[str, CandidateReport]:
     return {c.label: CandidateReport(method=c.method.name, fixed=c.fixed,
-                                     searched={n: SearchedParameter(low=s.low, high=s.high, log=s.log,
-                                                                    choices=None if s.choices is None else list(s.choices))
-                                               for n, s in c.searched.items()})
+                                     searched={n: SearchRange.of(s) for n, s in c.searched.items()})
             for c in space.candidates}
 
 

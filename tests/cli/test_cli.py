@@ -56,9 +56,10 @@ def test_methods_marks_the_parameters_the_engine_sets(tmp_path, run_cli):
     import json
 
     result = run_cli("methods", "--json", cwd=tmp_path)
-    listed = json.loads(result.stdout)
-    assert listed["regmean"]["engine_params"] == ["grams", "cross_grams"] and listed["pivotmerge"]["engine_params"] == ["alignment", "grams", "cross_grams"]
-    assert listed["linear"]["engine_params"] == []
+    listed = {m["name"]: m for m in json.loads(result.stdout)["methods"]}  # the body of GET /v1/methods
+    assert listed["regmean"]["calibration_data"] == ["grams", "cross_grams"]
+    assert listed["pivotmerge"]["calibration_data"] == ["alignment", "grams", "cross_grams"]
+    assert listed["linear"]["calibration_data"] == []
     assert listed["pivotmerge"]["defaults_with_calibration"] == {
         "combine": "gram", "gram_inputs": "merged", "off_diagonal_scale": 1.0, "spectrum": "keep", "residual_weight": 1.0,
         "scale_min": 1.0}
