@@ -38,7 +38,7 @@ PartResult = dict[str, Any]  # JSON-serialisable, so it can travel as a task res
 def _plan(spec: MergeSpec | Mapping[str, Any], allowed_roots: Sequence[str | Path] | None,
           relative_to: Path | None) -> MergePlan:
     spec = as_spec(spec)
-    if spec.calibration is not None or any(m.calibration for m in spec.models) or spec.evaluate:
+    if spec.gives_calibration or spec.evaluate:
         # Calibration statistics are gathered over the whole model before merging; parts cannot share them yet.
         raise SpecError("calibration/evaluate: split merges take data-free specs; run this merge whole")
     return plan_merge(spec, allowed_roots=allowed_roots, relative_to=relative_to)

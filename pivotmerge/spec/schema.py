@@ -251,7 +251,7 @@ class MergeSpec(BaseModel):
     def _split_merges_take_no_data(self) -> "MergeSpec":
         if self.split is None:
             return self
-        if self.calibration is not None or any(m.calibration is not None for m in self.models) or self.evaluate:
+        if self.gives_calibration or self.evaluate:
             raise ValueError("split: a split merge takes a data-free spec (no calibration or evaluate); "
                              "run this merge whole (omit split)")
         if self.push_to_hub is not None:
@@ -283,6 +283,11 @@ class MergeSpec(BaseModel):
 
     def method_params(self) -> type[MethodParams]:
         return get_method(self.method).params
+
+    @property
+    def gives_calibration(self) -> bool:
+        """The spec names calibration data, spec-wide or for any expert."""
+        return self.calibration is not None or any(m.calibration is not None for m in self.models)
 
 
 def _check_names(parameters: dict[str, ParamValue], method: Method, where: str) -> None:

@@ -30,7 +30,6 @@ from pydantic import ValidationError
 
 from pivotmerge.errors import SpecError
 from pivotmerge.methods import Method, Search, get_method
-from pivotmerge.plan.params import gives_calibration
 from pivotmerge.spec.schema import MergeSpec, format_validation_error
 
 # A study over a discrete space at most this large runs it whole, as a grid, instead of sampling it.
@@ -155,7 +154,7 @@ def _candidate(spec: MergeSpec, label: str, entry: Any, where: str) -> Candidate
     for param in fixed:
         searched.pop(param, None)
     candidate = Candidate(label, method, fixed, searched,
-                          spec_defaults=dict(method.with_calibration) if gives_calibration(spec) else {})
+                          spec_defaults=dict(method.with_calibration) if spec.gives_calibration else {})
     _check_values(candidate, f"{where}.{label}")
     return candidate
 
