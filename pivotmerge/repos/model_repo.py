@@ -6,8 +6,8 @@ inside one of them (symbolic links included).
 
 Each tensor is its own private memory map of just its bytes, unmapped when the
 tensor is freed: no copy out of the page cache and no fresh pages to zero
-(pread into new buffers cost a merge of four 200M-parameter models 1.5 s of CPU,
-the maps 0.4 s), and resident memory holds only the tensors alive, not every
+(a fraction of the CPU that pread into new buffers costs: docs/performance.md),
+and resident memory holds only the tensors alive, not every
 page a merge has touched (as one map of the whole file does). Pages are read
 when first touched; `populate` reads them all at once, in the caller's thread
 (a reader thread, ahead of the maths), and `release` drops pages a merge is

@@ -4,9 +4,8 @@ Every output tensor's name, shape and dtype is known before merging starts, so
 the shard layout and headers are fixed up front and each tensor's bytes are
 appended the moment it is merged: memory never holds more than one tensor.
 Each file's sha256 is taken from the bytes as they are written, in a second
-thread: hashing costs as much as writing (for a 390 MB shard here, sha256 0.35 s
-of one core, the write into the page cache 0.2-0.5 s), so hashing beside the
-write instead of after it keeps a copied tensor's time near a plain copy's.
+thread: hashing costs about as much as writing (docs/performance.md), so hashing
+beside the write instead of after it keeps a copied tensor's time near a plain copy's.
 """
 
 from __future__ import annotations

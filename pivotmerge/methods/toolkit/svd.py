@@ -42,11 +42,10 @@ def svd(a: Tensor, rank: int | None = None, mode: SvdMode = "exact",
     return u[:, :rank], s[:rank], vh[:rank]
 
 
-# Below this smaller side LAPACK's SVD is cheap (well under a second on one core)
-# and `auto` always takes it. Above it, an exact SVD is the eigendecomposition of
-# the float64 Gram matrix: two (m, n) x (n, n) products and an (n, n) eigh, 2-5x
-# faster than LAPACK's gesdd on one core (32000 x 1024: 8 s against 16 s,
-# 1024 x 3072: 1.5 s against 8 s, on this project's loaded 2-core machine).
+# Below this smaller side LAPACK's SVD is cheap and `auto` always takes it. Above it,
+# an exact SVD is the eigendecomposition of the float64 Gram matrix: two (m, n) x (n, n)
+# products and an (n, n) eigh, several times faster than LAPACK's gesdd on one core
+# (figures in docs/performance.md).
 EXACT_LAPACK_SIDE = 256
 # auto sketches only when the sketch is at most this share of the smaller side:
 # beyond it the range finder's products and QRs cost about as much as the Gram route.
