@@ -43,7 +43,7 @@ from enum import Enum
 from functools import cache, cached_property
 from importlib.metadata import entry_points
 from types import MappingProxyType
-from typing import Any, Callable, Literal, Mapping, Sequence, Union, get_args, get_origin
+from typing import Any, Callable, Literal, Mapping, Sequence, TypeVar, Union, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -120,6 +120,7 @@ class Merged:
 
 MethodResult = Union[Tensor, Merged]
 MergeFn = Callable[..., MethodResult]
+F = TypeVar("F", bound=MergeFn)
 # How the engine may hand a method its inputs:
 # "whole": whole float32 tensors;
 # "elementwise": each output element depends only on the inputs' same element (and the parameters), so the
@@ -201,10 +202,11 @@ class Method:
 _REGISTRY: dict[str, Method] = {}
 
 
-def method(name: str, *, summary: str, params: type[MethodParams], base: Literal["required", "optional", "unused"] = "required",
+def method(name: str, *, summary: str, params: type[MethodParams],
+           base: Literal["required", "optional", "unused"] = "required",
            min_models: int = 1, max_models: int | None = None, execution: Execution = "whole",
            needs: Callable[[Any], set[Need]] | None = None,
-           with_calibration: Mapping[str, Any] | None = None) -> Callable[[MergeFn], MergeFn]:
+           with_calibration: Mapping[str, Any] | None = None) -> Callable[[F], F]:
     """Register the decorated merge function as method `name`; the function itself is returned unchanged.
 
     `with_calibration`: parameter defaults for a spec that gives calibration data (the user's own
@@ -218,7 +220,7 @@ def method(name: str, *, summary: str, params: type[MethodParams], base: Literal
             raise ValueError(f"method {name!r}: with_calibration names no parameter: {', '.join(sorted(unknown))}")
         params.model_validate(defaults)  # the defaults must be valid values
 
-    def register(merge: MergeFn) -> MergeFn:
+    def register(merge: F) -> F:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} registered twice")
         _REGISTRY[name] = Method(name, summary, params, merge, base, min_models, max_models, execution, needs, defaults)
@@ -278,7 +280,8 @@ def needs_of_every_setting(params: type[MethodParams], needs: Callable[[Any], se
     for values in choices.values():
         count *= len(values)
     if count > MAX_NEEDS_SETTINGS:
-        raise ValueError(f"{params.__name__}: {count} settings of {', '.join(choices)} are too many to read `needs` over")
+        raise ValueError(f"{params.__name__}: {count} settings of {', '.join(choices)} are too many "
+                         "to read `needs` over")
     found: set[Need] = set()
     for setting in settings:
         try:

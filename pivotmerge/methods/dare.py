@@ -22,8 +22,10 @@ class Params(MethodParams):
     density: Density = Field(1.0, description="Probability of keeping each delta entry (per model).")
     rescale: Literal["inverse_density", "l1", "none"] = Field(
         "inverse_density",
-        description="After dropping: divide by density (DARE paper), restore the L1 norm (mergekit's rescale: true), or nothing.")
-    normalize: bool = Field(False, description="dare_linear: divide by the sum of weights; dare_ties: by the agreeing weights.")
+        description="After dropping: divide by density (DARE paper), restore the L1 norm (mergekit's "
+                    "rescale: true), or nothing.")
+    normalize: bool = Field(
+        False, description="dare_linear: divide by the sum of weights; dare_ties: by the agreeing weights.")
 
 
 def _dropped(tensors: Sequence[Tensor], base: Tensor, params: Params, generator: torch.Generator | None):
@@ -36,7 +38,8 @@ def _dropped(tensors: Sequence[Tensor], base: Tensor, params: Params, generator:
 def dare_linear(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
                 params: Params, generator: torch.Generator | None = None) -> Tensor:
     assert base is not None
-    return add_weighted_deltas(base, _dropped(tensors, base, params, generator), weights, params.scale, params.normalize)
+    return add_weighted_deltas(base, _dropped(tensors, base, params, generator), weights, params.scale,
+                               params.normalize)
 
 
 @method("dare_ties", summary="Randomly drop delta entries, rescale, then TIES sign election and disjoint mean.",

@@ -46,6 +46,10 @@ class MethodDescription(BaseModel):
     parameters: list[ParameterDescription]
 
 
+# Keys of a property's JSON schema that the description gives apart (or, the title, not at all).
+_NOT_SCHEMA = ("title", "description", "default")
+
+
 def describe(method: Method) -> MethodDescription:
     """`method` as one JSON-able description: the parameters a spec may set (the params model's
     JSON schema less what the engine fills from calibration data), with their markers."""
@@ -55,7 +59,7 @@ def describe(method: Method) -> MethodDescription:
         ParameterDescription(name=name, description=prop.get("description"), default=prop.get("default"),
                              per_model=name in method.per_model,
                              search=None if name not in searched else SearchRange.of(searched[name]),
-                             json_schema={k: v for k, v in prop.items() if k not in ("title", "description", "default")})
+                             json_schema={k: v for k, v in prop.items() if k not in _NOT_SCHEMA})
         for name, prop in properties.items() if name not in method.engine_params
     ]
     return MethodDescription(name=method.name, summary=method.summary, base_model=method.base,

@@ -22,7 +22,8 @@ OffDiagonalScale = Annotated[float, Search(0.5, 1.0)]
 Density = Annotated[Union[float, list[float]], PER_MODEL, Search(0.1, 1.0)]
 
 
-def scale_field(*old_names: str, default: float = 1.0, description: str = "Scale of the merged update: W0 + scale * delta.") -> Any:
+def scale_field(*old_names: str, default: float = 1.0,
+                description: str = "Scale of the merged update: W0 + scale * delta.") -> Any:
     return Field(default, validation_alias=AliasChoices("scale", *old_names), description=description)
 
 

@@ -14,7 +14,8 @@ from pivotmerge.methods.fields import Scale, scale_field
 
 class Params(MethodParams):
     scale: Scale = scale_field("lambda")
-    normalize: bool = Field(False, description="Divide the summed delta by the sum of the weights (mergekit's default: false).")
+    normalize: bool = Field(
+        False, description="Divide the summed delta by the sum of the weights (mergekit's default: false).")
 
 
 @method("task_arithmetic", summary="W0 + scale * sum_k w_k (W_k - W0).", params=Params, execution="elementwise")

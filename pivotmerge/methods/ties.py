@@ -22,7 +22,8 @@ class Params(MethodParams):
     normalize: bool = Field(True, description="Divide by the summed weights of the agreeing experts (disjoint mean).")
 
 
-@method("ties", summary="Trim each delta to its top-density magnitudes, elect signs by mass, average the agreeing entries.",
+@method("ties", summary="Trim each delta to its top-density magnitudes, elect signs by mass, average the agreeing "
+                         "entries.",
         params=Params, execution="stored_inputs")
 def ties(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
          params: Params, generator: torch.Generator | None = None) -> Tensor:

@@ -55,7 +55,8 @@ class StudyReport(StudyModel):
     trials: list[TrialRecord]
     best: int  # the chosen trial's number
     best_test: list[DatasetMetrics] | None = None  # per test set, of the best trial; never used to choose
-    setup_s: float  # reading inputs, loading the evaluation model, tokenising the dev sets (0 when workers ran the trials)
+    # Reading inputs, loading the evaluation model, tokenising the dev sets (0 when workers ran the trials).
+    setup_s: float
     seconds: float
 
     def best_trial(self) -> TrialRecord:

@@ -181,7 +181,8 @@ def _weight_files(path: Path, ref: str, allowed_roots: Sequence[Path] | None) ->
     if not files:
         pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLED_SUFFIXES)
         if pickled:
-            raise RepoError(f"{ref}: only pickled weights ({pickled[0]}); PivotMerge reads safetensors only and never unpickles — convert the checkpoint to safetensors first")
+            raise RepoError(f"{ref}: only pickled weights ({pickled[0]}); PivotMerge reads safetensors only and "
+                            "never unpickles — convert the checkpoint to safetensors first")
         raise RepoError(f"{ref}: no *.safetensors weights in {path}")
     for file in files:
         target = (path / file).resolve()
@@ -207,7 +208,8 @@ def _read_header(path: Path, file: str, ref: str) -> dict[str, TensorInfo]:
         header.pop("__metadata__", None)
         tensors = {}
         for name, entry in header.items():
-            info = TensorInfo(tuple(entry["shape"]), _dtype(entry["dtype"], ref, name), file, 8 + size + entry["data_offsets"][0])
+            info = TensorInfo(tuple(entry["shape"]), _dtype(entry["dtype"], ref, name), file,
+                              8 + size + entry["data_offsets"][0])
             start, end = entry["data_offsets"]
             if not 0 <= start <= end <= data_bytes or end - start != info.nbytes:
                 raise ValueError(f"tensor {name} has bad data offsets {[start, end]}")

@@ -70,7 +70,8 @@ def _header(shard: Shard, metadata: dict[str, str]) -> bytes:
     entries: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for t in shard.tensors:
-        entries[t.name] = {"dtype": DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        entries[t.name] = {"dtype": DTYPE_CODES[t.dtype], "shape": list(t.shape),
+                           "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     raw = json.dumps(entries, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
@@ -122,7 +123,7 @@ class ShardWriter:
         if shard_index != self._shard:
             self._open(shard_index)
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._emit(memoryview(data))
+        self._emit(data.data)  # the array's buffer, as a memoryview
         self._next += 1
         if self._next == len(self._order) or self._order[self._next][0] != self._shard:
             self._finish_shard()

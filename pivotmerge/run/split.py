@@ -97,7 +97,8 @@ def finalize(spec: MergeSpec | Mapping[str, Any], folder: str | Path, parts: Seq
         if missing:
             raise PivotMergeError(f"{folder}: shard {missing[0]} is missing")
         order = {name: i for i, name in enumerate(plan.names)}
-        entries = sorted((MergedTensor.model_validate(e) for p in parts for e in p["layers"]), key=lambda e: order[e.tensor])
+        entries = sorted((MergedTensor.model_validate(e) for p in parts for e in p["layers"]),
+                         key=lambda e: order[e.tensor])
         timings = Timings(*(sum(p["timings"][k] for p in parts) for k in ("read_s", "merge_s", "write_s")))
         write_index(folder, shards)
         return finish_output(plan, folder, resolve_device(plan.spec.device), entries, files, timings, started)

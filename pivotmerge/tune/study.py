@@ -124,7 +124,8 @@ def run_study(space: Space, objective: Objective, run_batch: BatchFn, *, trials:
             trial = study.ask()
             candidate, values = _propose(trial, space)
             key = json.dumps([candidate.label, values], sort_keys=True, default=str)
-            asked.append((trial, Proposal(number, candidate.label, candidate.method.name, params_of(candidate, values)), key))
+            proposal = Proposal(number, candidate.label, candidate.method.name, params_of(candidate, values))
+            asked.append((trial, proposal, key))
         firsts = {key: p for _, p, key in reversed(asked) if key not in seen}
         ran = {r.number: r for r in run_batch(list(sorted(firsts.values(), key=lambda p: p.number)))}
         for trial, proposal, key in asked:
@@ -176,7 +177,8 @@ def run_trial(runner: TrialRunner, proposal: Proposal) -> TrialRecord:
     value = objective_value(result.metrics, runner.objective)
     if not math.isfinite(value):  # a broken merge: NaN, or an infinite loss, chooses nothing
         return TrialRecord(**base, state="failed", dev=result.metrics, seconds=round(result.seconds, 4),
-                           error=f"objective {runner.objective} is {'NaN' if math.isnan(value) else value} on the dev sets")
+                           error=f"objective {runner.objective} is {'NaN' if math.isnan(value) else value} "
+                                 "on the dev sets")
     return TrialRecord(**base, state="complete", objective=value, dev=result.metrics, seconds=round(result.seconds, 4),
                        merge_s=round(result.merge_s, 4), evaluate_s=round(result.evaluate_s, 4))
 
@@ -190,7 +192,8 @@ def best_spec(spec: MergeSpec, study: StudyReport) -> dict[str, Any]:
 def top_trials(study: StudyReport, n: int = 5) -> list[TrialRecord]:
     """The best `n` distinct scored trials, best first."""
     scored = [t for t in study.trials if t.state == "complete" and t.objective is not None]
-    return sorted(scored, key=lambda t: t.objective if study.direction == "minimize" else -(t.objective or 0.0))[:n]
+    sign = 1.0 if study.direction == "minimize" else -1.0
+    return sorted(scored, key=lambda t: sign * (t.objective or 0.0))[:n]
 
 
 def plot_study(study: StudyReport, path: Path) -> None:
@@ -204,7 +207,8 @@ def plot_study(study: StudyReport, path: Path) -> None:
     for label in study.candidates:
         points = [(t.number, t.objective) for t in study.trials if t.label == label and t.objective is not None]
         if points:
-            ax.scatter(*zip(*points), label=label, s=22)
+            numbers, objectives = zip(*points)
+            ax.scatter(numbers, objectives, label=label, s=22)
     failed = [t.number for t in study.trials if t.state == "failed"]
     scored = [(t.number, t.objective) for t in study.trials if t.objective is not None]
     if failed and scored:

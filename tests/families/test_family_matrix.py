@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 from pivotmerge import merge
 from pivotmerge.repos.architectures import GENERIC, architecture_for, place_tensors
-from pivotmerge.repos.model_repo import ModelRepo
 from pivotmerge.spec.schema import Component
 from tests.families.tiny_families import FAMILIES, Built
 

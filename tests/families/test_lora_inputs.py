@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from pivotmerge import RepoError, merge
 from pivotmerge.cli.main import main

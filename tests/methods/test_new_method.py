@@ -35,7 +35,8 @@ from pivotmerge.methods.fields import Scale, scale_field
 
 class Params(MethodParams):
     scale: Scale = scale_field("lambda")
-    gain: Annotated[Union[float, list[float]], PER_MODEL, Search(0.0, 1.0)] = Field(1.0, description="Each delta's gain.")
+    gain: Annotated[Union[float, list[float]], PER_MODEL, Search(0.0, 1.0)] = Field(
+        1.0, description="Each delta's gain.")
 
 
 @method("gained_mean", summary="W0 + scale * mean_k gain_k (W_k - W0).", params=Params, execution="elementwise")
@@ -76,7 +77,8 @@ def test_a_method_from_one_new_module_is_described_validated_and_merged(register
     merged = load_file(tmp_path / "out" / "model.safetensors")
     expected = base[W1] + 0.5 * (0.25 * (e1[W1] - base[W1]) + (e2[W1] - base[W1])) / 2
     assert torch.allclose(merged[W1], expected, atol=1e-6)
-    assert torch.equal(merged["model.language_model.embed_tokens.weight"], base["model.language_model.embed_tokens.weight"])
+    assert torch.equal(merged["model.language_model.embed_tokens.weight"],
+                       base["model.language_model.embed_tokens.weight"])
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
     assert {e["tensor"]: e for e in report["layers"]}[W1]["params"] == {"scale": 0.5, "gain": [0.25, 1.0]}
 

@@ -5,7 +5,6 @@ once for it; bad input is one line naming the field and leaves nothing behind.""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

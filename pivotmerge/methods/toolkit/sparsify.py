@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import reduce
 from typing import Callable, Literal
 
 import torch
@@ -33,10 +34,11 @@ def _top_bin(counts: Tensor, k: int) -> tuple[int, int]:
 
 def kth_largest_magnitude(delta: Callable[[slice], Tensor], n: int, k: int) -> tuple[float, int]:
     """The ``k``-th largest ``|d|`` of ``n`` entries read as ``delta(piece)``, and how many exceed it."""
-    high = sum(torch.bincount(_magnitude_bits(delta(p)) >> 16, minlength=_HIGH_BINS) for p in flat_pieces(n))
+    high = reduce(torch.add, (torch.bincount(_magnitude_bits(delta(p)) >> 16, minlength=_HIGH_BINS)
+                              for p in flat_pieces(n)))
     top, above = _top_bin(high, k)
-    low = sum(torch.bincount(bits[(bits >> 16) == top] & 0xFFFF, minlength=_LOW_BINS)
-              for bits in (_magnitude_bits(delta(p)) for p in flat_pieces(n)))
+    low = reduce(torch.add, (torch.bincount(bits[(bits >> 16) == top] & 0xFFFF, minlength=_LOW_BINS)
+                             for bits in (_magnitude_bits(delta(p)) for p in flat_pieces(n))))
     bottom, above_in_bin = _top_bin(low, k - above)
     threshold = torch.tensor(top << 16 | bottom, dtype=torch.int32).view(torch.float32).item()
     return threshold, above + above_in_bin

@@ -137,7 +137,8 @@ class SvdChoice:
     error: float = 0.0
 
     def report(self) -> dict[str, float | int | str]:
-        return {"svd": self.svd, "rank": self.rank, "energy": round(self.energy, 6), "error": float(f"{self.error:.3g}")}
+        return {"svd": self.svd, "rank": self.rank, "energy": round(self.energy, 6),
+                "error": float(f"{self.error:.3g}")}
 
 
 LowRank = tuple[Tensor, Tensor, Tensor, SvdChoice]
