@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from pivotmerge.data.datasets import CAPTION_PROMPT, Dataset, Record, load_dataset, load_image, load_ref
+from pivotmerge.data.datasets import CAPTION_PROMPT, Dataset, Record, load_image, load_ref
 from pivotmerge.plan.device import resolve_device
 from pivotmerge.errors import MergeCancelled, PivotMergeError
 from pivotmerge.progress import CancelFn, Progress, ProgressFn
@@ -64,7 +64,8 @@ def load_model(model_dir: str | Path, device: str = "auto", dtype: torch.dtype =
     if not any(path.glob("*.safetensors")):
         raise PivotMergeError(f"{path}: no safetensors weights (pickled weights are never loaded)")
     dev = resolve_device(device)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, use_safetensors=True).to(dev).eval()
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, use_safetensors=True)
+    model = model.to(dev).eval()  # type: ignore[arg-type]  # transformers types .to() for a dtype only
     return Loaded(model, AutoProcessor.from_pretrained(path), dev)
 
 
@@ -84,7 +85,8 @@ def caption_prompt(processor: Any, prompt: str) -> str:
         return image_placeholder(processor)
     if prompt == "chat":
         if not getattr(processor, "chat_template", None):
-            raise PivotMergeError("prompt: chat needs a processor with a chat template; this model has none (use plain)")
+            raise PivotMergeError("prompt: chat needs a processor with a chat template; "
+                                  "this model has none (use plain)")
         return prompt_for(processor, CAPTION_PROMPT)
     return prompt.format(image=image_placeholder(processor), instruction=CAPTION_PROMPT)
 
@@ -112,7 +114,8 @@ def target_mask(attention_mask: torch.Tensor, n_targets: torch.Tensor) -> torch.
     return (attention_mask == 1) & (from_right <= n_targets[:, None])
 
 
-def caption_batches(processor: Any, records: Sequence[Record], batch_size: int, prompt: str = "plain") -> list[CaptionBatch]:
+def caption_batches(processor: Any, records: Sequence[Record], batch_size: int,
+                    prompt: str = "plain") -> list[CaptionBatch]:
     """Tokenised prompt (`caption_prompt`) + caption + end of sequence, with the caption tokens marked."""
     tok = processor.tokenizer
     prompt = caption_prompt(processor, prompt)

@@ -15,7 +15,8 @@ def test_merge_reads_model_paths_relative_to_the_spec(tmp_path, run_cli):
     write_repo(tmp_path / "specs" / "a", llava_like(0))
     write_repo(tmp_path / "specs" / "b", {k: v * 3 for k, v in llava_like(0).items() if v.is_floating_point()}
                | {"vision_tower.embeddings.position_ids": llava_like(0)["vision_tower.embeddings.position_ids"]})
-    (tmp_path / "specs" / "spec.yaml").write_text("method: linear\nmodels:\n  - model: a\n  - model: b\ncomponents: [projector]\n")
+    (tmp_path / "specs" / "spec.yaml").write_text(
+        "method: linear\nmodels:\n  - model: a\n  - model: b\ncomponents: [projector]\n")
     result = run_cli("merge", "specs/spec.yaml", "-o", "out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     merged = load_file(str(tmp_path / "out" / "model.safetensors"))
@@ -56,11 +57,13 @@ def test_methods_marks_the_parameters_the_engine_sets(tmp_path, run_cli):
     import json
 
     result = run_cli("methods", "--json", cwd=tmp_path)
-    listed = json.loads(result.stdout)
-    assert listed["regmean"]["engine_params"] == ["grams", "cross_grams"] and listed["pivotmerge"]["engine_params"] == ["alignment", "grams", "cross_grams"]
-    assert listed["linear"]["engine_params"] == []
+    listed = {m["name"]: m for m in json.loads(result.stdout)["methods"]}  # the body of GET /v1/methods
+    assert listed["regmean"]["calibration_data"] == ["grams", "cross_grams"]
+    assert listed["pivotmerge"]["calibration_data"] == ["alignment", "grams", "cross_grams"]
+    assert listed["linear"]["calibration_data"] == []
     assert listed["pivotmerge"]["defaults_with_calibration"] == {
-        "combine": "gram", "gram_inputs": "merged", "off_diagonal_scale": 1.0, "spectrum": "keep", "residual_weight": 1.0,
+        "combine": "gram", "gram_inputs": "merged", "off_diagonal_scale": 1.0, "spectrum": "keep",
+        "residual_weight": 1.0,
         "scale_min": 1.0}
     assert listed["linear"]["defaults_with_calibration"] == {}
     table = run_cli("methods", cwd=tmp_path).stdout
@@ -84,7 +87,8 @@ def test_the_service_contributes_its_commands_through_the_entry_point_group(tmp_
 def test_merge_json_prints_the_report_as_written(tmp_path, run_cli):
     write_repo(tmp_path / "a", llava_like(0))
     write_repo(tmp_path / "b", llava_like(1))
-    (tmp_path / "spec.yaml").write_text("method: linear\nmodels:\n  - model: a\n  - model: b\ncomponents: [projector]\n")
+    (tmp_path / "spec.yaml").write_text(
+        "method: linear\nmodels:\n  - model: a\n  - model: b\ncomponents: [projector]\n")
     result = run_cli("merge", "spec.yaml", "-o", "out", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == json.loads((tmp_path / "out" / "merge_report.json").read_text())
