@@ -147,12 +147,12 @@ def create_job(kind: JobKind, body: Any, labels: list[str] | None, idempotency_k
                             "retry when one has finished", headers={"Retry-After": str(settings.retry_after_seconds)})
 
     spec = kind.spec_of(body)
-    inputs = dict(allowed_roots=settings.allowed_roots, allow_downloads=settings.hub_allow_downloads)
+    roots, downloads = settings.allowed_roots, settings.hub_allow_downloads
     with fields_under(kind.spec_field):
         check_push(kind, spec, settings)
         check_split(kind, spec)
-        kind.check_spec(spec, **inputs)
-    kind.check_request(body, **inputs)
+        kind.check_spec(spec, allowed_roots=roots, allow_downloads=downloads)
+    kind.check_request(body, allowed_roots=roots, allow_downloads=downloads)
     with fields_under(kind.spec_field):
         check_datasets(spec, allowed_roots=settings.allowed_roots)
 

@@ -20,6 +20,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from celery import Task, current_app, shared_task
 
@@ -32,11 +33,11 @@ from core.storage import artifact_key
 from pivotmerge.errors import MergeCancelled, PivotMergeError
 from pivotmerge.progress import Progress
 from pivotmerge.report.merge_report import MergeReport
-from pivotmerge.run.split import finalize, merge_shards, partition, shard_count
+from pivotmerge.run.split import PartResult, finalize, merge_shards, partition, shard_count
 from pivotmerge.spec.schema import MergeSpec, spec_from_dict
 
 from workers.celery_app import RUN_SPLIT_PART, enqueue_split_part
-from workers.context import JobHooks, context, dead_local_owner, worker_name
+from workers.context import JobHooks, WorkerContext, context, dead_local_owner, worker_name
 
 # A part's beat renews its lease and records its progress; the coordinator reads the rows as often.
 PART_BEAT_SECONDS = 0.5
@@ -49,6 +50,59 @@ def part_scratch(scratch: str, part: int, starts: int) -> str:
     return f"{scratch}/part-{part}-{starts}"
 
 
+class PartRun:
+    """This worker's run of one part: its lease beat (with its progress), its stop check, how it ended."""
+
+    def __init__(self, ctx: WorkerContext, job_id: uuid.UUID, part: int, attempt: int, worker: str) -> None:
+        self.ctx, self.job_id, self.part, self.attempt, self.worker = ctx, job_id, part, attempt, worker
+        self.progress = Progress("merge", 0, 0)
+        self.lost = False  # the part was sent again, or the job moved on: this run writes nothing more
+        self.stored = False
+
+    def track(self, p: Progress) -> None:
+        self.progress = p
+
+    def beat(self) -> bool:
+        with self.ctx.sessions() as session:
+            self.lost = not renew_part(session, self.job_id, self.part, self.attempt, self.worker,
+                                       self.ctx.settings.job_lease_seconds, self.progress.done, self.progress.total)
+            session.commit()
+        return not self.lost
+
+    def should_stop(self) -> bool:
+        if self.lost:
+            return True
+        with self.ctx.sessions() as session:
+            return not runs_as(session, self.job_id, self.attempt)
+
+    def end(self, state: str, result: dict[str, Any] | None = None, message: str | None = None) -> None:
+        with self.ctx.sessions() as session:
+            end_part(session, self.job_id, self.part, self.attempt, self.worker, state, result=result, message=message)
+            session.commit()
+
+    def merge_and_store(self, spec: MergeSpec, shards: list[int], folder: Path) -> PartResult:
+        """Merge the shards into `folder` and put them in the store, beating meanwhile."""
+        with Heartbeat(f"part-{self.job_id}-{self.part}", PART_BEAT_SECONDS, self.beat, first_now=True):
+            shutil.rmtree(folder, ignore_errors=True)  # what a killed run of this part left
+            result = merge_shards(spec, folder, shards, progress=self.track, should_cancel=self.should_stop,
+                                  allowed_roots=self.ctx.settings.allowed_roots)
+            for f in result["files"]:
+                if self.should_stop():
+                    raise MergeCancelled("merge cancelled")
+                self.ctx.store.put(artifact_key(self.job_id, f["file"]), folder / f["file"])
+                self.stored = True
+        return {**result, "worker": self.worker}
+
+    def remove_abandoned_files(self) -> None:
+        # The job may have been cancelled or failed, and its files removed, after this part's
+        # last check but before its last file was stored: then the part removes them.
+        if not self.stored:
+            return
+        with self.ctx.sessions() as session:
+            if current_state(session, self.job_id) in ABANDONED:
+                self.ctx.store.delete_prefix(artifact_key(self.job_id, ""))
+
+
 @shared_task(name=RUN_SPLIT_PART, bind=True)
 def run_split_part(self: Task, job_id: str, attempt: int, part: int, scratch: str) -> None:
     """Merge the part's shards for the job's `attempt` and put them in the artifact store; its row says how it ended.
@@ -57,72 +111,29 @@ def run_split_part(self: Task, job_id: str, attempt: int, part: int, scratch: st
     A part whose job no longer runs as `attempt` stops, before it starts or between tensors.
     """
     ctx = context()
-    settings = ctx.settings
-    assert settings.work_dir is not None
+    assert ctx.settings.work_dir is not None
     jid = uuid.UUID(job_id)
-    worker = worker_name(self.request.hostname)
+    run = PartRun(ctx, jid, part, attempt, worker_name(self.request.hostname))
     with ctx.sessions() as session:
         previous = session.get(SplitPart, (jid, part))
-        row = start_part(session, jid, part, attempt, worker, settings.job_lease_seconds, settings.max_attempts,
-                         dead_owner=dead_local_owner(previous.worker if previous else None))
+        row = start_part(session, jid, part, attempt, run.worker, ctx.settings.job_lease_seconds,
+                         ctx.settings.max_attempts, dead_owner=dead_local_owner(previous.worker if previous else None))
         session.commit()
         if row is None:  # ended, taken by another live worker, or of an attempt the job no longer runs
             return
-        shards, spec_data = row.shards, session.get_one(Job, jid).spec
-        folder = settings.work_dir / part_scratch(scratch, part, row.starts)
-
-    def ended(state: str, **outcome: object) -> None:
-        with ctx.sessions() as session:
-            end_part(session, jid, part, attempt, worker, state, **outcome)  # type: ignore[arg-type]
-            session.commit()
-
-    lost = False
-    progress = Progress("merge", 0, 0)
-
-    def beat() -> bool:
-        nonlocal lost
-        with ctx.sessions() as session:
-            lost = not renew_part(session, jid, part, attempt, worker, settings.job_lease_seconds,
-                                  progress.done, progress.total)
-            session.commit()
-        return not lost
-
-    def should_stop() -> bool:
-        if lost:
-            return True
-        with ctx.sessions() as session:
-            return not runs_as(session, jid, attempt)
-
-    def track(p: Progress) -> None:
-        nonlocal progress
-        progress = p
-
-    if should_stop():
-        ended("stopped", message="before it started: the job no longer runs this attempt")
+        shards, spec = row.shards, spec_from_dict(session.get_one(Job, jid).spec)
+        folder = ctx.settings.work_dir / part_scratch(scratch, part, row.starts)
+    if run.should_stop():
+        run.end("stopped", message="before it started: the job no longer runs this attempt")
         return
-    stored = False
     try:
-        with Heartbeat(f"part-{job_id}-{part}", PART_BEAT_SECONDS, beat, first_now=True):
-            shutil.rmtree(folder, ignore_errors=True)  # what a killed run of this part left
-            result = merge_shards(spec_from_dict(spec_data), folder, shards, progress=track, should_cancel=should_stop,
-                                  allowed_roots=settings.allowed_roots)
-            for f in result["files"]:
-                if should_stop():
-                    raise MergeCancelled("merge cancelled")
-                ctx.store.put(artifact_key(jid, f["file"]), folder / f["file"])
-                stored = True
-        ended("succeeded", result={**result, "worker": worker})
+        run.end("succeeded", result=run.merge_and_store(spec, shards, folder))
     except MergeCancelled:
-        ended("stopped", message="mid-way: the job no longer runs this attempt")
+        run.end("stopped", message="mid-way: the job no longer runs this attempt")
     except Exception as exc:  # an error, not a death: the coordinator fails the job, naming the part
-        ended("failed", message=f"{type(exc).__name__}: {exc}")
+        run.end("failed", message=f"{type(exc).__name__}: {exc}")
     finally:
-        # The job may have been cancelled or failed, and its files removed, after this part's
-        # last check but before its last file was stored: then the part removes them.
-        if stored:
-            with ctx.sessions() as session:
-                if current_state(session, jid) in ABANDONED:
-                    ctx.store.delete_prefix(artifact_key(jid, ""))
+        run.remove_abandoned_files()
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -150,7 +161,7 @@ class Coordinator:
         """Look at one part's row: announce its worker or its end, fail on its error, send it again if its worker died."""
         if row.state == "failed":
             raise PivotMergeError(f"{describe(row)}: {row.message}")
-        if row.state == "succeeded" and row.part not in self.announced:
+        if row.state == "succeeded" and row.result is not None and row.part not in self.announced:
             self.announced.add(row.part)
             self.job.event("part", {"part": row.part, "state": "succeeded", "worker": row.result["worker"]})
         if row.state != "running":

@@ -47,7 +47,7 @@ SpecRequest = Annotated[MergeSpec, BeforeValidator(_accept_mergekit_config)]
 class Preflight(Protocol):
     """Refuses (PivotMergeError naming the field) what the worker could not run, before it is accepted."""
 
-    def __call__(self, value: Any, *, allowed_roots: Sequence[Path], allow_downloads: bool) -> None: ...
+    def __call__(self, value: Any, /, *, allowed_roots: Sequence[Path], allow_downloads: bool) -> None: ...
 
 
 @dataclass(frozen=True)
