@@ -120,3 +120,11 @@ def test_a_new_kind_is_checked_as_its_declaration_says(inventory_stack, team, ti
         "detail": "spec.push_to_hub: only a merge can be pushed, not an inventory", "field": "spec.push_to_hub"}
     split = client.post("/v1/inventories", json={"spec": {**merge_spec(tiny), "split": 2}}, headers=team).json()
     assert split == {"detail": "spec.split: only a merge can be split, not an inventory", "field": "spec.split"}
+
+
+def test_every_built_in_kind_is_in_the_service_docs() -> None:
+    """docs/service.md's API table names each declared kind's collection, as the routes do."""
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "service.md").read_text()
+    built_in = [k for k in kinds.load_kinds() if k.name in ("merge", "analysis", "tuning")]
+    assert [k.collection for k in built_in] == ["merges", "analyses", "tunings"]
+    assert all(f"`POST /v1/{k.collection}" in docs for k in built_in)

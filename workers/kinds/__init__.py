@@ -126,6 +126,8 @@ def declare(kind: JobKind) -> JobKind:
 
 def load_kinds(modules: Iterable[str] = ()) -> list[JobKind]:
     """Every declared kind, the built-in ones first, after importing `modules` (a deployment's own)."""
-    for module in (*BUILT_IN, *modules):
+    order = {module: i for i, module in enumerate((*BUILT_IN, *modules))}
+    for module in order:
         importlib.import_module(module)
-    return list(_REGISTRY.values())
+    # In the order of the modules, whichever was imported first: the dashboard lists them so.
+    return sorted(_REGISTRY.values(), key=lambda kind: order.get(kind.run.__module__, len(order)))
