@@ -62,7 +62,8 @@ def route_docs(kind: JobKind) -> dict[str, dict[str, Any]]:
                       "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}},
                 503: {"model": ErrorOut, "description": "The job queue is unreachable."},
             }),
-        "list": dict(operation_id=f"list_{kind.collection}", summary=f"List the team's {kind.collection}, newest first"),
+        "list": dict(operation_id=f"list_{kind.collection}",
+                     summary=f"List the team's {kind.collection}, newest first"),
         "get": dict(operation_id=f"get_{noun}", responses=NOT_FOUND, summary=f"Get a {noun}"),
         "cancel": dict(
             operation_id=f"cancel_{noun}", summary=f"Cancel a {noun}",
@@ -82,8 +83,10 @@ def route_docs(kind: JobKind) -> dict[str, dict[str, Any]]:
         "archive": dict(
             operation_id=f"download_{noun}_archive", response_class=Response, summary="Download every file as one tar",
             description="A tar of all the artifacts, streamed as it is made (no size known in advance).",
-            responses={**NOT_FOUND, 200: {"content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}},
-                       409: {"model": ErrorOut, "description": "The job has not succeeded or its files were deleted."}}),
+            responses={**NOT_FOUND,
+                       200: {"content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}}}},
+                       409: {"model": ErrorOut,
+                             "description": "The job has not succeeded or its files were deleted."}}),
         "metrics": dict(operation_id=f"get_{noun}_metrics", responses=NOT_FOUND, summary=f"Metrics of a {noun}"),
         "artifacts": dict(operation_id=f"list_{noun}_artifacts", responses=NOT_FOUND,
                           summary=f"Files a {noun} produced", description="Empty until the job has succeeded."),
@@ -120,7 +123,8 @@ def job_router(kind: JobKind) -> APIRouter:
     this_job = job_dependency(kind)
 
     def create(body: Any, request: Request, response: Response, session: SessionDep, team: TeamDep,
-               settings: SettingsDep, idempotency_key: IdempotencyKeyHeader = None, label: LabelsQuery = None) -> JobOut:
+               settings: SettingsDep, idempotency_key: IdempotencyKeyHeader = None,
+               label: LabelsQuery = None) -> JobOut:
         return create_job(kind, body, label, idempotency_key, request, response, session, team, settings)
 
     create.__annotations__["body"] = kind.request  # the kind's request body, in the route and its OpenAPI schema
