@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import click
 
@@ -270,21 +270,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def sse_events(client: Any, url: str) -> Iterator[dict[str, Any]]:
-    """Parse a Server-Sent Events stream into {"type", "data"} records."""
-    with client.stream("GET", url, headers={"Accept": "text/event-stream"}, timeout=None) as response:
-        response.raise_for_status()
-        event: dict[str, Any] = {}
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                event["type"] = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                event["data"] = json.loads(line.removeprefix("data: "))["data"]
-            elif not line and event:
-                yield event
-                event = {}
-
-
 def start_embedded_service(data_dir: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
     """`pivotmerge serve` in embedded mode on a free port, whatever PIVOTMERGE_* the caller has set."""
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -301,38 +286,40 @@ def start_embedded_service(data_dir: Path) -> tuple[subprocess.Popen[bytes], str
     return server, f"http://127.0.0.1:{port}", log
 
 
-def wait_until_ready(client: Any, server: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
-    import httpx
+def wait_until_ready(server: subprocess.Popen[bytes], base_url: str, key_file: Path, log: Path,
+                     timeout: float = 120) -> Any:
+    """A pivotmerge.client.Client of the embedded service once it answers ready (its key file written first)."""
+    from pivotmerge.client import Client
 
     deadline = time.monotonic() + timeout
+    client = None
     while True:
         if server.poll() is not None:
             raise click.ClickException(f"the service did not start; the end of {log}:\n{log.read_text()[-2000:]}")
-        try:
-            if client.get("/readyz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
+        if client is None and key_file.is_file() and (key := key_file.read_text().strip()):
+            client = Client(base_url, key)
+        if client is not None and client.ready():
+            return client
         if time.monotonic() > deadline:
             raise click.ClickException(f"the service did not become ready within {timeout:.0f} s; see {log}")
         time.sleep(0.2)
 
 
-def follow_job(client: Any, location: str, console: Any) -> dict[str, Any]:
-    """A progress bar fed by the job's event stream; returns the finished job."""
+def follow_job(client: Any, job_id: str, console: Any) -> dict[str, Any]:
+    """A progress bar fed by the job's event stream (resumed if it drops); returns the finished job."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("    {task.description:<28}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("queued", total=1.0)
-        for event in sse_events(client, f"{location}/events"):
+        for event in client.follow(job_id):
             data = event["data"]
             if event["type"] == "progress":
                 label = data["stage"] + (f" layer {data['layer']}" if data.get("layer") is not None else "")
                 bar.update(task, completed=data["fraction"], description=label)
             elif event["type"] == "state":
                 bar.update(task, description=data["state"])
-    return client.get(location).json()
+    return client.get(job_id)  # type: ignore[no-any-return]
 
 
 @click.command("quickstart")
@@ -349,11 +336,11 @@ def quickstart(workdir: Path, cache: Path) -> None:
     # The service boots (seconds of imports) while the example is built.
     server, base_url, log = start_embedded_service(data_dir)
     try:
-        import httpx
         import yaml
         from rich.console import Console
 
         from pivotmerge.bench.trained_example import make_trained_example
+        from pivotmerge.client import ClientError
 
         console = Console()
         with console.status(f"building the trained example (about a minute the first time; then read from {cache})") as status:
@@ -361,29 +348,25 @@ def quickstart(workdir: Path, cache: Path) -> None:
         console.print(f"[bold]1.[/] A tiny LLaVA base model and {len(example.experts)} experts, each trained on one "
                       f"domain ({', '.join(example.datasets)}), with their data, in {example.root}")
 
-        with httpx.Client(base_url=base_url, timeout=30) as client:
-            wait_until_ready(client, server, log)
-            client.headers["Authorization"] = f"Bearer {(data_dir / API_KEY_FILE).read_text().strip()}"
-            console.print(f"[bold]2.[/] Started the embedded service (API + Celery worker, SQLite) on {base_url}")
+        client = wait_until_ready(server, base_url, data_dir / API_KEY_FILE, log)
+        console.print(f"[bold]2.[/] Started the embedded service (API + Celery worker, SQLite) on {base_url}")
 
-            spec = yaml.safe_load(example.spec.read_text())
-            created = client.post("/v1/merges", json=spec, headers={"Idempotency-Key": f"quickstart-{started}"})
-            if created.status_code != 202:
-                raise click.ClickException(f"the service refused the merge: {created.json()['detail']}")
-            location = created.headers["Location"]
-            console.print(f"[bold]3.[/] Submitted a {spec['method']} merge of the experts' projectors, with each "
-                          f"expert's calibration data, evaluated on each domain's test split: POST /v1/merges -> 202, {location}")
+        spec = yaml.safe_load(example.spec.read_text())
+        try:
+            job = client.submit(spec, idempotency_key=f"quickstart-{started}")
+        except ClientError as exc:
+            raise click.ClickException(f"the service refused the merge: {exc.detail}") from None
+        location = f"/v1/merges/{job['id']}"
+        console.print(f"[bold]3.[/] Submitted a {spec['method']} merge of the experts' projectors, with each "
+                      f"expert's calibration data, evaluated on each domain's test split: POST /v1/merges -> 202, {location}")
 
-            job = follow_job(client, location, console)
-            if job["state"] != "succeeded":
-                raise click.ClickException(f"the merge {job['state']}: {job['error']}")
-            out = workdir / "merged"
-            out.mkdir(exist_ok=True)
-            artifacts = client.get(f"{location}/artifacts").json()["artifacts"]
-            for artifact in artifacts:
-                download(client, artifact, out / artifact["name"])
-            console.print(f"[bold]4.[/] Downloaded {len(artifacts)} files to {out} (sha256 of each checked)")
-            metrics = client.get(f"{location}/metrics").json()["metrics"]
+        job = follow_job(client, job["id"], console)
+        if job["state"] != "succeeded":
+            raise click.ClickException(f"the merge {job['state']}: {job['error']}")
+        out = workdir / "merged"
+        files = client.download(job["id"], out)  # resumes a partial file; checks each file's sha256
+        console.print(f"[bold]4.[/] Downloaded {len(files)} files to {out} (sha256 of each checked)")
+        metrics = client.metrics(job["id"])
     finally:
         stop_process(server, timeout=WORKER_STOP_SECONDS + 10)  # serve first waits for its worker
 
@@ -420,19 +403,6 @@ def comparison_table(metrics: dict[str, list[dict[str, Any]]], spec: dict[str, A
         mean = sum(accuracy.values()) / len(accuracy)
         table.add_row(name, roles.get(label, f"trained on {own} only" if own else "an input"), *cells, f"{mean:.3f}")
     return table
-
-
-def download(client: Any, artifact: dict[str, Any], path: Path) -> None:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with client.stream("GET", artifact["url"]) as response, path.open("wb") as f:
-        response.raise_for_status()
-        for chunk in response.iter_bytes():
-            digest.update(chunk)
-            f.write(chunk)
-    if digest.hexdigest() != artifact["sha256"]:
-        raise click.ClickException(f"{artifact['name']}: sha256 does not match the service's record")
 
 
 def compact(value: Any) -> str:

@@ -63,11 +63,12 @@ class Settings(BaseSettings):
         "Let jobs download hub ids missing from the Hugging Face cache (off: only the cache answers)."))
     hub_token: SecretStr | None = Field(None, description="Token for jobs' push_to_hub; without it such jobs answer 422.")
     hub_endpoint: str | None = Field(None, description="The hub's URL for push_to_hub; default huggingface_hub's (HF_ENDPOINT).")
-    split_broker_url: str = Field("redis://127.0.0.1:6379/0", description="Broker of split-merge part tasks (workers.split).")
-    split_backend_url: str = Field("redis://127.0.0.1:6379/0", description="Result backend a split merge's chord needs.")
     trial_queue: str = Field("", description=(
         "Queue a tuning job sends its trials to, for the workers reading it (`-Q trials`); empty: the job's own "
         "worker runs them (one process, as the embedded service has)."))
+    job_kind_modules: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
+        "Modules declaring job kinds beside the built-in ones (comma-separated), imported by the API and the workers "
+        "(docs/service.md, Adding a job kind)."))
     broker_visibility_timeout: int = Field(7 * 3600, gt=0, description="Seconds before the broker redelivers an unacknowledged job.")
 
     @field_validator("allowed_roots", mode="before")
@@ -75,6 +76,13 @@ class Settings(BaseSettings):
     def _split_roots(cls, value: object) -> object:
         if isinstance(value, str):
             return [p for p in value.split(os.pathsep) if p]
+        return value
+
+    @field_validator("job_kind_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [m.strip() for m in value.split(",") if m.strip()]
         return value
 
     @model_validator(mode="after")

@@ -25,8 +25,10 @@ def preload_engine(**_: Any) -> None:
     import transformers  # noqa: F401  (the engine loads configs and processors with it)
 
     from pivotmerge.methods import all_methods
+    from workers.kinds import load_kinds
 
     all_methods()
+    load_kinds(Settings().job_kind_modules)
 
 
 @worker_init.connect

@@ -13,7 +13,7 @@ byte-identical to a single `merge` of the same spec.
 Parts write into `folder` as they go (each shard under a hidden name until it is
 complete); making the folder visible only when complete is the caller's job. The
 service's parts write into scratch folders of their own and store their shards
-(workers.split); `finalize(..., shards_in_folder=False)` then writes the rest.
+(workers.split_parts); `finalize(..., shards_in_folder=False)` then writes the rest.
 """
 
 from __future__ import annotations

@@ -13,16 +13,16 @@ from sqlalchemy import update
 
 from app.auth import create_team
 from app.errors import ApiError
-from app.routers.merges import MERGES
-from app import jobs
-from core.models import Job, JobKind, JobState
+from workers.kinds.merge import MERGE as MERGES
+from app import job_service as jobs
+from core.models import Job, JobState
 from tests.service.conftest import PG_ADMIN_URL
 
 
 def test_a_cancel_that_lost_the_race_names_the_state_the_job_ended_in(sessions) -> None:
     with sessions() as session:
         team = create_team(session, f"race-{uuid.uuid4().hex[:8]}")
-        job = Job(team_id=team.id, kind=JobKind.merge, spec={}, request_sha256="0" * 64, state=JobState.running)
+        job = Job(team_id=team.id, kind="merge", spec={}, request_sha256="0" * 64, state=JobState.running)
         session.add(job)
         session.commit()
         loaded = jobs.load_job(session, team, MERGES, job.id)  # the API has read it as running...

@@ -19,7 +19,7 @@ from app.auth import create_team
 from app.main import create_app
 from app.housekeeping import reap_once
 from core.job_states import add_event, start_attempt
-from core.models import Job, JobEvent, JobKind, JobState, utcnow
+from core.models import Job, JobEvent, JobState, utcnow
 from core.settings import Settings
 from tests.service.service_support import WorkerProcess, freeze_mid_job, merge_spec, service_env, wait_final, wait_for
 from workers.celery_app import make_celery
@@ -94,7 +94,7 @@ def _team(sessions) -> dict[str, str]:  # type: ignore[no-untyped-def]
 def _job(sessions, **values) -> uuid.UUID:  # type: ignore[no-untyped-def]
     with sessions() as session:
         team = create_team(session, f"lease-{uuid.uuid4().hex[:8]}")
-        job = Job(team_id=team.id, kind=JobKind.merge, spec={}, request_sha256="0" * 64, **values)
+        job = Job(team_id=team.id, kind="merge", spec={}, request_sha256="0" * 64, **values)
         session.add(job)
         session.commit()
         return job.id
