@@ -23,15 +23,16 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def split_env() -> dict[str, str]:
+def split_env(redis_url: str) -> dict[str, str]:
     """The broker, result backend and key prefix of this process's split app, for its workers.
 
     `workers.split.celery` is configured when the module is first imported (another test module
-    may import it while being collected), so the workers follow it rather than the other way round;
-    the test's own queue keeps its tasks apart.
+    may import it while being collected), before the test servers are known: it is pointed at the
+    test Redis here, before it first connects; the test's own queue keeps its tasks apart.
     """
     from workers.split import celery
 
+    celery.conf.update(broker_url=redis_url, result_backend=redis_url)
     redis.Redis.from_url(celery.conf.broker_url).ping()
     return {"PIVOTMERGE_SPLIT_BROKER_URL": celery.conf.broker_url, "PIVOTMERGE_SPLIT_BACKEND_URL": celery.conf.result_backend,
             "PIVOTMERGE_BROKER_KEY_PREFIX": (celery.conf.broker_transport_options or {}).get("global_keyprefix", "")}
