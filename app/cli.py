@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import click
 
-from core.settings import GPU_QUEUE, Settings
+from core.settings import Settings
 from pivotmerge.bench import CACHE
 from pivotmerge.report.merge_report import MergeReport, read_report
 
@@ -161,10 +161,10 @@ def ensure_default_key(settings: Settings) -> Path:
     return key_file
 
 
-def start_worker(env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "celery", "--quiet", "-A", "workers.worker", "worker", "-Q", GPU_QUEUE,
-                             "-c", "1", "-l", "warning", "--without-gossip", "--without-mingle"],
-                            cwd=Path(__file__).resolve().parent.parent, env=env)
+def start_worker(queues: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "celery", "--quiet", "-A", "workers.worker", "worker",
+                             "-Q", ",".join(queues), "-c", "1", "-l", "warning", "--without-gossip", "--without-mingle"],
+                            cwd=Path(__file__).resolve().parent.parent)
 
 
 WORKER_STOP_SECONDS = 20
@@ -191,10 +191,11 @@ class SupervisedWorker:
     worker it would wait in the queue for good.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, queues: list[str]) -> None:
+        self.queues = queues
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self.process = start_worker()
+        self.process = start_worker(queues)
         self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
         self._thread.start()
 
@@ -208,7 +209,7 @@ class SupervisedWorker:
                 if self._stopping.is_set():
                     return
                 click.echo(f"the worker exited (status {code}); starting a new one", err=True)
-                self.process = start_worker()
+                self.process = start_worker(self.queues)
 
     def stop(self) -> None:
         with self._lock:
@@ -239,6 +240,7 @@ def serve(host: str, port: int, worker: bool) -> None:
 
     from core.db import migrate
     from app.main import create_app
+    from workers.celery_app import service_queues
 
     settings = load_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -249,7 +251,9 @@ def serve(host: str, port: int, worker: bool) -> None:
         key_file = ensure_default_key(settings)
         click.echo(f"embedded mode: data in {settings.data_dir}; models are read from "
                    f"{os.pathsep.join(map(str, settings.allowed_roots))}\nAPI key of team '{DEFAULT_TEAM}': {key_file}")
-    supervised = SupervisedWorker() if worker else None
+    # Every queue the service sends to (jobs, webhook deliveries, trials): a queue without a reader would
+    # hold its messages for good.
+    supervised = SupervisedWorker(service_queues(settings)) if worker else None
     # uvicorn re-raises the SIGTERM it caught once it has shut down; as SystemExit
     # it reaches the `finally` below instead of killing us with the worker left running.
     signal.signal(signal.SIGTERM, exit_on_sigterm)

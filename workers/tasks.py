@@ -310,7 +310,9 @@ class JobTask(Task):
         settings = Settings()
         engine = make_engine(settings.database_url)
         try:
-            fail(make_sessionmaker(engine), uuid.UUID(args[0]), failure_message(exc, settings))
+            job_id = uuid.UUID(args[0])
+            fail(make_sessionmaker(engine), job_id, failure_message(exc, settings))
+            make_store(settings).delete_prefix(artifact_key(job_id, ""))  # it may have been killed publishing
         finally:
             engine.dispose()
 
@@ -329,6 +331,8 @@ def run_job(self: Task, job_id: str) -> None:
         session.commit()
         job = session.get(Job, jid)
     if attempt is None or job is None:  # finished, cancelled, or a duplicate delivery of a job another worker holds
+        if job is not None and job.state in (JobState.cancelled, JobState.failed):
+            ctx.store.delete_prefix(artifact_key(jid, ""))  # its dead attempt may have died publishing
         return
 
     work = scratch_folder(ctx.settings.work_dir, jid, attempt)
@@ -364,3 +368,5 @@ def run_job(self: Task, job_id: str) -> None:
         if not succeeded and still_holds(ctx.sessions, jid, attempt):
             ctx.store.delete_prefix(artifact_key(jid, ""))
         shutil.rmtree(work, ignore_errors=True)
+        # And the folder of an attempt whose worker died while this one ran (the job is over, or ours now).
+        sweep_scratch(ctx.settings.work_dir, ctx.sessions)

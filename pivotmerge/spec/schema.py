@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 import string
+from decimal import Decimal
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -153,7 +154,8 @@ def parse_size(value: int | str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
     if not m or m.group(2).upper() not in SIZE_UNITS:
         raise ValueError(f"not a size: {value!r} (use bytes or e.g. '2GB', '500MiB')")
-    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+    # Decimal, not float: a 400-digit count must stay a (too large) number, not become infinity.
+    return int(Decimal(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
 
 
 MAX_SHARD_SIZE = 2**50  # 1 PiB: any larger request is a typo, not a shard
