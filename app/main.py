@@ -11,9 +11,12 @@ from pivotmerge import __version__
 from workers.celery_app import make_celery
 
 from core.db import make_engine, make_sessionmaker
+from core.logs import configure_logging
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.housekeeping import housekeeper_for
+from app.metrics import install_metrics
+from app.request_log import RequestLog
 from app.routers import analyses, health, inputs, merges, methods, tunings, webhooks
 from app.ui import pages as ui_pages
 from core.settings import Settings, get_settings
@@ -41,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             housekeeper.stop()
         engine.dispose()
 
+    configure_logging(settings.log_format, settings.log_level)
     app = FastAPI(title="PivotMerge", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.engine = engine
@@ -49,6 +53,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestLog)  # outermost: its line and id cover every answer, 413s included
     for module in (merges, analyses, tunings, webhooks, methods, inputs, health, ui_pages):
         app.include_router(module.router)
+    if settings.metrics_enabled:
+        install_metrics(app, app.state.sessionmaker)
     return app

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import pivotmerge
 from core.db import make_engine, make_sessionmaker
+from core.logs import bind_job
 from core.job_states import add_event, holds_lease, renew_lease, runs_as, start_attempt, transition
 from core.models import ACTIVE_STATES, FINAL_STATES, Artifact, Job, JobKind, JobState, utcnow
 from core.settings import Settings
@@ -330,6 +331,8 @@ def run_job(self: Task, job_id: str) -> None:
                                 ctx.settings.job_lease_seconds, dead_owner=dead_local_owner(previous))
         session.commit()
         job = session.get(Job, jid)
+    bind_job(jid, job.team_id if job else None, attempt)  # every line logged from here on says which job
+    log.info("delivery of job %s: %s", jid, f"attempt {attempt}" if attempt else "not run")
     if attempt is None or job is None:  # finished, cancelled, or a duplicate delivery of a job another worker holds
         if job is not None and job.state in (JobState.cancelled, JobState.failed):
             ctx.store.delete_prefix(artifact_key(jid, ""))  # its dead attempt may have died publishing
@@ -370,3 +373,4 @@ def run_job(self: Task, job_id: str) -> None:
         shutil.rmtree(work, ignore_errors=True)
         # And the folder of an attempt whose worker died while this one ran (the job is over, or ours now).
         sweep_scratch(ctx.settings.work_dir, ctx.sessions)
+        log.info("attempt %s of job %s ended%s", attempt, jid, " with success" if succeeded else "")
