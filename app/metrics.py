@@ -18,10 +18,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.models import FINAL_STATES, Artifact, Job, JobKind, JobState, Team, WorkerHeartbeat, utcnow
+from core.models import FINAL_STATES, HEARTBEAT_SECONDS, Artifact, Job, JobKind, JobState, Team, WorkerHeartbeat, utcnow
 from core.settings import GPU_QUEUE
 from workers.celery_app import WEBHOOK_QUEUE
-from workers.heartbeat import HEARTBEAT_SECONDS
 
 # Seconds: from a quick job on an idle pool to a 6-hour merge (the default time limit).
 WAIT_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 900, 1800, 3600, 7200, 21600)

@@ -241,6 +241,9 @@ class WebhookDelivery(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+HEARTBEAT_SECONDS = 5.0  # how often a job worker's main process beats
+
+
 class WorkerHeartbeat(Base):
     """A job worker's main process, beating every few seconds while it runs (workers.heartbeat);
     `GET /metrics` reports the beats, so an alert can see a dead worker pool."""

@@ -13,12 +13,11 @@ from celery.signals import worker_ready, worker_shutdown
 from sqlalchemy import delete, update
 
 from core.db import make_engine, make_sessionmaker
-from core.models import WorkerHeartbeat, utcnow
+from core.models import HEARTBEAT_SECONDS, WorkerHeartbeat, utcnow
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_SECONDS = 5.0
 _stop = threading.Event()
 
 
