@@ -218,6 +218,19 @@ class SupervisedWorker:
         self._thread.join()
 
 
+def bind_port(host: str, port: int) -> socket.socket:
+    """The API's socket, bound as uvicorn would bind it; a port in use is one line."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}; is another service running "
+                                   "there? Choose another port with --port") from None
+    return sock
+
+
 def exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(0)
 
@@ -242,6 +255,7 @@ def serve(host: str, port: int, worker: bool) -> None:
     from app.main import create_app
     from workers.celery_app import service_queues
 
+    listening = bind_port(host, port)  # before anything starts or says the API is up
     settings = load_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     for root in settings.allowed_roots:
@@ -259,7 +273,7 @@ def serve(host: str, port: int, worker: bool) -> None:
     signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         click.echo(f"API on http://{host}:{port} (docs at /docs)")
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+        uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning")).run(sockets=[listening])
     finally:
         if supervised is not None:
             supervised.stop()
@@ -289,11 +303,13 @@ def sse_events(client: Any, url: str) -> Iterator[dict[str, Any]]:
                 event = {}
 
 
-def start_embedded_service(data_dir: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
-    """`pivotmerge serve` in embedded mode on a free port, whatever PIVOTMERGE_* the caller has set."""
+def start_embedded_service(data_dir: Path, **settings: str) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """`pivotmerge serve` in embedded mode on a free port, with `settings` (PIVOTMERGE_<NAME>) and no other
+    PIVOTMERGE_* the caller has set."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIVOTMERGE_")}
+    env.update({f"PIVOTMERGE_{name.upper()}": value for name, value in settings.items()})
     env["PIVOTMERGE_DATA_DIR"] = str(data_dir)
     # One torch thread for the example's tiny models: on a busy 2-core machine a second one spins, and
     # evaluating one of them took 27-30 s with 2 threads against 1.7 s with one.

@@ -1,4 +1,5 @@
-"""Defects found under fire (50 jobs, random SIGKILLs of workers, bad inputs), each pinned by a test.
+"""Defects found under fire (50 jobs, random SIGKILLs of workers, bad inputs), and friction a new user met
+with `pivotmerge serve`, each pinned by a test.
 
 The lease-time and scratch-folder ones are in test_service_lease.py, beside the kill they need.
 """
@@ -16,12 +17,11 @@ from pathlib import Path
 import httpx
 from sqlalchemy import update
 
-from app.cli import free_port
+from app.cli import start_embedded_service, stop_process, wait_until_ready
 from core.models import Job, JobState, utcnow
 from core.storage import artifact_key, make_store
 from pivotmerge.data.example import make_example
 from tests.service.service_support import merge_spec, wait_for
-from tests.service.test_service_embedded import ready
 from tests.service.test_service_webhooks import Receiver
 from workers.celery_app import enqueue_job
 
@@ -64,17 +64,11 @@ def test_webhooks_fire_from_the_embedded_service(tmp_path: Path) -> None:
     """`pivotmerge serve` with no configuration: its worker reads the webhook queue too."""
     data = tmp_path / "service"
     example = make_example(data / "models" / "tiny", n_experts=2)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIVOTMERGE_")}
-    env.update(PIVOTMERGE_DATA_DIR=str(data), PIVOTMERGE_WEBHOOK_ALLOW_PRIVATE_ADDRESSES="true", OMP_NUM_THREADS="1")
-    log = tmp_path / "serve.log"
-    server = subprocess.Popen([sys.executable, "-c", "from pivotmerge.cli.main import main; main()", "serve",
-                               "--port", str(port)], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    server, url, log = start_embedded_service(data, webhook_allow_private_addresses="true")
     receiver = Receiver([])
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
-            wait_for(lambda: server.poll() is not None or ready(http), 120, "the embedded service to start", 0.2)
-            assert server.poll() is None, log.read_text()[-3000:]
+        with httpx.Client(base_url=url, timeout=30) as http:
+            wait_until_ready(http, server, log)
             http.headers["Authorization"] = f"Bearer {(data / 'api-key').read_text().strip()}"
             hook = http.post("/v1/webhooks", json={"url": receiver.url, "events": ["job.succeeded"]})
             assert hook.status_code == 201, hook.text
@@ -84,8 +78,22 @@ def test_webhooks_fire_from_the_embedded_service(tmp_path: Path) -> None:
                                            ["deliveries"] if d["state"] == "succeeded"], 10, "the delivery's record")
     finally:
         receiver.close()
-        server.terminate()
-        server.wait(60)
+        stop_process(server)
     _, headers, body = receiver.received[0]
     assert headers["PivotMerge-Event"] == "job.succeeded" and job_id.encode() in body
     assert [(d["job_id"], d["attempts"], d["last_status_code"]) for d in deliveries] == [(job_id, 1, 200)]
+
+
+def test_serve_on_a_busy_port_says_so_in_one_line_and_exits_2_before_anything_starts(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PIVOTMERGE_")}
+        env["PIVOTMERGE_DATA_DIR"] = str(tmp_path / "service")
+        result = subprocess.run([sys.executable, "-c", "from pivotmerge.cli.main import main; main()", "serve",
+                                 "--port", str(port)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+    assert not (tmp_path / "service").exists()  # no database, no key, no worker
