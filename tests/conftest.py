@@ -30,7 +30,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:  # type: ignore[no-untyped-def]
     left_out = config.stash.get(_left_out, 0)
     if left_out:
-        terminalreporter.write_line(f"{left_out} slow tests left out; run them too with --run-slow "
+        tests = "test" if left_out == 1 else "tests"
+        terminalreporter.write_line(f"{left_out} slow {tests} left out; run them too with --run-slow "
                                     "(or only them with -m slow)")
 
 
