@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import pivotmerge
 from core.db import make_engine, make_sessionmaker
 from core.logs import bind_job
-from core.job_states import add_event, holds_lease, renew_lease, runs_as, start_attempt, transition
+from core.job_states import add_event, current_state, holds_lease, renew_lease, runs_as, start_attempt, transition
 from core.models import ACTIVE_STATES, FINAL_STATES, Artifact, Job, JobKind, JobState, utcnow
 from core.settings import Settings
 from core.storage import ArtifactStore, artifact_key, file_sha256, make_store
@@ -311,9 +311,12 @@ class JobTask(Task):
         settings = Settings()
         engine = make_engine(settings.database_url)
         try:
-            job_id = uuid.UUID(args[0])
-            fail(make_sessionmaker(engine), job_id, failure_message(exc, settings))
-            make_store(settings).delete_prefix(artifact_key(job_id, ""))  # it may have been killed publishing
+            job_id, sessions = uuid.UUID(args[0]), make_sessionmaker(engine)
+            fail(sessions, job_id, failure_message(exc, settings))
+            with sessions() as session:
+                ended = current_state(session, job_id) in (JobState.failed, JobState.cancelled)
+            if ended:  # it may have been killed publishing; a job that succeeded keeps its files
+                make_store(settings).delete_prefix(artifact_key(job_id, ""))
         finally:
             engine.dispose()
 
@@ -372,5 +375,8 @@ def run_job(self: Task, job_id: str) -> None:
             ctx.store.delete_prefix(artifact_key(jid, ""))
         shutil.rmtree(work, ignore_errors=True)
         # And the folder of an attempt whose worker died while this one ran (the job is over, or ours now).
-        sweep_scratch(ctx.settings.work_dir, ctx.sessions)
+        try:
+            sweep_scratch(ctx.settings.work_dir, ctx.sessions)
+        except Exception:  # the database is away: the next job's sweep, or the worker's restart, does it
+            log.warning("job %s: could not sweep scratch folders", jid, exc_info=True)
         log.info("attempt %s of job %s ended%s", attempt, jid, " with success" if succeeded else "")
