@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from core.settings import GPU_QUEUE, Settings
+from core.settings import Settings
 from pivotmerge.bench import CACHE
 from pivotmerge.report.merge_report import MergeReport, read_report
 
@@ -161,10 +161,10 @@ def ensure_default_key(settings: Settings) -> Path:
     return key_file
 
 
-def start_worker(env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "celery", "--quiet", "-A", "workers.worker", "worker", "-Q", GPU_QUEUE,
-                             "-c", "1", "-l", "warning", "--without-gossip", "--without-mingle"],
-                            cwd=Path(__file__).resolve().parent.parent, env=env)
+def start_worker(queues: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "celery", "--quiet", "-A", "workers.worker", "worker",
+                             "-Q", ",".join(queues), "-c", "1", "-l", "warning", "--without-gossip", "--without-mingle"],
+                            cwd=Path(__file__).resolve().parent.parent)
 
 
 WORKER_STOP_SECONDS = 20
@@ -191,10 +191,11 @@ class SupervisedWorker:
     worker it would wait in the queue for good.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, queues: list[str]) -> None:
+        self.queues = queues
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self.process = start_worker()
+        self.process = start_worker(queues)
         self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
         self._thread.start()
 
@@ -208,13 +209,26 @@ class SupervisedWorker:
                 if self._stopping.is_set():
                     return
                 click.echo(f"the worker exited (status {code}); starting a new one", err=True)
-                self.process = start_worker()
+                self.process = start_worker(self.queues)
 
     def stop(self) -> None:
         with self._lock:
             self._stopping.set()
         stop_process(self.process)
         self._thread.join()
+
+
+def bind_port(host: str, port: int) -> socket.socket:
+    """The API's socket, bound as uvicorn would bind it; a port in use is one line."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}; is another service running "
+                                   "there? Choose another port with --port") from None
+    return sock
 
 
 def exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -239,7 +253,9 @@ def serve(host: str, port: int, worker: bool) -> None:
 
     from core.db import migrate
     from app.main import create_app
+    from workers.celery_app import service_queues
 
+    listening = bind_port(host, port)  # before anything starts or says the API is up
     settings = load_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     for root in settings.allowed_roots:
@@ -249,13 +265,15 @@ def serve(host: str, port: int, worker: bool) -> None:
         key_file = ensure_default_key(settings)
         click.echo(f"embedded mode: data in {settings.data_dir}; models are read from "
                    f"{os.pathsep.join(map(str, settings.allowed_roots))}\nAPI key of team '{DEFAULT_TEAM}': {key_file}")
-    supervised = SupervisedWorker() if worker else None
+    # Every queue the service sends to (jobs, webhook deliveries, trials): a queue without a reader would
+    # hold its messages for good.
+    supervised = SupervisedWorker(service_queues(settings)) if worker else None
     # uvicorn re-raises the SIGTERM it caught once it has shut down; as SystemExit
     # it reaches the `finally` below instead of killing us with the worker left running.
     signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         click.echo(f"API on http://{host}:{port} (docs at /docs)")
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+        uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning")).run(sockets=[listening])
     finally:
         if supervised is not None:
             supervised.stop()
@@ -270,11 +288,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_embedded_service(data_dir: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
-    """`pivotmerge serve` in embedded mode on a free port, whatever PIVOTMERGE_* the caller has set."""
+def start_embedded_service(data_dir: Path, **settings: str) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """`pivotmerge serve` in embedded mode on a free port, with `settings` (PIVOTMERGE_<NAME>) and no other
+    PIVOTMERGE_* the caller has set."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIVOTMERGE_")}
+    env.update({f"PIVOTMERGE_{name.upper()}": value for name, value in settings.items()})
     env["PIVOTMERGE_DATA_DIR"] = str(data_dir)
     # One torch thread for the example's tiny models: on a busy 2-core machine a second one spins, and
     # evaluating one of them took 27-30 s with 2 threads against 1.7 s with one.

@@ -4,7 +4,8 @@
   (workers.tasks.lease_keeper). When the worker's main process dies, nothing
   renews it; every `lease_check_seconds` such jobs go back to the queue, or fail
   past `max_attempts` (core.job_states.reap_lapsed_leases), so a dead worker's
-  job runs again within about lease + check seconds (40 s by default).
+  job runs again within about lease + check seconds (20 s by default); a job
+  it ends loses the files its dead attempt had stored.
 - Webhooks: every `webhook_dispatch_seconds` the deliveries recorded with
   final job states are handed to the delivery task (workers.webhooks).
 - Retention: with `artifact_retention_days` set, every `retention_check_seconds`
@@ -26,14 +27,22 @@ from core.job_states import reap_lapsed_leases, transition
 from core.models import JobState, WebhookDelivery, utcnow
 from core.retention import expire_artifacts
 from core.settings import Settings
-from core.storage import ArtifactStore
+from core.storage import ArtifactStore, artifact_key
 from workers.celery_app import enqueue_delivery, enqueue_job
 
-def reap_once(sessions: sessionmaker[Session], celery: Celery, max_attempts: int) -> list[uuid.UUID]:
-    """One pass of the lease reaper: the jobs requeued."""
+
+def reap_once(sessions: sessionmaker[Session], celery: Celery, store: ArtifactStore,
+              max_attempts: int) -> list[uuid.UUID]:
+    """One pass of the lease reaper: the jobs requeued.
+
+    A job it ends (cancelled or failed) loses the files its dead attempt had
+    already put in the store (it may have died publishing them).
+    """
     with sessions() as session:
-        requeued = reap_lapsed_leases(session, max_attempts)
+        requeued, ended = reap_lapsed_leases(session, max_attempts)
         session.commit()
+    for job_id in ended:
+        store.delete_prefix(artifact_key(job_id, ""))
     for job_id in requeued:
         try:
             enqueue_job(celery, job_id)
@@ -76,7 +85,7 @@ def housekeeping(settings: Settings, sessions: sessionmaker[Session], celery: Ce
     if not settings.housekeeping:
         return []
     beats = [Heartbeat("lease-reaper", settings.lease_check_seconds,
-                       lambda: reap_once(sessions, celery, settings.max_attempts)),
+                       lambda: reap_once(sessions, celery, store, settings.max_attempts)),
              Heartbeat("webhook-dispatch", settings.webhook_dispatch_seconds,
                        lambda: dispatch_deliveries(sessions, celery))]
     if settings.artifact_retention_days:

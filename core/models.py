@@ -260,3 +260,18 @@ class WebhookDelivery(Base):
     # Set when handed to the delivery task; the API's dispatcher sends the undispatched ones.
     dispatched_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+HEARTBEAT_SECONDS = 5.0  # how often a job worker's main process beats
+
+
+class WorkerHeartbeat(Base):
+    """A job worker's main process, beating every few seconds while it runs (workers.heartbeat);
+    `GET /metrics` reports the beats, so an alert can see a dead worker pool."""
+
+    __tablename__ = "worker_heartbeats"
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # Celery's node name, "name@host"
+    queues: Mapped[str] = mapped_column(String(1024))  # comma-separated
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    beat_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -45,10 +45,17 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, gt=0, description="Times a job is started before a job whose worker keeps dying is failed.")
     task_soft_time_limit: int = Field(6 * 3600, gt=0, description="Seconds before a merge is stopped and failed.")
     task_time_limit: int = Field(6 * 3600 + 300, gt=0, description="Seconds before the worker process is killed.")
-    job_lease_seconds: int = Field(30, ge=3, description=(
+    # 15 s and 5 s: a dead worker's job is noticed within 20 s, so it runs again well inside the 60 s target.
+    job_lease_seconds: int = Field(15, ge=3, description=(
         "A running job's lease: its worker renews it every third of this; once it lapses the job is requeued "
         "(or failed after max_attempts)."))
-    lease_check_seconds: float = Field(10.0, gt=0, description="How often the API process looks for lapsed leases.")
+    lease_check_seconds: float = Field(5.0, gt=0, description="How often the API process looks for lapsed leases.")
+    log_format: Literal["json", "text"] = Field("json", description=(
+        "Log lines of the API and the workers: JSON objects carrying request id, job id, team and attempt, or text."))
+    log_level: str = Field("INFO", description="Level of the API's and the workers' logs.")
+    metrics_enabled: bool = Field(False, description=(
+        "Serve GET /metrics (Prometheus) on the API: every job, team and worker of the deployment, with no key. "
+        "Off by default; turn it on where only the monitoring network reaches the API, or behind a proxy."))
     housekeeping: bool = Field(True, description=(
         "Run the periodic work in this API process: lease reaper, webhook dispatcher, retention."))
     artifact_retention_days: int = Field(0, ge=0, description="Artifacts of jobs finished longer ago are deleted; 0 keeps them.")

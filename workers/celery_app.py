@@ -55,6 +55,11 @@ def make_celery(settings: Settings) -> Celery:
     return celery
 
 
+def service_queues(settings: Settings) -> list[str]:
+    """Every queue of this app the service sends to: one worker reading them all runs everything it sends."""
+    return [GPU_QUEUE, WEBHOOK_QUEUE] + ([settings.trial_queue] if settings.trial_queue else [])
+
+
 def enqueue_job(celery: Celery, job_id: uuid.UUID) -> None:
     celery.send_task(RUN_JOB, args=[str(job_id)], queue=GPU_QUEUE)
 

@@ -18,10 +18,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import make_engine, make_sessionmaker
 from core.heartbeat import Heartbeat
-from core.job_states import add_event, holds_lease, renew_lease, runs_as, start_attempt, transition
+from core.logs import bind_job
+from core.job_states import add_event, current_state, holds_lease, renew_lease, runs_as, start_attempt, transition
 from core.models import ACTIVE_STATES, FINAL_STATES, Artifact, Job, JobState, utcnow
 from core.settings import Settings
-from core.storage import artifact_key, file_sha256
+from core.storage import artifact_key, file_sha256, make_store
 from pivotmerge.errors import MergeCancelled, PivotMergeError, RepoError
 from pivotmerge.progress import Progress
 from pivotmerge.repos.hub import push
@@ -220,7 +221,12 @@ class JobTask(Task):
         settings = Settings()
         engine = make_engine(settings.database_url)
         try:
-            fail(make_sessionmaker(engine), uuid.UUID(args[0]), failure_message(exc, settings))
+            job_id, sessions = uuid.UUID(args[0]), make_sessionmaker(engine)
+            fail(sessions, job_id, failure_message(exc, settings))
+            with sessions() as session:
+                ended = current_state(session, job_id) in (JobState.failed, JobState.cancelled)
+            if ended:  # it may have been killed publishing; a job that succeeded keeps its files
+                make_store(settings).delete_prefix(artifact_key(job_id, ""))
         finally:
             engine.dispose()
 
@@ -237,7 +243,11 @@ def run_job(self: Task, job_id: str) -> None:
                                 ctx.settings.job_lease_seconds, dead_owner=dead_local_owner(previous))
         session.commit()
         job = session.get(Job, jid)
+    bind_job(jid, job.team_id if job else None, attempt)  # every line logged from here on says which job
+    log.info("delivery of job %s: %s", jid, f"attempt {attempt}" if attempt else "not run")
     if attempt is None or job is None:  # finished, cancelled, or a duplicate delivery of a job another worker holds
+        if job is not None and job.state in (JobState.cancelled, JobState.failed):
+            ctx.store.delete_prefix(artifact_key(jid, ""))  # its dead attempt may have died publishing
         return
 
     work = scratch_folder(ctx.settings.work_dir, jid, attempt)
@@ -276,3 +286,9 @@ def run_job(self: Task, job_id: str) -> None:
         if not succeeded and still_holds(ctx.sessions, jid, attempt):
             ctx.store.delete_prefix(artifact_key(jid, ""))
         shutil.rmtree(work, ignore_errors=True)
+        # And the folder of an attempt whose worker died while this one ran (the job is over, or ours now).
+        try:
+            sweep_scratch(ctx.settings.work_dir, ctx.sessions)
+        except Exception:  # the database is away: the next job's sweep, or the worker's restart, does it
+            log.warning("job %s: could not sweep scratch folders", jid, exc_info=True)
+        log.info("attempt %s of job %s ended%s", attempt, jid, " with success" if succeeded else "")

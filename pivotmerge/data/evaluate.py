@@ -14,10 +14,11 @@ Models load through the real path (`LlavaForConditionalGeneration` and
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -56,6 +57,21 @@ class Loaded:
     device: torch.device
 
 
+@contextmanager
+def no_transformers_bars() -> Iterator[None]:
+    """Without transformers' own progress bars ("Loading weights"): they would cut through ours, and a
+    Celery worker logs what a bar writes to stderr as WARNING lines."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def load_model(model_dir: str | Path, device: str = "auto", dtype: torch.dtype = torch.float32) -> Loaded:
     """A model folder loaded for inference; pickled weights are never read."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -64,9 +80,10 @@ def load_model(model_dir: str | Path, device: str = "auto", dtype: torch.dtype =
     if not any(path.glob("*.safetensors")):
         raise PivotMergeError(f"{path}: no safetensors weights (pickled weights are never loaded)")
     dev = resolve_device(device)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, use_safetensors=True)
-    model = model.to(dev).eval()  # type: ignore[arg-type]  # transformers types .to() for a dtype only
-    return Loaded(model, AutoProcessor.from_pretrained(path), dev)
+    with no_transformers_bars():
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        model = model.to(dev).eval()  # type: ignore[arg-type]  # transformers types .to() for a dtype only
+        return Loaded(model, AutoProcessor.from_pretrained(path), dev)
 
 
 def image_placeholder(processor: Any) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 import string
+from decimal import Decimal
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -158,7 +159,8 @@ def parse_size(value: int | str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
     if not m or m.group(2).upper() not in SIZE_UNITS:
         raise ValueError(f"not a size: {value!r} (use bytes or e.g. '2GB', '500MiB')")
-    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+    # Decimal, not float: a 400-digit count must stay a (too large) number, not become infinity.
+    return int(Decimal(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
 
 
 MAX_SHARD_SIZE = 2**50  # 1 PiB: any larger request is a typo, not a shard
@@ -355,7 +357,10 @@ def read_yaml(path: str | Path) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f": line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"{path}{where}: not valid YAML: {problem}") from None
 
 
 def load_spec(path: str | Path) -> MergeSpec:

@@ -16,7 +16,6 @@ from app.errors import ApiError
 from workers.kinds.merge import MERGE as MERGES
 from app import job_service as jobs
 from core.models import Job, JobState
-from tests.service.conftest import PG_ADMIN_URL
 
 
 def test_a_cancel_that_lost_the_race_names_the_state_the_job_ended_in(sessions) -> None:
@@ -59,15 +58,15 @@ def test_create_team_with_a_bad_name_is_one_line_exit_2(tmp_path: Path, name: st
     assert result.stderr.count("\n") == 1 and words in result.stderr and "Traceback" not in result.stderr
 
 
-def test_admin_on_an_unmigrated_deployment_database_says_what_to_run() -> None:
+def test_admin_on_an_unmigrated_deployment_database_says_what_to_run(pg_admin_url: str) -> None:
     name = f"pivotmerge_empty_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
-        url = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + f"/{name}"
+        url = pg_admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + f"/{name}"
         result = pivotmerge_cli(["admin", "create-team", "lab"], clean_env(database_url=url))
     finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     assert result.returncode == 2
     assert result.stderr.strip() == "Error: the database has no schema yet: run `pivotmerge admin migrate` first"
