@@ -37,6 +37,12 @@ BASELINES: tuple[Variant, ...] = (
     Variant("tsv", "tsv", grid={"scale": SCALES}),
     Variant("iso_c", "iso_c", grid={"scale": SCALES}),
     Variant("iso_cts", "iso_cts", grid={"scale": SCALES}),
+    # The 2025-26 data-free rivals (docs/methods.md), each with its own knobs bracketing its dev optimum.
+    Variant("average", "linear"),
+    Variant("wudi", "wudi", grid={"scale": [0.5, 1.0, 1.5]}),
+    Variant("wudi_closed_form", "wudi", fixed={"solver": "closed_form"}, grid={"scale": [0.5, 1.0, 1.5], "ridge": [0.01, 0.1, 1.0]}),
+    Variant("ace", "ace", grid={"scale": [0.5, 0.75, 1.0], "k_frac": [0.1, 0.3, 0.5]}),
+    Variant("cart", "cart", grid={"prior": [1.0, 2.0, 3.0], "rank_ratio": [0.06, 0.12, 0.25]}),
     Variant("regmean", "regmean", grid={"off_diagonal_scale": [0.5, 0.9, 1.0]}, data=True),
     Variant("regmean_plus_plus", "regmean", fixed={"gram_inputs": "merged"}, grid={"off_diagonal_scale": [0.5, 0.9, 1.0]}, data=True),
 )
@@ -69,11 +75,16 @@ DEFAULTS: tuple[Variant, ...] = (
     Variant("tsv", "tsv"),
     Variant("iso_c", "iso_c"),
     Variant("iso_cts", "iso_cts"),
+    Variant("average", "linear"),
+    Variant("wudi", "wudi"),
+    Variant("wudi_closed_form", "wudi", fixed={"solver": "closed_form"}),
+    Variant("ace", "ace"),
+    Variant("cart", "cart"),
     Variant("regmean", "regmean", data=True),
     Variant("regmean_plus_plus", "regmean", fixed={"gram_inputs": "merged"}, data=True),
     Variant("pivotmerge", "pivotmerge"),
     Variant("pivotmerge_data", "pivotmerge", data=True),
 )
-DATA_FREE_BASELINES = ("task_arithmetic", "ties", "tsv", "iso_c", "iso_cts")
+DATA_FREE_BASELINES = ("task_arithmetic", "ties", "tsv", "iso_c", "iso_cts", "average", "wudi", "wudi_closed_form", "ace", "cart")
 # Quick mode (CI): the rows its gates and the bar's headline comparisons need.
 QUICK_ROWS = ("task_arithmetic", "tsv", "iso_c", "regmean_plus_plus", "pivotmerge", "pivotmerge_data")

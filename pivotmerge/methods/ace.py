@@ -1,4 +1,4 @@
-"""ACE-Merging (Xu et al., CVPR 2026, "Adaptive Covariance Estimation"), its closed form.
+"""ACE-Merging (CVPR 2026, arXiv 2603.02945, "Adaptive Covariance Estimation"), its closed form.
 
 As in WUDI, a task vector's rows estimate its task's input covariance; ACE then solves
 RegMean's closed form once per 2-D weight. For task vectors ``tau_t`` (``m x n``), as the

@@ -1,4 +1,4 @@
-"""WUDI-Merging (Cheng et al., ICML 2025, "Whoever Started the Interference Should End It").
+"""WUDI-Merging (ICML 2025, "Whoever Started the Interference Should End It").
 
 A linear layer's update after fine-tuning is a sum of outer products ``delta x^T``, so the
 rows of a task vector ``tau_k`` lie near the span of task ``k``'s inputs, and
