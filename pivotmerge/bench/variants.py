@@ -27,7 +27,7 @@ class Variant:
 
 
 SCALES = [0.25, 0.5, 1.0, 1.5, 2.0]
-LAYER_SCALE = {"scale_max": [0.5, 1.0, 1.5, 2.0]}
+LAYER_SCALE = {"scale_max": [0.5, 0.6, 0.8, 1.0]}
 # Data mode fits layers like RegMean: its merged update at scale 1 is RegMean's; these scales bracket it.
 DATA_SCALE = {"scale_max": [0.5, 1.0, 1.5]}
 
@@ -48,10 +48,8 @@ BASELINES: tuple[Variant, ...] = (
     Variant("regmean_plus_plus", "regmean", fixed={"gram_inputs": "merged"}, grid={"off_diagonal_scale": [0.5, 0.9, 1.0]}, data=True),
 )
 PIVOTMERGE: tuple[Variant, ...] = (
-    # Residuals off (the default) or in, the latter with the whole update flattened (`flatten_total`, which
-    # dev favoured with residuals; without them it equals `flatten`).
-    Variant("pivotmerge", "pivotmerge", fixed={"spectrum": "flatten_total"},
-            grid={**LAYER_SCALE, "residual_weight": [0.0, 0.5, 1.0]}),
+    # Data-free PivotMerge's closed form (combine: covariance) is a fitted update: dev chose layer scales near 0.6.
+    Variant("pivotmerge", "pivotmerge", grid={**LAYER_SCALE, "energy": [0.9, 0.95]}),
     # Given calibration data, PivotMerge's defaults are its data mode (gram combine on the merged model's inputs).
     Variant("pivotmerge_data", "pivotmerge", grid={**DATA_SCALE, "layer_weighting": ["weight", "data"]}, data=True),
 )
@@ -59,7 +57,10 @@ PIVOTMERGE: tuple[Variant, ...] = (
 # (The residuals are off by default without data: dev accuracy was higher without them, docs/results.md.)
 ABLATIONS: tuple[Variant, ...] = (
     Variant("pivotmerge - shared_space", "pivotmerge", fixed={"shared_space": False}, grid=LAYER_SCALE),
-    Variant("pivotmerge - flattening", "pivotmerge", fixed={"spectrum": "keep"}, grid=LAYER_SCALE),
+    # Without the input-geometry closed form: the shared parts summed and flattened (PivotMerge's data-free
+    # design until this release), at the scales that design preferred.
+    Variant("pivotmerge - covariance", "pivotmerge", fixed={"combine": "sum", "spectrum": "flatten", "scale_min": 0.5},
+            grid={"scale_max": [0.5, 1.0, 1.5, 2.0]}),
     Variant("pivotmerge - layer_weighting", "pivotmerge", fixed={"layer_weighting": "uniform"}, grid=LAYER_SCALE),
     # The plain sum of K updates wants about 1/K of the scale the gram combine's mean does.
     Variant("pivotmerge_data - gram", "pivotmerge", fixed={"combine": "sum"}, grid={"scale_max": [0.25, 0.5, 1.0]}, data=True),

@@ -41,6 +41,8 @@ from pivotmerge.methods import NO_CALIBRATION, Calibration, Merged, MethodParams
 from pivotmerge.methods._ops import (SvdMode, column_weights, elected_mask, flatten_spectrum, low_rank_svd, masked_merge,
                                      onto_base, significant, svd, weighted_sum)
 from pivotmerge.methods.fields import OffDiagonalScale, Scale, off_diagonal_scale_field
+from pivotmerge.methods.ace import Params as AceParams
+from pivotmerge.methods.ace import ace_update
 from pivotmerge.methods.regmean import regmean_solve
 
 
@@ -55,10 +57,13 @@ class Params(MethodParams):
                                "lowered dev accuracy on the quality suite) drops them.")
     residual_rank: int | None = Field(None, ge=1, description="Truncate each expert's residual to this rank; None keeps it whole.")
     spectrum: Annotated[Literal["keep", "flatten", "flatten_total"], Search(choices=("keep", "flatten", "flatten_total"))] = Field(
-        "flatten", description="keep the singular values; flatten: replace those of the merged shared update by their mean (Iso-C); "
+        "keep", description="keep the singular values; flatten: replace those of the merged shared update by their mean (Iso-C); "
                                "flatten_total: do so for the whole merged update, residuals included.")
-    combine: Literal["sum", "gram"] = Field(
-        "sum", description="sum: weighted sum of the experts' parts; gram: combine them as the layer's inputs see them, "
+    combine: Literal["covariance", "sum", "gram"] = Field(
+        "covariance", description="covariance (default without data): ACE-Merging's closed form on the experts' shared "
+                                  "parts, each expert weighted along the input directions its own update uses (its "
+                                  "row-centred task-vector covariance stands in for its inputs' Gram); sum: weighted sum "
+                                  "of the experts' parts; gram: combine them as the layer's inputs see them, "
                            "with per-expert Gram matrices from calibration data (tensors without them take the sum).")
     off_diagonal_scale: OffDiagonalScale = off_diagonal_scale_field("gram_alpha")
     gram_inputs: Literal["expert", "merged"] = Field(
@@ -67,9 +72,9 @@ class Params(MethodParams):
                               "(RegMean++'s idea; the engine merges twice, the second time with the first merge's inputs).")
     layer_weighting: Literal["uniform", "weight", "data"] = Field(
         "weight", description="uniform: weights as given, scale_max; weight: data-free shared-energy proxy; data: calibration alignment.")
-    scale_min: Scale = Field(0.5, validation_alias=AliasChoices("scale_min", "lambda_min"),
+    scale_min: Scale = Field(0.4, validation_alias=AliasChoices("scale_min", "lambda_min"),
                              description="Layer scale for a layer scoring 0: scale_l = scale_min + (scale_max - scale_min) * s_l.")
-    scale_max: Scale = Field(1.0, validation_alias=AliasChoices("scale_max", "lambda_max"),
+    scale_max: Scale = Field(0.6, validation_alias=AliasChoices("scale_max", "lambda_max"),
                              description="Layer scale for a layer scoring 1 (and every layer under uniform weighting).")
     svd: SvdMode = Field("auto", description="Shared-space and residual SVDs: exact; seeded randomized low-rank; or auto: "
                                              "randomized where it is much cheaper and its estimated error is under 1% of "
@@ -87,7 +92,7 @@ class Params(MethodParams):
 # dev evidence (docs/methods.md): off_diagonal_scale 1 was RegMean++'s choice on every seed, and
 # flattening the spectrum, halving the residuals or data layer weights each lowered dev accuracy here.
 DATA_MODE = {"combine": "gram", "gram_inputs": "merged", "off_diagonal_scale": 1.0, "spectrum": "keep",
-             "residual_weight": 1.0, "scale_min": 1.0}
+             "residual_weight": 1.0, "scale_min": 1.0, "scale_max": 1.0}
 
 
 def needs(params: Params) -> set[Need]:
@@ -195,6 +200,8 @@ def _merge_matrix(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[fl
     else:
         u, coef, shares, choice = None, deltas, torch.ones(k), None
     expert_weights, score = layer_weights(params, weights, shares, calibration.alignment)
+    if params.combine == "covariance":
+        return _covariance_merge(deltas, u, coef, expert_weights, params, generator, score, choice, total_energy)
     a = torch.tensor(expert_weights, dtype=flat.dtype, device=flat.device)
     # Only linear layers' weights have input Gram matrices; other matrices (embeddings, kernels) take the sum.
     grams = calibration.grams if params.combine == "gram" else None
@@ -217,6 +224,39 @@ def _merge_matrix(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[fl
     info = {"rank": int(coef.shape[0]), "energy_kept": kept, "directions_suppressed": suppressed,
             "combine": "sum" if grams is None else ("gram" if cross is None else "gram (merged inputs)"),
             "expert_weights": expert_weights, "layer_score": score}
+    if choice is not None:
+        info["shared_svd"] = choice.report()
+    return merged, info
+
+
+def _covariance_merge(deltas: Tensor, u: Tensor | None, coef: Tensor, expert_weights: list[float], params: Params,
+                      generator: torch.Generator | None, score: float, choice: Any,
+                      total_energy: float) -> tuple[Tensor, dict[str, Any]]:
+    """The data-free combine: ACE-Merging's closed form (`ace_update`, its defaults) on each expert's part, its
+    shared-space part ``U C_k`` plus ``rho`` times its (truncated) residual (whole ``(m, K, n)`` deltas when the shared
+    space is off), so each expert counts most along the input directions its own update uses. Filtering first removes
+    the shared directions on which the experts' coefficients cancel, from every expert."""
+    a = torch.tensor(expert_weights, dtype=coef.dtype, device=coef.device)
+    suppressed = 0
+    if params.filtering:
+        summed = torch.einsum("rkn,k->rn", coef, a)
+        suppressed = _conflict_filter(coef, a, summed, params.conflict_threshold, 1.0)
+        kept_rows = summed.abs().sum(dim=1) > 0
+    if u is None:
+        parts = deltas.transpose(0, 1).clone()
+    else:
+        shared = torch.einsum("mr,rkn->mkn", u, coef * kept_rows[:, None, None] if params.filtering else coef)
+        parts = shared
+        if params.residual_weight > 0:
+            residuals = _truncated_residuals(deltas - torch.einsum("mr,rkn->mkn", u, coef), params, generator)
+            parts = shared + params.residual_weight * residuals
+        parts = parts.transpose(0, 1)
+    merged, heterogeneous = ace_update(parts, expert_weights, AceParams())
+    if params.spectrum != "keep":
+        merged = _flattened(merged)
+    kept = 1.0 if total_energy == 0 else float(coef.square().sum()) / total_energy
+    info = {"rank": int(coef.shape[0]), "energy_kept": kept, "directions_suppressed": suppressed, "combine": "covariance",
+            "heterogeneous": heterogeneous, "expert_weights": expert_weights, "layer_score": score}
     if choice is not None:
         info["shared_svd"] = choice.report()
     return merged, info
