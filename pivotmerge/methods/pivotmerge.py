@@ -242,16 +242,12 @@ def _covariance_merge(deltas: Tensor, u: Tensor | None, coef: Tensor, expert_wei
         summed = torch.einsum("rkn,k->rn", coef, a)
         suppressed = _conflict_filter(coef, a, summed, params.conflict_threshold, 1.0)
         kept_rows = summed.abs().sum(dim=1) > 0
-    if u is None:
-        parts = deltas.transpose(0, 1).clone()
-    else:
-        shared = torch.einsum("mr,rkn->mkn", u, coef * kept_rows[:, None, None] if params.filtering else coef)
-        parts = shared
-        if params.residual_weight > 0:
-            residuals = _truncated_residuals(deltas - torch.einsum("mr,rkn->mkn", u, coef), params, generator)
-            parts = shared + params.residual_weight * residuals
-        parts = parts.transpose(0, 1)
-    merged, heterogeneous = ace_update(parts, expert_weights, AceParams())
+    kept_coef = coef * kept_rows[:, None, None] if params.filtering else coef
+    parts = kept_coef if u is None else torch.einsum("mr,rkn->mkn", u, kept_coef)  # (m, K, n)
+    if u is not None and params.residual_weight > 0:
+        residuals = _truncated_residuals(deltas - torch.einsum("mr,rkn->mkn", u, coef), params, generator)
+        parts = parts + params.residual_weight * residuals
+    merged, heterogeneous = ace_update(parts.transpose(0, 1), expert_weights, AceParams())
     if params.spectrum != "keep":
         merged = _flattened(merged)
     kept = 1.0 if total_energy == 0 else float(coef.square().sum()) / total_energy
