@@ -1,7 +1,10 @@
 """PivotMerge: shared-space decomposition, conflict filtering and layer weights.
 
 Our reading of arXiv 2604.22823 (its abstract names the components, not the
-formulas); docs/methods.md states every formula. For one tensor of layer ``l``:
+formulas); docs/methods.md states every formula. Without data the experts' shared
+parts are combined in the geometry of the layer's inputs (``combine: covariance``:
+ACE-Merging's closed form, the row-centred task vectors standing in for the inputs),
+spectrum kept. For one tensor of layer ``l``:
 
 1. pivot ``W0`` (the base, else the experts' mean); deltas ``d_k = W_k - W0``;
 2. shared space: the top left singular vectors ``U`` of ``[d_1 ... d_K]`` up to an

@@ -46,7 +46,7 @@ def test_the_tune_section_narrows_fixes_and_adds_parameters_and_labels_settings_
 
 def test_the_first_trial_of_a_candidate_is_what_a_plain_merge_of_the_spec_would_use():
     [plain] = space(labels=["pivotmerge"]).candidates
-    assert plain.defaults()["spectrum"] == "flatten" and plain.defaults()["residual_weight"] == 0.0
+    assert plain.defaults()["spectrum"] == "keep" and plain.defaults()["residual_weight"] == 0.0
     with_data = {**SPEC, "calibration": {"dataset": "calib.jsonl"}}
     [data] = space(labels=["pivotmerge"], spec=with_data).candidates
     # Given data, PivotMerge's data defaults: spectrum kept, residuals whole, scale 1 (and, not searched,
