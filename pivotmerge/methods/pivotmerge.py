@@ -51,7 +51,7 @@ from pivotmerge.methods.regmean import regmean_solve
 
 class Params(MethodParams):
     shared_space: bool = Field(True, description="Split each delta into its part in the experts' shared subspace and a residual.")
-    energy: Annotated[float, Search(0.5, 0.99)] = Field(0.9, gt=0, le=1, description="Shared subspace: fewest directions holding this fraction of the stacked deltas' energy.")
+    energy: Annotated[float, Search(0.5, 0.99)] = Field(0.95, gt=0, le=1, description="Shared subspace: fewest directions holding this fraction of the stacked deltas' energy.")
     max_rank: int | None = Field(None, ge=1, description="Shared subspace: at most this many directions (required with svd: randomized).")
     filtering: bool = Field(False, description="Suppress shared directions on which the experts' updates cancel (off by default: it never helped on the bench's dev splits).")
     conflict_threshold: Annotated[float, Search(0.3, 0.9)] = Field(0.5, ge=0, le=1, description="Suppress a direction whose conflict score 1 - |sum| / sum|.| exceeds this.")
@@ -77,7 +77,7 @@ class Params(MethodParams):
         "weight", description="uniform: weights as given, scale_max; weight: data-free shared-energy proxy; data: calibration alignment.")
     scale_min: Scale = Field(0.4, validation_alias=AliasChoices("scale_min", "lambda_min"),
                              description="Layer scale for a layer scoring 0: scale_l = scale_min + (scale_max - scale_min) * s_l.")
-    scale_max: Scale = Field(0.6, validation_alias=AliasChoices("scale_max", "lambda_max"),
+    scale_max: Scale = Field(0.8, validation_alias=AliasChoices("scale_max", "lambda_max"),
                              description="Layer scale for a layer scoring 1 (and every layer under uniform weighting).")
     svd: SvdMode = Field("auto", description="Shared-space and residual SVDs: exact; seeded randomized low-rank; or auto: "
                                              "randomized where it is much cheaper and its estimated error is under 1% of "

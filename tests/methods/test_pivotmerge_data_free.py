@@ -30,8 +30,10 @@ def test_defaults_are_the_covariance_combine_at_a_scale_from_the_layer_score():
     base, models = experts()
     out = run(models, base)
     assert out.info["combine"] == "covariance" and out.info["directions_suppressed"] == 0
-    # scale_l = 0.4 + (0.6 - 0.4) * s_l, s_l the weighted mean of the experts' shared-energy shares
-    assert out.info["scale"] == pytest.approx(0.4 + 0.2 * out.info["layer_score"])
+    # scale_l = 0.4 + (0.8 - 0.4) * s_l, s_l the weighted mean of the experts' shared-energy shares; the shared space
+    # holds 0.95 of the deltas' energy
+    assert out.info["scale"] == pytest.approx(0.4 + 0.4 * out.info["layer_score"])
+    assert out.info["shared_svd"]["energy"] >= 0.95
 
 
 def test_without_shared_space_it_is_ace_on_the_whole_deltas():
