@@ -285,8 +285,9 @@ def _merge_vector(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[fl
     return merged, {"expert_weights": expert_weights, "layer_score": score}
 
 
-@method("pivotmerge", summary="PivotMerge (our reading): shared-space decomposition, conflict filtering, flattened spectrum, "
-                             "layer-wise weights.",
+@method("pivotmerge", summary="PivotMerge (our reading): shared-space decomposition, the experts' parts combined in the "
+                             "geometry of each layer's inputs (task-vector covariances without data, measured Grams "
+                             "with), optional conflict filtering and flattening, layer-wise weights.",
         params=Params, base="optional", needs=needs, data=(Need.ALIGNMENT, Need.GRAMS, Need.MERGED_INPUTS),
         with_calibration=DATA_MODE)
 def pivotmerge(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
