@@ -43,8 +43,8 @@ def markdown(result: dict[str, Any]) -> str:
                      + f" | {p['mean']:+.4f} | {p['wins']}/{seeds} |")
     lines += ["", "Gates (tests/bench): " + ", ".join(f"{k} {v:+.3f}" for k, v in result["gates"].items()), ""]
     spearman = result["spearman"]
-    names = list(next(iter(spearman.values())))
-    lines += ["Spearman correlation of each weight-distance metric (between the merged experts' projector task"
+    names = list(next(iter(spearman.values()))) if spearman else []  # a run of chosen rows has no scenarios
+    lines += [] if not spearman else ["Spearman correlation of each weight-distance metric (between the merged experts' projector task"
               " vectors) with the quality a merge at defaults loses (scenarios: every subset of two or more domains):",
               "", "| merge | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for method, rho in spearman.items():
@@ -53,7 +53,9 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def _attribution_lines(per_seed: list[list[dict[str, Any]]]) -> list[str]:
-    layers = [k for k in per_seed[0][0]["test_token_accuracy"] if k != "total"]
+    if not any(per_seed):  # a run of chosen rows may have no pair to attribute
+        return []
+    layers = [k for k in next(c for s in per_seed for c in s)["test_token_accuracy"] if k != "total"]
     lines = ["", "Layer attribution (test token accuracy; `rival + ours' <layer>`: the rival with that projector layer"
              " taken from the PivotMerge row, minus the rival):", "",
              "| seed | ours | rival | ours - rival | " + " | ".join(f"rival + ours' {layer}" for layer in layers) + " |",

@@ -24,15 +24,22 @@ def bench() -> None:
               default=CACHE, show_default=True,
               help="Where built worlds are kept, keyed by their config and seed.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch CPU threads.")
-def quality(quick: bool, seeds: int | None, out: Path, cache: Path, threads: int) -> None:
+@click.option("--rows", default=None, metavar="NAME[,NAME...]",
+              help="Merge only these rows (tuned and defaults rows of these names; the reference rows are always "
+                   "scored; the merge-success scenarios are left out).")
+def quality(quick: bool, seeds: int | None, out: Path, cache: Path, threads: int, rows: str | None) -> None:
     """Merge quality on real LLaVA folders, merged by `pivotmerge.merge`, scored by the evaluator."""
     from rich.console import Console
     from transformers.utils import logging as hf_logging
 
-    from pivotmerge.bench.quality import FULL, QUICK, run, with_seeds
+    from pivotmerge.bench.quality import FULL, QUICK, run, with_rows, with_seeds
 
     hf_logging.disable_progress_bar()  # hundreds of model loads; their bars would drown the log
-    suite = with_seeds(QUICK if quick else FULL, seeds)
+    try:
+        suite = with_rows(with_seeds(QUICK if quick else FULL, seeds),
+                          None if rows is None else tuple(r.strip() for r in rows.split(",") if r.strip()))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     console = Console(stderr=True)
     with console.status("starting") as status:
         # A spinner on a terminal; timestamped lines in logs (nohup, CI), where a spinner shows nothing.

@@ -243,6 +243,8 @@ def all_methods() -> dict[str, Method]:
 
 # The modules of this package that register the built-in methods; a new one adds its line here.
 BUILTIN = (
+    "ace",
+    "cart",
     "dare",
     "iso",
     "linear",
@@ -252,6 +254,7 @@ BUILTIN = (
     "task_arithmetic",
     "ties",
     "tsv",
+    "wudi",
 )
 # Other packages register methods by naming a module in this entry point group.
 ENTRY_POINT_GROUP = "pivotmerge.methods"

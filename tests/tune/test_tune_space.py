@@ -49,7 +49,7 @@ def test_the_tune_section_narrows_fixes_and_adds_parameters_and_labels_settings_
 
 def test_the_first_trial_of_a_candidate_is_what_a_plain_merge_of_the_spec_would_use():
     [plain] = space(labels=["pivotmerge"]).candidates
-    assert plain.defaults()["spectrum"] == "flatten" and plain.defaults()["residual_weight"] == 0.0
+    assert plain.defaults()["spectrum"] == "keep" and plain.defaults()["residual_weight"] == 0.0
     with_data = {**SPEC, "calibration": {"dataset": "calib.jsonl"}}
     [data] = space(labels=["pivotmerge"], spec=with_data).candidates
     # Given data, PivotMerge's data defaults: spectrum kept, residuals whole, scale 1 (and, not searched,
@@ -57,7 +57,7 @@ def test_the_first_trial_of_a_candidate_is_what_a_plain_merge_of_the_spec_would_
     assert data.fixed == {}
     assert {k: data.defaults()[k] for k in ("spectrum", "residual_weight", "scale_min", "off_diagonal_scale")} == {
         "spectrum": "keep", "residual_weight": 1.0, "scale_min": 1.0, "off_diagonal_scale": 1.0}
-    assert data.defaults()["energy"] == 0.9  # not a data default: the method's own
+    assert data.defaults()["energy"] == 0.95  # not a data default: the method's own
 
 
 def test_a_discrete_space_is_a_grid_and_a_range_is_not():
