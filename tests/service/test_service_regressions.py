@@ -67,8 +67,8 @@ def test_webhooks_fire_from_the_embedded_service(tmp_path: Path) -> None:
     server, url, log = start_embedded_service(data, webhook_allow_private_addresses="true")
     receiver = Receiver([])
     try:
+        wait_until_ready(server, url, data / "api-key", log)
         with httpx.Client(base_url=url, timeout=30) as http:
-            wait_until_ready(http, server, log)
             http.headers["Authorization"] = f"Bearer {(data / 'api-key').read_text().strip()}"
             hook = http.post("/v1/webhooks", json={"url": receiver.url, "events": ["job.succeeded"]})
             assert hook.status_code == 201, hook.text
