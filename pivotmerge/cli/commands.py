@@ -182,7 +182,7 @@ def fold_command(spec_file: Path, out_dir: Path, force: bool, as_json: bool) -> 
     `calibration` dataset. OUT holds sharded safetensors, the model's config
     and tokenizer files, fold_report.json and a model card (docs/evaluation.md).
     """
-    from pivotmerge.analysis.fold_repo import fold, fold_spec_from_dict
+    from pivotmerge.fold.fold_repo import fold, fold_spec_from_dict
     from pivotmerge.spec.schema import read_yaml
 
     spec = fold_spec_from_dict(read_yaml(spec_file))
@@ -191,5 +191,5 @@ def fold_command(spec_file: Path, out_dir: Path, force: bool, as_json: bool) -> 
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
         return
-    console.print(f"[green]folded[/] {len(report['folded'])} tensors from {len(spec.groups)} modalities "
+    console.print(f"[green]folded[/] {len(report['folded'])} tensors from {len(report['spec']['groups'])} modalities "
                   f"with {spec.method} in {report['timings']['total_s']:.2f} s -> {out_dir}")

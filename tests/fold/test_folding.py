@@ -8,7 +8,7 @@ from torch import nn
 
 from pivotmerge.data.calibration import GramCollector
 from pivotmerge.errors import CompatibilityError, SpecError
-from pivotmerge.analysis.folding import FoldSpec, fold_state
+from pivotmerge.fold.folding import FoldSpec, fold_state
 
 MAPS = {"vision": {"pattern": r"\.mlp\.vision\.", "replace": ".mlp."},
         "text": {"pattern": r"\.mlp\.text\.", "replace": ".mlp."}}

@@ -1,4 +1,4 @@
-"""`pivotmerge fold` / `pivotmerge.fold`: folding a model repo's modality-specific FFNs, end to end."""
+"""`pivotmerge fold` / `pivotmerge.fold.fold`: folding a model repo's modality-specific FFNs, end to end."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import pivotmerge
+from pivotmerge.fold import fold
 from tests.repo_factory import write_repo
-from tests.analysis.test_folding import Model, MoMEBlock, SharedBlock, _integer_state
+from tests.fold.test_folding import Model, MoMEBlock, SharedBlock, _integer_state
 
 SPEC = """\
 model: vlmo
@@ -73,7 +73,7 @@ def test_python_api_interpolates_and_casts(tmp_path, repos):
             "groups": {"vision": {"pattern": r"\.mlp\.vision\.", "replace": ".mlp."},
                        "text": {"pattern": r"\.mlp\.text\.", "replace": ".mlp."}}, "dtype": "float16"}
     seen = []
-    report = pivotmerge.fold(spec, tmp_path / "out", progress=seen.append)
+    report = fold(spec, tmp_path / "out", progress=seen.append)
     folded = load_file(str(tmp_path / "out" / "model.safetensors"))
     v, t = state["layers.1.mlp.vision.down.weight"], state["layers.1.mlp.text.down.weight"]
     assert folded["layers.1.mlp.down.weight"].dtype == torch.float16
@@ -87,7 +87,7 @@ def test_python_api_interpolates_and_casts(tmp_path, repos):
      "error: model: vlmo has no tensor layers.0.mlp.down.bias (W0 for modality_arithmetic"),
     (lambda s: s.replace("lambda: 0.5", "lambda: lots"), "error: lambda: Input should be a valid number"),
     (lambda s: s.replace("modality_arithmetic", "regmean").replace("w0_model: pretrained\n", ""),
-     "error: calibration: regmean folding needs a calibration dataset"),
+     "error: calibration: regmean folding needs one of calibration (a dataset) or calibration_inputs"),
     (lambda s: s.replace("model: vlmo", "model: nowhere"), "error: nowhere: no such model folder"),
     (lambda s: s.replace("'\\.mlp\\.text\\.'", "'\\.attn\\.'"), "but modality 'text' has no tensor for it"),
 ])
