@@ -134,14 +134,22 @@ def analyze_command(spec_file: Path, as_json: bool) -> None:
     Compares the tensors SPEC would merge: their task vectors (W - base) when
     SPEC has a base_model, else the weights; each metric is averaged over all
     pairs of models. Higher distance and sign dissimilarity predict a harder
-    merge (docs/metrics.md defines each metric).
+    merge (docs/metrics.md defines each metric). Given a fold spec (`model:`,
+    see `pivotmerge fold`), compares the modality experts it would fold.
     """
-    from pivotmerge.analysis.analyze import analyze
-    from pivotmerge.spec.schema import load_spec
+    from pivotmerge.spec.schema import read_yaml
 
-    spec = load_spec(spec_file)
+    data = read_yaml(spec_file)
     with ProgressBar("analyzing") as bar:
-        result = analyze(spec, progress=bar, relative_to=spec_file.parent)
+        if isinstance(data, dict) and "model" in data and "models" not in data:
+            from pivotmerge.fold.distances import fold_distances
+
+            result = fold_distances(data, progress=bar, relative_to=spec_file.parent)
+        else:
+            from pivotmerge.analysis.analyze import analyze
+            from pivotmerge.spec.schema import spec_from_dict
+
+            result = analyze(spec_from_dict(data), progress=bar, relative_to=spec_file.parent)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import torch
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pivotmerge.version import __version__
 from pivotmerge.plan.device import DTYPES, resolve_device
@@ -55,9 +55,16 @@ class FoldJobSpec(FoldSpec):
                           "(e.g. the pre-trained model the experts were split from); default: the model's own tensors of those names.")
     calibration: DatasetRef | None = Field(
         None, description="regmean on LLaVA-style models: image-text pairs whose layer inputs give each modality's Gram matrices.")
-    calibration_inputs: str | None = Field(
-        None, description="regmean on any AutoModel: a safetensors file of forward-pass keyword arguments (batched), "
-                          "run through the model's own routed forward pass for each modality's Gram matrices.")
+    calibration_inputs: list[str] | None = Field(
+        None, description="regmean on any AutoModel: safetensors files of forward-pass keyword arguments (batched), "
+                          "run through the model's own routed forward pass for each modality's Gram matrices; one "
+                          "file per kind of input (e.g. images, texts, pairs) so every expert sees its tokens.")
+
+    @field_validator("calibration_inputs", mode="before")
+    @classmethod
+    def _one_or_more(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="Output dtype; default: the model's.")
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Where Gram matrices are collected.")
     out_shard_size: ByteSize = Field(2 * 10**9, gt=0, description="Largest output shard, bytes or e.g. '2GB'.")
@@ -120,15 +127,16 @@ def _grams(spec: FoldJobSpec, repo: ModelRepo, folded: Folded, roots: Sequence[P
            relative_to: Path | None, progress: ProgressFn | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Gram matrices of each source tensor's inputs on the calibration set (regmean only), and their report."""
     sources = sorted(s for group in folded.values() for s in group.values())
-    if spec.calibration_inputs is not None:
+    if spec.calibration_inputs:
         from pivotmerge.fold.grams import collect_routed_grams, load_inputs
 
-        path = Path(spec.calibration_inputs)
-        inputs = load_inputs(relative_to / path if relative_to is not None and not path.is_absolute() else path, roots)
+        paths = [Path(p) for p in spec.calibration_inputs]
+        inputs = [load_inputs(relative_to / p if relative_to is not None and not p.is_absolute() else p, roots) for p in paths]
         if progress is not None:
-            progress(Progress("calibrate", 0, 1, message=f"calibration inputs: {path.name}"))
+            progress(Progress("calibrate", 0, 1, message=f"calibration inputs: {', '.join(p.name for p in paths)}"))
         grams = collect_routed_grams(repo.path, inputs, sources, device=resolve_device(spec.device).type)
-        return grams, {"inputs": str(path), "samples": next(iter(inputs.values())).shape[0], "gram_tensors": sorted(grams)}
+        return grams, {"inputs": [str(p) for p in paths], "samples": sum(next(iter(i.values())).shape[0] for i in inputs),
+                       "gram_tensors": sorted(grams)}
     if spec.calibration is None:
         return {}, {}
     from pivotmerge.data.calibration import collect_grams

@@ -1,9 +1,11 @@
 """Gram matrices for RegMean folding, measured through a model's own routed forward pass.
 
 The model is loaded with `AutoModel.from_pretrained` (any architecture transformers or
-this project registers; no remote code) and run on `calibration_inputs`: a safetensors
-file whose tensors are the forward pass's keyword arguments (``pixel_values``,
-``input_ids``, ...), batched along their first dimension. Forward pre-hooks on the named
+this project registers; no remote code) and run on `calibration_inputs`: safetensors
+files whose tensors are the forward pass's keyword arguments (``pixel_values``,
+``input_ids``, ...), batched along their first dimension; one file per kind of input
+(images alone, texts alone, pairs), so a model that routes each kind to its own experts
+gives every expert its tokens. Forward pre-hooks on the named
 nn.Linear modules of each modality's expert sum ``X^T X`` of exactly the tokens the model
 routes to that expert, so nothing here knows the architecture.
 """
@@ -43,16 +45,16 @@ def load_inputs(path: Path, allowed_roots: Sequence[Path] | None = None) -> dict
 
 
 @torch.no_grad()
-def routed_grams(model: nn.Module, inputs: Mapping[str, torch.Tensor], tensor_names: Iterable[str],
+def routed_grams(model: nn.Module, inputs: Sequence[Mapping[str, torch.Tensor]], tensor_names: Iterable[str],
                  batch_size: int = 64) -> dict[str, torch.Tensor]:
     """``X^T X`` (float64) of the inputs each named linear weight's module sees in `model`'s forward passes;
     names that are not an nn.Linear's weight are left out (RegMean averages them)."""
     modules = linear_modules(model, tensor_names)
-    total = next(iter(inputs.values())).shape[0]
     device = next(model.parameters()).device
+    batches = ({k: v[start:start + batch_size].to(device) for k, v in kind.items()}
+               for kind in inputs for start in range(0, next(iter(kind.values())).shape[0], batch_size))
     with GramCollector(modules) as collector:
-        for start in range(0, total, batch_size):
-            batch = {k: v[start:start + batch_size].to(device) for k, v in inputs.items()}
+        for batch in batches:
             collector.token_mask = batch["attention_mask"].bool() if "attention_mask" in batch else None
             try:
                 model(**batch)
@@ -62,9 +64,16 @@ def routed_grams(model: nn.Module, inputs: Mapping[str, torch.Tensor], tensor_na
     return {n: g.cpu() for n, g in collector.grams.items()}
 
 
-def collect_routed_grams(model_dir: Path, inputs: Mapping[str, torch.Tensor], tensor_names: Iterable[str],
+def collect_routed_grams(model_dir: Path, inputs: Sequence[Mapping[str, torch.Tensor]], tensor_names: Iterable[str],
                          device: str = "cpu") -> dict[str, torch.Tensor]:
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
-    model = AutoModel.from_pretrained(str(model_dir)).float().to(device).eval()
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the fold's own progress is shown; a second bar would garble it
+    try:
+        model = AutoModel.from_pretrained(str(model_dir)).float().to(device).eval()
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     return routed_grams(model, inputs, tensor_names)
