@@ -187,8 +187,13 @@ def fold_command(spec_file: Path, out_dir: Path, force: bool, as_json: bool) -> 
         w0_model: pretrained             # optional; default: the model's own W0 tensors
 
     interpolation takes `weights` per modality; regmean takes `alpha` and a
-    `calibration` dataset. OUT holds sharded safetensors, the model's config
-    and tokenizer files, fold_report.json and a model card (docs/evaluation.md).
+    `calibration` dataset (LLaVA-style models) or `calibration_inputs`, one or
+    more safetensors files of forward-pass arguments run through the model's own
+    routed forward pass (any AutoModel). For a model with a folding table (the
+    project's modality-specific VL transformer) `groups` may be left out: the
+    table's maps are used and OUT loads as the shared model (docs/folding.md).
+    OUT holds sharded safetensors, the model's config and tokenizer files,
+    fold_report.json and a model card (docs/evaluation.md).
     """
     from pivotmerge.fold.fold_repo import fold, fold_spec_from_dict
     from pivotmerge.spec.schema import read_yaml
