@@ -90,6 +90,8 @@ def test_python_api_interpolates_and_casts(tmp_path, repos):
      "error: calibration: regmean folding needs one of calibration (a dataset) or calibration_inputs"),
     (lambda s: s.replace("model: vlmo", "model: nowhere"), "error: nowhere: no such model folder"),
     (lambda s: s.replace("'\\.mlp\\.text\\.'", "'\\.attn\\.'"), "but modality 'text' has no tensor for it"),
+    (lambda s: s[:s.index("groups:")] + s[s.index("w0_model"):],
+     "error: groups: this model has no folding table; give a name map per modality"),
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, repos, run_cli, edit, message):
     spec = tmp_path / "specs" / "fold.yaml"
