@@ -43,6 +43,7 @@ from pivotmerge.models.multiway import MultiwayVLConfig, MultiwayVLModel, Shared
 METHODS = ("interpolation", "modality_arithmetic", "regmean")
 TASKS = ("retrieval", "vqa", "nlvr")
 METRICS = ("l2", "relative_l2", "cosine", "sign_dissimilarity", "soft_sign_dissimilarity", "truncated_sign_dissimilarity")
+SEED_SUFFIX = " vs seed"
 Show = Callable[[str], None]
 
 
@@ -280,9 +281,18 @@ def sweep_point(suite: ModalitySuite, seed_steps: int, seed_ckpt: dict, scratch_
     scratch = SharedVLModel(model_config(suite, multiway=False))
     scratch.load_state_dict(scratch_ckpt["model"])
     result["scratch"] = finetune_scores(scratch, suite)
-    distances = fold_distances({"model": str(point / "specific"), "method": "interpolation"})
-    result["distances"] = {"total": distances["total"], "layers": distances["layers"]}
+    result |= expert_distances(point)
     return result
+
+
+def expert_distances(point: Path) -> dict[str, Any]:
+    """The experts' distances on their weights (``distances``) and on their moves from the seed
+    (``distances_to_seed``, task vectors ``W_m - W0``), as `pivotmerge analyze FOLD_SPEC` measures them."""
+    out = {}
+    for key, extra in (("distances", {}), ("distances_to_seed", {"w0_model": str(point / "seed")})):
+        d = fold_distances({"model": str(point / "specific"), "method": "modality_arithmetic", **extra})
+        out[key] = {"total": d["total"], "layers": d["layers"]}
+    return out
 
 
 def spearman(x: list[float], y: list[float]) -> float | None:
@@ -294,13 +304,15 @@ def spearman(x: list[float], y: list[float]) -> float | None:
 
 
 def correlations(points: list[dict[str, Any]], methods: tuple[str, ...]) -> dict[str, dict[str, float | None]]:
-    """Spearman of each metric's total with each method's average folded score (and their mean) over the sweep."""
+    """Spearman of each metric's total (on the weights, and on the moves from the seed: "... vs seed")
+    with each method's average folded score, and with their mean, over the sweep."""
     out: dict[str, dict[str, float | None]] = {}
-    for metric in METRICS:
-        values = [p["distances"]["total"][metric] for p in points]
-        row = {m: spearman(values, [p["folded"][m]["average"] for p in points]) for m in methods}
-        row["mean"] = spearman(values, [sum(p["folded"][m]["average"] for m in methods) / len(methods) for p in points])
-        out[metric] = row
+    for key, suffix in (("distances", ""), ("distances_to_seed", SEED_SUFFIX)):
+        for metric in METRICS:
+            values = [p[key]["total"][metric] for p in points]
+            row = {m: spearman(values, [p["folded"][m]["average"] for p in points]) for m in methods}
+            row["mean"] = spearman(values, [sum(p["folded"][m]["average"] for m in methods) / len(methods) for p in points])
+            out[metric + suffix] = row
     return out
 
 
@@ -369,14 +381,15 @@ def markdown(result: dict[str, Any]) -> Iterator[str]:
         for name, scores in [*p["folded"].items(), ("scratch (same compute)", p["scratch"])]:
             yield f"| {p['seed_steps']} | {name} | " + " | ".join(_f(scores[t]) for t in (*TASKS, "average")) + " |"
     yield ""
-    yield "Distances between the experts (v-l, and with vl in the top blocks), totals:"
-    yield ""
-    yield "| seed steps | " + " | ".join(METRICS) + " |"
-    yield "|---|" + "---|" * len(METRICS)
-    for p in points:
-        yield f"| {p['seed_steps']} | " + " | ".join(_f(p["distances"]["total"][m], 4) for m in METRICS) + " |"
-    if result["spearman"]:
+    for key, what in (("distances", "weights"), ("distances_to_seed", "moves from the seed, W_m - W0")):
+        yield f"Distances between the experts (v-l, and with vl in the top blocks) on their {what}, totals:"
         yield ""
+        yield "| seed steps | " + " | ".join(METRICS) + " |"
+        yield "|---|" + "---|" * len(METRICS)
+        for p in points:
+            yield f"| {p['seed_steps']} | " + " | ".join(_f(p[key]["total"][m], 4) for m in METRICS) + " |"
+        yield ""
+    if result["spearman"]:
         yield "Spearman correlation of each metric with the folded models' average score over the sweep:"
         yield ""
         yield "| metric | " + " | ".join(methods) + " | mean of methods |"
@@ -414,9 +427,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
     left.set(xlabel="seed pre-training steps", ylabel="average task score (points)", title="Merged performance")
     left.legend(fontsize=8)
     mean_score = [sum(p["folded"][m]["average"] for m in methods) / len(methods) for p in points]
-    for metric in ("truncated_sign_dissimilarity", "soft_sign_dissimilarity", "relative_l2", "cosine"):
-        right.scatter([p["distances"]["total"][metric] for p in points], mean_score,
-                      label=f"{metric} (rho {_f(result['spearman'][metric]['mean'], 2)})")
+    for key, metric in (("distances", "relative_l2"), ("distances", "soft_sign_dissimilarity"),
+                        ("distances_to_seed", "truncated_sign_dissimilarity"), ("distances_to_seed", "soft_sign_dissimilarity")):
+        name = metric + ("" if key == "distances" else SEED_SUFFIX)
+        right.scatter([p[key]["total"][metric] for p in points], mean_score,
+                      label=f"{name} (rho {_f(result['spearman'][name]['mean'], 2)})")
     right.set(xlabel="distance between experts (total)", ylabel="mean folded score (points)",
               title="Distance metrics vs merged performance")
     right.legend(fontsize=7)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pivotmerge.bench.modality import METHODS, METRICS, QUICK, TASKS
+from pivotmerge.bench.modality import METHODS, METRICS, QUICK, SEED_SUFFIX, TASKS
 from pivotmerge.cli.main import main
 
 
@@ -26,9 +26,10 @@ def test_quick_mode_writes_the_tables_and_the_plot(quick_run):
         for scores in (*point["folded"].values(), point["scratch"]):
             assert set(scores) == {*TASKS, "average"} and all(0 <= s <= 100 for s in scores.values())
             assert scores["average"] == pytest.approx(sum(scores[t] for t in TASKS) / len(TASKS))
-        assert set(point["distances"]["total"]) == set(METRICS)
-        assert {"layer.0", "layer.3"} <= set(point["distances"]["layers"])
-    assert set(result["spearman"]) == set(METRICS)
+        for key in ("distances", "distances_to_seed"):
+            assert set(point[key]["total"]) == set(METRICS)
+            assert {"layer.0", "layer.3"} <= set(point[key]["layers"])
+    assert set(result["spearman"]) == set(METRICS) | {m + SEED_SUFFIX for m in METRICS}
     assert all(set(row) == {*METHODS, "mean"} for row in result["spearman"].values())
     table = (quick_run / "results.md").read_text()
     assert "| seed steps | model | retrieval | vqa | nlvr | average |" in table and "Best predictor:" in table
