@@ -405,8 +405,9 @@ def markdown(result: dict[str, Any]) -> Iterator[str]:
             yield f"- {m}: " + ", ".join(f"{t} {g:+.1f}" for t, g in gaps.items()) + f" ({verdict})"
         yield ""
         for m, b in f["beats_no_seed"].items():
+            verdict = "beats" if b["longest_seed"] > b["no_seed"] else "does NOT beat"
             yield (f"- {m}: average {b['no_seed']:.1f} without seed pre-training, best {b['best_with_seed']:.1f} with it, "
-                   f"{b['longest_seed']:.1f} at the longest seed")
+                   f"{b['longest_seed']:.1f} at the longest seed ({verdict} folding without seed pre-training there)")
         yield ""
         yield f"Best predictor: {f['best_metric']['metric']} (Spearman {_f(f['best_metric']['spearman'], 2)})."
 
