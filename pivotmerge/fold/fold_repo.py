@@ -38,7 +38,7 @@ from pivotmerge.fold.tables import folded_config, table_for
 from pivotmerge.repos.output import FOLD_REPORT_FILE, building, carry_side_files, check_out_dir
 from pivotmerge.progress import CancelFn, Progress, ProgressFn
 from pivotmerge.repos.model_repo import ModelRepo, resolve_roots
-from pivotmerge.spec.schema import ByteSize, DatasetRef, format_validation_error, read_yaml
+from pivotmerge.spec.schema import ByteSize, DatasetRef, format_validation_error
 from pivotmerge.repos.writer import OutputTensor, ShardWriter
 from pivotmerge.report.merge_report import output_files, versions, write_json
 from pivotmerge.run.engine import write_tensors

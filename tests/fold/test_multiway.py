@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
-from pivotmerge.fold import fold
 from pivotmerge.models.multiway import MultiwayVLConfig, MultiwayVLModel, SharedVLConfig, SharedVLModel, seed_state
 
 SIZES = dict(hidden_size=8, num_layers=3, num_heads=2, vl_layers=2, image_size=8, patch_size=4, vocab_size=10,
