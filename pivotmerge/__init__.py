@@ -25,7 +25,8 @@ if TYPE_CHECKING:  # what each name is, for readers and type checkers
 _EXPORTS = {
     "merge": "pivotmerge.run.engine", "check": "pivotmerge.plan.plan", "plan_merge": "pivotmerge.plan.plan",
     "analyze": "pivotmerge.analysis.analyze",
-    "MergeSpec": "pivotmerge.spec.schema", "load_spec": "pivotmerge.spec.schema", "spec_from_dict": "pivotmerge.spec.schema",
+    "MergeSpec": "pivotmerge.spec.schema", "load_spec": "pivotmerge.spec.schema",
+    "spec_from_dict": "pivotmerge.spec.schema",
     "Progress": "pivotmerge.progress", "PivotMergeError": "pivotmerge.errors", "SpecError": "pivotmerge.errors",
     "RepoError": "pivotmerge.errors", "CompatibilityError": "pivotmerge.errors", "MergeCancelled": "pivotmerge.errors",
 }

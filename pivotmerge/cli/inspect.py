@@ -35,7 +35,7 @@ def summarise(repo: ModelRepo, arch: Architecture, places: dict[str, TensorPlace
     out = []
     for component in sorted({p.component_name for p in places.values()}):
         names = [n for n, p in places.items() if p.component_name == component]
-        layers = [places[n].layer for n in names if places[n].layer is not None]
+        layers = [layer for n in names if (layer := places[n].layer) is not None]
         out.append(ComponentSummary(component, len(names), sum(math.prod(repo.tensors[n].shape) for n in names),
                                     (min(layers), max(layers)) if layers else None, names[0]))
     return out
@@ -67,7 +67,8 @@ def inspect_command(repo: str, per_tensor: bool, as_json: bool) -> None:
                 "components": [s.__dict__ for s in summary], "unclaimed": unclaimed,
                 **({"fold_groups": group_rows} if group_rows else {}),
                 **({"tensors": [{"name": n, "component": p.component_name, "layer": p.layer,
-                                 "shape": list(model.tensors[n].shape)} for n, p in places.items()]} if per_tensor else {}),
+                                 "shape": list(model.tensors[n].shape)} for n, p in places.items()]}
+                   if per_tensor else {}),
             }, indent=2))
             return
         console = Console(width=160)
@@ -87,6 +88,7 @@ def inspect_command(repo: str, per_tensor: bool, as_json: bool) -> None:
         if per_tensor:
             detail = Table("tensor", "component", "layer", "shape")
             for n, p in places.items():
-                detail.add_row(n, p.component_name, "-" if p.layer is None else str(p.layer), str(list(model.tensors[n].shape)))
+                detail.add_row(n, p.component_name, "-" if p.layer is None else str(p.layer),
+                               str(list(model.tensors[n].shape)))
             console.print(detail)
         console.print(f"unclaimed by the table: {', '.join(unclaimed) if unclaimed else 'none'}")

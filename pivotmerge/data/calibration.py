@@ -331,7 +331,7 @@ def expert_calibration(spec: MergeSpec) -> list[DatasetRef]:
     for i, entry in enumerate(spec.models):
         ref = entry.calibration or spec.calibration
         if ref is None:
-            field = "calibration" if not any(m.calibration for m in spec.models) else f"models.{i}.calibration"
+            field = "calibration" if not spec.gives_calibration else f"models.{i}.calibration"
             raise SpecError(f"{field}: method {spec.method!r} as configured needs calibration data for every expert "
                             "(set `calibration`, or `calibration` on each model)")
         refs.append(ref)

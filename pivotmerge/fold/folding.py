@@ -34,7 +34,7 @@ import torch
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pivotmerge.errors import CompatibilityError, SpecError
-from pivotmerge.methods._ops import add_weighted_deltas
+from pivotmerge.methods.toolkit.deltas import add_weighted_deltas
 from pivotmerge.methods.regmean import regmean_solve
 
 Tensor = torch.Tensor

@@ -38,8 +38,10 @@ import torch
 from pydantic import AliasChoices, Field, model_validator
 
 from pivotmerge.methods import NO_CALIBRATION, Calibration, Merged, MethodParams, Need, Search, Tensor, method
-from pivotmerge.methods._ops import (SvdMode, column_weights, elected_mask, flatten_spectrum, low_rank_svd, masked_merge,
-                                     onto_base, significant, svd, weighted_sum)
+from pivotmerge.methods.toolkit.consensus import elected_mask, masked_merge
+from pivotmerge.methods.toolkit.deltas import column_weights, onto_base, weighted_sum
+from pivotmerge.methods.toolkit.spectrum import flatten_spectrum, significant
+from pivotmerge.methods.toolkit.svd import SvdMode, low_rank_svd, svd
 from pivotmerge.methods.fields import OffDiagonalScale, Scale, off_diagonal_scale_field
 from pivotmerge.methods.regmean import regmean_solve
 
@@ -248,7 +250,7 @@ def _merge_vector(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[fl
 
 @method("pivotmerge", summary="PivotMerge (our reading): shared-space decomposition, conflict filtering, flattened spectrum, "
                              "layer-wise weights.",
-        params=Params, base="optional", needs=needs, data=(Need.ALIGNMENT, Need.GRAMS, Need.MERGED_INPUTS),
+        params=Params, base="optional", needs=needs,
         with_calibration=DATA_MODE)
 def pivotmerge(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
                params: Params, generator: torch.Generator | None = None,

@@ -50,11 +50,6 @@ class TensorParams:
     calibration: Calibration = NO_CALIBRATION
 
 
-def gives_calibration(spec: MergeSpec) -> bool:
-    """The spec names calibration data, spec-wide or for any expert."""
-    return spec.calibration is not None or any(m.calibration is not None for m in spec.models)
-
-
 def resolve_params(spec: MergeSpec, method: Method, tensor: str, depth: float) -> TensorParams:
     """Per-model weights and the method's parameters for one tensor.
 
@@ -72,7 +67,7 @@ def resolve_params(spec: MergeSpec, method: Method, tensor: str, depth: float) -
         weights.append(1.0 if w is None else float(w))
     values: dict[str, Any] = dict(global_values)
     canonical = method.aliases()
-    with_calibration = method.with_calibration if gives_calibration(spec) else {}
+    with_calibration = method.with_calibration if spec.gives_calibration else {}
     given = {canonical[k] for k in global_values}
     values.update({k: v for k, v in with_calibration.items() if k not in given and k not in method.per_model})
     for name in method.per_model:

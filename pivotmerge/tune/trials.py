@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
 import torch
 
@@ -97,7 +97,7 @@ class TrialRunner:
         check_dev(dev, objective)
         self.spec = spec
         self.objective = objective
-        self._roots = allowed_roots
+        self._roots = None if allowed_roots is None else [Path(r) for r in allowed_roots]
         self._relative_to = relative_to
         self._plan = plan_merge(spec, allowed_roots=allowed_roots, relative_to=relative_to)
         try:
@@ -171,7 +171,8 @@ class TrialRunner:
         for dev in self.dev:
             stats = caption_stats(self.loaded.model, dev.batches, self.loaded.device)
             qa = [r for r in dev.dataset.records if r.answer is not None] if self.objective == "qa" else []
-            em = exact_match(answers(self.loaded, qa, BATCH_SIZE, MAX_NEW_TOKENS), [r.answer or "" for r in qa]) if qa else None
+            em = exact_match(answers(self.loaded, qa, BATCH_SIZE, MAX_NEW_TOKENS),
+                             [r.answer or "" for r in qa]) if qa else None
             out.append(DatasetMetrics(dataset=dev.dataset.name, samples=len(dev.dataset.records), tokens=stats.tokens,
                                       caption_loss=stats.loss, perplexity=perplexity(stats.loss),
                                       token_accuracy=stats.accuracy, exact_match=em, questions=len(qa),
@@ -189,7 +190,7 @@ class TrialRunner:
         return TrialResult(metrics, done - started, merged_at - started, done - merged_at)
 
 
-def _parameters(loaded: Loaded, names: Sequence[str]) -> dict[str, torch.Tensor]:
+def _parameters(loaded: Loaded, names: Iterable[str]) -> dict[str, torch.Tensor]:
     """Merged tensor name -> the loaded model's parameter (or buffer) holding it."""
     held = {**dict(loaded.model.named_parameters()), **dict(loaded.model.named_buffers())}
     out = {}

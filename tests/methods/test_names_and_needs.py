@@ -104,10 +104,10 @@ def test_with_calibration_defaults_must_name_valid_parameters_of_a_method_that_r
     from pivotmerge.methods.regmean import needs as regmean_needs
 
     with pytest.raises(ValueError, match="names no parameter: gram_alpha"):
-        method("x", summary="", params=RegMeanParams, needs=regmean_needs, data=[Need.GRAMS],
+        method("x", summary="", params=RegMeanParams, needs=regmean_needs,
                with_calibration={"gram_alpha": 1.0})
     with pytest.raises(ValueError, match="off_diagonal_scale"):
-        method("x", summary="", params=RegMeanParams, needs=regmean_needs, data=[Need.GRAMS],
+        method("x", summary="", params=RegMeanParams, needs=regmean_needs,
                with_calibration={"off_diagonal_scale": 2.0})
     with pytest.raises(ValueError, match="reads calibration data"):
         method("x", summary="", params=RegMeanParams, with_calibration={"off_diagonal_scale": 1.0})

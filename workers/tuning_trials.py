@@ -1,4 +1,4 @@
-"""Trial tasks: the trials a tuning job fans out (workers.tuning), run by the workers reading its queue.
+"""Trial tasks: the trials a tuning job fans out (workers.kinds.tuning), run by the workers reading its queue.
 
     celery -A workers.worker worker -Q trials -c 1        # e.g. one per spare GPU
 
@@ -14,7 +14,6 @@ in flight write nothing.
 from __future__ import annotations
 
 import gc
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,14 +25,14 @@ from sqlalchemy import select
 
 from core.models import Job, JobState, Trial
 from core.settings import Settings
-from core.tunings import TuningRequest
+from core.tuning_request import TuningRequest
 from pivotmerge.tune.study import Proposal, failed_trial, run_trial
 from pivotmerge.tune.trials import TrialRunner
 from pivotmerge.tune.tuning import load_datasets
 
 from workers.celery_app import RUN_TRIAL
-from workers.tasks import context
-from workers.tuning import save_trial
+from workers.context import context, worker_name
+from workers.kinds.tuning import save_trial
 
 
 @dataclass
@@ -95,5 +94,5 @@ def run_trial_task(self: Task, job_id: str, attempt: int, proposal: dict[str, An
         # Locks the job's row: a cancel either comes before this write (no row) or after it.
         job = session.execute(select(Job.state, Job.attempts).where(Job.id == jid).with_for_update()).first()
         if still_running(job, attempt):
-            save_trial(session, jid, record, f"{self.request.hostname}:{os.getpid()}")
+            save_trial(session, jid, record, worker_name(self.request.hostname))
         session.commit()

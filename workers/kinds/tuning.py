@@ -1,11 +1,13 @@
-"""The tuning job: the engine's study (`pivotmerge tune`) run by the job's task, its trials fanned out.
+"""Tuning jobs (/v1/tunings): the engine's study (`pivotmerge tune`) run by the job's task, its trials
+fanned out; the chosen trial's merge is the output. The request is core.tuning_request.TuningRequest;
+the trials' rows are read at /v1/tunings/{id}/trials (app.routers.tuning_trials).
 
 With `Settings.trial_queue` set, each batch of the study's proposals goes out as trial tasks
-(workers.trials) to the workers reading that queue, and the study waits for their rows in `trials`;
+(workers.tuning_trials) to the workers reading that queue, and the study waits for their rows in `trials`;
 empty, the job's own process runs the trials. Either way every trial the study tells is a row, the
 job's progress is trials done out of the budget (with a `trial` event each), and the cancel check stops
 the study between batches and while it waits. The job's lease is renewed meanwhile by the task's own
-thread (workers.tasks.LeaseKeeper), as for any job.
+thread (workers.tasks.lease_keeper), as for any job.
 
 A restarted attempt runs the study again from its seed: it proposes the same trials, and when they are
 fanned out, those an earlier attempt recorded are read back instead of being sent again.
@@ -18,41 +20,34 @@ import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Sequence
 
 from celery import current_app
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
+import pivotmerge
 from core.job_states import add_event, holds_lease
 from core.models import Job, Trial, utcnow
 from core.settings import Settings
-from core.tunings import TuningRequest
+from core.tuning_request import TuningRequest
 from pivotmerge.data.evaluate import DatasetMetrics
-from pivotmerge.errors import MergeCancelled
+from pivotmerge.errors import MergeCancelled, SpecError
 from pivotmerge.progress import Progress
 from pivotmerge.report.study import TrialRecord
+from pivotmerge.spec.schema import MergeSpec
+from pivotmerge.tune.space import FieldNames, read_space
 from pivotmerge.tune.study import Proposal
-from pivotmerge.tune.tuning import tune
+from pivotmerge.tune.tuning import check_tuning, tune
 
 from workers.celery_app import enqueue_trial
+from workers.context import JobHooks
+from workers.kinds import JobKind, JobRun, Outcome, declare
 
 POLL_SECONDS = 0.2  # how often a study waiting for its trials looks for their rows
 RECORD_FIELDS = tuple(TrialRecord.model_fields)
 # Metrics that are numbers even when not finite; JSON columns hold null for those (core.db).
 FLOAT_METRICS = {name for name, f in DatasetMetrics.model_fields.items() if f.annotation is float}
-
-
-class JobHooks(Protocol):
-    """What the job's task lends a tuning (workers.tasks.JobReporter): the attempt's row, progress, cancel check."""
-
-    sessions: sessionmaker[Session]
-    job_id: uuid.UUID
-    attempt: int
-
-    def progress(self, p: Progress) -> None: ...
-
-    def should_cancel(self) -> bool: ...
 
 
 def record_of(row: Trial) -> TrialRecord:
@@ -123,10 +118,11 @@ class Study:
         return [recorded[n] for n in numbers]
 
 
-def run_tuning(spec_data: dict[str, Any], out_dir: Path, settings: Settings,
-               hooks: JobHooks) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run the study and write the chosen trial's merge into out_dir; (report, metrics) for the job's row."""
-    request = TuningRequest.model_validate(spec_data)
+def run_tuning(run: JobRun) -> Outcome:
+    """Run the study and write the chosen trial's merge into the output folder; the metrics are the chosen
+    trial's dev scores and its test scores."""
+    request: TuningRequest = run.request
+    hooks, settings, out_dir = run.job, run.settings, run.out_dir
     with hooks.sessions() as session:
         worker = session.scalar(select(Job.worker).where(Job.id == hooks.job_id))
     study = Study(hooks, settings, request.trials, worker)
@@ -139,4 +135,38 @@ def run_tuning(spec_data: dict[str, Any], out_dir: Path, settings: Settings,
     chosen = report.study.best_trial()
     metrics = {"dev": [m.model_dump(mode="json") for m in chosen.dev],
                "test": [m.model_dump(mode="json") for m in report.study.best_test or []]}
-    return report.as_json(), metrics
+    return Outcome(report.as_json(), metrics)
+
+
+# The request's fields, as errors about the space and the candidates name them.
+FIELDS = FieldNames(space="space", methods="methods")
+MAX_SEED = 2**32 - 1  # Optuna's samplers take a 32-bit seed
+
+
+def check_tuning_spec(spec: MergeSpec, *, allowed_roots: Sequence[Path], allow_downloads: bool) -> None:
+    # Trials open the repos without downloading (the engine's tuning reads hub ids from the cache only).
+    pivotmerge.check(spec, allowed_roots=allowed_roots, allow_downloads=False)
+
+
+def check_tuning_request(request: TuningRequest, *, allowed_roots: Sequence[Path], allow_downloads: bool) -> None:
+    """What the worker would refuse, refused now: the space, every dev and test set (records and images,
+    under the allowed roots) and the objective they must score."""
+    check_tuning(request.spec, {"space": request.space}, request.dev, methods=request.methods,
+                 objective=request.objective, test=request.test, allowed_roots=allowed_roots, names=FIELDS)
+
+
+def accept_tuning(request: TuningRequest, settings: Settings) -> TuningRequest:
+    """The request with its defaults filled in (the candidates and the seed), as the job keeps it."""
+    seed, field = (request.spec.seed, "spec.seed") if request.seed is None else (request.seed, "seed")
+    if not 0 <= seed <= MAX_SEED:
+        raise SpecError(f"{field}: the study's sampler takes a seed in 0..{MAX_SEED}, got {seed}")
+    if request.timeout_s is not None and request.timeout_s >= settings.task_soft_time_limit:
+        raise SpecError(f"timeout_s: must be under the job's time limit of {settings.task_soft_time_limit} s "
+                        "(the best trial's merge comes after it)")
+    space = read_space(request.spec, {"space": request.space}, request.methods, FIELDS)
+    return request.model_copy(update={"methods": [c.label for c in space.candidates], "seed": seed})
+
+
+TUNING = declare(JobKind(name="tuning", collection="tunings", noun="tuning", label="Tuning", request=TuningRequest,
+                         run=run_tuning, check_spec=check_tuning_spec, check_request=check_tuning_request,
+                         spec_field="spec", accept=accept_tuning))
