@@ -79,11 +79,12 @@ def inspect_command(repo: str, per_tensor: bool, as_json: bool) -> None:
             table.add_row(s.component, str(s.tensors), f"{s.parameters:,}",
                           f"{s.layers[0]}-{s.layers[1]}" if s.layers else "-", s.example)
         console.print(table)
-        if group_rows:
+        if group_rows and table_of_folds is not None:
             folds = Table("modality", "part", "tensors", "parameters", "e.g.",
                           title=f"fold groups (pivotmerge fold folds them into {table_of_folds.folded_model_type})")
             for row in group_rows:
-                folds.add_row(row["modality"], row["part"], str(row["tensors"]), f"{row['parameters']:,}", row["example"])
+                folds.add_row(str(row["modality"]), str(row["part"]), str(row["tensors"]), f"{row['parameters']:,}",
+                              str(row["example"]))
             console.print(folds)
         if per_tensor:
             detail = Table("tensor", "component", "layer", "shape")

@@ -1,7 +1,8 @@
 """Folding: merging the modality-specific parameter groups of ONE model into a single
 modality-agnostic group (Sung et al., 2023), from the name maps to the written folder.
 
-May import: models (the project's own folding tables), analysis (the distance metrics), data (Gram matrices), run (the write loop), repos, methods, report, spec, plan, errors, progress, version."""
+May import: models (the project's own folding tables), analysis (the distance metrics), data (Gram
+matrices), run (the write loop), repos, methods, report, spec, plan, errors, progress, version."""
 
 
 def __getattr__(name: str):

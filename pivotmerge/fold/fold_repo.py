@@ -49,12 +49,15 @@ Folded = dict[str, dict[str, str]]  # folded name -> {modality: source tensor na
 class FoldJobSpec(FoldSpec):
     """A FoldSpec with the model it folds and how the output is written."""
 
-    model: str = Field(..., description="The model to fold: a folder, or hub id 'org/name[@revision]' from the local cache.")
+    model: str = Field(
+        ..., description="The model to fold: a folder, or hub id 'org/name[@revision]' from the local cache.")
     w0_model: str | None = Field(
         None, description="modality_arithmetic: a model holding the untouched shared weights W0 under the folded names "
-                          "(e.g. the pre-trained model the experts were split from); default: the model's own tensors of those names.")
+                          "(e.g. the pre-trained model the experts were split from); default: the model's own "
+                          "tensors of those names.")
     calibration: DatasetRef | None = Field(
-        None, description="regmean on LLaVA-style models: image-text pairs whose layer inputs give each modality's Gram matrices.")
+        None, description="regmean on LLaVA-style models: image-text pairs whose layer inputs give each "
+                          "modality's Gram matrices.")
     calibration_inputs: list[str] | None = Field(
         None, description="regmean on any AutoModel: safetensors files of forward-pass keyword arguments (batched), "
                           "run through the model's own routed forward pass for each modality's Gram matrices; one "
@@ -65,7 +68,8 @@ class FoldJobSpec(FoldSpec):
     def _one_or_more(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
-    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="Output dtype; default: the model's.")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="Output dtype; default: the model's.")
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Where Gram matrices are collected.")
     out_shard_size: ByteSize = Field(2 * 10**9, gt=0, description="Largest output shard, bytes or e.g. '2GB'.")
 
@@ -131,12 +135,13 @@ def _grams(spec: FoldJobSpec, repo: ModelRepo, folded: Folded, roots: Sequence[P
         from pivotmerge.fold.grams import collect_routed_grams, load_inputs
 
         paths = [Path(p) for p in spec.calibration_inputs]
-        inputs = [load_inputs(relative_to / p if relative_to is not None and not p.is_absolute() else p, roots) for p in paths]
+        inputs = [load_inputs(relative_to / p if relative_to is not None and not p.is_absolute() else p, roots)
+                  for p in paths]
         if progress is not None:
             progress(Progress("calibrate", 0, 1, message=f"calibration inputs: {', '.join(p.name for p in paths)}"))
         grams = collect_routed_grams(repo.path, inputs, sources, device=resolve_device(spec.device).type)
-        return grams, {"inputs": [str(p) for p in paths], "samples": sum(next(iter(i.values())).shape[0] for i in inputs),
-                       "gram_tensors": sorted(grams)}
+        samples = sum(next(iter(i.values())).shape[0] for i in inputs)
+        return grams, {"inputs": [str(p) for p in paths], "samples": samples, "gram_tensors": sorted(grams)}
     if spec.calibration is None:
         return {}, {}
     from pivotmerge.data.calibration import collect_grams
@@ -149,7 +154,8 @@ def _grams(spec: FoldJobSpec, repo: ModelRepo, folded: Folded, roots: Sequence[P
     return grams, {"dataset": str(dataset.path), "samples": len(dataset.records), "gram_tensors": sorted(grams)}
 
 
-def _write_folded(repo: ModelRepo, w0: ModelRepo | None, spec: FoldJobSpec, folded: Folded, grams: Mapping[str, torch.Tensor],
+def _write_folded(repo: ModelRepo, w0: ModelRepo | None, spec: FoldJobSpec, folded: Folded,
+                  grams: Mapping[str, torch.Tensor],
                   folder: Path, progress: ProgressFn | None, should_cancel: CancelFn | None) -> list[dict[str, Any]]:
     """Fold and write every output tensor, one at a time; returns the written files' report."""
     outputs = output_tensors(repo, folded, DTYPES[spec.dtype] if spec.dtype else None)
@@ -164,7 +170,8 @@ def _write_folded(repo: ModelRepo, w0: ModelRepo | None, spec: FoldJobSpec, fold
             if sources is None:
                 tensor = repo.get(out.name)
             else:
-                tensor_grams = {m: grams[s] for m, s in sources.items()} if all(s in grams for s in sources.values()) else None
+                have_grams = all(s in grams for s in sources.values())
+                tensor_grams = {m: grams[s] for m, s in sources.items()} if have_grams else None
                 tensor = fold_tensor({m: repo.get(s) for m, s in sources.items()}, spec,
                                      w0.get(out.name) if w0 is not None else None, tensor_grams)
             yield out.name, tensor.to(out.dtype)
@@ -220,7 +227,8 @@ def _fold_report(spec: FoldJobSpec, folded: Folded, files: list[dict[str, Any]],
 
 def _write_report_and_card(folder: Path, spec: FoldJobSpec, report: dict[str, Any]) -> None:
     write_json(folder, FOLD_REPORT_FILE, report)
-    formula = {"interpolation": "sum_m w_m W_m / sum_m w_m", "modality_arithmetic": f"W0 + {spec.scale} * sum_m (W_m - W0)",
+    formula = {"interpolation": "sum_m w_m W_m / sum_m w_m",
+               "modality_arithmetic": f"W0 + {spec.scale} * sum_m (W_m - W0)",
                "regmean": "RegMean over the modalities with each modality's input Gram matrices"}[spec.method]
     lines = ["---", "library_name: transformers", "tags: [folded, pivotmerge]", "---", "",
              f"# Folded with PivotMerge ({spec.method})", "",

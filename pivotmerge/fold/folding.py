@@ -28,7 +28,7 @@ Tensors no map matches are kept as they are.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, TypeVar
 
 import torch
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -38,13 +38,15 @@ from pivotmerge.methods.toolkit.deltas import add_weighted_deltas
 from pivotmerge.methods.regmean import regmean_solve
 
 Tensor = torch.Tensor
+SpecT = TypeVar("SpecT", bound="FoldSpec")
 
 
 class NameMap(BaseModel):
     model_config = ConfigDict(extra="forbid")
     pattern: str = Field(..., description="Regular expression searched in tensor names of this modality's group.")
     replace: str = Field(..., description="Replacement (re.sub syntax) giving the folded tensor's name.")
-    required: bool = Field(True, description="Whether every folded tensor needs this modality (false: only where it has one).")
+    required: bool = Field(
+        True, description="Whether every folded tensor needs this modality (false: only where it has one).")
 
     @field_validator("pattern")
     @classmethod
@@ -63,7 +65,8 @@ class FoldSpec(BaseModel):
     method: Literal["interpolation", "modality_arithmetic", "regmean"]
     groups: dict[str, NameMap] | None = Field(
         None, description="Modality name -> name map; default: the model family's own table (pivotmerge.fold.tables).")
-    weights: dict[str, float] = Field(default_factory=dict, description="Interpolation/RegMean weight per modality; default 1.")
+    weights: dict[str, float] = Field(
+        default_factory=dict, description="Interpolation/RegMean weight per modality; default 1.")
     # The methods' names for the same concepts (docs/methods.md); the old spellings stay accepted.
     scale: float = Field(1.0, validation_alias=AliasChoices("scale", "lambda"),
                          description="modality_arithmetic: scale of the summed deltas.")
@@ -84,7 +87,7 @@ class FoldSpec(BaseModel):
     def weight(self, modality: str) -> float:
         return float(self.weights.get(modality, 1.0))
 
-    def with_groups(self, groups: Mapping[str, Any]) -> "FoldSpec":
+    def with_groups(self: SpecT, groups: Mapping[str, Any]) -> SpecT:
         """This spec with `groups` filled in (a family's table), validated again."""
         return self.model_validate({**self.model_dump(), "groups": groups})
 

@@ -44,7 +44,8 @@ def fold_groups(table: FoldTable, names: Iterable[str]) -> dict[tuple[str, str],
         key = (SHARED, "-")
         for modality, name_map in table.groups.items():
             if re.search(str(name_map["pattern"]), name):
-                part = next((p for p, modules in table.parts.items() if any(f".{m}." in name for m in modules)), "other")
+                part = next((p for p, modules in table.parts.items() if any(f".{m}." in name for m in modules)),
+                            "other")
                 key = (modality, part)
                 break
         out.setdefault(key, []).append(name)

@@ -143,7 +143,8 @@ class Block(nn.Module):
                 key_mask: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         h = _routed(self.norm1, x, route, self.experts)
-        q, k, v = _routed(self.attn, h, route, self.experts, "project").view(b, n, 3, self.heads, d // self.heads).unbind(2)
+        qkv = _routed(self.attn, h, route, self.experts, "project")
+        q, k, v = qkv.view(b, n, 3, self.heads, d // self.heads).unbind(2)
         scores = torch.einsum("bqhc,bkhc->bhqk", q, k) / (d // self.heads) ** 0.5 + position_bias
         scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
         mixed = torch.einsum("bhqk,bkhc->bqhc", scores.softmax(-1), v).reshape(b, n, d)
@@ -204,7 +205,8 @@ class VLPreTrainedModel(PreTrainedModel):
             t = input_ids.shape[1]
             parts.append(self.word_embed(input_ids) + self.text_pos[:, :t] + self.token_type.weight[TEXT_TOKEN])
             types.append(torch.full_like(input_ids, TEXT_TOKEN))
-            masks.append(attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool))
+            masks.append(attention_mask.bool() if attention_mask is not None
+                         else torch.ones_like(input_ids, dtype=torch.bool))
         if pixel_values is not None:
             patches = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)
             image = torch.cat([self.cls_token.expand(patches.shape[0], -1, -1), patches], 1)
@@ -221,7 +223,8 @@ class VLPreTrainedModel(PreTrainedModel):
         x, types, key_mask = self.embed(pixel_values, input_ids, attention_mask)
         n = x.shape[1]
         offsets = torch.arange(n, device=x.device)
-        position_bias = self.rel_pos[(offsets[None, :] - offsets[:, None]) + self.config.max_positions - 1].permute(2, 0, 1)
+        offset_index = (offsets[None, :] - offsets[:, None]) + self.config.max_positions - 1
+        position_bias = self.rel_pos[offset_index].permute(2, 0, 1)
         fused = pixel_values is not None and input_ids is not None
         top = self.config.num_layers - self.config.vl_layers
         for i, block in enumerate(self.blocks):

@@ -37,7 +37,8 @@ def test_quick_mode_writes_the_tables_and_the_plot(quick_run):
     # Every fold went through pivotmerge.fold on real folders: a report per method and point.
     for point in result["points"]:
         for method in METHODS:
-            report = json.loads((quick_run / "models" / f"seed-{point['seed_steps']}" / method / "fold_report.json").read_text())
+            folder = quick_run / "models" / f"seed-{point['seed_steps']}" / method
+            report = json.loads((folder / "fold_report.json").read_text())
             assert report["method"] == method
 
 

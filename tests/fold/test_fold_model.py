@@ -99,7 +99,8 @@ def test_user_errors_exit_2_with_one_line(tmp_path, repos, run_cli, edit, messag
     result = run_cli("fold", "specs/fold.yaml", "-o", "out", cwd=tmp_path)
     # The progress bar's last state may precede the error, as for `pivotmerge merge`.
     lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("folding (")]
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
 
 

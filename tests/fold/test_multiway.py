@@ -92,8 +92,8 @@ def test_cli_folds_with_the_table_into_a_loadable_shared_model(specific, tmp_pat
     # Below the top blocks v and l fold 1:3; in the top blocks v, l, vl fold 1:3:2 (vl only where it exists).
     assert torch.allclose(folded["blocks.0.mlp.fc1.weight"],
                           (state["blocks.0.mlp.v.fc1.weight"] + 3 * state["blocks.0.mlp.l.fc1.weight"]) / 4)
-    assert torch.allclose(folded["blocks.2.attn.q_bias"], (state["blocks.2.attn.v.q_bias"] + 3 * state["blocks.2.attn.l.q_bias"]
-                                                           + 2 * state["blocks.2.attn.vl.q_bias"]) / 6)
+    top_q_bias = [state[f"blocks.2.attn.{m}.q_bias"] for m in ("v", "l", "vl")]
+    assert torch.allclose(folded["blocks.2.attn.q_bias"], (top_q_bias[0] + 3 * top_q_bias[1] + 2 * top_q_bias[2]) / 6)
     for shared_name in ("rel_pos", "blocks.1.gamma_1", "patch_embed.weight", "token_type.weight", "norm.weight"):
         assert torch.equal(folded[shared_name], state[shared_name])
     loaded = AutoModel.from_pretrained(tmp_path / "out")
@@ -121,15 +121,19 @@ def test_cli_regmean_solves_with_the_routed_grams(specific, tmp_path, run_cli):
     expected = torch.linalg.solve(hv.T @ hv + hl.T @ hl, hv.T @ hv @ wv.T + hl.T @ hl @ wl.T).T
     assert torch.allclose(folded["blocks.0.mlp.fc2.weight"].double(), expected, atol=1e-4)
     # Biases and norms average.
-    assert torch.allclose(folded["blocks.0.norm2.bias"], (state["blocks.0.norm2.v.bias"] + state["blocks.0.norm2.l.bias"]) / 2)
+    norm_biases = state["blocks.0.norm2.v.bias"] + state["blocks.0.norm2.l.bias"]
+    assert torch.allclose(folded["blocks.0.norm2.bias"], norm_biases / 2)
     report = json.loads((tmp_path / "out" / "fold_report.json").read_text())
-    assert report["calibration"]["samples"] == 8 and "blocks.2.attn.vl.qkv.weight" not in report["calibration"]["gram_tensors"]
+    assert report["calibration"]["samples"] == 8
+    assert "blocks.2.attn.vl.qkv.weight" not in report["calibration"]["gram_tensors"]
 
 
 @pytest.mark.parametrize("extra, message", [
     ({"calibration_inputs": ["missing.safetensors"]}, "error: calibration_inputs: missing.safetensors: no such file"),
-    ({"calibration_inputs": ["bad.safetensors"]}, "error: calibration_inputs: the model's forward pass rejects these inputs"),
-    ({"calibration_inputs": ["images.safetensors"], "calibration": {"dataset": "x"}}, "error: calibration: regmean folding needs one of"),
+    ({"calibration_inputs": ["bad.safetensors"]},
+     "error: calibration_inputs: the model's forward pass rejects these inputs"),
+    ({"calibration_inputs": ["images.safetensors"], "calibration": {"dataset": "x"}},
+     "error: calibration: regmean folding needs one of"),
 ])
 def test_bad_calibration_inputs_exit_2_and_leave_nothing(specific, tmp_path, run_cli, extra, message):
     save_file({"pixel_values": torch.zeros(2, 3, 8, 8)}, str(tmp_path / "images.safetensors"))
