@@ -158,14 +158,22 @@ def analyze_command(spec_file: Path, as_json: bool) -> None:
     Compares the tensors SPEC would merge: their task vectors (W - base) when
     SPEC has a base_model, else the weights; each metric is averaged over all
     pairs of models. Higher distance and sign dissimilarity predict a harder
-    merge (docs/metrics.md defines each metric).
+    merge (docs/metrics.md defines each metric). Given a fold spec (`model:`,
+    see `pivotmerge fold`), compares the modality experts it would fold.
     """
-    from pivotmerge.analysis.analyze import analyze
-    from pivotmerge.spec.schema import load_spec
+    from pivotmerge.spec.schema import read_yaml
 
-    spec = load_spec(spec_file)
+    data = read_yaml(spec_file)
     with ProgressBar("analyzing") as bar:
-        result = analyze(spec, progress=bar, relative_to=spec_file.parent)
+        if isinstance(data, dict) and "model" in data and "models" not in data:
+            from pivotmerge.fold.distances import fold_distances
+
+            result = fold_distances(data, progress=bar, relative_to=spec_file.parent)
+        else:
+            from pivotmerge.analysis.analyze import analyze
+            from pivotmerge.spec.schema import spec_from_dict
+
+            result = analyze(spec_from_dict(data), progress=bar, relative_to=spec_file.parent)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -203,10 +211,15 @@ def fold_command(spec_file: Path, out_dir: Path, force: bool, as_json: bool) -> 
         w0_model: pretrained             # optional; default: the model's own W0 tensors
 
     interpolation takes `weights` per modality; regmean takes `alpha` and a
-    `calibration` dataset. OUT holds sharded safetensors, the model's config
-    and tokenizer files, fold_report.json and a model card (docs/evaluation.md).
+    `calibration` dataset (LLaVA-style models) or `calibration_inputs`, one or
+    more safetensors files of forward-pass arguments run through the model's own
+    routed forward pass (any AutoModel). For a model with a folding table (the
+    project's modality-specific VL transformer) `groups` may be left out: the
+    table's maps are used and OUT loads as the shared model (docs/folding.md).
+    OUT holds sharded safetensors, the model's config and tokenizer files,
+    fold_report.json and a model card (docs/evaluation.md).
     """
-    from pivotmerge.analysis.fold_repo import fold, fold_spec_from_dict
+    from pivotmerge.fold.fold_repo import fold, fold_spec_from_dict
     from pivotmerge.spec.schema import read_yaml
 
     spec = fold_spec_from_dict(read_yaml(spec_file))
@@ -215,5 +228,5 @@ def fold_command(spec_file: Path, out_dir: Path, force: bool, as_json: bool) -> 
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
         return
-    console.print(f"[green]folded[/] {len(report['folded'])} tensors from {len(spec.groups)} modalities "
+    console.print(f"[green]folded[/] {len(report['folded'])} tensors from {len(report['spec']['groups'])} modalities "
                   f"with {spec.method} in {report['timings']['total_s']:.2f} s -> {out_dir}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pivotmerge.analysis.folding import FoldSpec
+from pivotmerge.fold.folding import FoldSpec
 from pivotmerge.errors import SpecError
 from pivotmerge.methods import Need, all_methods, get_method
 from pivotmerge.plan.params import resolve_params

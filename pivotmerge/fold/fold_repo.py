@@ -1,4 +1,4 @@
-"""Expert folding of a model repo: `pivotmerge.fold` (the `pivotmerge fold` command's engine).
+"""Expert folding of a model repo: `pivotmerge.fold.fold` (the `pivotmerge fold` command's engine).
 
 Reads the repo lazily (headers first, then one folded tensor's sources at a
 time), folds each group with pivotmerge.folding, and writes sharded safetensors
@@ -13,26 +13,32 @@ FoldSpec fields plus where the model is:
       vision: {pattern: '\\.mlp\\.vision\\.', replace: '.mlp.'}
       text:   {pattern: '\\.mlp\\.text\\.',   replace: '.mlp.'}
     w0_model: pretrained                 # optional: the untouched shared weights (W0)
+
+`groups` may be left out for a family with a folding table (pivotmerge.fold.tables): the
+table's maps are used and the output's config becomes the shared model's, so the folded
+folder loads with `AutoModel.from_pretrained`.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import torch
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pivotmerge.version import __version__
 from pivotmerge.plan.device import DTYPES, resolve_device
 from pivotmerge.errors import CompatibilityError, MergeCancelled, SpecError
-from pivotmerge.analysis.folding import FoldSpec, fold_plan, fold_tensor
+from pivotmerge.fold.folding import FoldSpec, fold_plan, fold_tensor
+from pivotmerge.fold.tables import folded_config, table_for
 from pivotmerge.repos.output import FOLD_REPORT_FILE, building, carry_side_files, check_out_dir
 from pivotmerge.progress import CancelFn, Progress, ProgressFn
 from pivotmerge.repos.model_repo import ModelRepo, resolve_roots
-from pivotmerge.spec.schema import ByteSize, DatasetRef, format_validation_error, read_yaml
+from pivotmerge.spec.schema import ByteSize, DatasetRef, format_validation_error
 from pivotmerge.repos.writer import OutputTensor, ShardWriter
 from pivotmerge.report.merge_report import output_files, versions, write_json
 from pivotmerge.run.engine import write_tensors
@@ -43,22 +49,38 @@ Folded = dict[str, dict[str, str]]  # folded name -> {modality: source tensor na
 class FoldJobSpec(FoldSpec):
     """A FoldSpec with the model it folds and how the output is written."""
 
-    model: str = Field(..., description="The model to fold: a folder, or hub id 'org/name[@revision]' from the local cache.")
+    model: str = Field(
+        ..., description="The model to fold: a folder, or hub id 'org/name[@revision]' from the local cache.")
     w0_model: str | None = Field(
         None, description="modality_arithmetic: a model holding the untouched shared weights W0 under the folded names "
-                          "(e.g. the pre-trained model the experts were split from); default: the model's own tensors of those names.")
+                          "(e.g. the pre-trained model the experts were split from); default: the model's own "
+                          "tensors of those names.")
     calibration: DatasetRef | None = Field(
-        None, description="regmean: image-text pairs whose layer inputs give each modality's Gram matrices.")
-    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="Output dtype; default: the model's.")
+        None, description="regmean on LLaVA-style models: image-text pairs whose layer inputs give each "
+                          "modality's Gram matrices.")
+    calibration_inputs: list[str] | None = Field(
+        None, description="regmean on any AutoModel: safetensors files of forward-pass keyword arguments (batched), "
+                          "run through the model's own routed forward pass for each modality's Gram matrices; one "
+                          "file per kind of input (e.g. images, texts, pairs) so every expert sees its tokens.")
+
+    @field_validator("calibration_inputs", mode="before")
+    @classmethod
+    def _one_or_more(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="Output dtype; default: the model's.")
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Where Gram matrices are collected.")
     out_shard_size: ByteSize = Field(2 * 10**9, gt=0, description="Largest output shard, bytes or e.g. '2GB'.")
 
     @model_validator(mode="after")
     def _data_fits_method(self) -> "FoldJobSpec":
-        if self.method == "regmean" and self.calibration is None:
-            raise ValueError("calibration: regmean folding needs a calibration dataset for the Gram matrices")
-        if self.method != "regmean" and self.calibration is not None:
-            raise ValueError(f"calibration: only regmean folding uses calibration data, not {self.method}")
+        given = [f for f in ("calibration", "calibration_inputs") if getattr(self, f) is not None]
+        if self.method == "regmean" and len(given) != 1:
+            raise ValueError("calibration: regmean folding needs one of calibration (a dataset) or calibration_inputs "
+                             "(model inputs) for the Gram matrices" + (", not both" if given else ""))
+        if self.method != "regmean" and given:
+            raise ValueError(f"{given[0]}: only regmean folding uses calibration data, not {self.method}")
         if self.method != "modality_arithmetic" and self.w0_model is not None:
             raise ValueError(f"w0_model: only modality_arithmetic folding uses W0, not {self.method}")
         return self
@@ -108,6 +130,18 @@ def _w0_repo(spec: FoldJobSpec, repo: ModelRepo, folded: Folded, roots: Sequence
 def _grams(spec: FoldJobSpec, repo: ModelRepo, folded: Folded, roots: Sequence[Path] | None,
            relative_to: Path | None, progress: ProgressFn | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Gram matrices of each source tensor's inputs on the calibration set (regmean only), and their report."""
+    sources = sorted(s for group in folded.values() for s in group.values())
+    if spec.calibration_inputs:
+        from pivotmerge.fold.grams import collect_routed_grams, load_inputs
+
+        paths = [Path(p) for p in spec.calibration_inputs]
+        inputs = [load_inputs(relative_to / p if relative_to is not None and not p.is_absolute() else p, roots)
+                  for p in paths]
+        if progress is not None:
+            progress(Progress("calibrate", 0, 1, message=f"calibration inputs: {', '.join(p.name for p in paths)}"))
+        grams = collect_routed_grams(repo.path, inputs, sources, device=resolve_device(spec.device).type)
+        samples = sum(next(iter(i.values())).shape[0] for i in inputs)
+        return grams, {"inputs": [str(p) for p in paths], "samples": samples, "gram_tensors": sorted(grams)}
     if spec.calibration is None:
         return {}, {}
     from pivotmerge.data.calibration import collect_grams
@@ -116,12 +150,12 @@ def _grams(spec: FoldJobSpec, repo: ModelRepo, folded: Folded, roots: Sequence[P
     dataset = load_ref(spec.calibration, allowed_roots=roots, relative_to=relative_to)
     if progress is not None:
         progress(Progress("calibrate", 0, 1, message=f"calibration data: {dataset.name}"))
-    sources = sorted(s for group in folded.values() for s in group.values())
     grams = collect_grams(repo.path, dataset, sources, device=resolve_device(spec.device).type)
     return grams, {"dataset": str(dataset.path), "samples": len(dataset.records), "gram_tensors": sorted(grams)}
 
 
-def _write_folded(repo: ModelRepo, w0: ModelRepo | None, spec: FoldJobSpec, folded: Folded, grams: Mapping[str, torch.Tensor],
+def _write_folded(repo: ModelRepo, w0: ModelRepo | None, spec: FoldJobSpec, folded: Folded,
+                  grams: Mapping[str, torch.Tensor],
                   folder: Path, progress: ProgressFn | None, should_cancel: CancelFn | None) -> list[dict[str, Any]]:
     """Fold and write every output tensor, one at a time; returns the written files' report."""
     outputs = output_tensors(repo, folded, DTYPES[spec.dtype] if spec.dtype else None)
@@ -136,7 +170,8 @@ def _write_folded(repo: ModelRepo, w0: ModelRepo | None, spec: FoldJobSpec, fold
             if sources is None:
                 tensor = repo.get(out.name)
             else:
-                tensor_grams = {m: grams[s] for m, s in sources.items()} if all(s in grams for s in sources.values()) else None
+                have_grams = all(s in grams for s in sources.values())
+                tensor_grams = {m: grams[s] for m, s in sources.items()} if have_grams else None
                 tensor = fold_tensor({m: repo.get(s) for m, s in sources.items()}, spec,
                                      w0.get(out.name) if w0 is not None else None, tensor_grams)
             yield out.name, tensor.to(out.dtype)
@@ -159,6 +194,9 @@ def fold(spec: FoldJobSpec | Mapping[str, Any], out_dir: str | Path, *, progress
     check_out_dir(out_dir, overwrite)
     roots = resolve_roots(allowed_roots)
     with ModelRepo.open(spec.model, allowed_roots=roots, relative_to=relative_to) as repo:
+        table = table_for(repo.model_type) if spec.groups is None else None
+        if table is not None:
+            spec = spec.with_groups(table.groups)
         folded = fold_plan(list(repo.tensors), spec)
         w0 = _w0_repo(spec, repo, folded, roots, relative_to)
         try:
@@ -166,6 +204,9 @@ def fold(spec: FoldJobSpec | Mapping[str, Any], out_dir: str | Path, *, progress
             with building(out_dir) as partial:
                 files = _write_folded(repo, w0, spec, folded, grams, partial, progress, should_cancel)
                 carry_side_files(repo.path, partial, spec.dtype)
+                if table is not None:
+                    config = partial / "config.json"
+                    config.write_text(json.dumps(folded_config(json.loads(config.read_text()), table), indent=2) + "\n")
                 report = _fold_report(spec, folded, files, calibration, time.perf_counter() - started)
                 _write_report_and_card(partial, spec, report)
         finally:
@@ -186,11 +227,12 @@ def _fold_report(spec: FoldJobSpec, folded: Folded, files: list[dict[str, Any]],
 
 def _write_report_and_card(folder: Path, spec: FoldJobSpec, report: dict[str, Any]) -> None:
     write_json(folder, FOLD_REPORT_FILE, report)
-    formula = {"interpolation": "sum_m w_m W_m / sum_m w_m", "modality_arithmetic": f"W0 + {spec.scale} * sum_m (W_m - W0)",
+    formula = {"interpolation": "sum_m w_m W_m / sum_m w_m",
+               "modality_arithmetic": f"W0 + {spec.scale} * sum_m (W_m - W0)",
                "regmean": "RegMean over the modalities with each modality's input Gram matrices"}[spec.method]
     lines = ["---", "library_name: transformers", "tags: [folded, pivotmerge]", "---", "",
              f"# Folded with PivotMerge ({spec.method})", "",
-             f"`{spec.model}` with its modality groups ({', '.join(spec.groups)}) folded into one shared group: "
+             f"`{spec.model}` with its modality groups ({', '.join(spec.name_maps)}) folded into one shared group: "
              f"{formula}, for {len(report['folded'])} tensors.", "",
              f"Made with pivotmerge {__version__}. `{FOLD_REPORT_FILE}` lists every folded tensor and its sources.", ""]
     (folder / "README.md").write_text("\n".join(lines))

@@ -1,4 +1,4 @@
-"""`pivotmerge fold` / `pivotmerge.fold`: folding a model repo's modality-specific FFNs, end to end."""
+"""`pivotmerge fold` / `pivotmerge.fold.fold`: folding a model repo's modality-specific FFNs, end to end."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import pivotmerge
+from pivotmerge.fold import fold
 from tests.repo_factory import write_repo
-from tests.analysis.test_folding import Model, MoMEBlock, SharedBlock, _integer_state
+from tests.fold.test_folding import Model, MoMEBlock, SharedBlock, _integer_state
 
 SPEC = """\
 model: vlmo
@@ -73,7 +73,7 @@ def test_python_api_interpolates_and_casts(tmp_path, repos):
             "groups": {"vision": {"pattern": r"\.mlp\.vision\.", "replace": ".mlp."},
                        "text": {"pattern": r"\.mlp\.text\.", "replace": ".mlp."}}, "dtype": "float16"}
     seen = []
-    report = pivotmerge.fold(spec, tmp_path / "out", progress=seen.append)
+    report = fold(spec, tmp_path / "out", progress=seen.append)
     folded = load_file(str(tmp_path / "out" / "model.safetensors"))
     v, t = state["layers.1.mlp.vision.down.weight"], state["layers.1.mlp.text.down.weight"]
     assert folded["layers.1.mlp.down.weight"].dtype == torch.float16
@@ -87,9 +87,11 @@ def test_python_api_interpolates_and_casts(tmp_path, repos):
      "error: model: vlmo has no tensor layers.0.mlp.down.bias (W0 for modality_arithmetic"),
     (lambda s: s.replace("lambda: 0.5", "lambda: lots"), "error: lambda: Input should be a valid number"),
     (lambda s: s.replace("modality_arithmetic", "regmean").replace("w0_model: pretrained\n", ""),
-     "error: calibration: regmean folding needs a calibration dataset"),
+     "error: calibration: regmean folding needs one of calibration (a dataset) or calibration_inputs"),
     (lambda s: s.replace("model: vlmo", "model: nowhere"), "error: nowhere: no such model folder"),
     (lambda s: s.replace("'\\.mlp\\.text\\.'", "'\\.attn\\.'"), "but modality 'text' has no tensor for it"),
+    (lambda s: s[:s.index("groups:")] + s[s.index("w0_model"):],
+     "error: groups: this model has no folding table; give a name map per modality"),
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, repos, run_cli, edit, message):
     spec = tmp_path / "specs" / "fold.yaml"
@@ -97,7 +99,8 @@ def test_user_errors_exit_2_with_one_line(tmp_path, repos, run_cli, edit, messag
     result = run_cli("fold", "specs/fold.yaml", "-o", "out", cwd=tmp_path)
     # The progress bar's last state may precede the error, as for `pivotmerge merge`.
     lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("folding (")]
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from pivotmerge.data.calibration import GramCollector
 from pivotmerge.errors import CompatibilityError, SpecError
-from pivotmerge.analysis.folding import FoldSpec, fold_state
+from pivotmerge.fold.folding import FoldSpec, fold_state
 
 MAPS = {"vision": {"pattern": r"\.mlp\.vision\.", "replace": ".mlp."},
         "text": {"pattern": r"\.mlp\.text\.", "replace": ".mlp."}}
@@ -91,7 +91,8 @@ def test_regmean_folding_fits_each_modality_on_its_own_tokens():
     x = torch.randn(3, 8, 4)
     is_image = torch.arange(8).expand(3, 8) < 5
     block = model.layers[0]
-    modules = {f"layers.0.mlp.{m}.{p}.weight": getattr(block.mlp[m], p) for m in ("vision", "text") for p in ("up", "down")}
+    modules = {f"layers.0.mlp.{m}.{p}.weight": getattr(block.mlp[m], p)
+               for m in ("vision", "text") for p in ("up", "down")}
     with GramCollector(modules) as collector:
         # Each FFN sees only its modality's tokens, as in a routed forward pass.
         for m, mask in (("vision", is_image), ("text", ~is_image)):

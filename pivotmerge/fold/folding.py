@@ -16,13 +16,19 @@ and ``text: {pattern: '\\.mlp\\.text\\.', replace: '.mlp.'}``, the tensors
   modality's inputs (keyed by source tensor name); tensors without one
   (biases) interpolate.
 
+A modality whose map says ``required: false`` (the ``vl`` expert of the top blocks only)
+joins the folded tensors it has a tensor for; a folded tensor needs every required
+modality and at least two in all. Weights are normalised over the modalities present, so
+Sung et al.'s interpolation (``2a/3, 2(1-a)/3, 1/3`` for ``v, l, vl`` in the top blocks,
+``a, 1-a`` below) is ``weights: {v: 2a, l: 2(1-a), vl: 1}``.
+
 Tensors no map matches are kept as they are.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, TypeVar
 
 import torch
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -32,12 +38,15 @@ from pivotmerge.methods.toolkit.deltas import add_weighted_deltas
 from pivotmerge.methods.regmean import regmean_solve
 
 Tensor = torch.Tensor
+SpecT = TypeVar("SpecT", bound="FoldSpec")
 
 
 class NameMap(BaseModel):
     model_config = ConfigDict(extra="forbid")
     pattern: str = Field(..., description="Regular expression searched in tensor names of this modality's group.")
     replace: str = Field(..., description="Replacement (re.sub syntax) giving the folded tensor's name.")
+    required: bool = Field(
+        True, description="Whether every folded tensor needs this modality (false: only where it has one).")
 
     @field_validator("pattern")
     @classmethod
@@ -54,8 +63,10 @@ class FoldSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     method: Literal["interpolation", "modality_arithmetic", "regmean"]
-    groups: dict[str, NameMap] = Field(..., min_length=2, description="Modality name -> name map.")
-    weights: dict[str, float] = Field(default_factory=dict, description="Interpolation/RegMean weight per modality; default 1.")
+    groups: dict[str, NameMap] | None = Field(
+        None, description="Modality name -> name map; default: the model family's own table (pivotmerge.fold.tables).")
+    weights: dict[str, float] = Field(
+        default_factory=dict, description="Interpolation/RegMean weight per modality; default 1.")
     # The methods' names for the same concepts (docs/methods.md); the old spellings stay accepted.
     scale: float = Field(1.0, validation_alias=AliasChoices("scale", "lambda"),
                          description="modality_arithmetic: scale of the summed deltas.")
@@ -64,6 +75,10 @@ class FoldSpec(BaseModel):
 
     @model_validator(mode="after")
     def _known_modalities(self) -> "FoldSpec":
+        if self.groups is None:
+            return self
+        if len(self.groups) < 2:
+            raise ValueError("groups: folding needs at least two modalities")
         unknown = set(self.weights) - set(self.groups)
         if unknown:
             raise ValueError(f"weights: {sorted(unknown)[0]!r} is not a modality in groups")
@@ -72,12 +87,23 @@ class FoldSpec(BaseModel):
     def weight(self, modality: str) -> float:
         return float(self.weights.get(modality, 1.0))
 
+    def with_groups(self: SpecT, groups: Mapping[str, Any]) -> SpecT:
+        """This spec with `groups` filled in (a family's table), validated again."""
+        return self.model_validate({**self.model_dump(), "groups": groups})
+
+    @property
+    def name_maps(self) -> dict[str, NameMap]:
+        if self.groups is None:
+            raise SpecError("groups: this model has no folding table; give a name map per modality")
+        return self.groups
+
 
 def fold_plan(names: list[str], spec: FoldSpec) -> dict[str, dict[str, str]]:
     """Folded name -> {modality: source tensor name}; every folded name needs every modality."""
     plan: dict[str, dict[str, str]] = {}
+    groups = spec.name_maps
     for name in names:
-        for modality, m in spec.groups.items():
+        for modality, m in groups.items():
             if re.search(m.pattern, name):
                 target = re.sub(m.pattern, m.replace, name)
                 sources = plan.setdefault(target, {})
@@ -88,17 +114,19 @@ def fold_plan(names: list[str], spec: FoldSpec) -> dict[str, dict[str, str]]:
     if not plan:
         raise SpecError("groups: no tensor name matches any pattern")
     for target, sources in plan.items():
-        missing = [m for m in spec.groups if m not in sources]
+        have = next(iter(sources.values()))
+        missing = [m for m, name_map in groups.items() if name_map.required and m not in sources]
         if missing:
-            have = next(iter(sources.values()))
             raise CompatibilityError(f"{have} folds into {target}, but modality {missing[0]!r} has no tensor for it")
+        if len(sources) < 2:
+            raise CompatibilityError(f"{have} folds into {target} alone: no other modality has a tensor for it")
     return plan
 
 
 def fold_tensor(sources: Mapping[str, Tensor], spec: FoldSpec, w0: Tensor | None = None,
                 grams: Mapping[str, Tensor] | None = None) -> Tensor:
-    """One folded tensor from its modalities' tensors (keyed by modality)."""
-    modalities = list(spec.groups)
+    """One folded tensor from its modalities' tensors (keyed by modality; optional ones may be absent)."""
+    modalities = [m for m in spec.name_maps if m in sources]
     ws = [sources[m].to(torch.float32) for m in modalities]
     scales = [spec.weight(m) for m in modalities]
     if spec.method == "modality_arithmetic":
