@@ -82,6 +82,8 @@ class Need(str, Enum):
     ALIGNMENT = "alignment"  # per expert and layer: how much its caption loss rises without the layer's update
     GRAMS = "grams"  # per expert and linear weight: X_k^T X_k of the layer's inputs
     MERGED_INPUTS = "cross_grams"  # a second pass: Grams of the merged model's inputs X~ and X_k^T X~
+    BLOCK_FEATURES = "block_features"  # per block, in order: the merged model's and each expert's features (`Block`)
+    CAPTION_OUTPUTS = "caption_outputs"  # with BLOCK_FEATURES: each expert's next-token distributions on its captions
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,29 @@ class Calibration:
 NO_CALIBRATION = Calibration()
 
 
+@dataclass(frozen=True)
+class Block:
+    """One block of the model (the projector; a decoder or encoder layer) as calibration data shows it.
+
+    For expert ``k`` and batch ``b`` of its own calibration set: ``student_inputs[k][b]`` is what the merged
+    model (its earlier blocks already fitted) feeds the block, ``teacher_inputs[k][b]`` and
+    ``teacher_outputs[k][b]`` the block's input and output in expert ``k``'s own model (ProDistill's dual
+    inputs). ``forward(tensors, k, b, x)`` runs the block on ``x`` with its tensors (by merged-tensor name),
+    differentiably; ``caption_logits(tensors, k)`` (with ``Need.CAPTION_OUTPUTS``) runs the whole merged
+    model with the block's tensors replaced and returns its logits for every caption token's prediction
+    on expert ``k``'s set (tokens x vocabulary), ``teacher_logits[k]`` the expert's own.
+    """
+
+    path: str  # the block's module, e.g. model.multi_modal_projector
+    names: tuple[str, ...]  # its merged tensors
+    forward: Callable[[Mapping[str, Tensor], int, int, Tensor], Tensor]
+    student_inputs: Sequence[Sequence[Tensor]]
+    teacher_inputs: Sequence[Sequence[Tensor]]
+    teacher_outputs: Sequence[Sequence[Tensor]]
+    caption_logits: Callable[[Mapping[str, Tensor], int], Tensor] | None = None
+    teacher_logits: Sequence[Tensor] | None = None
+
+
 @dataclass
 class Merged:
     tensor: Tensor
@@ -110,6 +135,9 @@ class Merged:
 
 MethodResult = Union[Tensor, Merged]
 MergeFn = Callable[..., MethodResult]
+# fit_block(experts, base, start, weights, params, block) -> Merged per tensor of the block: each expert's and the
+# base's tensors of the block by name, `start` the method's own per-tensor merge of them.
+FitBlockFn = Callable[..., Mapping[str, Merged]]
 
 
 @dataclass(frozen=True)
@@ -137,6 +165,8 @@ class Method:
     # Defaults that replace the Params defaults when the spec gives calibration data, for the
     # parameters the user did not set: a method that can use data does so when given it.
     with_calibration: Mapping[str, Any] = field(default_factory=dict)
+    # Methods that read Need.BLOCK_FEATURES: fits a whole block at once from its per-tensor start (`FitBlockFn`).
+    fit_block: FitBlockFn | None = None
 
     @property
     def per_model(self) -> tuple[str, ...]:
@@ -181,13 +211,16 @@ _REGISTRY: dict[str, Method] = {}
 def method(name: str, *, summary: str, params: type[MethodParams], base: Literal["required", "optional", "unused"] = "required",
            min_models: int = 1, max_models: int | None = None, elementwise: bool = False,
            stored_inputs: bool = False, needs: Callable[[Any], set[Need]] | None = None, data: Sequence[Need] = (),
-           with_calibration: Mapping[str, Any] | None = None) -> Callable[[MergeFn], MergeFn]:
+           with_calibration: Mapping[str, Any] | None = None,
+           fit_block: FitBlockFn | None = None) -> Callable[[MergeFn], MergeFn]:
     """Register the decorated merge function as method `name`; the function itself is returned unchanged.
 
     `with_calibration`: parameter defaults for a spec that gives calibration data (the user's own
     values still win), e.g. the settings under which the method reads that data."""
     if (needs is None) != (not data):
         raise ValueError(f"method {name!r}: give `needs` together with the `data` it may answer")
+    if (fit_block is None) == (Need.BLOCK_FEATURES in data):
+        raise ValueError(f"method {name!r}: a method fits blocks (`fit_block`) exactly when it may need block features")
     defaults = MappingProxyType(dict(with_calibration or {}))
     if defaults:
         if needs is None:
@@ -201,7 +234,7 @@ def method(name: str, *, summary: str, params: type[MethodParams], base: Literal
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} registered twice")
         _REGISTRY[name] = Method(name, summary, params, merge, base, min_models, max_models, elementwise, stored_inputs,
-                                 needs, tuple(data), defaults)
+                                 needs, tuple(data), defaults, fit_block)
         return merge
     return register
 

@@ -131,6 +131,7 @@ class CalibrationReport(ReportModel):
     alignment: AlignmentReport | None = None  # PivotMerge with layer_weighting: data
     gram_inputs: Literal["merged"] | None = None  # a second pass fitted on the first pass's inputs
     passes: int | None = None
+    blocks: list[dict[str, Any]] | None = None  # methods that fit blocks: each block, its tensors and its loss before/after
 
 
 class MergeReport(ReportModel):
