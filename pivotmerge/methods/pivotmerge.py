@@ -40,6 +40,7 @@ from pydantic import AliasChoices, Field, model_validator
 from pivotmerge.methods import NO_CALIBRATION, Calibration, Merged, MethodParams, Need, Search, Tensor, method
 from pivotmerge.methods._ops import (SvdMode, column_weights, elected_mask, flatten_spectrum, low_rank_svd, masked_merge,
                                      onto_base, significant, svd, weighted_sum)
+from pivotmerge.methods.alignment import fit_aligned_block
 from pivotmerge.methods.fields import OffDiagonalScale, Scale, off_diagonal_scale_field
 from pivotmerge.methods.regmean import regmean_solve
 
@@ -71,6 +72,17 @@ class Params(MethodParams):
                              description="Layer scale for a layer scoring 0: scale_l = scale_min + (scale_max - scale_min) * s_l.")
     scale_max: Scale = Field(1.0, validation_alias=AliasChoices("scale_max", "lambda_max"),
                              description="Layer scale for a layer scoring 1 (and every layer under uniform weighting).")
+    distill_steps: int = Field(
+        0, ge=0, description="Data mode's alignment-guided layer-wise fit: Adam steps per block from the closed form, "
+                             "matching each expert on its own calibration data (0: the closed form as solved).")
+    distill_learning_rate: Annotated[float, Search(1e-4, 1e-2, log=True)] = Field(
+        0.003, gt=0, description="Adam's learning rate of that fit.")
+    distill_objective: Literal["features", "captions"] = Field(
+        "features", description="features: each expert's block outputs on its own inputs, the block fed the merged model's "
+                                "features; captions: the frozen language model's next-token distributions of each expert.")
+    distill_parameters: Literal["weights", "coefficients"] = Field(
+        "weights", description="weights: a free update of every tensor; coefficients: one per tensor and expert, on the "
+                               "expert's difference from the closed form.")
     svd: SvdMode = Field("auto", description="Shared-space and residual SVDs: exact; seeded randomized low-rank; or auto: "
                                              "randomized where it is much cheaper and its estimated error is under 1% of "
                                              "the kept part, else exact.")
@@ -86,14 +98,18 @@ class Params(MethodParams):
 # merged model's inputs, the fitted update whole and at its own scale; each choice is the quality suite's
 # dev evidence (docs/methods.md): off_diagonal_scale 1 was RegMean++'s choice on every seed, and
 # flattening the spectrum, halving the residuals or data layer weights each lowered dev accuracy here.
+# Then each block is refined from that closed form by the alignment-guided fit (distill_steps Adam steps on
+# each expert's own block outputs; docs/methods.md has the dev evidence for the steps and learning rate).
 DATA_MODE = {"combine": "gram", "gram_inputs": "merged", "off_diagonal_scale": 1.0, "spectrum": "keep",
-             "residual_weight": 1.0, "scale_min": 1.0}
+             "residual_weight": 1.0, "scale_min": 1.0, "distill_steps": 300}
 
 
 def needs(params: Params) -> set[Need]:
     out = {Need.ALIGNMENT} if params.layer_weighting == "data" else set()
     if params.combine == "gram":
         out |= {Need.GRAMS, Need.MERGED_INPUTS} if params.gram_inputs == "merged" else {Need.GRAMS}
+    if params.distill_steps > 0:
+        out |= {Need.BLOCK_FEATURES, Need.CAPTION_OUTPUTS} if params.distill_objective == "captions" else {Need.BLOCK_FEATURES}
     return out
 
 
@@ -248,8 +264,9 @@ def _merge_vector(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[fl
 
 @method("pivotmerge", summary="PivotMerge (our reading): shared-space decomposition, conflict filtering, flattened spectrum, "
                              "layer-wise weights.",
-        params=Params, base="optional", needs=needs, data=(Need.ALIGNMENT, Need.GRAMS, Need.MERGED_INPUTS),
-        with_calibration=DATA_MODE)
+        params=Params, base="optional", needs=needs,
+        data=(Need.ALIGNMENT, Need.GRAMS, Need.MERGED_INPUTS, Need.BLOCK_FEATURES, Need.CAPTION_OUTPUTS),
+        with_calibration=DATA_MODE, fit_block=fit_aligned_block)
 def pivotmerge(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
                params: Params, generator: torch.Generator | None = None,
                calibration: Calibration = NO_CALIBRATION) -> Merged:
