@@ -50,7 +50,7 @@ PIVOTMERGE: tuple[Variant, ...] = (
     Variant("pivotmerge", "pivotmerge", fixed={"spectrum": "flatten_total"},
             grid={**LAYER_SCALE, "residual_weight": [0.0, 0.5, 1.0]}),
     # Given calibration data, PivotMerge's defaults are its data mode (gram combine on the merged model's inputs).
-    # Data mode: the alignment fit's learning rate and length around its defaults (the closed form's scale is RegMean's own).
+    # Data mode with its alignment fit (opt-in): the fit's learning rate and length (the closed form's scale is RegMean's own).
     Variant("pivotmerge_data", "pivotmerge", grid={"distill_learning_rate": [0.001, 0.003], "distill_steps": [300, 600]},
             data=True),
 )

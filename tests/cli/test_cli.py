@@ -57,7 +57,8 @@ def test_methods_marks_the_parameters_the_engine_sets(tmp_path, run_cli):
 
     result = run_cli("methods", "--json", cwd=tmp_path)
     listed = json.loads(result.stdout)
-    assert listed["regmean"]["engine_params"] == ["grams", "cross_grams"] and listed["pivotmerge"]["engine_params"] == ["alignment", "grams", "cross_grams"]
+    assert listed["regmean"]["engine_params"] == ["grams", "cross_grams"]
+    assert listed["pivotmerge"]["engine_params"] == ["alignment", "grams", "cross_grams", "block_features", "caption_outputs"]
     assert listed["linear"]["engine_params"] == []
     assert listed["pivotmerge"]["defaults_with_calibration"] == {
         "combine": "gram", "gram_inputs": "merged", "off_diagonal_scale": 1.0, "spectrum": "keep", "residual_weight": 1.0,

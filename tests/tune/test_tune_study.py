@@ -97,10 +97,9 @@ def test_calibration_is_measured_once_per_kind_of_data(spec, example, monkeypatc
     assert {t.label for t in study.trials} == {"regmean", "pm_data"}
     assert {t.state for t in study.trials} <= {"complete", "repeat"} and len(study.trials) == 6
     # pm_data takes PivotMerge's data defaults (the spec gives calibration): gram combine refitted on
-    # the merged model's inputs, then each block fitted to the experts' own outputs, so it needs Grams
-    # and block features besides its alignment scores; each kind of data is still measured once (the
-    # refit's merged-input Grams and the block features change with every trial).
-    assert sorted(map(sorted, calls)) == [["alignment", "block_features", "cross_grams", "grams"], ["grams"]]
+    # the merged model's inputs, so it needs Grams besides its alignment scores; each kind of data is
+    # still measured once (the refit's merged-input Grams change with every trial).
+    assert sorted(map(sorted, calls)) == [["alignment", "cross_grams", "grams"], ["grams"]]
 
 
 def test_a_trials_tensors_are_the_engines_merge(spec, runner, tmp_path):
