@@ -46,12 +46,18 @@ BASELINES: tuple[Variant, ...] = (
     Variant("cart", "cart", grid={"prior": [1.0, 2.0, 3.0], "rank_ratio": [0.06, 0.12, 0.25]}),
     Variant("regmean", "regmean", grid={"off_diagonal_scale": [0.5, 0.9, 1.0]}, data=True),
     Variant("regmean_plus_plus", "regmean", fixed={"gram_inputs": "merged"}, grid={"off_diagonal_scale": [0.5, 0.9, 1.0]}, data=True),
+    # Distillation baselines: the learning rate brackets the authors' (ProDistill 0.01) by 3x each way.
+    Variant("prodistill", "prodistill", grid={"learning_rate": [0.003, 0.01, 0.03]}, data=True),
+    Variant("adamerging", "adamerging", grid={"objective": ["captions", "features"]}, data=True),
 )
+DATA_BASELINES = ("regmean_plus_plus", "prodistill", "adamerging")
 PIVOTMERGE: tuple[Variant, ...] = (
     # Data-free PivotMerge's closed form (combine: covariance) is a fitted update: dev chose layer scales near 0.6.
     Variant("pivotmerge", "pivotmerge", grid={**LAYER_SCALE, "energy": [0.9, 0.95]}),
     # Given calibration data, PivotMerge's defaults are its data mode (gram combine on the merged model's inputs).
-    Variant("pivotmerge_data", "pivotmerge", grid={**DATA_SCALE, "layer_weighting": ["weight", "data"]}, data=True),
+    # Data mode with its alignment fit (opt-in): the fit's learning rate and length (the closed form's scale is RegMean's own).
+    Variant("pivotmerge_data", "pivotmerge", grid={"distill_learning_rate": [0.001, 0.003], "distill_steps": [300, 600]},
+            data=True),
 )
 # Each PivotMerge component taken away, the rest at its defaults, the layer scale tuned as for the full method.
 # (The residuals are off by default without data: dev accuracy was higher without them, docs/results.md.)
@@ -65,6 +71,8 @@ ABLATIONS: tuple[Variant, ...] = (
     # The plain sum of K updates wants about 1/K of the scale the gram combine's mean does.
     Variant("pivotmerge_data - gram", "pivotmerge", fixed={"combine": "sum"}, grid={"scale_max": [0.25, 0.5, 1.0]}, data=True),
     Variant("pivotmerge_data - merged_inputs", "pivotmerge", fixed={"gram_inputs": "expert"}, grid=DATA_SCALE, data=True),
+    # The alignment-guided layer-wise fit taken away: the closed form as solved.
+    Variant("pivotmerge_data - alignment_fit", "pivotmerge", fixed={"distill_steps": 0}, grid=DATA_SCALE, data=True),
 )
 TUNED: tuple[Variant, ...] = BASELINES + PIVOTMERGE + ABLATIONS
 
@@ -84,6 +92,8 @@ DEFAULTS: tuple[Variant, ...] = (
     Variant("cart", "cart"),
     Variant("regmean", "regmean", data=True),
     Variant("regmean_plus_plus", "regmean", fixed={"gram_inputs": "merged"}, data=True),
+    Variant("prodistill", "prodistill", data=True),
+    Variant("adamerging", "adamerging", data=True),
     Variant("pivotmerge", "pivotmerge"),
     Variant("pivotmerge_data", "pivotmerge", data=True),
 )

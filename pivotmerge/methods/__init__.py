@@ -92,6 +92,8 @@ class Need(str, Enum):
     ALIGNMENT = "alignment"  # per expert and layer: how much its caption loss rises without the layer's update
     GRAMS = "grams"  # per expert and linear weight: X_k^T X_k of the layer's inputs
     MERGED_INPUTS = "cross_grams"  # a second pass: Grams of the merged model's inputs X~ and X_k^T X~
+    BLOCK_FEATURES = "block_features"  # per block, in order: the merged model's and each expert's features (`Block`)
+    CAPTION_OUTPUTS = "caption_outputs"  # with BLOCK_FEATURES: each expert's next-token distributions on its captions
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,29 @@ class Calibration:
 NO_CALIBRATION = Calibration()
 
 
+@dataclass(frozen=True)
+class Block:
+    """One block of the model (the projector; a decoder or encoder layer) as calibration data shows it.
+
+    For expert ``k`` and batch ``b`` of its own calibration set: ``student_inputs[k][b]`` is what the merged
+    model (its earlier blocks already fitted) feeds the block, ``teacher_inputs[k][b]`` and
+    ``teacher_outputs[k][b]`` the block's input and output in expert ``k``'s own model (ProDistill's dual
+    inputs). ``forward(tensors, k, b, x)`` runs the block on ``x`` with its tensors (by merged-tensor name),
+    differentiably; ``caption_logits(tensors, k)`` (with ``Need.CAPTION_OUTPUTS``) runs the whole merged
+    model with the block's tensors replaced and returns its logits for every caption token's prediction
+    on expert ``k``'s set (tokens x vocabulary), ``teacher_logits[k]`` the expert's own.
+    """
+
+    path: str  # the block's module, e.g. model.multi_modal_projector
+    names: tuple[str, ...]  # its merged tensors
+    forward: Callable[[Mapping[str, Tensor], int, int, Tensor], Tensor]
+    student_inputs: Sequence[Sequence[Tensor]]
+    teacher_inputs: Sequence[Sequence[Tensor]]
+    teacher_outputs: Sequence[Sequence[Tensor]]
+    caption_logits: Callable[[Mapping[str, Tensor], int], Tensor] | None = None
+    teacher_logits: Sequence[Tensor] | None = None
+
+
 @dataclass
 class Merged:
     tensor: Tensor
@@ -128,6 +153,9 @@ F = TypeVar("F", bound=MergeFn)
 # "stored_inputs": the method reads its inputs piece by piece and converts each piece to float32 itself, so on
 #   the CPU the engine hands it the tensors as stored (bf16, say) instead of whole float32 copies.
 Execution = Literal["whole", "elementwise", "stored_inputs"]
+# fit_block(experts, base, start, weights, params, block) -> Merged per tensor of the block: each expert's and the
+# base's tensors of the block by name, `start` the method's own per-tensor merge of them.
+FitBlockFn = Callable[..., Mapping[str, Merged]]
 
 
 @dataclass(frozen=True)
@@ -147,6 +175,8 @@ class Method:
     # Defaults that replace the Params defaults when the spec gives calibration data, for the
     # parameters the user did not set: a method that can use data does so when given it.
     with_calibration: Mapping[str, Any] = field(default_factory=dict)
+    # Methods that read Need.BLOCK_FEATURES: fits a whole block at once from its per-tensor start (`FitBlockFn`).
+    fit_block: FitBlockFn | None = None
 
     @property
     def elementwise(self) -> bool:
@@ -206,11 +236,14 @@ def method(name: str, *, summary: str, params: type[MethodParams],
            base: Literal["required", "optional", "unused"] = "required",
            min_models: int = 1, max_models: int | None = None, execution: Execution = "whole",
            needs: Callable[[Any], set[Need]] | None = None,
-           with_calibration: Mapping[str, Any] | None = None) -> Callable[[F], F]:
+           with_calibration: Mapping[str, Any] | None = None,
+           fit_block: FitBlockFn | None = None) -> Callable[[F], F]:
     """Register the decorated merge function as method `name`; the function itself is returned unchanged.
 
     `with_calibration`: parameter defaults for a spec that gives calibration data (the user's own
     values still win), e.g. the settings under which the method reads that data."""
+    if fit_block is not None and needs is None:
+        raise ValueError(f"method {name!r}: a method that fits blocks (`fit_block`) reads calibration data (`needs`)")
     defaults = MappingProxyType(dict(with_calibration or {}))
     if defaults:
         if needs is None:
@@ -223,7 +256,12 @@ def method(name: str, *, summary: str, params: type[MethodParams],
     def register(merge: F) -> F:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} registered twice")
-        _REGISTRY[name] = Method(name, summary, params, merge, base, min_models, max_models, execution, needs, defaults)
+        registered = Method(name, summary, params, merge, base, min_models, max_models, execution, needs, defaults,
+                            fit_block)
+        if (fit_block is None) == (Need.BLOCK_FEATURES in registered.data):
+            raise ValueError(f"method {name!r}: a method fits blocks (`fit_block`) exactly when it may need block "
+                             "features")
+        _REGISTRY[name] = registered
         return merge
     return register
 
@@ -244,11 +282,13 @@ def all_methods() -> dict[str, Method]:
 # The modules of this package that register the built-in methods; a new one adds its line here.
 BUILTIN = (
     "ace",
+    "adamerging",
     "cart",
     "dare",
     "iso",
     "linear",
     "pivotmerge",
+    "prodistill",
     "regmean",
     "slerp",
     "task_arithmetic",
@@ -270,14 +310,16 @@ def _load_builtin() -> None:
 
 
 # More settings than this of a method's discrete parameters and `needs_of_every_setting` refuses to try them all.
-MAX_NEEDS_SETTINGS = 4096
+MAX_NEEDS_SETTINGS = 16384  # PivotMerge has 5184
 
 
 def needs_of_every_setting(params: type[MethodParams], needs: Callable[[Any], set[Need]]) -> tuple[Need, ...]:
     """Every Need `needs` answers over all valid settings of the parameters with a finite set of values
-    (bool, Literal, Enum, and their optional forms), the others at their defaults; so `needs` may
-    depend only on those parameters."""
-    choices = {name: values for name, f in params.model_fields.items() if (values := _finite_values(f.annotation))}
+    (bool, Literal, Enum, and their optional forms) and of the integer ones at their default, 0 and 1
+    (a count such as a number of steps, where 0 turns a stage off), the others at their defaults; so
+    `needs` may depend only on those parameters."""
+    choices = {name: values for name, f in params.model_fields.items()
+               if (values := _finite_values(f.annotation) or _count_values(f.annotation, f.default))}
     settings = itertools.product(*choices.values())
     count = 1
     for values in choices.values():
@@ -292,6 +334,11 @@ def needs_of_every_setting(params: type[MethodParams], needs: Callable[[Any], se
         except ValidationError:
             continue  # a combination the parameters' own checks refuse
     return tuple(n for n in Need if n in found)
+
+
+def _count_values(annotation: Any, default: Any) -> tuple[Any, ...]:
+    """An integer parameter's probes: its default, 0 and 1 (those its constraints refuse are skipped)."""
+    return tuple(dict.fromkeys((default, 0, 1))) if annotation is int else ()
 
 
 def _finite_values(annotation: Any) -> tuple[Any, ...]:

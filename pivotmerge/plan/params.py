@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 from pydantic import ValidationError
 
 from pivotmerge.errors import SpecError
-from pivotmerge.methods import NO_CALIBRATION, Calibration, Method, MethodParams
+from pivotmerge.methods import Method, MethodParams
 from pivotmerge.spec.schema import FilteredValue, MergeSpec, ParamValue, format_validation_error
 
 
@@ -41,13 +41,11 @@ def resolve_value(value: ParamValue, tensor: str, depth: float) -> Any:
 
 @dataclass(frozen=True)
 class TensorParams:
-    """What the method gets for one merged tensor: each model's weight, the method's
-    parameters resolved for this tensor, and what calibration data measured for it
-    (set when the engine's calibration step returns, `NO_CALIBRATION` until then)."""
+    """What the method gets for one merged tensor from the spec: each model's weight and the method's
+    parameters resolved for this tensor (calibration data comes from the calibration stage)."""
 
     weights: list[float]
     params: MethodParams
-    calibration: Calibration = NO_CALIBRATION
 
 
 def resolve_params(spec: MergeSpec, method: Method, tensor: str, depth: float) -> TensorParams:

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 from pivotmerge.plan.device import resolve_device
 from pivotmerge.plan.plan import MergePlan, Timings, as_spec, plan_merge
 from pivotmerge.report.merge_report import MergedTensor, MergeReport
-from pivotmerge.run.engine import finish_output, write_shards
+from pivotmerge.run.engine import finish_output, write_shards, write_side_files
 from pivotmerge.errors import PivotMergeError, SpecError
 from pivotmerge.progress import CancelFn, ProgressFn
 from pivotmerge.spec.schema import MergeSpec
@@ -101,4 +101,5 @@ def finalize(spec: MergeSpec | Mapping[str, Any], folder: str | Path, parts: Seq
                          key=lambda e: order[e.tensor])
         timings = Timings(*(sum(p["timings"][k] for p in parts) for k in ("read_s", "merge_s", "write_s")))
         write_index(folder, shards)
+        write_side_files(plan, folder)
         return finish_output(plan, folder, resolve_device(plan.spec.device), entries, files, timings, started)
