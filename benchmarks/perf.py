@@ -308,7 +308,7 @@ def compare_with_mergekit(method: str, repos: Sequence[Path], work: Path, repeat
 
 
 # Each tool's merge entry point, imported in a fresh process: what every merge pays before it starts.
-STARTUP_IMPORTS = {"ours": "import pivotmerge.cli.commands, pivotmerge.run.engine",
+STARTUP_IMPORTS = {"ours": "import pivotmerge.cli.commands, pivotmerge.run.merge",
                    "mergekit": "import mergekit.scripts.run_yaml", "torch alone": "import torch"}
 
 
@@ -439,7 +439,7 @@ def io_floor(repos: Sequence[Path], work: Path, repeats: int) -> dict[str, Any]:
 _IN_PROCESS = """
 import json, shutil, sys, time
 from pivotmerge.repos.model_repo import ModelRepo
-from pivotmerge.run.engine import merge
+from pivotmerge.run.merge import merge
 taken = []
 get = ModelRepo.get
 def counted(self, name):
@@ -491,7 +491,7 @@ def projector_merge(shape: Shape, work: Path, repeats: int) -> dict[str, Any]:
 _PROFILED = """
 import cProfile, json, os, pstats, sys, threading, time
 from pathlib import Path
-from pivotmerge.run.engine import merge
+from pivotmerge.run.merge import merge
 from pivotmerge.spec.schema import load_spec
 tick = os.sysconf("SC_CLK_TCK")
 names, cpu, done = {}, {}, threading.Event()
@@ -505,7 +505,7 @@ def sample():
                 continue
             cpu[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
         done.wait(0.02)
-import pivotmerge.run.engine as engine
+import pivotmerge.run.streaming as engine
 profiles = []
 merge_one = engine._merge_one
 def profiled(*args):  # cProfile follows one thread: one profile per tensor, in the thread merging it

@@ -26,7 +26,7 @@ from pivotmerge.data.datasets import load_dataset
 from pivotmerge.data.evaluate import evaluate_model
 from pivotmerge.data.example import make_example
 from pivotmerge.methods import get_method
-from pivotmerge.run.engine import merge
+from pivotmerge.run.merge import merge
 from pivotmerge.spec.schema import spec_from_dict
 from pivotmerge.tune.trials import TrialRunner
 

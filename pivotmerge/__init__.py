@@ -18,12 +18,12 @@ if TYPE_CHECKING:  # what each name is, for readers and type checkers
     from pivotmerge.errors import CompatibilityError, MergeCancelled, PivotMergeError, RepoError, SpecError
     from pivotmerge.plan.plan import check, plan_merge
     from pivotmerge.progress import Progress
-    from pivotmerge.run.engine import merge
+    from pivotmerge.run.merge import merge
     from pivotmerge.spec.schema import MergeSpec, load_spec, spec_from_dict
 
 # name -> the module that defines it
 _EXPORTS = {
-    "merge": "pivotmerge.run.engine", "check": "pivotmerge.plan.plan", "plan_merge": "pivotmerge.plan.plan",
+    "merge": "pivotmerge.run.merge", "check": "pivotmerge.plan.plan", "plan_merge": "pivotmerge.plan.plan",
     "analyze": "pivotmerge.analysis.analyze",
     "MergeSpec": "pivotmerge.spec.schema", "load_spec": "pivotmerge.spec.schema",
     "spec_from_dict": "pivotmerge.spec.schema",

@@ -30,7 +30,7 @@ from pivotmerge.bench.domains import DOMAINS
 from pivotmerge.bench.variants import (DATA_FREE_BASELINES, DEFAULTS, QUICK_ROWS, TUNED, Variant)
 from pivotmerge.bench.world import Config, World, build_world
 from pivotmerge.data.evaluate import CaptionBatch, caption_batches, caption_stats, load_model
-from pivotmerge.run.engine import merge
+from pivotmerge.run.merge import merge
 
 Progress = Callable[[str], None]
 PROJECTOR = "model.multi_modal_projector."

@@ -41,7 +41,7 @@ def merge_command(spec_file: Path, out_dir: Path, force: bool, device: str | Non
     the spec lists `evaluate` datasets, the metrics are printed as a table
     (with `evaluate_inputs: true`, the base and each expert beside the merge).
     """
-    from pivotmerge.run.engine import merge
+    from pivotmerge.run.merge import merge
     from pivotmerge.spec.schema import load_spec
 
     spec = load_spec(spec_file)

@@ -41,7 +41,7 @@ from pivotmerge.repos.model_repo import ModelRepo, resolve_roots
 from pivotmerge.spec.schema import ByteSize, DatasetRef, format_validation_error
 from pivotmerge.repos.writer import OutputTensor, ShardWriter
 from pivotmerge.report.merge_report import output_files, versions, write_json
-from pivotmerge.run.engine import write_tensors
+from pivotmerge.run.streaming import write_tensors
 
 Folded = dict[str, dict[str, str]]  # folded name -> {modality: source tensor name}
 

@@ -26,7 +26,8 @@ from typing import Any, Mapping, Sequence
 from pivotmerge.plan.device import resolve_device
 from pivotmerge.plan.plan import MergePlan, Timings, as_spec, plan_merge
 from pivotmerge.report.merge_report import MergedTensor, MergeReport
-from pivotmerge.run.engine import finish_output, write_shards, write_side_files
+from pivotmerge.run.merge import finish_output, write_side_files
+from pivotmerge.run.streaming import write_shards
 from pivotmerge.errors import PivotMergeError, SpecError
 from pivotmerge.progress import CancelFn, ProgressFn
 from pivotmerge.spec.schema import MergeSpec

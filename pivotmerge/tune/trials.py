@@ -15,7 +15,7 @@ on the dev data, without re-reading or re-writing the model.
   beside each expert's own (the experts are loaded once per study, when the first such trial runs);
 * a method that fits blocks (``Need.BLOCK_FEATURES``) fits them from its per-tensor merge, as `merge` does.
 
-A trial's tensors are the engine's own (`pivotmerge.run.engine.merge_tensor`): the same
+A trial's tensors are the engine's own (`pivotmerge.run.streaming.merge_tensor`): the same
 parameters, per-tensor seeds and output dtype, so the best trial written by `merge` scores what
 the trial scored.
 """
@@ -41,7 +41,7 @@ from pivotmerge.methods import Calibration, Merged, Method, Need
 from pivotmerge.plan.device import DTYPES, resolve_device
 from pivotmerge.plan.params import resolve_all
 from pivotmerge.plan.plan import MergePlan, plan_merge
-from pivotmerge.run.engine import merge_tensor
+from pivotmerge.run.streaming import merge_tensor
 from pivotmerge.spec.schema import MergeSpec, spec_from_dict
 
 Objective = Literal["loss", "accuracy", "qa"]

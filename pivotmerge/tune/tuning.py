@@ -12,7 +12,7 @@ from pivotmerge.errors import PivotMergeError
 from pivotmerge.progress import CancelFn, ProgressFn
 from pivotmerge.repos.output import building, check_out_dir
 from pivotmerge.report.merge_report import MergeReport, write_report
-from pivotmerge.run.engine import merge
+from pivotmerge.run.merge import merge
 from pivotmerge.spec.schema import DatasetRef, MergeSpec, read_yaml, spec_from_dict
 from pivotmerge.tune.space import FieldNames, Space, read_space
 from pivotmerge.tune.study import BatchFn, StartFn, TrialFn, best_spec, local_batches, plot_study, run_study

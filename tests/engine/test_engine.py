@@ -202,3 +202,28 @@ def test_spec_errors_name_the_field_before_any_tensor_is_read(tmp_path):
         pivotmerge.check({"method": "linear", "models": [{"model": "/nonexistent"}], "components": ["wheels"]})
     with pytest.raises(SpecError, match=r"^out_shard_size: .*not a size"):
         pivotmerge.check({"method": "linear", "models": [{"model": "/nonexistent"}], "out_shard_size": "lots"})
+
+
+def test_a_merge_parses_its_spec_once_and_opens_each_repo_once(trio, tmp_path, monkeypatch):
+    """The spec is parsed once per process: the merge path plans once, and its later stages read that plan."""
+    import pivotmerge.plan.plan as planning
+    from pivotmerge.spec.schema import MergeSpec
+
+    parsed: list[dict] = []
+    opened: list[str] = []
+    validate, open_repo = MergeSpec.model_validate, planning._open_repo
+
+    def counted_validate(data, *args, **kwargs):
+        parsed.append(data)
+        return validate(data, *args, **kwargs)
+
+    def counted_open(ref, *args, **kwargs):
+        opened.append(ref)
+        return open_repo(ref, *args, **kwargs)
+
+    monkeypatch.setattr(MergeSpec, "model_validate", counted_validate)
+    monkeypatch.setattr(planning, "_open_repo", counted_open)
+    base, e1, e2 = trio
+    pivotmerge.merge(spec_for(base, e1, e2), tmp_path / "out")
+    assert len(parsed) == 1
+    assert opened == [str(base), str(e1), str(e2)]

@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 import pivotmerge
-import pivotmerge.run.engine as engine
+import pivotmerge.run.streaming as engine
 from pivotmerge.errors import RepoError
 from pivotmerge.methods import get_method
 from pivotmerge.plan.params import resolve_params
@@ -162,7 +162,7 @@ def _run_python(code: str, *args: str, cwd: Path | None = None) -> subprocess.Co
 
 def test_cli_help_and_the_package_facade_do_not_import_torch():
     done = _run_python("import sys; import pivotmerge; from pivotmerge.cli.main import main; main(['merge', '--help']); "
-                       "print('torch' in sys.modules); import pivotmerge.run.engine as e; print(pivotmerge.merge is e.merge)")
+                       "print('torch' in sys.modules); import pivotmerge.run.merge as e; print(pivotmerge.merge is e.merge)")
     assert done.returncode == 0, done.stderr
     assert "Merge the models a SPEC names" in done.stdout
     assert done.stdout.split()[-2:] == ["False", "True"]

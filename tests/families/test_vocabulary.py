@@ -112,7 +112,7 @@ def test_the_first_pass_of_a_refit_tokenizes_with_the_union_vocabulary(family_mo
     from PIL import Image
     from transformers import AutoTokenizer
 
-    import pivotmerge.run.engine as engine
+    import pivotmerge.run.merge as engine
 
     Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "red.png")
     (tmp_path / "calib.jsonl").write_text(json.dumps({"image": "red.png", "caption": "a red <calc> square"}) + "\n")

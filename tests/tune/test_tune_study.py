@@ -14,7 +14,7 @@ from pivotmerge.data.datasets import load_dataset
 from pivotmerge.errors import MergeCancelled
 from pivotmerge.methods import MethodParams, method
 from pivotmerge.methods.fields import Scale, scale_field
-from pivotmerge.run.engine import merge
+from pivotmerge.run.merge import merge
 from pivotmerge.spec.schema import DatasetRef, spec_from_dict
 from pivotmerge.tune import trials as trials_module
 from pivotmerge.tune.space import read_space

@@ -1,44 +1,38 @@
-"""The merge engine: stream a planned merge one tensor at a time.
+"""Streaming: merge a checked plan's tensors one at a time, and write them as they come.
 
 Peak memory stays near (number of models + 1) x the largest tensor: inputs are
 memory-mapped, each merged tensor is written out as soon as it exists, tensors
-merged side by side (one per core) hold no more inputs than the largest alone,
-and the output folder appears only when complete. Elementwise methods (linear, task
-arithmetic) hold less: their inputs' pages go as each piece is merged.
+merged side by side (one per core) hold no more inputs than the largest alone.
+Elementwise methods (linear, task arithmetic) hold less: their inputs' pages go
+as each piece is merged. What runs the stages around this (the calibration
+stage, the passes, evaluation, the report) is `pivotmerge.run.merge`.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import time
 import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence, overload
+from typing import Any, Collection, Iterable, Iterator, Sequence, overload
 
 import torch
 
 from pivotmerge.version import __version__
-from pivotmerge.data.blocks import fit_blocks
-from pivotmerge.data.calibration import NOT_CALIBRATED, Calibrated, calibrate, merged_input_calibration
-from pivotmerge.data.evaluate import Evaluation, evaluate_merge, evaluation_data
+from pivotmerge.data.calibration import NOT_CALIBRATED, Calibrated
 from pivotmerge.errors import MergeCancelled
-from pivotmerge.methods import NO_CALIBRATION, Calibration, Merged, Method, Need
-from pivotmerge.plan.device import resolve_device
+from pivotmerge.methods import NO_CALIBRATION, Calibration, Method
 from pivotmerge.plan.params import TensorParams
-from pivotmerge.plan.plan import MergePlan, Timings, check, plan_merge
+from pivotmerge.plan.plan import MergePlan, Timings
 from pivotmerge.progress import CancelFn, Progress, ProgressFn
-from pivotmerge.report.merge_report import CalibrationReport, MergedTensor, MergeReport, build_report, write_model_card, write_report
-from pivotmerge.repos.model_repo import ModelRepo, populate, release, resolve_roots
-from pivotmerge.repos.output import building, carry_side_files, check_out_dir
-from pivotmerge.repos.vocab import write_tokenizer
-from pivotmerge.repos.writer import ShardWriter, WrittenFile
-from pivotmerge.spec.schema import MergeSpec
+from pivotmerge.report.merge_report import MergedTensor
+from pivotmerge.repos.model_repo import ModelRepo, populate, release
+from pivotmerge.repos.writer import OutputTensor, ShardWriter, WrittenFile
 
 
 # Tensors read ahead of the one being merged, by a reader thread: reads (page
@@ -57,14 +51,14 @@ def _input_repos(plan: MergePlan, name: str) -> list[ModelRepo]:
     return plan.repos() if name in plan.merged else [plan.reference]
 
 
-def _read_inputs(plan: MergePlan, name: str) -> list[torch.Tensor]:
+def read_inputs(plan: MergePlan, name: str) -> list[torch.Tensor]:
     """What merging `name` needs, as stored (mapped: pages are read when first touched)."""
     return [r.get(name) for r in _input_repos(plan, name)]
 
 
 def _read_ahead(plan: MergePlan, name: str) -> list[torch.Tensor]:
-    """`_read_inputs` with every page read now, by the reader thread, not when the maths touches it."""
-    inputs = _read_inputs(plan, name)
+    """`read_inputs` with every page read now, by the reader thread, not when the maths touches it."""
+    inputs = read_inputs(plan, name)
     for t in inputs:
         populate(t)
     return inputs
@@ -96,7 +90,7 @@ class _ReadAhead:
         if self._reads:
             inputs = self._reads.popleft().result()
         else:
-            inputs = _read_inputs(self._plan, self._names[self._taken])
+            inputs = read_inputs(self._plan, self._names[self._taken])
         self._taken += 1
         while len(self._reads) < PREFETCH and self._fits():
             self._submit()
@@ -166,7 +160,8 @@ def _apply(method: Method, models: Sequence[torch.Tensor], base: torch.Tensor | 
             if method.stored_inputs and device.type == "cpu":  # the method converts each piece itself
                 result = method(models, base, weights, params, generator, calibration)
             else:
-                result = method(_Float32On(models, device, consumed), None if base is None else _float32(base, device, consumed),
+                result = method(_Float32On(models, device, consumed),
+                                None if base is None else _float32(base, device, consumed),
                                 weights, params, generator, calibration)
             return result.tensor.to(dtype), result.info
         out = torch.empty(models[0].shape, dtype=dtype, device=device)
@@ -176,7 +171,8 @@ def _apply(method: Method, models: Sequence[torch.Tensor], base: torch.Tensor | 
         for start in range(0, flat.numel(), step):
             piece = slice(start, start + step)
             result = method([f32(m.reshape(-1)[piece]) for m in models],
-                            None if base is None else f32(base.reshape(-1)[piece]), weights, params, generator, calibration)
+                            None if base is None else f32(base.reshape(-1)[piece]),
+                            weights, params, generator, calibration)
             flat[piece].copy_(result.tensor)
             info = result.info
             if consumed:  # this piece and the one before: a page they share goes once both are merged
@@ -237,7 +233,8 @@ class Measured:
 
 
 def _merge_tensors(measured: Measured, outputs: Sequence[OutputTensor], device: torch.device, timings: Timings,
-                   progress: ProgressFn | None, should_cancel: CancelFn | None) -> Iterator[tuple[str, torch.Tensor, MergedTensor | None]]:
+                   progress: ProgressFn | None,
+                   should_cancel: CancelFn | None) -> Iterator[tuple[str, torch.Tensor, MergedTensor | None]]:
     """Yield (name, output tensor, report entry or None) for `outputs`, in order.
 
     Up to `_maths_workers` tensors are merged at once, as long as their inputs together are no
@@ -300,7 +297,8 @@ def _merge_one(measured: Measured, out: OutputTensor, inputs: list[torch.Tensor]
         tensor, info = merge_tensor(plan, name, inputs, device, out.dtype, consumed=True, calibration=calibration)
     del inputs[:]  # their pages may go now, not when the pool drops this call
     return tensor, MergedTensor(tensor=name, component=place.component_name, layer=place.layer,
-                                weights=resolved.weights, params=_reported_params(resolved, calibration), info=info or None)
+                                weights=resolved.weights, params=_reported_params(resolved, calibration),
+                                info=info or None)
 
 
 def merge_tensor(plan: MergePlan, name: str, inputs: Sequence[torch.Tensor], device: torch.device,
@@ -331,108 +329,16 @@ def _tensor_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | Path, *, progress: ProgressFn | None = None,
-          should_cancel: CancelFn | None = None, allowed_roots: Sequence[str | Path] | None = None,
-          relative_to: Path | None = None, overwrite: bool = False, allow_downloads: bool = False) -> MergeReport:
-    """Run a merge into `out_dir` and return its report (also written as merge_report.json).
-
-    Stages: plan (checked once, then left as is), calibration (`_calibration_stage`: what the
-    method needs, measured and returned), streaming (`write_shards`), evaluation, report (written once).
-    The output is built in a hidden sibling folder and moved into place only when complete; on error or
-    cancellation (MergeCancelled) nothing is left behind.
-    """
-    started = time.perf_counter()
-    out_dir = Path(out_dir)
-    check_out_dir(out_dir, overwrite)
-    with plan_merge(spec, allowed_roots=allowed_roots, relative_to=relative_to, allow_downloads=allow_downloads) as plan:
-        device = resolve_device(plan.spec.device)
-        roots = resolve_roots(allowed_roots)
-        eval_data = evaluation_data(plan.spec.evaluate, allowed_roots=roots, relative_to=relative_to)
-        calibrated = calibrate(plan, device, allowed_roots=roots, relative_to=relative_to, progress=progress)
-        with building(out_dir) as partial:
-            calibrated = _calibration_stage(plan, out_dir, device, calibrated, progress, should_cancel)
-            merge_progress = progress
-            if Need.MERGED_INPUTS in plan.needs:
-                merge_progress = _with_message(progress, "second pass: each layer fitted on the first pass's inputs")
-            files, entries, timings = write_shards(plan, partial, device, merge_progress, should_cancel, calibrated=calibrated)
-            write_side_files(plan, partial)
-            evaluation = (evaluate_merge(_evaluated_models(plan, partial), eval_data, device, progress=progress,
-                                         should_cancel=should_cancel) if eval_data else None)
-            report = finish_output(plan, partial, device, entries, files, timings, started,
-                                   calibration=calibrated.report, evaluation=evaluation)
-    if progress is not None:
-        progress(Progress("done", 1, 1))
-    return report
-
-
-def _calibration_stage(plan: MergePlan, out_dir: Path, device: torch.device, calibrated: Calibrated,
-                       progress: ProgressFn | None, should_cancel: CancelFn | None) -> Calibrated:
-    """What the merge's tensors need beyond the plan, measured: `calibrated` (Grams, alignment), then for
-    ``gram_inputs: merged`` the second pass's Grams (`_refit_on_first_pass`), then for methods that fit
-    blocks (``Need.BLOCK_FEATURES``) every block fitted in order, from the method's per-tensor merge."""
-    needs = plan.needs
-    if Need.MERGED_INPUTS in needs:
-        calibrated = _refit_on_first_pass(plan, out_dir, device, calibrated, progress, should_cancel)
-    if Need.BLOCK_FEATURES not in needs:
-        return calibrated
-
-    def inputs(name: str) -> list[torch.Tensor]:
-        return _read_inputs(plan, name)
-
-    def start(name: str) -> Merged:
-        tensor, info = merge_tensor(plan, name, _read_inputs(plan, name), device, torch.float32,
-                                    calibration=calibrated.for_tensor(name))
-        return Merged(tensor, info)
-
-    fitted, blocks = fit_blocks(plan, calibrated.datasets, device, inputs, start, progress=progress,
-                                should_cancel=should_cancel)
-    return replace(calibrated, report={**calibrated.report, "blocks": blocks}, fitted=fitted)
-
-
-def _refit_on_first_pass(plan: MergePlan, out_dir: Path, device: torch.device, calibrated: Calibrated,
-                         progress: ProgressFn | None, should_cancel: CancelFn | None) -> Calibrated:
-    """`calibrated` for ``gram_inputs: merged``: merge once as usual, then measure each
-    layer's inputs in that model against the experts' own (for the second pass).
-
-    The first pass has no ``cross_grams``, so the method fits on the experts' own
-    inputs, as with ``gram_inputs: expert``. Its model lives in a hidden folder
-    beside `out_dir` (the output's disk, not /tmp's), removed whatever happens.
-    """
-    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.first-pass-", dir=out_dir.parent) as tmp:
-        first = Path(tmp)
-        write_shards(plan, first, device, _with_message(progress, "first pass: each layer fitted on the experts' own inputs"),
-                     should_cancel, calibrated=calibrated)
-        write_side_files(plan, first)  # config, processor and tokenizer, so it loads as the output will
-        return merged_input_calibration(plan, first, calibrated, device, progress=progress, should_cancel=should_cancel)
-
-
-def _with_message(progress: ProgressFn | None, message: str) -> ProgressFn | None:
-    """`progress` with `message` on the reports that carry none, so a listener can tell the passes apart."""
-    if progress is None:
-        return None
-    return lambda p: progress(p if p.message else replace(p, message=message))
-
-
-def _evaluated_models(plan: MergePlan, folder: Path) -> dict[str, Path]:
-    """Label -> folder of the models to evaluate: the merged one (first), then with
-    `evaluate_inputs` the base and each expert (labelled by its spec `model`)."""
-    models = {"merged": folder}
-    if plan.spec.evaluate_inputs:
-        if plan.base is not None:
-            models["base"] = plan.base.path
-        for i, (entry, repo) in enumerate(zip(plan.spec.models, plan.models)):
-            models[entry.model if entry.model not in models else f"{entry.model} ({i})"] = repo.path
-    return models
-
 
 def write_shards(plan: MergePlan, folder: Path, device: torch.device, progress: ProgressFn | None,
                  should_cancel: CancelFn | None, only: Collection[int] | None = None,
                  calibrated: Calibrated = NOT_CALIBRATED) -> tuple[list[WrittenFile], list[MergedTensor], Timings]:
     """Merge and write every shard of the plan, or the shards `only` names, into `folder`, with what the
-    calibration stage measured (`calibrated`); returns the files, the merged tensors' report entries, and the timings."""
+    calibration stage measured (`calibrated`); returns the files, the merged tensors' report entries,
+    and the timings."""
     timings = Timings()
-    writer = ShardWriter(folder, plan.outputs, plan.spec.out_shard_size, metadata={"merged_by": f"pivotmerge {__version__}"},
-                         only=only)
+    writer = ShardWriter(folder, plan.outputs, plan.spec.out_shard_size,
+                         metadata={"merged_by": f"pivotmerge {__version__}"}, only=only)
     entries: list[MergedTensor] = []
 
     def merged() -> Iterator[tuple[str, torch.Tensor]]:
@@ -473,24 +379,3 @@ def write_tensors(writer: ShardWriter, tensors: Iterable[tuple[str, torch.Tensor
     finally:
         writer.abort()
 
-
-def write_side_files(plan: MergePlan, folder: Path) -> None:
-    """The base's config and processor, and the tokenizer of the merged vocabulary where the spec merges one."""
-    carry_side_files(plan.reference.path, folder, plan.spec.dtype)
-    if plan.vocabulary is not None:
-        write_tokenizer(plan.reference.path, folder, plan.vocabulary)
-
-
-def finish_output(plan: MergePlan, folder: Path, device: torch.device, entries: Sequence[MergedTensor],
-                  files: Sequence[WrittenFile], timings: Timings, started: float,
-                  calibration: Mapping[str, Any] | None = None, evaluation: Evaluation | None = None) -> MergeReport:
-    """Beside the shards and side files written in `folder`: the merge report (with the calibration stage's
-    and the evaluation's sections, when given) and the model card. `started` is the merge's start on
-    time.perf_counter's clock (the report's total time); returns the report."""
-    report = build_report(plan, device, entries, files, timings, time.perf_counter() - started)
-    if calibration:
-        report.calibration = CalibrationReport.model_validate(calibration)
-    report.evaluation = evaluation
-    write_report(folder, report)
-    write_model_card(folder, plan, report)
-    return report
