@@ -27,7 +27,7 @@ from pivotmerge.spec.schema import MergeSpec, spec_from_dict
 
 from workers.context import JobHooks
 
-BUILT_IN = ("workers.kinds.merge", "workers.kinds.analysis", "workers.kinds.tuning")
+BUILT_IN = ("workers.kinds.merge", "workers.kinds.analysis", "workers.kinds.tuning", "workers.kinds.fold")
 
 
 def _accept_mergekit_config(value: Any) -> Any:
