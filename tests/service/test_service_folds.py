@@ -86,3 +86,14 @@ def test_bad_fold_specs_are_refused_naming_the_field(client: TestClient, team, m
     refused = client.post("/v1/folds", json={"spec": spec}, headers=team)
     assert refused.status_code == 422 and refused.json()["field"] == field, refused.text
     assert client.get("/v1/folds", headers=team).json()["jobs"] == []  # nothing accepted
+
+
+def test_a_queued_fold_is_cancelled_by_its_team_only(queue_only_client: TestClient, team, other_team,  # type: ignore[no-untyped-def]
+                                                     multiway) -> None:
+    client = queue_only_client
+    job = client.post("/v1/folds", json={"spec": {"model": str(multiway), "method": "interpolation"}},
+                      headers=team).json()
+    assert client.post(f"/v1/folds/{job['id']}:cancel", headers=other_team).status_code == 404
+    cancelled = client.post(f"/v1/folds/{job['id']}:cancel", headers=team)
+    assert cancelled.status_code == 200 and cancelled.json()["state"] == "cancelled", cancelled.text
+    assert client.get(f"/v1/folds/{job['id']}", headers=team).json()["state"] == "cancelled"
