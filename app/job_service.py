@@ -146,15 +146,17 @@ def create_job(kind: JobKind, body: Any, labels: list[str] | None, idempotency_k
         raise ApiError(429, f"team has {active} active jobs, the limit is {settings.max_active_jobs_per_team}; "
                             "retry when one has finished", headers={"Retry-After": str(settings.retry_after_seconds)})
 
-    spec = kind.spec_of(body)
+    merge_spec = kind.merge_spec_of(body)
     roots, downloads = settings.allowed_roots, settings.hub_allow_downloads
     with fields_under(kind.spec_field):
-        check_push(kind, spec, settings)
-        check_split(kind, spec)
-        kind.check_spec(spec, allowed_roots=roots, allow_downloads=downloads)
+        if merge_spec is not None:
+            check_push(kind, merge_spec, settings)
+            check_split(kind, merge_spec)
+        kind.check_spec(kind.spec_of(body), allowed_roots=roots, allow_downloads=downloads)
     kind.check_request(body, allowed_roots=roots, allow_downloads=downloads)
-    with fields_under(kind.spec_field):
-        check_datasets(spec, allowed_roots=settings.allowed_roots)
+    if merge_spec is not None:
+        with fields_under(kind.spec_field):
+            check_datasets(merge_spec, allowed_roots=settings.allowed_roots)
 
     job = Job(team_id=team.id, kind=kind.name, spec=as_json(kind, body),
               idempotency_key=idempotency_key, request_sha256=digest,

@@ -131,8 +131,8 @@ def sweep_scratch(work_dir: Path, sessions: sessionmaker[Session]) -> None:
 
 def run_kind(kind: JobKind, request: Any, work: Path, settings: Settings, reporter: JobReporter) -> Outcome:
     """Run the job as its kind declares; a split spec of a kind that can split runs as parts instead."""
-    spec = kind.spec_of(request)
-    if kind.can_split and spec.split is not None:  # the parts store the shards; out_dir gets the rest
+    spec = kind.merge_spec_of(request)
+    if kind.can_split and spec is not None and spec.split is not None:  # the parts store the shards; out_dir gets the rest
         report = run_split_job(reporter, spec, work / "out", work, settings)
         return Outcome(report.as_json(), shards_stored=True)
     return kind.run(JobRun(request, work / "out", work, settings, reporter))
@@ -259,8 +259,8 @@ def run_job(self: Task, job_id: str) -> None:
             kind = {k.name: k for k in load_kinds(ctx.settings.job_kind_modules)}[job.kind]
             request = kind.parse(job.spec)  # parsed once: the run and the push read the same request
             outcome = run_kind(kind, request, work, ctx.settings, reporter)
-            if kind.can_push:
-                push_merge(ctx.sessions, jid, kind.spec_of(request), work / "out", ctx.settings)
+            if kind.can_push and (spec := kind.merge_spec_of(request)) is not None:
+                push_merge(ctx.sessions, jid, spec, work / "out", ctx.settings)
             with ctx.sessions() as session:
                 publish(ctx, session, jid, work / "out", outcome)
                 if transition(session, jid, [JobState.running], JobState.succeeded, report=outcome.report,

@@ -32,9 +32,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from pivotmerge.version import __version__
 from pivotmerge.plan.device import DTYPES, resolve_device
-from pivotmerge.errors import CompatibilityError, MergeCancelled, SpecError
+from pivotmerge.errors import CompatibilityError, MergeCancelled, RepoError, SpecError
 from pivotmerge.fold.folding import FoldSpec, fold_plan, fold_tensor
-from pivotmerge.fold.tables import folded_config, table_for
+from pivotmerge.fold.tables import FoldTable, folded_config, table_for
 from pivotmerge.repos.output import FOLD_REPORT_FILE, building, carry_side_files, check_out_dir
 from pivotmerge.progress import CancelFn, Progress, ProgressFn
 from pivotmerge.repos.model_repo import ModelRepo, resolve_roots
@@ -95,6 +95,51 @@ def fold_spec_from_dict(data: Any) -> FoldJobSpec:
         raise SpecError(format_validation_error(exc)) from None
 
 
+def check_fold(spec: FoldJobSpec | Mapping[str, Any], *, allowed_roots: Sequence[str | Path] | None = None,
+               relative_to: Path | None = None) -> None:
+    """Refuse what `fold` could not run, before it runs (the service calls it before accepting a fold job):
+    the model and W0 under the allowed roots with the tensors the plan folds (headers only), the groups
+    (or the model's folding table) matching, the calibration data readable. Errors name the spec's field."""
+    spec = spec if isinstance(spec, FoldJobSpec) else fold_spec_from_dict(dict(spec))
+    roots = resolve_roots(allowed_roots)
+    with _open_named(spec.model, "model", roots, relative_to) as repo:
+        spec, _, folded = _planned(spec, repo)
+        w0 = _w0_repo(spec, repo, folded, roots, relative_to)
+        if w0 is not None and w0 is not repo:
+            w0.close()
+    if spec.calibration_inputs:
+        from pivotmerge.fold.grams import load_inputs
+
+        for path in spec.calibration_inputs:
+            load_inputs(relative_to / path if relative_to is not None else Path(path), roots)
+    if spec.calibration is not None:
+        from pivotmerge.data.datasets import DatasetError, load_ref
+
+        try:
+            load_ref(spec.calibration, allowed_roots=roots, relative_to=relative_to)
+        except DatasetError as exc:
+            raise DatasetError(f"calibration.dataset: {exc}") from None
+
+
+def _open_named(ref: str, field: str, roots: Sequence[Path] | None, relative_to: Path | None) -> ModelRepo:
+    """Open the model the spec's `field` names; errors name that field."""
+    try:
+        return ModelRepo.open(ref, allowed_roots=roots, relative_to=relative_to)
+    except RepoError as exc:
+        raise RepoError(f"{field}: {exc}") from None
+
+
+def _planned(spec: FoldJobSpec, repo: ModelRepo) -> tuple[FoldJobSpec, FoldTable | None, Folded]:
+    """The spec with the model's folding table filled in where it gives no groups, the table, and the plan."""
+    table = table_for(repo.model_type) if spec.groups is None else None
+    if table is not None:
+        spec = spec.with_groups(table.groups)
+    try:
+        return spec, table, fold_plan(list(repo.tensors), spec)
+    except CompatibilityError as exc:  # the groups (or the table) do not fit this model's tensors
+        raise CompatibilityError(f"groups: {exc}") from None
+
+
 def output_tensors(repo: ModelRepo, folded: Folded, dtype: torch.dtype | None) -> list[OutputTensor]:
     """The output's tensors in the repo's order: a folded tensor where its first source was,
     the sources and any old copy of the folded name dropped, the rest kept."""
@@ -113,7 +158,7 @@ def _w0_repo(spec: FoldJobSpec, repo: ModelRepo, folded: Folded, roots: Sequence
     """The repo holding W0 for modality arithmetic, checked to have every folded tensor in the right shape."""
     if spec.method != "modality_arithmetic":
         return None
-    w0 = ModelRepo.open(spec.w0_model, allowed_roots=roots, relative_to=relative_to) if spec.w0_model else repo
+    w0 = _open_named(spec.w0_model, "w0_model", roots, relative_to) if spec.w0_model else repo
     for target, sources in folded.items():
         want = repo.tensors[next(iter(sources.values()))].shape
         got = w0.tensors.get(target)
@@ -194,10 +239,7 @@ def fold(spec: FoldJobSpec | Mapping[str, Any], out_dir: str | Path, *, progress
     check_out_dir(out_dir, overwrite)
     roots = resolve_roots(allowed_roots)
     with ModelRepo.open(spec.model, allowed_roots=roots, relative_to=relative_to) as repo:
-        table = table_for(repo.model_type) if spec.groups is None else None
-        if table is not None:
-            spec = spec.with_groups(table.groups)
-        folded = fold_plan(list(repo.tensors), spec)
+        spec, table, folded = _planned(spec, repo)
         w0 = _w0_repo(spec, repo, folded, roots, relative_to)
         try:
             grams, calibration = _grams(spec, repo, folded, roots, relative_to, progress)

@@ -27,7 +27,7 @@ from pivotmerge.spec.schema import MergeSpec, spec_from_dict
 
 from workers.context import JobHooks
 
-BUILT_IN = ("workers.kinds.merge", "workers.kinds.analysis", "workers.kinds.tuning")
+BUILT_IN = ("workers.kinds.merge", "workers.kinds.analysis", "workers.kinds.tuning", "workers.kinds.fold")
 
 
 def _accept_mergekit_config(value: Any) -> Any:
@@ -91,10 +91,13 @@ class JobKind:
     label: str  # on the dashboard
     request: Any  # the POST body's type: a pydantic model, or an Annotated one
     run: Callable[[JobRun], Outcome]
-    check_spec: Preflight  # the request's merge spec; its errors name fields under `spec_field`
+    check_spec: Preflight  # the request's spec; its errors name fields under `spec_field`
     check_request: Preflight = no_more_checks  # the rest of the request; its errors name their own fields
-    # The request's field holding the merge spec; None: the request is the spec.
+    # The request's field holding the spec; None: the request is the spec.
     spec_field: str | None = None
+    # Whether the spec is a merge spec, whose push_to_hub, split and datasets the service checks; False: a spec
+    # of the kind's own (a fold's), which check_spec checks alone.
+    merge_spec: bool = True
     # The request as the job keeps it (defaults filled in); may refuse it with a PivotMergeError naming a field.
     accept: Callable[[Any, Settings], Any] = lambda request, settings: request
     can_push: bool = False  # push_to_hub: the run's output folder is a model
@@ -104,8 +107,11 @@ class JobKind:
     def a_noun(self) -> str:
         return f"{'an' if self.noun[0] in 'aeiou' else 'a'} {self.noun}"
 
-    def spec_of(self, request: Any) -> MergeSpec:
+    def spec_of(self, request: Any) -> Any:
         return request if self.spec_field is None else getattr(request, self.spec_field)
+
+    def merge_spec_of(self, request: Any) -> MergeSpec | None:
+        return self.spec_of(request) if self.merge_spec else None
 
     def parse(self, stored: dict[str, Any]) -> Any:
         """A job's stored request (its `spec` column) as the kind's request."""
@@ -117,6 +123,8 @@ _REGISTRY: dict[str, JobKind] = {}
 
 def declare(kind: JobKind) -> JobKind:
     """Register a kind; a kind module calls it once, at import."""
+    if not kind.merge_spec and (kind.can_push or kind.can_split):
+        raise ValueError(f"job kind {kind.name!r}: push_to_hub and split are a merge spec's; its spec is not one")
     clash = next((k for k in _REGISTRY.values() if k.name != kind.name and kind.collection == k.collection), None)
     if clash is not None:
         raise ValueError(f"job kind {kind.name!r}: collection {kind.collection!r} is {clash.name!r}'s")

@@ -80,8 +80,8 @@ function formatNumber(v) {
   return Math.abs(v) >= 1000 || Math.abs(v) < 0.001 ? v.toExponential(3) : v.toFixed(4);
 }
 
-// What a job merges with: a merge's method, a tuning's candidates.
-const methodOf = (job) => (job.kind === "tuning" ? job.spec.methods.join(", ") : job.spec.method || "");
+// What a job merges with: a merge's method, a tuning's candidates, the method of a spec under `spec` (a fold's).
+const methodOf = (job) => (job.kind === "tuning" ? job.spec.methods.join(", ") : job.spec.method || job.spec.spec?.method || "");
 
 // The order a spec is written in (the database keeps JSON keys in its own order); a tuning's request first.
 const KEY_ORDER = ["spec", "methods", "space", "objective", "trials", "timeout_s", "batch_size", "dev", "test", "method", "base_model", "models", "model", "weight", "components", "include", "exclude", "parameters",
