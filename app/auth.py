@@ -9,7 +9,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.models import TEAM_NAME_MAX_CHARS, ApiKey, Team, utcnow
+from service_core.models import TEAM_NAME_MAX_CHARS, ApiKey, Team, utcnow
 
 KEY_PREFIX = "pm_"
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from core.settings import Settings
+from service_core.settings import Settings
 from pivotmerge.bench import CACHE
 from pivotmerge.report.merge_report import MergeReport, read_report
 
@@ -39,7 +39,7 @@ def open_db(settings: Settings):  # type: ignore[no-untyped-def]
     """
     from sqlalchemy import inspect
 
-    from core.db import make_engine, make_sessionmaker, migrate
+    from service_core.db import make_engine, make_sessionmaker, migrate
 
     if settings.embedded:
         migrate(settings.database_url)
@@ -61,7 +61,7 @@ def admin() -> None:
 @admin.command("migrate")
 def migrate_command() -> None:
     """Create or upgrade the database schema (alembic upgrade head)."""
-    from core.db import migrate
+    from service_core.db import migrate
 
     migrate(load_settings().database_url)
     click.echo("database is up to date")
@@ -92,7 +92,7 @@ def create_team_command(name: str) -> None:
 def _team(session: Any, name: str) -> Any:
     from sqlalchemy import select
 
-    from core.models import Team
+    from service_core.models import Team
 
     team = session.scalar(select(Team).where(Team.name == name))
     if team is None:
@@ -130,7 +130,7 @@ def list_teams_command() -> None:
     """Teams and their keys (prefixes only)."""
     from sqlalchemy import select
 
-    from core.models import Team
+    from service_core.models import Team
 
     with open_db(load_settings())() as session:
         for team in session.scalars(select(Team).order_by(Team.name)):
@@ -148,7 +148,7 @@ def ensure_default_key(settings: Settings) -> Path:
     from sqlalchemy import func, select
 
     from app.auth import create_api_key, create_team
-    from core.models import Team
+    from service_core.models import Team
 
     key_file = settings.data_dir / API_KEY_FILE
     with open_db(settings)() as session:
@@ -251,7 +251,7 @@ def serve(host: str, port: int, worker: bool) -> None:
     """
     import uvicorn
 
-    from core.db import migrate
+    from service_core.db import migrate
     from app.main import create_app
     from workers.celery_app import service_queues
 

@@ -10,9 +10,9 @@ from sqlalchemy.orm import Session
 
 from app.auth import team_for_key
 from app.errors import ApiError
-from core.models import Team
-from core.settings import Settings
-from core.storage import ArtifactStore
+from service_core.models import Team
+from service_core.settings import Settings
+from service_core.storage import ArtifactStore
 
 bearer = HTTPBearer(auto_error=False, description="A team API key: `Authorization: Bearer pm_...`.")
 

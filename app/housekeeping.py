@@ -1,15 +1,15 @@
-"""Periodic work of the API process, each a heartbeat thread (core.heartbeat).
+"""Periodic work of the API process, each a heartbeat thread (service_core.heartbeat).
 
 - The lease reaper: a running job's worker renews its lease
   (workers.tasks.lease_keeper). When the worker's main process dies, nothing
   renews it; every `lease_check_seconds` such jobs go back to the queue, or fail
-  past `max_attempts` (core.job_states.reap_lapsed_leases), so a dead worker's
+  past `max_attempts` (service_core.job_states.reap_lapsed_leases), so a dead worker's
   job runs again within about lease + check seconds (20 s by default); a job
   it ends loses the files its dead attempt had stored.
 - Webhooks: every `webhook_dispatch_seconds` the deliveries recorded with
   final job states are handed to the delivery task (workers.webhooks).
 - Retention: with `artifact_retention_days` set, every `retention_check_seconds`
-  the artifacts of jobs finished longer ago are deleted (core.retention).
+  the artifacts of jobs finished longer ago are deleted (service_core.retention).
 
 Several API processes may each run one: every change is a conditional UPDATE.
 """
@@ -22,12 +22,12 @@ from celery import Celery
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.heartbeat import Heartbeat
-from core.job_states import reap_lapsed_leases, transition
-from core.models import JobState, WebhookDelivery, utcnow
-from core.retention import expire_artifacts
-from core.settings import Settings
-from core.storage import ArtifactStore, artifact_key
+from service_core.heartbeat import Heartbeat
+from service_core.job_states import reap_lapsed_leases, transition
+from service_core.models import JobState, WebhookDelivery, utcnow
+from service_core.retention import expire_artifacts
+from service_core.settings import Settings
+from service_core.storage import ArtifactStore, artifact_key
 from workers.celery_app import enqueue_delivery, enqueue_job
 
 

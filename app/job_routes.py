@@ -15,7 +15,7 @@ from app.errors import ERROR_RESPONSES, NOT_FOUND
 from app.job_service import cancel_job, create_job, delete_job, job_out, list_jobs, load_job
 from app.job_streaming import download_archive, download_artifact, job_events
 from app.schemas import MAX_SEQ, ArtifactList, ArtifactOut, ErrorOut, JobOut, JobPage, MetricsOut
-from core.models import Job, JobState
+from service_core.models import Job, JobState
 
 
 def job_metrics(job: Job) -> MetricsOut:

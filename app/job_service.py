@@ -29,11 +29,11 @@ from workers.kinds import JobKind
 from app.errors import ApiError, field_named_in
 from app.page_tokens import decode_page_token, encode_page_token
 from app.schemas import JobOut, JobPage, ProgressOut
-from core.job_states import add_event, request_cancel, transition
-from core.models import ACTIVE_STATES, FINAL_STATES, Job, JobLabel, JobState, Team
-from core.retention import remove_artifacts
-from core.settings import Settings
-from core.storage import ArtifactStore
+from service_core.job_states import add_event, request_cancel, transition
+from service_core.models import ACTIVE_STATES, FINAL_STATES, Job, JobLabel, JobState, Team
+from service_core.retention import remove_artifacts
+from service_core.settings import Settings
+from service_core.storage import ArtifactStore
 
 
 @contextmanager

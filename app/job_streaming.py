@@ -19,9 +19,9 @@ from workers.kinds import JobKind
 from app.downloads import etag_matches, parse_range
 from app.errors import ApiError
 from app.schemas import EventOut, EventPage
-from core.job_states import current_state
-from core.models import FINAL_STATES, Artifact, Job, JobEvent, JobState
-from core.storage import ArtifactStore
+from service_core.job_states import current_state
+from service_core.models import FINAL_STATES, Artifact, Job, JobEvent, JobState
+from service_core.storage import ArtifactStore
 
 SSE_POLL_SECONDS = 0.5
 SSE_KEEPALIVE_SECONDS = 15.0

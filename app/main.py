@@ -11,8 +11,8 @@ from pivotmerge import __version__
 from workers.celery_app import make_celery
 from workers.kinds import load_kinds
 
-from core.db import make_engine, make_sessionmaker
-from core.logs import configure_logging
+from service_core.db import make_engine, make_sessionmaker
+from service_core.logs import configure_logging
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.housekeeping import housekeeping
@@ -21,8 +21,8 @@ from app.metrics import install_metrics
 from app.request_log import RequestLog
 from app.routers import health, inputs, methods, tuning_trials, webhooks
 from app.ui import pages as ui_pages
-from core.settings import Settings, get_settings
-from core.storage import make_store
+from service_core.settings import Settings, get_settings
+from service_core.storage import make_store
 
 DESCRIPTION = """Merge multimodal (LLaVA-style) models as jobs.
 

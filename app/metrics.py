@@ -18,8 +18,8 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.models import FINAL_STATES, HEARTBEAT_SECONDS, Artifact, Job, JobState, Team, WorkerHeartbeat, utcnow
-from core.settings import GPU_QUEUE
+from service_core.models import FINAL_STATES, HEARTBEAT_SECONDS, Artifact, Job, JobState, Team, WorkerHeartbeat, utcnow
+from service_core.settings import GPU_QUEUE
 from workers.celery_app import WEBHOOK_QUEUE
 
 # Seconds: from a quick job on an idle pool to a 6-hour merge (the default time limit).

@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Any
 
-from core.logs import request_id
+from service_core.logs import request_id
 
 log = logging.getLogger("pivotmerge.api")
 REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")

@@ -2,7 +2,7 @@
 
 The request bodies of the job kinds are declared with the kinds (workers.kinds): for merges and
 analyses the engine's own `pivotmerge.spec.MergeSpec`, one schema for the CLI's YAML and the API's
-JSON; for tunings such a spec with what `pivotmerge tune` takes beside it (core.tuning_request).
+JSON; for tunings such a spec with what `pivotmerge tune` takes beside it (service_core.tuning_request).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
 from pivotmerge.data.evaluate import Evaluation
 
-from core.models import JobState
+from service_core.models import JobState
 
 
 MAX_SEQ = 2**31 - 1  # event numbers are 32-bit integers in the database

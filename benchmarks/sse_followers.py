@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from app.auth import create_api_key, create_team  # noqa: E402
 from app.main import create_app  # noqa: E402
-from core.db import make_engine, make_sessionmaker, migrate  # noqa: E402
-from core.job_states import add_event  # noqa: E402
-from core.models import Job, JobState  # noqa: E402
-from core.settings import Settings  # noqa: E402
+from service_core.db import make_engine, make_sessionmaker, migrate  # noqa: E402
+from service_core.job_states import add_event  # noqa: E402
+from service_core.models import Job, JobState  # noqa: E402
+from service_core.settings import Settings  # noqa: E402
 
 
 def free_port() -> int:

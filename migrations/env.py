@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from alembic import context
 
-from core.db import make_engine
-from core.models import Base
-from core.settings import get_settings
+from service_core.db import make_engine
+from service_core.models import Base
+from service_core.settings import get_settings
 
 config = context.config
 url = config.attributes.get("database_url") or get_settings().database_url

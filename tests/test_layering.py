@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PROJECT = ("pivotmerge", "core", "app", "workers")
+PROJECT = ("pivotmerge", "service_core", "app", "workers")
 
 # Top-level package -> the top-level packages it may import (besides itself).
 ALLOWED_PACKAGES = {
     "pivotmerge": set(),
-    "core": {"pivotmerge"},
-    "workers": {"core", "pivotmerge"},
-    "app": {"core", "pivotmerge", "workers"},
+    "service_core": {"pivotmerge"},
+    "workers": {"service_core", "pivotmerge"},
+    "app": {"service_core", "pivotmerge", "workers"},
 }
 # app reaches workers only to enqueue jobs (the Celery app and its task names) and to read the job kinds'
 # declarations (workers.kinds and its kind modules), never the task code.
@@ -178,7 +178,7 @@ for name in preload:
         importlib.import_module(name)
     except Exception:
         pass  # an optional dependency; the project import that needs it reports the failure
-assert not any(m.split(".")[0] in ("pivotmerge", "core", "app", "workers") for m in sys.modules)
+assert not any(m.split(".")[0] in ("pivotmerge", "service_core", "app", "workers") for m in sys.modules)
 failed, running = [], {}
 
 def reap():

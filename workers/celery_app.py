@@ -6,7 +6,7 @@ initialises CUDA, so no process forks after CUDA is up; the child keeps its CUDA
 context from job to job (recycling it per job cost seconds of start-up each
 time). Late acknowledgement plus reject-on-worker-lost puts a job whose process
 died back on the queue, and the pool forks a new child for it; the attempts
-counter on the job row (see core.job_states.start_attempt) stops such a job from
+counter on the job row (see service_core.job_states.start_attempt) stops such a job from
 coming back forever.
 """
 
@@ -16,7 +16,7 @@ import uuid
 
 from celery import Celery
 
-from core.settings import GPU_QUEUE, Settings
+from service_core.settings import GPU_QUEUE, Settings
 
 RUN_JOB = "pivotmerge.run_job"
 RUN_TRIAL = "pivotmerge.run_trial"  # one trial of a tuning job (workers.tuning_trials), sent to Settings.trial_queue

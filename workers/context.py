@@ -11,9 +11,9 @@ from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import make_engine, make_sessionmaker
-from core.settings import Settings
-from core.storage import ArtifactStore, make_store
+from service_core.db import make_engine, make_sessionmaker
+from service_core.settings import Settings
+from service_core.storage import ArtifactStore, make_store
 from pivotmerge.progress import Progress
 
 

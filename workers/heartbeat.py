@@ -1,4 +1,4 @@
-"""A job worker's heartbeat: its main process writes a row every few seconds (core.models.WorkerHeartbeat),
+"""A job worker's heartbeat: its main process writes a row every few seconds (service_core.models.WorkerHeartbeat),
 so `GET /metrics` can tell live workers from dead ones. The row goes when the worker shuts down cleanly;
 a killed worker's row stays, with its last beat."""
 
@@ -12,9 +12,9 @@ from typing import Any
 from celery.signals import worker_ready, worker_shutdown
 from sqlalchemy import delete, update
 
-from core.db import make_engine, make_sessionmaker
-from core.models import HEARTBEAT_SECONDS, WorkerHeartbeat, utcnow
-from core.settings import Settings
+from service_core.db import make_engine, make_sessionmaker
+from service_core.models import HEARTBEAT_SECONDS, WorkerHeartbeat, utcnow
+from service_core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Split merges as jobs: a merge job whose spec has `split: N` fans its parts out as tuning trials are
-fanned out, as rows in the database (core.split_parts) and tasks on the main Celery app:
+fanned out, as rows in the database (service_core.split_parts) and tasks on the main Celery app:
 
     celery -A workers.worker worker -Q split -c 1        # as many as you like, on any host
 
@@ -24,12 +24,12 @@ from typing import Any
 
 from celery import Task, current_app, shared_task
 
-from core.heartbeat import Heartbeat
-from core.job_states import current_state, runs_as
-from core.models import Job, JobState, SplitPart, utcnow
-from core.settings import Settings
-from core.split_parts import create_parts, end_part, parts_of, renew_part, requeue_lapsed, sent, start_part
-from core.storage import artifact_key
+from service_core.heartbeat import Heartbeat
+from service_core.job_states import current_state, runs_as
+from service_core.models import Job, JobState, SplitPart, utcnow
+from service_core.settings import Settings
+from service_core.split_parts import create_parts, end_part, parts_of, renew_part, requeue_lapsed, sent, start_part
+from service_core.storage import artifact_key
 from pivotmerge.errors import MergeCancelled, PivotMergeError
 from pivotmerge.progress import Progress
 from pivotmerge.report.merge_report import MergeReport

@@ -16,13 +16,13 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import make_engine, make_sessionmaker
-from core.heartbeat import Heartbeat
-from core.logs import bind_job
-from core.job_states import add_event, current_state, holds_lease, renew_lease, runs_as, start_attempt, transition
-from core.models import ACTIVE_STATES, FINAL_STATES, Artifact, Job, JobState, utcnow
-from core.settings import Settings
-from core.storage import artifact_key, file_sha256, make_store
+from service_core.db import make_engine, make_sessionmaker
+from service_core.heartbeat import Heartbeat
+from service_core.logs import bind_job
+from service_core.job_states import add_event, current_state, holds_lease, renew_lease, runs_as, start_attempt, transition
+from service_core.models import ACTIVE_STATES, FINAL_STATES, Artifact, Job, JobState, utcnow
+from service_core.settings import Settings
+from service_core.storage import artifact_key, file_sha256, make_store
 from pivotmerge.errors import MergeCancelled, PivotMergeError, RepoError
 from pivotmerge.progress import Progress
 from pivotmerge.repos.hub import push

@@ -23,9 +23,9 @@ from celery import Task, shared_task
 from celery.signals import task_prerun
 from sqlalchemy import select
 
-from core.models import Job, JobState, Trial
-from core.settings import Settings
-from core.tuning_request import TuningRequest
+from service_core.models import Job, JobState, Trial
+from service_core.settings import Settings
+from service_core.tuning_request import TuningRequest
 from pivotmerge.tune.study import Proposal, failed_trial, run_trial
 from pivotmerge.tune.trials import TrialRunner
 from pivotmerge.tune.tuning import load_datasets

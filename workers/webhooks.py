@@ -14,8 +14,8 @@ import httpx
 from celery import Task, shared_task
 from sqlalchemy import update
 
-from core.models import DeliveryState, Webhook, WebhookDelivery, utcnow
-from core.webhooks import SIGNATURE_HEADER, refused_destination, signature
+from service_core.models import DeliveryState, Webhook, WebhookDelivery, utcnow
+from service_core.webhooks import SIGNATURE_HEADER, refused_destination, signature
 from workers.celery_app import DELIVER_WEBHOOK
 from workers.tasks import context
 

@@ -7,8 +7,8 @@ from typing import Any
 
 from celery.signals import setup_logging, worker_init
 
-from core.logs import configure_logging
-from core.settings import Settings
+from service_core.logs import configure_logging
+from service_core.settings import Settings
 
 from workers import heartbeat  # noqa: F401  (its signal handlers beat while the worker runs)
 from workers.celery_app import make_celery
@@ -18,7 +18,7 @@ celery = make_celery(Settings())
 
 @setup_logging.connect
 def structured_logs(**_: Any) -> None:
-    """Our log lines (core.logs) instead of Celery's: each carries the job, team and attempt it is about."""
+    """Our log lines (service_core.logs) instead of Celery's: each carries the job, team and attempt it is about."""
     settings = Settings()
     configure_logging(settings.log_format, settings.log_level)
 
@@ -43,7 +43,7 @@ def preload_engine(**_: Any) -> None:
 @worker_init.connect
 def sweep_scratch_at_start(**_: Any) -> None:
     """Scratch folders of attempts whose worker died and that will not run again (docs/service.md, Workers)."""
-    from core.db import make_engine, make_sessionmaker
+    from service_core.db import make_engine, make_sessionmaker
     from workers.tasks import sweep_scratch
 
     settings = Settings()

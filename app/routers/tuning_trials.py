@@ -15,7 +15,7 @@ from app.deps import SessionDep
 from app.errors import ERROR_RESPONSES, NOT_FOUND
 from app.job_routes import job_dependency
 from app.schemas import TrialList, TrialOut
-from core.models import Job, Trial
+from service_core.models import Job, Trial
 
 router = APIRouter(prefix=f"/v1/{TUNING.collection}", tags=[TUNING.collection], responses=ERROR_RESPONSES)
 TuningDep = Annotated[Job, job_dependency(TUNING)]

@@ -12,8 +12,8 @@ from sqlalchemy import select
 from app.deps import SessionDep, SettingsDep, TeamDep
 from app.errors import ERROR_RESPONSES, ApiError
 from app.schemas import DeliveryOut, DeliveryPage, ErrorOut, WebhookCreated, WebhookIn, WebhookList, WebhookOut
-from core.models import Webhook, WebhookDelivery
-from core.webhooks import refused_destination
+from service_core.models import Webhook, WebhookDelivery
+from service_core.webhooks import refused_destination
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"], responses=ERROR_RESPONSES)
 HOOK_NOT_FOUND = {404: {"model": ErrorOut, "description": "No such webhook for this team."}}

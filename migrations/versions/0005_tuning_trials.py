@@ -1,7 +1,7 @@
 """tuning jobs and their trials
 
 Jobs of kind 'tuning' need no change to `jobs`: its kind is a VARCHAR(16) without a
-constraint (core.models._enum), so the new kind is only a new value.
+constraint (service_core.models._enum), so the new kind is only a new value.
 
 Revision ID: 0005
 Revises: 0004

@@ -24,7 +24,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import LlavaForConditionalGeneration
 
-from core.storage import file_sha256
+from service_core.storage import file_sha256
 from pivotmerge.bench.domains import DOMAINS
 from pivotmerge.bench.trained_example import SMALL
 from pivotmerge.bench.world import build_world

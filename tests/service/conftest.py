@@ -22,9 +22,9 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from app.auth import create_api_key, create_team
-from core.db import make_engine, make_sessionmaker, migrate
+from service_core.db import make_engine, make_sessionmaker, migrate
 from app.main import create_app
-from core.settings import Settings
+from service_core.settings import Settings
 from pivotmerge.data.example import ExampleSet, make_example
 from tests.system_packages import missing
 from tests.throwaway_servers import Missing, server_url

@@ -15,7 +15,7 @@ from app.auth import create_team
 from app.errors import ApiError
 from workers.kinds.merge import MERGE as MERGES
 from app import job_service as jobs
-from core.models import Job, JobState
+from service_core.models import Job, JobState
 
 
 def test_a_cancel_that_lost_the_race_names_the_state_the_job_ended_in(sessions) -> None:

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 
 from app.auth import revoke_api_key
 from app.main import create_app
-from core.models import ApiKey, Job
+from service_core.models import ApiKey, Job
 from tests.service.service_support import merge_spec, wait_final
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import importlib
 import re
 import shlex
+import tomllib
 from pathlib import Path
 
 import yaml
 
-from core.settings import Settings
+from service_core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,6 +45,12 @@ def test_compose_names_files_that_exist_and_commands_that_resolve() -> None:
             if line.startswith("COPY "):
                 for source in shlex.split(line)[1:-1]:
                     assert (context / source).exists(), f"{dockerfile.name}: COPY {source} missing"
+    # Every package the project installs is in both images (the service's shared package once was not).
+    packages = {name.rstrip("*") for name in tomllib.loads((ROOT / "pyproject.toml").read_text())
+                ["tool"]["setuptools"]["packages"]["find"]["include"]}
+    for dockerfile in (ROOT / "docker").glob("Dockerfile.*"):
+        copied = {shlex.split(line)[1] for line in dockerfile.read_text().splitlines() if line.startswith("COPY ")}
+        assert packages <= copied, f"{dockerfile.name}: no COPY of {sorted(packages - copied)}"
     started = set()
     for dockerfile in (ROOT / "docker").glob("Dockerfile.*"):
         for found in re.findall(r'"--factory", "([\w.]+):\w+"|"-A", "([\w.]+)"', dockerfile.read_text()):

@@ -15,8 +15,8 @@ import httpx
 from click.testing import CliRunner
 
 from app.cli import admin, free_port, stop_process
-from core.db import make_engine, make_sessionmaker
-from core.models import FINAL_STATES, Job
+from service_core.db import make_engine, make_sessionmaker
+from service_core.models import FINAL_STATES, Job
 from tests.repo_factory import llava_like, write_repo
 from tests.service.service_support import freeze_mid_job, wait_for
 from tests.service.test_service_lease import LEASE_TARGET_SECONDS, parent_pid

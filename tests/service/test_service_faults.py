@@ -16,9 +16,9 @@ from safetensors import safe_open
 from sqlalchemy import select
 
 from app.main import create_app
-from core.models import ACTIVE_STATES, Job, JobEvent
-from core.settings import Settings
-from core.storage import file_sha256
+from service_core.models import ACTIVE_STATES, Job, JobEvent
+from service_core.settings import Settings
+from service_core.storage import file_sha256
 from tests.repo_factory import llava_like, write_repo
 from tests.service.service_support import WorkerProcess, freeze_mid_job, service_env, wait_for
 from tests.service.test_service_lease import LEASE_TARGET_SECONDS, parent_pid

@@ -14,7 +14,7 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
-from core.settings import Settings
+from service_core.settings import Settings
 from pivotmerge.models.multiway import MultiwayVLConfig, MultiwayVLModel, SharedVLModel
 from tests.service.service_support import wait_final
 

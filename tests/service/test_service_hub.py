@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from core.settings import Settings
+from service_core.settings import Settings
 from tests.hub_server import COMMIT_OID, HubRecord, recording_hub
 from tests.service.service_support import WorkerProcess, merge_spec, service_env, wait_final
 

@@ -15,8 +15,8 @@ from sqlalchemy import select
 from transformers import LlavaForConditionalGeneration
 
 from app.main import create_app
-from core.models import Artifact
-from core.settings import Settings
+from service_core.models import Artifact
+from service_core.settings import Settings
 from tests.service.service_support import WorkerProcess, freeze_mid_job, merge_spec, service_env, submit_and_freeze, wait_final
 
 

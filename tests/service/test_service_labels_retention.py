@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from app.main import create_app
-from core.models import Artifact, Job, utcnow
+from service_core.models import Artifact, Job, utcnow
 from tests.service.service_support import merge_spec, wait_final, wait_for
 
 

@@ -1,4 +1,4 @@
-"""The service's package arrows: app -> core <- workers; workers never import app."""
+"""The service's package arrows: app -> service_core <- workers; workers never import app."""
 
 from __future__ import annotations
 
@@ -23,6 +23,6 @@ def test_workers_import_nothing_from_app() -> None:
         assert not {m for m in loaded if m == "app" or m.startswith("app.")}, module
 
 
-def test_core_imports_neither_app_nor_workers() -> None:
-    loaded = modules_loaded_by("core.db, core.models, core.job_states, core.settings, core.storage")
+def test_service_core_imports_neither_app_nor_workers() -> None:
+    loaded = modules_loaded_by("service_core.db, service_core.models, service_core.job_states, service_core.settings, service_core.storage")
     assert not {m for m in loaded if m.split(".")[0] in {"app", "workers"}}

@@ -18,10 +18,10 @@ from sqlalchemy import select, update
 from app.auth import create_team
 from app.main import create_app
 from app.housekeeping import reap_once
-from core.job_states import add_event, start_attempt
-from core.models import Job, JobEvent, JobState, utcnow
-from core.settings import Settings
-from core.storage import artifact_key, make_store
+from service_core.job_states import add_event, start_attempt
+from service_core.models import Job, JobEvent, JobState, utcnow
+from service_core.settings import Settings
+from service_core.storage import artifact_key, make_store
 from tests.service.service_support import WorkerProcess, freeze_mid_job, merge_spec, service_env, wait_final, wait_for
 from workers.celery_app import make_celery
 from workers.tasks import scratch_folder, sweep_scratch

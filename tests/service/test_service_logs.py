@@ -9,7 +9,7 @@ import logging
 import uuid
 
 from app.auth import create_api_key, create_team
-from core.logs import JsonFormatter
+from service_core.logs import JsonFormatter
 from tests.service.service_support import merge_spec, wait_final
 
 

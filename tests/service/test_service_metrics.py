@@ -9,8 +9,8 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 
-from core.models import Job
-from core.settings import Settings
+from service_core.models import Job
+from service_core.settings import Settings
 from pivotmerge.data.datasets import load_dataset
 from pivotmerge.data.evaluate import evaluate_model
 from pivotmerge.data.example import ExampleSet, make_example

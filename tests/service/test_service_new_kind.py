@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.main import create_app
-from core.settings import Settings
+from service_core.settings import Settings
 from tests.service.service_support import WorkerProcess, merge_spec, service_env, wait_final
 from workers import kinds
 

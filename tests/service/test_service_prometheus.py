@@ -13,9 +13,9 @@ from sqlalchemy import func, select
 
 from app.auth import create_api_key, create_team
 from app.main import create_app
-from core.models import FINAL_STATES, Artifact, Job, JobState, Team, WorkerHeartbeat
+from service_core.models import FINAL_STATES, Artifact, Job, JobState, Team, WorkerHeartbeat
 from workers.kinds import load_kinds
-from core.settings import Settings
+from service_core.settings import Settings
 from tests.service.service_support import merge_spec, wait_for
 
 Sample = tuple[str, tuple[tuple[str, str], ...]]

@@ -11,9 +11,9 @@ from pathlib import Path
 from sqlalchemy import select
 
 from app.auth import create_team
-from core.models import Artifact, Job
-from core.settings import Settings
-from core.storage import LocalStore
+from service_core.models import Artifact, Job
+from service_core.settings import Settings
+from service_core.storage import LocalStore
 from workers.context import WorkerContext
 from workers.kinds import Outcome
 from workers.tasks import publish

@@ -18,8 +18,8 @@ import httpx
 from sqlalchemy import update
 
 from app.cli import start_embedded_service, stop_process, wait_until_ready
-from core.models import Job, JobState, utcnow
-from core.storage import artifact_key, make_store
+from service_core.models import Job, JobState, utcnow
+from service_core.storage import artifact_key, make_store
 from pivotmerge.data.example import make_example
 from tests.service.service_support import merge_spec, wait_for
 from tests.service.test_service_webhooks import Receiver

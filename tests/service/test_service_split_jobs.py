@@ -25,9 +25,9 @@ from sqlalchemy import select
 import pivotmerge
 from app.job_streaming import download_artifact
 from app.main import create_app
-from core.models import Artifact, Job, SplitPart
-from core.settings import Settings
-from core.storage import CHUNK, make_store
+from service_core.models import Artifact, Job, SplitPart
+from service_core.settings import Settings
+from service_core.storage import CHUNK, make_store
 from tests.repo_factory import llava_like, write_repo
 from tests.service.service_support import WorkerProcess, service_env, wait_final, wait_for
 from tests.service.test_service_lease import parent_pid

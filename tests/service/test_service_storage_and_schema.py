@@ -20,10 +20,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, select
 
 from app.auth import hash_key
-from core.db import migrate
+from service_core.db import migrate
 from app.main import create_app
-from core.models import ApiKey, Artifact, Base, Job, JobState
-from core.storage import ArtifactStore, LocalStore, S3Store, artifact_key, file_sha256, make_store
+from service_core.models import ApiKey, Artifact, Base, Job, JobState
+from service_core.storage import ArtifactStore, LocalStore, S3Store, artifact_key, file_sha256, make_store
 
 
 def test_migrations_produce_exactly_the_models(database_url: str) -> None:

@@ -21,8 +21,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from app.main import create_app
-from core.models import Job, Trial
-from core.tuning_request import TuningRequest
+from service_core.models import Job, Trial
+from service_core.tuning_request import TuningRequest
 from pivotmerge.data.example import SIZES, ExampleSet, make_dataset
 from pivotmerge.tune.tuning import tune
 from tests.service.conftest import _new_team
@@ -170,7 +170,7 @@ def test_a_failing_trial_is_recorded_and_the_job_succeeds(fanout, with_failure, 
     assert [float(r.params["scale"]) for r in rows] == [1.0, 1e38]  # JSONB keeps 1e+38 as the integer it is
     failed = rows[1]
     assert failed.error == "objective loss is NaN on the dev sets" and failed.objective is None
-    assert failed.dev[0]["caption_loss"] is None  # JSON columns hold null for NaN (core.db)
+    assert failed.dev[0]["caption_loss"] is None  # JSON columns hold null for NaN (service_core.db)
     assert failed.worker is not None and failed.worker.startswith("pmtest-trials-")
 
     listed = client.get(f"/v1/tunings/{job_id}/trials", headers=headers).json()

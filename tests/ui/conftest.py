@@ -23,7 +23,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
 from app.main import create_app
-from core.settings import Settings
+from service_core.settings import Settings
 from pivotmerge.data.example import ExampleSet, make_example
 from tests.service.conftest import (  # noqa: F401  (fixtures used by name)
     _new_team, broker_prefix, database_url, pg_admin_url, redis_url, service_dir, sessions, settings, settings_values,

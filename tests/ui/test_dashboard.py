@@ -20,7 +20,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from core.models import Trial
+from service_core.models import Trial
 from pivotmerge.data.example import ExampleSet
 from tests.service.service_support import merge_spec, submit_and_freeze, wait_final
 from tests.ui.conftest import NARROW, WIDE, clear

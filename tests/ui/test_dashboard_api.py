@@ -8,7 +8,7 @@ from dataclasses import asdict
 import httpx
 from fastapi.testclient import TestClient
 
-from core.settings import Settings
+from service_core.settings import Settings
 from pivotmerge.data.example import ExampleSet
 from pivotmerge.methods import all_methods
 from tests.service.service_support import merge_spec

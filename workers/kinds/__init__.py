@@ -21,7 +21,7 @@ from typing import Annotated, Any, Callable, Iterable, Protocol, Sequence
 
 from pydantic import BeforeValidator, TypeAdapter
 
-from core.settings import Settings
+from service_core.settings import Settings
 from pivotmerge.errors import SpecError
 from pivotmerge.spec.schema import MergeSpec, spec_from_dict
 

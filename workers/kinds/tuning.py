@@ -1,5 +1,5 @@
 """Tuning jobs (/v1/tunings): the engine's study (`pivotmerge tune`) run by the job's task, its trials
-fanned out; the chosen trial's merge is the output. The request is core.tuning_request.TuningRequest;
+fanned out; the chosen trial's merge is the output. The request is service_core.tuning_request.TuningRequest;
 the trials' rows are read at /v1/tunings/{id}/trials (app.routers.tuning_trials).
 
 With `Settings.trial_queue` set, each batch of the study's proposals goes out as trial tasks
@@ -27,10 +27,10 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 import pivotmerge
-from core.job_states import add_event, holds_lease
-from core.models import Job, Trial, utcnow
-from core.settings import Settings
-from core.tuning_request import TuningRequest
+from service_core.job_states import add_event, holds_lease
+from service_core.models import Job, Trial, utcnow
+from service_core.settings import Settings
+from service_core.tuning_request import TuningRequest
 from pivotmerge.data.evaluate import DatasetMetrics
 from pivotmerge.errors import MergeCancelled, SpecError
 from pivotmerge.progress import Progress
@@ -46,7 +46,7 @@ from workers.kinds import JobKind, JobRun, Outcome, declare
 
 POLL_SECONDS = 0.2  # how often a study waiting for its trials looks for their rows
 RECORD_FIELDS = tuple(TrialRecord.model_fields)
-# Metrics that are numbers even when not finite; JSON columns hold null for those (core.db).
+# Metrics that are numbers even when not finite; JSON columns hold null for those (service_core.db).
 FLOAT_METRICS = {name for name, f in DatasetMetrics.model_fields.items() if f.annotation is float}
 
 

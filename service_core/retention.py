@@ -13,9 +13,9 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from core.job_states import add_event
-from core.models import FINAL_STATES, Artifact, Job, utcnow
-from core.storage import ArtifactStore, artifact_key
+from service_core.job_states import add_event
+from service_core.models import FINAL_STATES, Artifact, Job, utcnow
+from service_core.storage import ArtifactStore, artifact_key
 
 
 def remove_artifacts(session: Session, store: ArtifactStore, job_id: uuid.UUID, event: str,

@@ -113,7 +113,7 @@ class Job(Base):
 
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255))
-    # Renewed by the running worker (core.job_states.renew_lease); once it lapses the job is requeued or failed.
+    # Renewed by the running worker (service_core.job_states.renew_lease); once it lapses the job is requeued or failed.
     lease_expires_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
     report: Mapped[dict[str, Any] | None]

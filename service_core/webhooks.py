@@ -1,7 +1,7 @@
 """Completion webhooks: which events a team's endpoints get, how deliveries are signed, where they may go.
 
 A job reaching a final state records one delivery per subscribed endpoint in
-the same transaction as the state change (core.job_states.transition), so no
+the same transaction as the state change (service_core.job_states.transition), so no
 event is lost between the two; the API's dispatcher then hands deliveries to
 the `deliver_webhook` task (workers.webhooks), which sends and retries them.
 """
@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.models import Job, JobState, Webhook, WebhookDelivery
+from service_core.models import Job, JobState, Webhook, WebhookDelivery
 
 EVENTS = ("job.succeeded", "job.failed", "job.cancelled")
 SIGNATURE_HEADER = "PivotMerge-Signature"

@@ -13,7 +13,7 @@ from typing import Iterator, Protocol
 # The digest recorded with each artifact is the one the client checks a download against: one function.
 from pivotmerge.client import file_sha256  # noqa: F401  (imported by the workers and tests from here)
 
-from core.settings import Settings
+from service_core.settings import Settings
 
 CHUNK = 1 << 20
 

@@ -1,4 +1,4 @@
-"""A split merge's parts as rows (core.models.SplitPart), leased as jobs are (core.job_states).
+"""A split merge's parts as rows (service_core.models.SplitPart), leased as jobs are (service_core.job_states).
 
 The job's worker writes a row per part and sends a task per row (workers.split_parts); the worker that
 takes a part starts it with a conditional UPDATE, renews its lease while it merges, and ends it. Every
@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from sqlalchemy import ColumnElement, and_, delete, or_, select, update
 from sqlalchemy.orm import Session
 
-from core.models import SplitPart, utcnow
+from service_core.models import SplitPart, utcnow
 
 ENDED = ("succeeded", "stopped", "failed")
 

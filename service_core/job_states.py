@@ -14,8 +14,8 @@ from typing import Any, Iterable, NamedTuple
 from sqlalchemy import ColumnElement, and_, func, or_, select, true, update
 from sqlalchemy.orm import Session
 
-from core.models import FINAL_STATES, Job, JobEvent, JobState, utcnow
-from core.webhooks import record_deliveries
+from service_core.models import FINAL_STATES, Job, JobEvent, JobState, utcnow
+from service_core.webhooks import record_deliveries
 
 
 def add_event(session: Session, job_id: uuid.UUID, type: str, data: dict[str, Any]) -> JobEvent:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pivotmerge.spec.schema import DatasetRef, MergeSpec, untextual_string
 
-from core.models import CANDIDATE_MAX_CHARS
+from service_core.models import CANDIDATE_MAX_CHARS
 
 MAX_TRIALS = 1000
 
