@@ -56,8 +56,8 @@ class Config:
     n_calib: int  # calibration images per domain (each expert's own domain)
     vision_steps: int
     lm_steps: int
-    expert_steps: int  # the joint projector trains len(DOMAINS) times as long, on all domains
-    lr: float = 3e-3  # peak Adam rate of the experts and the joint projector
+    expert_steps: int  # the joint model trains len(DOMAINS) times as long, on all domains
+    lr: float = 3e-3  # peak Adam rate of the projector, in the experts and the joint model
     batch: int = 32
     # The fresh projector as LLaVA's stage 1 makes it: torch's default nn.Linear init (uniform, 1/sqrt(fan_in)),
     # not transformers' 0.02-std normal, so its hidden units start as random features shared by every expert.

@@ -16,6 +16,9 @@ def bench() -> None:
 
 
 @bench.command()
+@click.option("--suite", type=click.Choice(["projector", "deep"]), default="projector", show_default=True,
+              help="projector: alignment trained the projector alone; deep: also the language model and the "
+                   "vision tower's top layers, so a merge spans every layer (docs/results.md).")
 @click.option("--quick", is_flag=True, help="One seed of a smaller world and the gate rows, for CI (a few minutes on 2 CPU cores).")
 @click.option("--seeds", type=click.IntRange(min=1), default=None, help="Number of seeds (default: 1 quick, 5 full).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-quality"),
@@ -24,21 +27,22 @@ def bench() -> None:
               default=CACHE, show_default=True,
               help="Where built worlds are kept, keyed by their config and seed.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch CPU threads.")
-def quality(quick: bool, seeds: int | None, out: Path, cache: Path, threads: int) -> None:
+def quality(suite: str, quick: bool, seeds: int | None, out: Path, cache: Path, threads: int) -> None:
     """Merge quality on real LLaVA folders, merged by `pivotmerge.merge`, scored by the evaluator."""
     from rich.console import Console
     from transformers.utils import logging as hf_logging
 
-    from pivotmerge.bench.quality import FULL, QUICK, run, with_seeds
+    from pivotmerge.bench.quality import SUITES, run, with_seeds
 
     hf_logging.disable_progress_bar()  # hundreds of model loads; their bars would drown the log
-    suite = with_seeds(QUICK if quick else FULL, seeds)
+    quick_suite, full_suite = SUITES[suite]
+    chosen = with_seeds(quick_suite if quick else full_suite, seeds)
     console = Console(stderr=True)
     with console.status("starting") as status:
         # A spinner on a terminal; timestamped lines in logs (nohup, CI), where a spinner shows nothing.
         show = status.update if console.is_terminal else lambda message: console.print(
             f"{time.strftime('%H:%M:%S')} {message}", highlight=False)
-        result = run(suite, out, cache, show, threads)
+        result = run(chosen, out, cache, show, threads)
     console.print(f"done in {result['seconds']:.0f}s; wrote {out}/results.md")
     for section in ("reference", "tuned", "defaults"):
         for name, row in result[section].items():
