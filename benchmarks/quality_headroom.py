@@ -171,7 +171,7 @@ def deep_report(runs: list[dict[str, Any]]) -> str:
     for label, key in (("PivotMerge without data, defaults", "defaults"), ("one scale (uniform weights), dev-chosen", "one_scale"),
                        ("a scale per layer group, dev-chosen", "group_scales")):
         tests = " ".join(f"{r[key]['test']:.3f}" for r in runs)
-        lines.append(f"| {label} | {mean(runs, lambda r: r[key]['dev'])} | {mean(runs, lambda r: r[key]['test'])} | {tests} |")
+        lines.append(f"| {label} | {mean(runs, lambda r, key=key: r[key]['dev'])} | {mean(runs, lambda r, key=key: r[key]['test'])} | {tests} |")
     gaps = [r["group_scales"]["test"] - r["one_scale"]["test"] for r in runs]
     lines += ["", "Per seed, a scale per group minus one scale (test): " + " ".join(f"{g:+.4f}" for g in gaps)
               + f"; mean {statistics.mean(gaps):+.4f}", "", "Dev-chosen scales per seed:"]

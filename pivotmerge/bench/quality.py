@@ -119,11 +119,11 @@ def merged(world: World, variant: Variant, params: dict[str, Any], out: Path,
     return out
 
 
-def timed(make: Callable[[], Path]) -> tuple[Path, dict[str, float]]:
-    """`make()` and what it took: wall seconds, and CPU seconds of this process (all its threads;
+def timed_merge(world: World, variant: Variant, params: dict[str, Any], out: Path) -> tuple[Path, dict[str, float]]:
+    """`merged(...)` and what it took: wall seconds, and CPU seconds of this process (all its threads;
     on a busy machine the closer measure of what a quiet one would take)."""
     wall, cpu = time.perf_counter(), time.process_time()
-    path = make()
+    path = merged(world, variant, params, out)
     return path, {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
 
 
@@ -133,7 +133,7 @@ def select(variant: Variant, world: World, score: Scorer, work: Path) -> dict[st
     best: dict[str, Any] | None = None
     chosen, candidate = work / "chosen", work / "candidate"
     for params in variant.candidates():
-        _, seconds = timed(lambda: merged(world, variant, params, candidate))
+        _, seconds = timed_merge(world, variant, params, candidate)
         search.append({"params": params, "dev_token_accuracy": score(candidate, "dev")["average"]["token_accuracy"],
                        "merge_seconds": seconds})
         if best is None or search[-1]["dev_token_accuracy"] > best["dev_token_accuracy"]:
@@ -222,7 +222,7 @@ def run_seed(suite: Suite, seed: int, cache: Path, work: Path, progress: Progres
     defaults: dict[str, Any] = {}
     for variant in DEFAULTS if not suite.quick else [v for v in DEFAULTS if v.name in QUICK_ROWS]:
         progress(f"at defaults: {variant.name}")
-        path, seconds = timed(lambda: merged(world, variant, dict(variant.fixed), work / "defaults" / variant.name))
+        path, seconds = timed_merge(world, variant, dict(variant.fixed), work / "defaults" / variant.name)
         defaults[variant.name] = {"params": dict(variant.fixed), "test": score(path, "test"), "merge_seconds": seconds}
     progress("layer attribution")
     chosen = {name: work / "tuned" / name / "chosen" for name in tuned}

@@ -13,12 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
-from dataclasses import replace
-
 from safetensors.torch import load_file
 
 from pivotmerge.bench.domains import DOMAINS
