@@ -327,6 +327,13 @@ def run(suite: Suite, out: Path, cache: Path, progress: Progress, threads: int =
             shutil.rmtree(work, ignore_errors=True)
     finally:
         torch.set_num_threads(previous)
+    result = summary(suite, runs, time.perf_counter() - start)
+    write(result, runs, out)
+    return result
+
+
+def summary(suite: Suite, runs: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """The summary of `run_seed`'s `runs`: tables, paired differences, merge times, gates."""
     result = {
         "suite": {**asdict(suite), "world": asdict(suite.world)},
         "domains": list(DOMAINS),
@@ -337,10 +344,9 @@ def run(suite: Suite, out: Path, cache: Path, progress: Progress, threads: int =
         "spearman": correlations([s for r in runs for s in r["scenarios"]]) if suite.scenarios else {},
         "layer_attribution": [r["layer_attribution"] for r in runs],
         "merge_seconds": merge_seconds(runs),
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
     }
     result["gates"] = gates(result)
-    write(result, runs, out)
     return result
 
 
