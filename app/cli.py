@@ -11,11 +11,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import click
 
-from core.settings import GPU_QUEUE, Settings
+from core.settings import Settings
 from pivotmerge.bench import CACHE
 from pivotmerge.report.merge_report import MergeReport, read_report
 
@@ -161,10 +161,10 @@ def ensure_default_key(settings: Settings) -> Path:
     return key_file
 
 
-def start_worker(env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "celery", "--quiet", "-A", "workers.worker", "worker", "-Q", GPU_QUEUE,
-                             "-c", "1", "-l", "warning", "--without-gossip", "--without-mingle"],
-                            cwd=Path(__file__).resolve().parent.parent, env=env)
+def start_worker(queues: list[str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "celery", "--quiet", "-A", "workers.worker", "worker",
+                             "-Q", ",".join(queues), "-c", "1", "-l", "warning", "--without-gossip", "--without-mingle"],
+                            cwd=Path(__file__).resolve().parent.parent)
 
 
 WORKER_STOP_SECONDS = 20
@@ -191,10 +191,11 @@ class SupervisedWorker:
     worker it would wait in the queue for good.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, queues: list[str]) -> None:
+        self.queues = queues
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self.process = start_worker()
+        self.process = start_worker(queues)
         self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
         self._thread.start()
 
@@ -208,13 +209,26 @@ class SupervisedWorker:
                 if self._stopping.is_set():
                     return
                 click.echo(f"the worker exited (status {code}); starting a new one", err=True)
-                self.process = start_worker()
+                self.process = start_worker(self.queues)
 
     def stop(self) -> None:
         with self._lock:
             self._stopping.set()
         stop_process(self.process)
         self._thread.join()
+
+
+def bind_port(host: str, port: int) -> socket.socket:
+    """The API's socket, bound as uvicorn would bind it; a port in use is one line."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}; is another service running "
+                                   "there? Choose another port with --port") from None
+    return sock
 
 
 def exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -239,7 +253,9 @@ def serve(host: str, port: int, worker: bool) -> None:
 
     from core.db import migrate
     from app.main import create_app
+    from workers.celery_app import service_queues
 
+    listening = bind_port(host, port)  # before anything starts or says the API is up
     settings = load_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     for root in settings.allowed_roots:
@@ -249,13 +265,15 @@ def serve(host: str, port: int, worker: bool) -> None:
         key_file = ensure_default_key(settings)
         click.echo(f"embedded mode: data in {settings.data_dir}; models are read from "
                    f"{os.pathsep.join(map(str, settings.allowed_roots))}\nAPI key of team '{DEFAULT_TEAM}': {key_file}")
-    supervised = SupervisedWorker() if worker else None
+    # Every queue the service sends to (jobs, webhook deliveries, trials): a queue without a reader would
+    # hold its messages for good.
+    supervised = SupervisedWorker(service_queues(settings)) if worker else None
     # uvicorn re-raises the SIGTERM it caught once it has shut down; as SystemExit
     # it reaches the `finally` below instead of killing us with the worker left running.
     signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         click.echo(f"API on http://{host}:{port} (docs at /docs)")
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+        uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning")).run(sockets=[listening])
     finally:
         if supervised is not None:
             supervised.stop()
@@ -270,26 +288,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def sse_events(client: Any, url: str) -> Iterator[dict[str, Any]]:
-    """Parse a Server-Sent Events stream into {"type", "data"} records."""
-    with client.stream("GET", url, headers={"Accept": "text/event-stream"}, timeout=None) as response:
-        response.raise_for_status()
-        event: dict[str, Any] = {}
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                event["type"] = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                event["data"] = json.loads(line.removeprefix("data: "))["data"]
-            elif not line and event:
-                yield event
-                event = {}
-
-
-def start_embedded_service(data_dir: Path) -> tuple[subprocess.Popen[bytes], str, Path]:
-    """`pivotmerge serve` in embedded mode on a free port, whatever PIVOTMERGE_* the caller has set."""
+def start_embedded_service(data_dir: Path, **settings: str) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """`pivotmerge serve` in embedded mode on a free port, with `settings` (PIVOTMERGE_<NAME>) and no other
+    PIVOTMERGE_* the caller has set."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIVOTMERGE_")}
+    env.update({f"PIVOTMERGE_{name.upper()}": value for name, value in settings.items()})
     env["PIVOTMERGE_DATA_DIR"] = str(data_dir)
     # One torch thread for the example's tiny models: on a busy 2-core machine a second one spins, and
     # evaluating one of them took 27-30 s with 2 threads against 1.7 s with one.
@@ -301,38 +306,40 @@ def start_embedded_service(data_dir: Path) -> tuple[subprocess.Popen[bytes], str
     return server, f"http://127.0.0.1:{port}", log
 
 
-def wait_until_ready(client: Any, server: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
-    import httpx
+def wait_until_ready(server: subprocess.Popen[bytes], base_url: str, key_file: Path, log: Path,
+                     timeout: float = 120) -> Any:
+    """A pivotmerge.client.Client of the embedded service once it answers ready (its key file written first)."""
+    from pivotmerge.client import Client
 
     deadline = time.monotonic() + timeout
+    client = None
     while True:
         if server.poll() is not None:
             raise click.ClickException(f"the service did not start; the end of {log}:\n{log.read_text()[-2000:]}")
-        try:
-            if client.get("/readyz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
+        if client is None and key_file.is_file() and (key := key_file.read_text().strip()):
+            client = Client(base_url, key)
+        if client is not None and client.ready():
+            return client
         if time.monotonic() > deadline:
             raise click.ClickException(f"the service did not become ready within {timeout:.0f} s; see {log}")
         time.sleep(0.2)
 
 
-def follow_job(client: Any, location: str, console: Any) -> dict[str, Any]:
-    """A progress bar fed by the job's event stream; returns the finished job."""
+def follow_job(client: Any, job_id: str, console: Any) -> dict[str, Any]:
+    """A progress bar fed by the job's event stream (resumed if it drops); returns the finished job."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("    {task.description:<28}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                   TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("queued", total=1.0)
-        for event in sse_events(client, f"{location}/events"):
+        for event in client.follow(job_id):
             data = event["data"]
             if event["type"] == "progress":
                 label = data["stage"] + (f" layer {data['layer']}" if data.get("layer") is not None else "")
                 bar.update(task, completed=data["fraction"], description=label)
             elif event["type"] == "state":
                 bar.update(task, description=data["state"])
-    return client.get(location).json()
+    return client.get(job_id)  # type: ignore[no-any-return]
 
 
 @click.command("quickstart")
@@ -349,11 +356,11 @@ def quickstart(workdir: Path, cache: Path) -> None:
     # The service boots (seconds of imports) while the example is built.
     server, base_url, log = start_embedded_service(data_dir)
     try:
-        import httpx
         import yaml
         from rich.console import Console
 
         from pivotmerge.bench.trained_example import make_trained_example
+        from pivotmerge.client import ClientError
 
         console = Console()
         with console.status(f"building the trained example (about a minute the first time; then read from {cache})") as status:
@@ -361,29 +368,25 @@ def quickstart(workdir: Path, cache: Path) -> None:
         console.print(f"[bold]1.[/] A tiny LLaVA base model and {len(example.experts)} experts, each trained on one "
                       f"domain ({', '.join(example.datasets)}), with their data, in {example.root}")
 
-        with httpx.Client(base_url=base_url, timeout=30) as client:
-            wait_until_ready(client, server, log)
-            client.headers["Authorization"] = f"Bearer {(data_dir / API_KEY_FILE).read_text().strip()}"
-            console.print(f"[bold]2.[/] Started the embedded service (API + Celery worker, SQLite) on {base_url}")
+        client = wait_until_ready(server, base_url, data_dir / API_KEY_FILE, log)
+        console.print(f"[bold]2.[/] Started the embedded service (API + Celery worker, SQLite) on {base_url}")
 
-            spec = yaml.safe_load(example.spec.read_text())
-            created = client.post("/v1/merges", json=spec, headers={"Idempotency-Key": f"quickstart-{started}"})
-            if created.status_code != 202:
-                raise click.ClickException(f"the service refused the merge: {created.json()['detail']}")
-            location = created.headers["Location"]
-            console.print(f"[bold]3.[/] Submitted a {spec['method']} merge of the experts' projectors, with each "
-                          f"expert's calibration data, evaluated on each domain's test split: POST /v1/merges -> 202, {location}")
+        spec = yaml.safe_load(example.spec.read_text())
+        try:
+            job = client.submit(spec, idempotency_key=f"quickstart-{started}")
+        except ClientError as exc:
+            raise click.ClickException(f"the service refused the merge: {exc.detail}") from None
+        location = f"/v1/merges/{job['id']}"
+        console.print(f"[bold]3.[/] Submitted a {spec['method']} merge of the experts' projectors, with each "
+                      f"expert's calibration data, evaluated on each domain's test split: POST /v1/merges -> 202, {location}")
 
-            job = follow_job(client, location, console)
-            if job["state"] != "succeeded":
-                raise click.ClickException(f"the merge {job['state']}: {job['error']}")
-            out = workdir / "merged"
-            out.mkdir(exist_ok=True)
-            artifacts = client.get(f"{location}/artifacts").json()["artifacts"]
-            for artifact in artifacts:
-                download(client, artifact, out / artifact["name"])
-            console.print(f"[bold]4.[/] Downloaded {len(artifacts)} files to {out} (sha256 of each checked)")
-            metrics = client.get(f"{location}/metrics").json()["metrics"]
+        job = follow_job(client, job["id"], console)
+        if job["state"] != "succeeded":
+            raise click.ClickException(f"the merge {job['state']}: {job['error']}")
+        out = workdir / "merged"
+        files = client.download(job["id"], out)  # resumes a partial file; checks each file's sha256
+        console.print(f"[bold]4.[/] Downloaded {len(files)} files to {out} (sha256 of each checked)")
+        metrics = client.metrics(job["id"])
     finally:
         stop_process(server, timeout=WORKER_STOP_SECONDS + 10)  # serve first waits for its worker
 
@@ -420,19 +423,6 @@ def comparison_table(metrics: dict[str, list[dict[str, Any]]], spec: dict[str, A
         mean = sum(accuracy.values()) / len(accuracy)
         table.add_row(name, roles.get(label, f"trained on {own} only" if own else "an input"), *cells, f"{mean:.3f}")
     return table
-
-
-def download(client: Any, artifact: dict[str, Any], path: Path) -> None:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with client.stream("GET", artifact["url"]) as response, path.open("wb") as f:
-        response.raise_for_status()
-        for chunk in response.iter_bytes():
-            digest.update(chunk)
-            f.write(chunk)
-    if digest.hexdigest() != artifact["sha256"]:
-        raise click.ClickException(f"{artifact['name']}: sha256 does not match the service's record")
 
 
 def compact(value: Any) -> str:

@@ -35,12 +35,13 @@ SessionDep = Annotated[Session, Depends(get_session)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 
 
-def current_team(session: SessionDep,
+def current_team(request: Request, session: SessionDep,
                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Team:
     team = team_for_key(session, credentials.credentials) if credentials else None
     if team is None:
         raise ApiError(401, "a valid team API key is required: Authorization: Bearer <key>",
                        headers={"WWW-Authenticate": "Bearer"})
+    request.state.team = str(team.id)  # for the request's log line (app.request_log)
     return team
 
 

@@ -1,10 +1,11 @@
-"""Periodic work of the API process, on one background thread.
+"""Periodic work of the API process, each a heartbeat thread (core.heartbeat).
 
 - The lease reaper: a running job's worker renews its lease
-  (workers.tasks.LeaseKeeper). When the worker's main process dies, nothing
+  (workers.tasks.lease_keeper). When the worker's main process dies, nothing
   renews it; every `lease_check_seconds` such jobs go back to the queue, or fail
   past `max_attempts` (core.job_states.reap_lapsed_leases), so a dead worker's
-  job runs again within about lease + check seconds (40 s by default).
+  job runs again within about lease + check seconds (20 s by default); a job
+  it ends loses the files its dead attempt had stored.
 - Webhooks: every `webhook_dispatch_seconds` the deliveries recorded with
   final job states are handed to the delivery task (workers.webhooks).
 - Retention: with `artifact_retention_days` set, every `retention_check_seconds`
@@ -15,31 +16,33 @@ Several API processes may each run one: every change is a conditional UPDATE.
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
 import uuid
-from typing import Callable
 
 from celery import Celery
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.heartbeat import Heartbeat
 from core.job_states import reap_lapsed_leases, transition
 from core.models import JobState, WebhookDelivery, utcnow
 from core.retention import expire_artifacts
 from core.settings import Settings
-from core.storage import ArtifactStore
+from core.storage import ArtifactStore, artifact_key
 from workers.celery_app import enqueue_delivery, enqueue_job
 
-log = logging.getLogger(__name__)
 
+def reap_once(sessions: sessionmaker[Session], celery: Celery, store: ArtifactStore,
+              max_attempts: int) -> list[uuid.UUID]:
+    """One pass of the lease reaper: the jobs requeued.
 
-def reap_once(sessions: sessionmaker[Session], celery: Celery, max_attempts: int) -> list[uuid.UUID]:
-    """One pass of the lease reaper: the jobs requeued."""
+    A job it ends (cancelled or failed) loses the files its dead attempt had
+    already put in the store (it may have died publishing them).
+    """
     with sessions() as session:
-        requeued = reap_lapsed_leases(session, max_attempts)
+        requeued, ended = reap_lapsed_leases(session, max_attempts)
         session.commit()
+    for job_id in ended:
+        store.delete_prefix(artifact_key(job_id, ""))
     for job_id in requeued:
         try:
             enqueue_job(celery, job_id)
@@ -75,41 +78,17 @@ def expire_once(sessions: sessionmaker[Session], store: ArtifactStore, retention
         return expire_artifacts(session, store, retention_days)
 
 
-class Housekeeper:
-    """Runs each (period, task) of the API process on one daemon thread until stopped."""
-
-    def __init__(self, tasks: list[tuple[float, Callable[[], object]]]) -> None:
-        self.tasks = tasks
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="housekeeping", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        due = [time.monotonic() + period for period, _ in self.tasks]
-        while not self._stop.wait(max(0.0, min(due) - time.monotonic())):
-            for i, (period, task) in enumerate(self.tasks):
-                if time.monotonic() < due[i]:
-                    continue
-                due[i] = time.monotonic() + period
-                try:
-                    task()
-                except Exception:  # the database or store is away: the next pass tries again
-                    log.warning("housekeeping task %s failed", getattr(task, "__name__", task), exc_info=True)
-
-
-def housekeeper_for(settings: Settings, sessions: sessionmaker[Session], celery: Celery,
-                    store: ArtifactStore) -> Housekeeper | None:
-    tasks: list[tuple[float, Callable[[], object]]] = [
-        (settings.lease_check_seconds, lambda: reap_once(sessions, celery, settings.max_attempts)),
-        (settings.webhook_dispatch_seconds, lambda: dispatch_deliveries(sessions, celery)),
-    ]
+def housekeeping(settings: Settings, sessions: sessionmaker[Session], celery: Celery,
+                 store: ArtifactStore) -> list[Heartbeat]:
+    """The API process's periodic work, a heartbeat each (none when `housekeeping` is off); a failed pass is
+    logged and the next one tries again."""
+    if not settings.housekeeping:
+        return []
+    beats = [Heartbeat("lease-reaper", settings.lease_check_seconds,
+                       lambda: reap_once(sessions, celery, store, settings.max_attempts)),
+             Heartbeat("webhook-dispatch", settings.webhook_dispatch_seconds,
+                       lambda: dispatch_deliveries(sessions, celery))]
     if settings.artifact_retention_days:
-        tasks.append((settings.retention_check_seconds,
-                      lambda: expire_once(sessions, store, settings.artifact_retention_days)))
-    return Housekeeper(tasks) if settings.housekeeping else None
+        beats.append(Heartbeat("retention", settings.retention_check_seconds,
+                               lambda: expire_once(sessions, store, settings.artifact_retention_days)))
+    return beats

@@ -9,12 +9,17 @@ from fastapi import FastAPI
 
 from pivotmerge import __version__
 from workers.celery_app import make_celery
+from workers.kinds import load_kinds
 
 from core.db import make_engine, make_sessionmaker
+from core.logs import configure_logging
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
-from app.housekeeping import housekeeper_for
-from app.routers import analyses, health, inputs, merges, methods, tunings, webhooks
+from app.housekeeping import housekeeping
+from app.job_routes import job_router
+from app.metrics import install_metrics
+from app.request_log import RequestLog
+from app.routers import health, inputs, methods, tuning_trials, webhooks
 from app.ui import pages as ui_pages
 from core.settings import Settings, get_settings
 from core.storage import make_store
@@ -33,14 +38,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        housekeeper = housekeeper_for(settings, app.state.sessionmaker, app.state.celery, app.state.store)
-        if housekeeper:
-            housekeeper.start()
+        beats = [beat.start() for beat in housekeeping(settings, app.state.sessionmaker, app.state.celery,
+                                                       app.state.store)]
         yield
-        if housekeeper:
-            housekeeper.stop()
+        for beat in beats:
+            beat.stop()
         engine.dispose()
 
+    configure_logging(settings.log_format, settings.log_level)
     app = FastAPI(title="PivotMerge", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.engine = engine
@@ -49,6 +54,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-    for module in (merges, analyses, tunings, webhooks, methods, inputs, health, ui_pages):
+    app.add_middleware(RequestLog)  # outermost: its line and id cover every answer, 413s included
+    kinds = load_kinds(settings.job_kind_modules)
+    app.state.kinds = kinds
+    for kind in kinds:
+        app.include_router(job_router(kind))
+    for module in (tuning_trials, webhooks, methods, inputs, health, ui_pages):
         app.include_router(module.router)
+    if settings.metrics_enabled:
+        install_metrics(app, app.state.sessionmaker, [kind.name for kind in kinds])
     return app

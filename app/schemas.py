@@ -1,37 +1,21 @@
 """Request and response bodies of the HTTP API.
 
-The request body of POST /v1/merges and /v1/analyses is the engine's own
-`pivotmerge.spec.MergeSpec`: one schema for the CLI's YAML and the API's JSON.
-POST /v1/tunings takes such a spec with what `pivotmerge tune` takes beside it:
-core.tunings.TuningRequest, in core because the worker reads it too.
+The request bodies of the job kinds are declared with the kinds (workers.kinds): for merges and
+analyses the engine's own `pivotmerge.spec.MergeSpec`, one schema for the CLI's YAML and the API's
+JSON; for tunings such a spec with what `pivotmerge tune` takes beside it (core.tuning_request).
 """
 
 from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
 from pivotmerge.data.evaluate import Evaluation
-from pivotmerge.errors import SpecError
-from pivotmerge.spec.schema import MergeSpec, spec_from_dict
 
-from core.models import JobKind, JobState
-
-
-def _accept_mergekit_config(value: Any) -> Any:
-    # spec_from_dict translates a mergekit config (it has `merge_method`) into our spec.
-    if isinstance(value, dict) and "merge_method" in value:
-        try:
-            return spec_from_dict(value)
-        except SpecError as exc:
-            raise ValueError(str(exc)) from None
-    return value
-
-
-SpecBody = Annotated[MergeSpec, BeforeValidator(_accept_mergekit_config)]
+from core.models import JobState
 
 
 MAX_SEQ = 2**31 - 1  # event numbers are 32-bit integers in the database
@@ -79,7 +63,7 @@ class ProgressOut(BaseModel):
 
 class JobOut(BaseModel):
     id: uuid.UUID
-    kind: JobKind
+    kind: str = Field(..., description="The job's kind, as declared (workers.kinds): merge, analysis, tuning, ...")
     state: JobState
     spec: dict[str, Any] = Field(..., description="The spec (a tuning's: its request) as accepted, with defaults filled in.")
     progress: ProgressOut

@@ -33,7 +33,7 @@ import torch
 
 from perf import EXPERTS, fine_tune_like  # noqa: E402  (run from benchmarks/)
 from pivotmerge.methods import Calibration, Method, all_methods
-from pivotmerge.methods._ops import exact_svd, low_rank_svd
+from pivotmerge.methods.toolkit.svd import exact_svd, low_rank_svd
 
 HIDDEN, MLP, VOCAB = 4096, 11008, 32000
 TENSORS: dict[str, tuple[int, ...]] = {
@@ -50,7 +50,8 @@ TENSORS: dict[str, tuple[int, ...]] = {
 CPU_CHECKED = ("model.layers.0.input_layernorm.weight", "model.layers.0.self_attn.q_proj.weight",
                "model.layers.0.mlp.down_proj.weight")
 # Parameters that make a method run at all on data-free tensors (slerp takes two models).
-SETTINGS: dict[str, dict[str, Any]] = {"tsv": {"energy": 0.9}, "dare_ties": {"density": 0.5}, "dare_linear": {"density": 0.5},
+SETTINGS: dict[str, dict[str, Any]] = {"tsv": {"energy": 0.9}, "dare_ties": {"density": 0.5},
+                                       "dare_linear": {"density": 0.5},
                                        "ties": {"density": 0.5}, "slerp": {"t": 0.5}}
 
 
@@ -59,7 +60,10 @@ def make_tensors(device: str, seed: int = 0) -> dict[str, list[torch.Tensor]]:
     g = torch.Generator(device=device).manual_seed(seed)
     out = {}
     for name, shape in TENSORS.items():
-        base = torch.ones(shape, device=device) if len(shape) == 1 else torch.randn(shape, generator=g, device=device).mul_(0.02)
+        if len(shape) == 1:
+            base = torch.ones(shape, device=device)
+        else:
+            base = torch.randn(shape, generator=g, device=device).mul_(0.02)
         experts = [base + (torch.randn(shape, generator=g, device=device).mul_(0.002) if len(shape) == 1
                            else fine_tune_like(shape, 0.002, g, device)) for _ in range(EXPERTS)]
         out[name] = [t.to(torch.bfloat16) for t in (base, *experts)]
@@ -110,14 +114,14 @@ def method_rows(tensors: dict[str, list[torch.Tensor]]) -> list[dict[str, Any]]:
             del out
         rows.append({"method": method.name, "cuda_s": cuda_s, "max_rel_diff_vs_cpu_f32": rel,
                      "bf16_elements_differing_vs_cpu": max(bf16_differ)})
-        print(f"{method.name}: {cuda_s:.2f} s on CUDA, vs CPU {rel:.2e} (float32), {max(bf16_differ):.2e} of bf16 elements differ",
-              flush=True)
+        print(f"{method.name}: {cuda_s:.2f} s on CUDA, vs CPU {rel:.2e} (float32), "
+              f"{max(bf16_differ):.2e} of bf16 elements differ", flush=True)
     return rows
 
 
 def svd_rows(tensors: dict[str, list[torch.Tensor]]) -> list[dict[str, Any]]:
     rows, seen = [], set()
-    for name, (base, expert, *_) in tensors.items():
+    for base, expert, *_ in tensors.values():
         shape = tuple(base.shape)
         if len(shape) != 2 or shape in seen:
             continue
@@ -125,7 +129,8 @@ def svd_rows(tensors: dict[str, list[torch.Tensor]]) -> list[dict[str, Any]]:
         delta = expert.float() - base.float()
         lapack_s, _ = timed(lambda: torch.linalg.svd(delta, full_matrices=False))
         gram_s, (u, s, vh) = timed(lambda: exact_svd(delta))
-        auto_s, (ua, sa, vha, choice) = timed(lambda: low_rank_svd(delta, None, 0.9, "auto", torch.Generator(device="cuda").manual_seed(0)))
+        seeded = torch.Generator(device="cuda").manual_seed(0)
+        auto_s, (ua, sa, vha, choice) = timed(lambda: low_rank_svd(delta, None, 0.9, "auto", seeded))
         exact = (u[:, :choice.rank] * s[:choice.rank]) @ vh[:choice.rank]
         error = float(((ua * sa) @ vha - exact).norm() / exact.norm())
         rows.append({"shape": list(shape), "torch_svd_s": lapack_s, "exact_gram_s": gram_s, "auto_s": auto_s,
@@ -140,12 +145,13 @@ def print_table(result: dict[str, Any]) -> None:
     print("| method | CUDA s (9 tensors) | max rel. diff vs CPU, float32 | bf16 elements differing vs CPU |")
     print("|---|---:|---:|---:|")
     for r in result["methods"]:
-        print(f"| {r['method']} | {r['cuda_s']:.2f} | {r['max_rel_diff_vs_cpu_f32']:.1e} | {r['bf16_elements_differing_vs_cpu']:.1e} |")
+        print(f"| {r['method']} | {r['cuda_s']:.2f} | {r['max_rel_diff_vs_cpu_f32']:.1e} "
+              f"| {r['bf16_elements_differing_vs_cpu']:.1e} |")
     print("\n| matrix | torch.linalg.svd s | exact (Gram) s | auto s | auto route, rank | auto rel. error |")
     print("|---|---:|---:|---:|---|---:|")
     for r in result["svd"]:
-        print(f"| {r['shape'][0]} x {r['shape'][1]} | {r['torch_svd_s']:.2f} | {r['exact_gram_s']:.2f} | {r['auto_s']:.3f} | "
-              f"{r['auto_route']}, {r['rank']} | {r['auto_rel_error']:.1e} |")
+        print(f"| {r['shape'][0]} x {r['shape'][1]} | {r['torch_svd_s']:.2f} | {r['exact_gram_s']:.2f} "
+              f"| {r['auto_s']:.3f} | {r['auto_route']}, {r['rank']} | {r['auto_rel_error']:.1e} |")
 
 
 def main() -> None:

@@ -35,7 +35,8 @@ ROWS = ("task_arithmetic", "tsv", "iso_c", "iso_cts", "pivotmerge", "regmean_plu
 
 def run(regime: str, seed: int, cache: Path, work: Path) -> None:
     world = build_world(REGIMES[regime], seed, cache)
-    base = {k: v for k, v in load_file(world.base / "model.safetensors").items() if k.startswith(PROJECTOR) and v.dim() == 2}
+    base = {k: v for k, v in load_file(world.base / "model.safetensors").items()
+            if k.startswith(PROJECTOR) and v.dim() == 2}
     moved = {k: [float((load_file(p / "model.safetensors")[k] - v).norm() / v.norm()) for p in world.experts.values()]
              for k, v in base.items()}
     print(f"{regime} seed {seed}: ||W_k - W0|| / ||W0||: "

@@ -28,7 +28,7 @@ from app.auth import create_api_key, create_team  # noqa: E402
 from app.main import create_app  # noqa: E402
 from core.db import make_engine, make_sessionmaker, migrate  # noqa: E402
 from core.job_states import add_event  # noqa: E402
-from core.models import Job, JobKind, JobState  # noqa: E402
+from core.models import Job, JobState  # noqa: E402
 from core.settings import Settings  # noqa: E402
 
 
@@ -71,7 +71,7 @@ async def main(followers: int, requests: int) -> None:
     with sessions() as session:
         team = create_team(session, "bench")
         _, key = create_api_key(session, team)
-        job = Job(team_id=team.id, kind=JobKind.merge, spec={}, request_sha256="0" * 64, state=JobState.running)
+        job = Job(team_id=team.id, kind="merge", spec={}, request_sha256="0" * 64, state=JobState.running)
         session.add(job)
         session.flush()
         add_event(session, job.id, "state", {"state": "running"})

@@ -81,7 +81,8 @@ def main() -> None:
     print("| method | trial s (median) | merge s | dev evaluation s | plain merge + evaluate s |")
     print("|---|---:|---:|---:|---:|")
     for name, r in rows.items():
-        print(f"| {name} | {r['trial_s']:.3f} | {r['merge_s']:.3f} | {r['evaluate_s']:.3f} | {r['plain_merge_and_evaluate_s']:.3f} |")
+        print(f"| {name} | {r['trial_s']:.3f} | {r['merge_s']:.3f} | {r['evaluate_s']:.3f} "
+              f"| {r['plain_merge_and_evaluate_s']:.3f} |")
     out = Path(__file__).parent / "results" / f"tune_speed_{args.size}_{args.threads}threads.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
 

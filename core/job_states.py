@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 from sqlalchemy import ColumnElement, and_, func, or_, select, true, update
 from sqlalchemy.orm import Session
@@ -130,26 +130,32 @@ def renew_lease(session: Session, job_id: uuid.UUID, attempt: int, lease_seconds
     ).rowcount)
 
 
-def reap_lapsed_leases(session: Session, max_attempts: int) -> list[uuid.UUID]:
+class Reaped(NamedTuple):
+    requeued: list[uuid.UUID]  # for the caller to send to the queue once this is committed
+    ended: list[uuid.UUID]  # cancelled or failed: whatever their dead attempt stored must go
+
+
+def reap_lapsed_leases(session: Session, max_attempts: int) -> Reaped:
     """Jobs whose worker stopped renewing the lease: requeue them, or fail them past `max_attempts`.
 
-    A cancel in flight ends `cancelled`. Returns the ids requeued, for the
-    caller to send to the queue once this is committed. Each move is a
-    conditional UPDATE, so several reapers (API processes) never double-handle a job.
+    A cancel in flight ends `cancelled`. Each move is a conditional UPDATE, so
+    several reapers (API processes) never double-handle a job.
     """
     lapsed = session.execute(select(Job.id, Job.state, Job.attempts).where(
         Job.state.in_([JobState.running, JobState.cancelling]), Job.lease_expires_at < utcnow())).all()
-    requeued = []
+    reaped = Reaped([], [])
     for job_id, state, attempts in lapsed:
         still_lapsed = and_(holds_lease(attempts), owner_gone())
         if state is JobState.cancelling:
-            transition(session, job_id, [state], JobState.cancelled, only_if=still_lapsed)
+            if transition(session, job_id, [state], JobState.cancelled, only_if=still_lapsed):
+                reaped.ended.append(job_id)
         elif attempts >= max_attempts:
-            transition(session, job_id, [state], JobState.failed, only_if=still_lapsed,
-                       error=f"the worker running this job stopped answering {attempts} times (limit: {max_attempts} "
-                             "attempts); the job may need more memory or time than a worker has")
+            if transition(session, job_id, [state], JobState.failed, only_if=still_lapsed,
+                          error=f"the worker running this job stopped answering {attempts} times (limit: "
+                                f"{max_attempts} attempts); the job may need more memory or time than a worker has"):
+                reaped.ended.append(job_id)
         elif transition(session, job_id, [state], JobState.queued, only_if=still_lapsed, worker=None,
                         lease_expires_at=None):
             add_event(session, job_id, "lease", {"attempt": attempts, "message": "requeued: the worker stopped renewing its lease"})
-            requeued.append(job_id)
-    return requeued
+            reaped.requeued.append(job_id)
+    return reaped

@@ -1,4 +1,4 @@
-"""Database models: teams and their API keys, jobs, job events, artifacts and tuning trials.
+"""Database models: teams and their API keys, jobs, job events, artifacts, tuning trials and split parts.
 
 Job state lives here, not in Celery's result backend: the API and the workers
 move jobs between states with conditional UPDATEs on these rows.
@@ -41,12 +41,6 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSONValue}
 
 
-class JobKind(str, enum.Enum):
-    merge = "merge"
-    analysis = "analysis"
-    tuning = "tuning"
-
-
 class JobState(str, enum.Enum):
     queued = "queued"
     running = "running"
@@ -68,6 +62,7 @@ def _enum(cls: type[enum.Enum]) -> Enum:
 TEAM_NAME_MAX_CHARS = 100
 LABEL_MAX_CHARS = 63
 CANDIDATE_MAX_CHARS = 64  # a tuning candidate's label
+KIND_MAX_CHARS = 16
 
 
 class Team(Base):
@@ -104,7 +99,8 @@ class Job(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     team_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
-    kind: Mapped[JobKind] = mapped_column(_enum(JobKind))
+    # A kind declared in workers.kinds; VARCHAR without a constraint, so a new kind is no migration.
+    kind: Mapped[str] = mapped_column(String(KIND_MAX_CHARS))
     state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.queued)
     spec: Mapped[dict[str, Any]]
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
@@ -199,6 +195,31 @@ class Trial(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class SplitPart(Base):
+    """One part of a split merge job: a run of output shards, merged by whichever worker of the split queue
+    takes it (workers.split_parts). Leased as a job is: its worker renews `lease_expires_at` while it runs,
+    and the job's worker sends it again once that lapses. Rows of an earlier attempt of the job are replaced
+    when a new attempt sends its parts; a part task of the earlier attempt then writes nothing."""
+
+    __tablename__ = "split_parts"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    part: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_attempt: Mapped[int] = mapped_column(Integer)  # the job's attempt that sent it
+    shards: Mapped[list[int]] = mapped_column(JSONValue)
+    state: Mapped[str] = mapped_column(String(16))  # queued, running, succeeded, stopped or failed
+    task_id: Mapped[str | None] = mapped_column(String(255))  # the task last sent for it
+    sends: Mapped[int] = mapped_column(Integer, default=0)
+    starts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(255))  # "node@host:pid" of its latest run
+    lease_expires_at: Mapped[datetime | None]
+    done: Mapped[int] = mapped_column(Integer, default=0)  # tensors merged, of `total`
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    result: Mapped[dict[str, Any] | None]  # pivotmerge.run.split.PartResult, once succeeded
+    message: Mapped[str | None] = mapped_column(Text)  # why it failed or stopped
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
 class Webhook(Base):
     """A team's endpoint for job events; deliveries are signed with its secret."""
 
@@ -239,3 +260,18 @@ class WebhookDelivery(Base):
     # Set when handed to the delivery task; the API's dispatcher sends the undispatched ones.
     dispatched_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+HEARTBEAT_SECONDS = 5.0  # how often a job worker's main process beats
+
+
+class WorkerHeartbeat(Base):
+    """A job worker's main process, beating every few seconds while it runs (workers.heartbeat);
+    `GET /metrics` reports the beats, so an alert can see a dead worker pool."""
+
+    __tablename__ = "worker_heartbeats"
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)  # Celery's node name, "name@host"
+    queues: Mapped[str] = mapped_column(String(1024))  # comma-separated
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    beat_at: Mapped[datetime] = mapped_column(default=utcnow)

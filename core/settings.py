@@ -45,10 +45,17 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, gt=0, description="Times a job is started before a job whose worker keeps dying is failed.")
     task_soft_time_limit: int = Field(6 * 3600, gt=0, description="Seconds before a merge is stopped and failed.")
     task_time_limit: int = Field(6 * 3600 + 300, gt=0, description="Seconds before the worker process is killed.")
-    job_lease_seconds: int = Field(30, ge=3, description=(
+    # 15 s and 5 s: a dead worker's job is noticed within 20 s, so it runs again well inside the 60 s target.
+    job_lease_seconds: int = Field(15, ge=3, description=(
         "A running job's lease: its worker renews it every third of this; once it lapses the job is requeued "
         "(or failed after max_attempts)."))
-    lease_check_seconds: float = Field(10.0, gt=0, description="How often the API process looks for lapsed leases.")
+    lease_check_seconds: float = Field(5.0, gt=0, description="How often the API process looks for lapsed leases.")
+    log_format: Literal["json", "text"] = Field("json", description=(
+        "Log lines of the API and the workers: JSON objects carrying request id, job id, team and attempt, or text."))
+    log_level: str = Field("INFO", description="Level of the API's and the workers' logs.")
+    metrics_enabled: bool = Field(False, description=(
+        "Serve GET /metrics (Prometheus) on the API: every job, team and worker of the deployment, with no key. "
+        "Off by default; turn it on where only the monitoring network reaches the API, or behind a proxy."))
     housekeeping: bool = Field(True, description=(
         "Run the periodic work in this API process: lease reaper, webhook dispatcher, retention."))
     artifact_retention_days: int = Field(0, ge=0, description="Artifacts of jobs finished longer ago are deleted; 0 keeps them.")
@@ -63,11 +70,12 @@ class Settings(BaseSettings):
         "Let jobs download hub ids missing from the Hugging Face cache (off: only the cache answers)."))
     hub_token: SecretStr | None = Field(None, description="Token for jobs' push_to_hub; without it such jobs answer 422.")
     hub_endpoint: str | None = Field(None, description="The hub's URL for push_to_hub; default huggingface_hub's (HF_ENDPOINT).")
-    split_broker_url: str = Field("redis://127.0.0.1:6379/0", description="Broker of split-merge part tasks (workers.split).")
-    split_backend_url: str = Field("redis://127.0.0.1:6379/0", description="Result backend a split merge's chord needs.")
     trial_queue: str = Field("", description=(
         "Queue a tuning job sends its trials to, for the workers reading it (`-Q trials`); empty: the job's own "
         "worker runs them (one process, as the embedded service has)."))
+    job_kind_modules: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
+        "Modules declaring job kinds beside the built-in ones (comma-separated), imported by the API and the workers "
+        "(docs/service.md, Adding a job kind)."))
     broker_visibility_timeout: int = Field(7 * 3600, gt=0, description="Seconds before the broker redelivers an unacknowledged job.")
 
     @field_validator("allowed_roots", mode="before")
@@ -75,6 +83,13 @@ class Settings(BaseSettings):
     def _split_roots(cls, value: object) -> object:
         if isinstance(value, str):
             return [p for p in value.split(os.pathsep) if p]
+        return value
+
+    @field_validator("job_kind_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [m.strip() for m in value.split(",") if m.strip()]
         return value
 
     @model_validator(mode="after")

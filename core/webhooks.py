@@ -35,7 +35,7 @@ def record_deliveries(session: Session, job_id: uuid.UUID, state: JobState) -> N
     job = session.execute(select(Job.team_id, Job.kind, Job.error, Job.finished_at).where(Job.id == job_id)).one()
     hooks = session.scalars(select(Webhook).where(Webhook.team_id == job.team_id)).all()
     payload: dict[str, Any] = {"event": event, "job": {
-        "id": str(job_id), "kind": job.kind.value, "state": state.value, "error": job.error,
+        "id": str(job_id), "kind": job.kind, "state": state.value, "error": job.error,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None}}
     for hook in hooks:
         if event in hook.events["events"]:

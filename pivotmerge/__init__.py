@@ -2,7 +2,8 @@
 
 The names below are imported on first use (PEP 562): `import pivotmerge.cli.main`
 then costs click, not torch, pydantic and every stage of the engine, and
-`pivotmerge merge` imports only what merging needs.
+`pivotmerge merge` imports only what merging needs. Folding is its own stage:
+`from pivotmerge.fold import fold`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from pivotmerge.version import __version__
 
 if TYPE_CHECKING:  # what each name is, for readers and type checkers
     from pivotmerge.analysis.analyze import analyze
-    from pivotmerge.analysis.fold_repo import fold
     from pivotmerge.errors import CompatibilityError, MergeCancelled, PivotMergeError, RepoError, SpecError
     from pivotmerge.plan.plan import check, plan_merge
     from pivotmerge.progress import Progress
@@ -24,8 +24,9 @@ if TYPE_CHECKING:  # what each name is, for readers and type checkers
 # name -> the module that defines it
 _EXPORTS = {
     "merge": "pivotmerge.run.engine", "check": "pivotmerge.plan.plan", "plan_merge": "pivotmerge.plan.plan",
-    "analyze": "pivotmerge.analysis.analyze", "fold": "pivotmerge.analysis.fold_repo",
-    "MergeSpec": "pivotmerge.spec.schema", "load_spec": "pivotmerge.spec.schema", "spec_from_dict": "pivotmerge.spec.schema",
+    "analyze": "pivotmerge.analysis.analyze",
+    "MergeSpec": "pivotmerge.spec.schema", "load_spec": "pivotmerge.spec.schema",
+    "spec_from_dict": "pivotmerge.spec.schema",
     "Progress": "pivotmerge.progress", "PivotMergeError": "pivotmerge.errors", "SpecError": "pivotmerge.errors",
     "RepoError": "pivotmerge.errors", "CompatibilityError": "pivotmerge.errors", "MergeCancelled": "pivotmerge.errors",
 }

@@ -62,6 +62,18 @@ class Client:
     def get(self, job_id: str, *, kind: str = "merges") -> dict[str, Any]:
         return self._request("GET", f"/v1/{kind}/{job_id}").json()
 
+    def metrics(self, job_id: str, *, kind: str = "merges") -> dict[str, Any] | None:
+        """The job's metrics (a merge's evaluation); None until it has succeeded or when nothing was measured."""
+        metrics: dict[str, Any] | None = self._request("GET", f"/v1/{kind}/{job_id}/metrics").json()["metrics"]
+        return metrics
+
+    def ready(self) -> bool:
+        """The service answers and its database and broker are reachable (GET /readyz)."""
+        try:
+            return self.http.get(self.url + "/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
     def jobs(self, *, states: list[str] | None = None, labels: dict[str, str] | None = None,
              kind: str = "merges") -> Iterator[dict[str, Any]]:
         """Every job of the team, newest first, following the page tokens."""

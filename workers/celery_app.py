@@ -19,13 +19,15 @@ from celery import Celery
 from core.settings import GPU_QUEUE, Settings
 
 RUN_JOB = "pivotmerge.run_job"
-RUN_TRIAL = "pivotmerge.run_trial"  # one trial of a tuning job (workers.trials), sent to Settings.trial_queue
+RUN_TRIAL = "pivotmerge.run_trial"  # one trial of a tuning job (workers.tuning_trials), sent to Settings.trial_queue
+RUN_SPLIT_PART = "pivotmerge.run_split_part"  # one part of a split merge job (workers.split_parts)
+SPLIT_QUEUE = "split"
 DELIVER_WEBHOOK = "pivotmerge.deliver_webhook"
 WEBHOOK_QUEUE = "webhooks"
 
 
 def make_celery(settings: Settings) -> Celery:
-    celery = Celery("pivotmerge", broker=settings.broker_url, include=["workers.tasks", "workers.trials", "workers.webhooks"])
+    celery = Celery("pivotmerge", broker=settings.broker_url, include=["workers.tasks", "workers.tuning_trials", "workers.split_parts", "workers.webhooks"])
     transport_options: dict[str, object] = {}
     # The embedded SQLite broker (kombu's SQLAlchemy transport) hands its options
     # to create_engine and has no visibility timeout: it takes none of these.
@@ -53,6 +55,11 @@ def make_celery(settings: Settings) -> Celery:
     return celery
 
 
+def service_queues(settings: Settings) -> list[str]:
+    """Every queue of this app the service sends to: one worker reading them all runs everything it sends."""
+    return [GPU_QUEUE, WEBHOOK_QUEUE] + ([settings.trial_queue] if settings.trial_queue else [])
+
+
 def enqueue_job(celery: Celery, job_id: uuid.UUID) -> None:
     celery.send_task(RUN_JOB, args=[str(job_id)], queue=GPU_QUEUE)
 
@@ -61,6 +68,10 @@ def enqueue_delivery(celery: Celery, delivery_id: uuid.UUID) -> None:
     celery.send_task(DELIVER_WEBHOOK, args=[str(delivery_id)], queue=WEBHOOK_QUEUE)
 
 
-
 def enqueue_trial(celery: Celery, job_id: uuid.UUID, attempt: int, proposal: dict[str, object], queue: str) -> None:
     celery.send_task(RUN_TRIAL, args=[str(job_id), attempt, proposal], queue=queue)
+
+
+def enqueue_split_part(celery: Celery, job_id: uuid.UUID, attempt: int, part: int, scratch: str) -> str:
+    """Send one part of a split merge job to the split queue; the task's id."""
+    return celery.send_task(RUN_SPLIT_PART, args=[str(job_id), attempt, part, scratch], queue=SPLIT_QUEUE).id

@@ -1,16 +1,12 @@
-"""The job task: run one merge or analysis with the engine, writing progress to the database."""
+"""The job task: run one job of any declared kind (workers.kinds), writing progress to the database."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
-import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,47 +16,26 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-import pivotmerge
 from core.db import make_engine, make_sessionmaker
-from core.job_states import add_event, holds_lease, renew_lease, runs_as, start_attempt, transition
-from core.models import ACTIVE_STATES, FINAL_STATES, Artifact, Job, JobKind, JobState, utcnow
+from core.heartbeat import Heartbeat
+from core.logs import bind_job
+from core.job_states import add_event, current_state, holds_lease, renew_lease, runs_as, start_attempt, transition
+from core.models import ACTIVE_STATES, FINAL_STATES, Artifact, Job, JobState, utcnow
 from core.settings import Settings
-from core.storage import ArtifactStore, artifact_key, file_sha256, make_store
+from core.storage import artifact_key, file_sha256, make_store
 from pivotmerge.errors import MergeCancelled, PivotMergeError, RepoError
 from pivotmerge.progress import Progress
 from pivotmerge.repos.hub import push
-from pivotmerge.repos.output import REPORT_FILE
-from pivotmerge.spec.schema import spec_from_dict
+from pivotmerge.spec.schema import MergeSpec
 
 from workers.celery_app import RUN_JOB
-from workers.split import run_split_job
-from workers.tuning import run_tuning
+from workers.context import WorkerContext, context, dead_local_owner, worker_name
+from workers.kinds import JobKind, JobRun, Outcome, load_kinds
+from workers.split_parts import run_split_job
 
 log = logging.getLogger(__name__)
 
-ANALYSIS_REPORT = "analysis_report.json"
 PROGRESS_INTERVAL_SECONDS = 0.5
-
-
-@dataclass
-class WorkerContext:
-    settings: Settings
-    sessions: sessionmaker[Session]
-    store: ArtifactStore
-    pid: int
-
-
-_context: WorkerContext | None = None
-
-
-def context() -> WorkerContext:
-    """Settings, database and store of this process; rebuilt in a forked child, which must not share connections."""
-    global _context
-    if _context is None or _context.pid != os.getpid():
-        settings = Settings()
-        _context = WorkerContext(settings, make_sessionmaker(make_engine(settings.database_url)),
-                                 make_store(settings), os.getpid())
-    return _context
 
 
 class JobReporter:
@@ -110,56 +85,18 @@ class JobReporter:
                 session.commit()
 
 
-class LeaseKeeper:
-    """A thread that renews the attempt's lease every third of its length, until stopped."""
+def lease_keeper(reporter: JobReporter, lease_seconds: int) -> Heartbeat:
+    """Renews the attempt's lease every third of its length; once the job is no longer ours, says so and stops."""
 
-    def __init__(self, reporter: JobReporter, lease_seconds: int) -> None:
-        self.reporter = reporter
-        self.lease_seconds = lease_seconds
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{reporter.job_id}", daemon=True)
+    def renew() -> bool:
+        with reporter.sessions() as session:
+            renewed = renew_lease(session, reporter.job_id, reporter.attempt, lease_seconds)
+            session.commit()
+        if not renewed:
+            reporter.lost.set()
+        return renewed
 
-    def __enter__(self) -> "LeaseKeeper":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        r = self.reporter
-        while not self._stop.wait(self.lease_seconds / 3):
-            try:
-                with r.sessions() as session:
-                    renewed = renew_lease(session, r.job_id, r.attempt, self.lease_seconds)
-                    session.commit()
-            except Exception:  # a database hiccup: try again at the next beat, the lease has slack
-                log.warning("job %s: could not renew the lease", r.job_id, exc_info=True)
-                continue
-            if not renewed:
-                r.lost.set()
-                return
-
-
-def dead_local_owner(worker: str | None) -> str | None:
-    """`worker` ("node@host:pid") if it names a process of this host that no longer exists.
-
-    A pool child killed mid-job is redelivered at once, while its lease still
-    runs: this lets the new delivery take over without waiting for the lease.
-    """
-    if not worker or ":" not in worker:
-        return None
-    node, _, pid = worker.rpartition(":")
-    if node.rpartition("@")[2] != socket.gethostname() or not pid.isdigit():
-        return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return worker
-    except PermissionError:  # alive, someone else's
-        return None
-    return None
+    return Heartbeat(f"lease-{reporter.job_id}", lease_seconds / 3, renew)
 
 
 def scratch_folder(work_dir: Path, job_id: uuid.UUID, attempt: int) -> Path:
@@ -192,37 +129,19 @@ def sweep_scratch(work_dir: Path, sessions: sessionmaker[Session]) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def run_engine(kind: JobKind, spec_data: dict[str, Any], out_dir: Path, settings: Settings,
-               reporter: JobReporter) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Run the job; returns (report, metrics) with out_dir holding the files to publish."""
-    if kind is JobKind.tuning:  # its spec is a tuning request (core.tunings)
-        return run_tuning(spec_data, out_dir, settings, reporter)
-    spec = spec_from_dict(spec_data)
-    if is_split(kind, spec_data):  # the parts store the shards; out_dir gets the rest
-        report = run_split_job(reporter.job_id, reporter.attempt, spec_data, out_dir, out_dir.parent, settings,
-                               reporter.progress, reporter.should_cancel, reporter.event)
-        return report.as_json(), None
-    hooks = dict(progress=reporter.progress, should_cancel=reporter.should_cancel, allowed_roots=settings.allowed_roots,
-                 allow_downloads=settings.hub_allow_downloads)
-    if kind is JobKind.merge:
-        report = pivotmerge.merge(spec, out_dir, **hooks)
-        stored = report.as_json()  # the row holds what merge_report.json holds
-        return stored, stored["evaluation"] if report.evaluation is not None else None
-    report = pivotmerge.analyze(spec, **hooks)
-    out_dir.mkdir(parents=True)
-    (out_dir / ANALYSIS_REPORT).write_text(json.dumps(report, indent=2))
-    return report, report
+def run_kind(kind: JobKind, request: Any, work: Path, settings: Settings, reporter: JobReporter) -> Outcome:
+    """Run the job as its kind declares; a split spec of a kind that can split runs as parts instead."""
+    spec = kind.spec_of(request)
+    if kind.can_split and spec.split is not None:  # the parts store the shards; out_dir gets the rest
+        report = run_split_job(reporter, spec, work / "out", work, settings)
+        return Outcome(report.as_json(), shards_stored=True)
+    return kind.run(JobRun(request, work / "out", work, settings, reporter))
 
 
-def is_split(kind: JobKind, spec_data: dict[str, Any]) -> bool:
-    """A merge whose parts run on the split workers (workers.split)."""
-    return kind is JobKind.merge and spec_data.get("split") is not None
-
-
-def push_merge(sessions: sessionmaker[Session], job_id: uuid.UUID, spec_data: dict[str, Any], out_dir: Path,
+def push_merge(sessions: sessionmaker[Session], job_id: uuid.UUID, spec: MergeSpec, out_dir: Path,
                settings: Settings) -> None:
     """Upload a finished merge to the hub repo its spec names, as `pivotmerge push` does; the commit is a job event."""
-    target = spec_from_dict(spec_data).push_to_hub
+    target = spec.push_to_hub
     if target is None:
         return
     token = settings.hub_token.get_secret_value() if settings.hub_token else None
@@ -237,24 +156,16 @@ def push_merge(sessions: sessionmaker[Session], job_id: uuid.UUID, spec_data: di
         session.commit()
 
 
-def recorded_files(out_dir: Path) -> dict[str, tuple[int, str]]:
-    """Size and sha256 of each shard, as the engine's writer computed them while writing (merge_report.json)."""
-    report = out_dir / REPORT_FILE
-    if not report.is_file():  # an analysis: one small report, hashed below
-        return {}
-    return {f["name"]: (f["size"], f["sha256"]) for f in json.loads(report.read_text()).get("files", [])}
-
-
-def publish(ctx: WorkerContext, session: Session, job_id: uuid.UUID, out_dir: Path, shards_stored: bool = False) -> None:
+def publish(ctx: WorkerContext, session: Session, job_id: uuid.UUID, out_dir: Path, outcome: Outcome) -> None:
     """Put every output file in the artifact store and record its size and sha256.
 
-    Shards (gigabytes) reuse the hash the writer computed; only the small side
-    files (config, tokenizer, report, card) are hashed here. With
-    `shards_stored`, the shards the report lists are in the store already (a
-    split merge's parts put them there) and are only recorded.
+    Shards (gigabytes) reuse the hash the writer computed, as the run's report lists them (`files`, as in
+    merge_report.json); only the small side files (config, tokenizer, report, card) are hashed here. With
+    `shards_stored`, the shards the report lists are in the store already (a split merge's parts put them
+    there) and are only recorded.
     """
-    recorded = recorded_files(out_dir)
-    for name, (size, digest) in recorded.items() if shards_stored else ():
+    recorded = {f["name"]: (f["size"], f["sha256"]) for f in outcome.report.get("files", [])}
+    for name, (size, digest) in recorded.items() if outcome.shards_stored else ():
         session.add(Artifact(job_id=job_id, name=name, size=size, sha256=digest, storage_key=artifact_key(job_id, name)))
     for path in sorted(p for p in out_dir.rglob("*") if p.is_file()):
         name = path.relative_to(out_dir).as_posix()
@@ -310,7 +221,12 @@ class JobTask(Task):
         settings = Settings()
         engine = make_engine(settings.database_url)
         try:
-            fail(make_sessionmaker(engine), uuid.UUID(args[0]), failure_message(exc, settings))
+            job_id, sessions = uuid.UUID(args[0]), make_sessionmaker(engine)
+            fail(sessions, job_id, failure_message(exc, settings))
+            with sessions() as session:
+                ended = current_state(session, job_id) in (JobState.failed, JobState.cancelled)
+            if ended:  # it may have been killed publishing; a job that succeeded keeps its files
+                make_store(settings).delete_prefix(artifact_key(job_id, ""))
         finally:
             engine.dispose()
 
@@ -323,27 +239,33 @@ def run_job(self: Task, job_id: str) -> None:
     sweep_scratch(ctx.settings.work_dir, ctx.sessions)
     with ctx.sessions() as session:
         previous = session.scalar(select(Job.worker).where(Job.id == jid))
-        # hostname:pid names the process to look at (or kill) when a job misbehaves.
-        attempt = start_attempt(session, jid, f"{self.request.hostname}:{os.getpid()}", ctx.settings.max_attempts,
+        attempt = start_attempt(session, jid, worker_name(self.request.hostname), ctx.settings.max_attempts,
                                 ctx.settings.job_lease_seconds, dead_owner=dead_local_owner(previous))
         session.commit()
         job = session.get(Job, jid)
+    bind_job(jid, job.team_id if job else None, attempt)  # every line logged from here on says which job
+    log.info("delivery of job %s: %s", jid, f"attempt {attempt}" if attempt else "not run")
     if attempt is None or job is None:  # finished, cancelled, or a duplicate delivery of a job another worker holds
+        if job is not None and job.state in (JobState.cancelled, JobState.failed):
+            ctx.store.delete_prefix(artifact_key(jid, ""))  # its dead attempt may have died publishing
         return
 
     work = scratch_folder(ctx.settings.work_dir, jid, attempt)
     reporter = JobReporter(ctx.sessions, jid, attempt)
     succeeded = False
     try:
-        with LeaseKeeper(reporter, ctx.settings.job_lease_seconds):
+        with lease_keeper(reporter, ctx.settings.job_lease_seconds):
             work.mkdir(parents=True)
-            report, metrics = run_engine(job.kind, job.spec, work / "out", ctx.settings, reporter)
-            if job.kind is JobKind.merge:  # a tuning's spec is a tuning request, and nothing else pushes
-                push_merge(ctx.sessions, jid, job.spec, work / "out", ctx.settings)
+            kind = {k.name: k for k in load_kinds(ctx.settings.job_kind_modules)}[job.kind]
+            request = kind.parse(job.spec)  # parsed once: the run and the push read the same request
+            outcome = run_kind(kind, request, work, ctx.settings, reporter)
+            if kind.can_push:
+                push_merge(ctx.sessions, jid, kind.spec_of(request), work / "out", ctx.settings)
             with ctx.sessions() as session:
-                publish(ctx, session, jid, work / "out", shards_stored=is_split(job.kind, job.spec))
-                if transition(session, jid, [JobState.running], JobState.succeeded, report=report, metrics=metrics,
-                              progress_fraction=1.0, progress_stage="done", only_if=holds_lease(attempt)):
+                publish(ctx, session, jid, work / "out", outcome)
+                if transition(session, jid, [JobState.running], JobState.succeeded, report=outcome.report,
+                              metrics=outcome.metrics, progress_fraction=1.0, progress_stage="done",
+                              only_if=holds_lease(attempt)):
                     session.commit()
                     succeeded = True
             if not succeeded:  # a cancel arrived after the engine's last check: it still wins
@@ -364,3 +286,9 @@ def run_job(self: Task, job_id: str) -> None:
         if not succeeded and still_holds(ctx.sessions, jid, attempt):
             ctx.store.delete_prefix(artifact_key(jid, ""))
         shutil.rmtree(work, ignore_errors=True)
+        # And the folder of an attempt whose worker died while this one ran (the job is over, or ours now).
+        try:
+            sweep_scratch(ctx.settings.work_dir, ctx.sessions)
+        except Exception:  # the database is away: the next job's sweep, or the worker's restart, does it
+            log.warning("job %s: could not sweep scratch folders", jid, exc_info=True)
+        log.info("attempt %s of job %s ended%s", attempt, jid, " with success" if succeeded else "")

@@ -5,13 +5,22 @@
 
 from typing import Any
 
-from celery.signals import worker_init
+from celery.signals import setup_logging, worker_init
 
+from core.logs import configure_logging
 from core.settings import Settings
 
+from workers import heartbeat  # noqa: F401  (its signal handlers beat while the worker runs)
 from workers.celery_app import make_celery
 
 celery = make_celery(Settings())
+
+
+@setup_logging.connect
+def structured_logs(**_: Any) -> None:
+    """Our log lines (core.logs) instead of Celery's: each carries the job, team and attempt it is about."""
+    settings = Settings()
+    configure_logging(settings.log_format, settings.log_level)
 
 
 @worker_init.connect
@@ -25,8 +34,10 @@ def preload_engine(**_: Any) -> None:
     import transformers  # noqa: F401  (the engine loads configs and processors with it)
 
     from pivotmerge.methods import all_methods
+    from workers.kinds import load_kinds
 
     all_methods()
+    load_kinds(Settings().job_kind_modules)
 
 
 @worker_init.connect

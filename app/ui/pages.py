@@ -12,7 +12,6 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
-from pydantic import BaseModel
 
 from pivotmerge import __version__
 
@@ -24,21 +23,11 @@ templates = Jinja2Templates(directory=HERE / "templates")
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
 
-class JobKindView(BaseModel):
-    """A kind of job the dashboard lists: its /v1 collection and how it is named."""
-
-    kind: str
-    collection: str
-    label: str
+def job_kinds(request: Request) -> list[dict[str, str]]:
+    """The kinds of job the dashboard lists, as declared (workers.kinds): kind, /v1 collection and label."""
+    return [{"kind": k.name, "collection": k.collection, "label": k.label} for k in request.app.state.kinds]
 
 
-# One entry per /v1 job collection; a new kind of job is one more entry here.
-JOB_KINDS = [
-    JobKindView(kind="merge", collection="merges", label="Merge"),
-    JobKindView(kind="analysis", collection="analyses", label="Analysis"),
-    JobKindView(kind="tuning", collection="tunings", label="Tuning"),
-]
-COLLECTIONS = {k.collection for k in JOB_KINDS}
 STATES = ["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 
 
@@ -53,8 +42,7 @@ PAGE_HEADERS = {
 
 
 def page(request: Request, template: str, title: str, **context: object) -> HTMLResponse:
-    kinds = [k.model_dump() for k in JOB_KINDS]
-    return templates.TemplateResponse(request, template, {"title": title, "kinds": kinds, "states": STATES,
+    return templates.TemplateResponse(request, template, {"title": title, "kinds": job_kinds(request), "states": STATES,
                                                           "version": __version__, **context}, headers=PAGE_HEADERS)
 
 
@@ -93,6 +81,6 @@ def static(name: str) -> FileResponse:
 
 @router.get("/{collection}/{job_id}")
 def job(request: Request, collection: str, job_id: str) -> HTMLResponse:
-    if collection not in COLLECTIONS:
+    if collection not in {k["collection"] for k in job_kinds(request)}:
         raise ApiError(404, f"no page /ui/{collection}")
     return page(request, "job.html", "Job", collection=collection, job_id=job_id)

@@ -49,7 +49,8 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['webhook_id'], ['webhooks.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id')
     )
-    op.create_index('ix_webhook_deliveries_webhook_created', 'webhook_deliveries', ['webhook_id', 'created_at'], unique=False)
+    op.create_index('ix_webhook_deliveries_webhook_created', 'webhook_deliveries', ['webhook_id', 'created_at'],
+                    unique=False)
     op.create_index('ix_webhook_deliveries_undispatched', 'webhook_deliveries', ['dispatched_at'], unique=False)
 
 

@@ -1,3 +1,3 @@
-"""Analysis without merging (weight-distance metrics) and expert folding within one model.
+"""Analysis without merging: weight-distance metrics between the models a spec names (folding is pivotmerge.fold).
 
-May import: plan, run (the write loop), repos, methods, data, report, spec, errors, progress, version."""
+May import: plan, methods, spec, errors, progress."""

@@ -42,7 +42,8 @@ def analyze(spec: MergeSpec | Mapping[str, Any], *, allowed_roots: Sequence[str 
     """Metrics averaged over all pairs of models, on task vectors when the spec has a base."""
     spec = as_spec(spec)
     _require_pairs(spec)
-    with plan_merge(spec, allowed_roots=allowed_roots, relative_to=relative_to, allow_downloads=allow_downloads) as plan:
+    with plan_merge(spec, allowed_roots=allowed_roots, relative_to=relative_to,
+                    allow_downloads=allow_downloads) as plan:
         device = resolve_device(plan.spec.device)
         names = [n for n in plan.names if n in plan.merged]
         records = []

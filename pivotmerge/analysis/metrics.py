@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from pivotmerge.methods._ops import magnitude_trim_
+from pivotmerge.methods.toolkit.sparsify import magnitude_trim_
 
 Tensor = torch.Tensor
 _TINY = 1e-12

@@ -1,6 +1,7 @@
-"""Benchmarks: merge quality on a synthetic heterogeneous post-alignment suite (``quality``).
+"""Benchmarks: merge quality on a synthetic heterogeneous post-alignment suite (``quality``), and
+Sung et al.'s modality-agnostic merging study (``modality``).
 
-May import: analysis, data, run."""
+May import: analysis, data, run, fold, models."""
 
 from pathlib import Path
 

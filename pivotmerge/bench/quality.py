@@ -47,10 +47,14 @@ class Suite:
     world: Config
     seeds: int
     quick: bool = False  # quick mode runs QUICK_ROWS only
+    rows: tuple[str, ...] | None = None  # only these rows are merged (the reference rows are always scored)
     # The parts a layer attribution swaps between merges, each as the tensor-name prefixes it covers;
     # together they cover what the suite merges.
     parts: tuple[tuple[str, tuple[str, ...]], ...] = tuple((layer, (f"{PROJECTOR}{layer}.",)) for layer in PROJECTOR_LAYERS)
     scenarios: bool = True  # merge every domain subset for the Spearman study of the distance metrics
+
+    def runs(self, row: str) -> bool:
+        return (not self.quick or row in QUICK_ROWS) and (self.rows is None or row in self.rows)
 
     @property
     def prefixes(self) -> tuple[str, ...]:
@@ -201,7 +205,9 @@ def scenarios(suite: Suite, world: World, score: Scorer, own: dict[str, float], 
 
 
 def correlations(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Spearman rho between each metric and each method's quality loss, over all scenarios."""
+    """Spearman rho between each metric and each method's quality loss, over all scenarios (none: empty)."""
+    if not rows:
+        return {}
     return {method: {m: float(spearmanr([r["metrics"][m] for r in rows], [r["quality_loss"][method] for r in rows]).statistic)
                      for m in rows[0]["metrics"]}
             for method in rows[0]["quality_loss"]}
@@ -214,25 +220,25 @@ def run_seed(suite: Suite, seed: int, cache: Path, work: Path, progress: Progres
     reference = {"base": {"test": score(world.base, "test")}}
     reference.update({f"expert_{d}": {"test": score(p, "test")} for d, p in world.experts.items()})
     reference["joint"] = {"test": score(world.joint, "test")}
-    tuned_rows = [v for v in TUNED if not suite.quick or v.name in QUICK_ROWS]
     tuned: dict[str, Any] = {}
-    for variant in tuned_rows:
+    for variant in (v for v in TUNED if suite.runs(v.name)):
         progress(f"tuning on dev: {variant.name}")
         tuned[variant.name] = select(variant, world, score, work / "tuned" / variant.name)
     defaults: dict[str, Any] = {}
-    for variant in DEFAULTS if not suite.quick else [v for v in DEFAULTS if v.name in QUICK_ROWS]:
+    for variant in (v for v in DEFAULTS if suite.runs(v.name)):
         progress(f"at defaults: {variant.name}")
         path, seconds = timed_merge(world, variant, dict(variant.fixed), work / "defaults" / variant.name)
         defaults[variant.name] = {"params": dict(variant.fixed), "test": score(path, "test"), "merge_seconds": seconds}
     progress("layer attribution")
     chosen = {name: work / "tuned" / name / "chosen" for name in tuned}
     attribution = []
-    for ours, theirs in (("pivotmerge", rival(tuned, tuple(n for n in DATA_FREE_BASELINES if n in tuned))),
-                         ("pivotmerge_data", "regmean_plus_plus")):
-        attribution.append({"ours": ours, "theirs": theirs,
-                            "test_token_accuracy": layer_attribution(suite, chosen[ours], chosen[theirs], score, work)})
+    free = tuple(n for n in DATA_FREE_BASELINES if n in tuned)
+    for ours, theirs in (("pivotmerge", rival(tuned, free) if free else None), ("pivotmerge_data", "regmean_plus_plus")):
+        if ours in tuned and theirs in tuned:
+            attribution.append({"ours": ours, "theirs": theirs,
+                                "test_token_accuracy": layer_attribution(suite, chosen[ours], chosen[theirs], score, work)})
     found: list[dict[str, Any]] = []
-    if suite.scenarios:
+    if suite.scenarios and suite.rows is None:  # the scenarios merge rows of their own: a run of chosen rows leaves them out
         progress("merge-success scenarios")
         own = {d: reference[f"expert_{d}"]["test"][d]["token_accuracy"] for d in DOMAINS}
         found = scenarios(suite, world, score, own, work, seed)
@@ -283,17 +289,23 @@ def paired(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         present = tuple(n for n in DATA_FREE_BASELINES if n in r["tuned"])
         return _avg(r["tuned"][rival(r["tuned"], present)])
 
-    names = runs[0]["tuned"]
-    out = [diff("pivotmerge - best data-free baseline (dev-chosen per seed)", tuned("pivotmerge"), best_free)]
-    out += [diff(f"pivotmerge - {b}", tuned("pivotmerge"), tuned(b)) for b in DATA_FREE_BASELINES if b in names]
-    if "regmean_plus_plus" in names:
+    names, default_names = runs[0]["tuned"], runs[0]["defaults"]
+    out = []
+    if "pivotmerge" in names and any(b in names for b in DATA_FREE_BASELINES):
+        out.append(diff("pivotmerge - best data-free baseline (dev-chosen per seed)", tuned("pivotmerge"), best_free))
+        if "pivotmerge" in default_names:
+            out.append(diff("pivotmerge defaults - best data-free baseline (dev-chosen per seed)", default("pivotmerge"),
+                            best_free))
+        out += [diff(f"pivotmerge - {b}", tuned("pivotmerge"), tuned(b)) for b in DATA_FREE_BASELINES if b in names]
+    if {"pivotmerge_data", "regmean_plus_plus"} <= set(names):
         out.append(diff("pivotmerge_data - regmean_plus_plus", tuned("pivotmerge_data"), tuned("regmean_plus_plus")))
-    out += [diff("pivotmerge defaults - pivotmerge tuned", default("pivotmerge"), tuned("pivotmerge")),
-            diff("pivotmerge_data defaults (calibration, no parameters) - pivotmerge_data tuned",
-                 default("pivotmerge_data"), tuned("pivotmerge_data"))]
+    for name, label in (("pivotmerge", "pivotmerge defaults"),
+                        ("pivotmerge_data", "pivotmerge_data defaults (calibration, no parameters)")):
+        if name in names and name in default_names:
+            out.append(diff(f"{label} - {name} tuned", default(name), tuned(name)))
     for name in names:
-        if name.startswith("pivotmerge - ") or name.startswith("pivotmerge_data - "):
-            full = name.split(" - ")[0]
+        full = name.split(" - ")[0]
+        if (name.startswith("pivotmerge - ") or name.startswith("pivotmerge_data - ")) and full in names:
             out.append(diff(f"({name}) - {full}", tuned(name), tuned(full)))
     return out
 
@@ -304,9 +316,11 @@ def gates(result: dict[str, Any]) -> dict[str, float]:
     acc = lambda row, d="average": row[d]["token_accuracy"]["mean"]  # noqa: E731
     specialisation = min(acc(ref[f"expert_{d}"], d) - max(acc(ref[f"expert_{o}"], d) for o in DOMAINS if o != d)
                          for d in DOMAINS)
-    return {"expert_specialisation": specialisation,
-            "task_arithmetic_over_base": acc(tuned["task_arithmetic"]) - acc(ref["base"]),
-            "joint_over_task_arithmetic": acc(ref["joint"]) - acc(tuned["task_arithmetic"])}
+    out = {"expert_specialisation": specialisation}
+    if "task_arithmetic" in tuned:  # a run of chosen rows may leave it out
+        out["task_arithmetic_over_base"] = acc(tuned["task_arithmetic"]) - acc(ref["base"])
+        out["joint_over_task_arithmetic"] = acc(ref["joint"]) - acc(tuned["task_arithmetic"])
+    return out
 
 
 def run(suite: Suite, out: Path, cache: Path, progress: Progress, threads: int = 1) -> dict[str, Any]:
@@ -341,7 +355,7 @@ def summary(suite: Suite, runs: list[dict[str, Any]], seconds: float) -> dict[st
         "tuned": summarize(runs, "tuned"),
         "defaults": summarize(runs, "defaults"),
         "paired": paired(runs),
-        "spearman": correlations([s for r in runs for s in r["scenarios"]]) if suite.scenarios else {},
+        "spearman": correlations([s for r in runs for s in r["scenarios"]]),
         "layer_attribution": [r["layer_attribution"] for r in runs],
         "merge_seconds": merge_seconds(runs),
         "seconds": seconds,
@@ -362,3 +376,16 @@ def write(result: dict[str, Any], runs: list[dict[str, Any]], out: Path) -> None
 
 def with_seeds(suite: Suite, seeds: int | None) -> Suite:
     return suite if seeds is None else replace(suite, seeds=seeds)
+
+
+ROW_NAMES = tuple(dict.fromkeys(v.name for v in (*TUNED, *DEFAULTS)))
+
+
+def with_rows(suite: Suite, rows: tuple[str, ...] | None) -> Suite:
+    """`suite` merging only `rows` (tuned and defaults rows of those names); an unknown name is an error naming it."""
+    if rows is None:
+        return suite
+    unknown = [r for r in rows if r not in ROW_NAMES]
+    if unknown:
+        raise ValueError(f"--rows: unknown row {unknown[0]!r}; rows: {', '.join(ROW_NAMES)}")
+    return replace(suite, rows=rows)

@@ -42,12 +42,13 @@ def markdown(result: dict[str, Any]) -> str:
     for p in result["paired"]:
         lines.append(f"| {p['comparison']} | " + " | ".join(f"{d:+.4f}" for d in p["per_seed"])
                      + f" | {p['mean']:+.4f} | {p['wins']}/{seeds} |")
-    lines += ["", "Seconds per merge (mean over every tuned candidate and the defaults merge, all seeds; wall on the"
-              " machine as it was, and CPU of the whole process, all threads):", "",
-              "| row | wall s | CPU s |", "|---|---|---|"]
-    lines += [f"| {name} | {t['wall']:.1f} | {t['cpu']:.1f} |" for name, t in result["merge_seconds"].items()]
+    if result["merge_seconds"]:
+        lines += ["", "Seconds per merge (mean over every tuned candidate and the defaults merge, all seeds; wall on"
+                  " the machine as it was, and CPU of the whole process, all threads):", "",
+                  "| row | wall s | CPU s |", "|---|---|---|"]
+        lines += [f"| {name} | {t['wall']:.1f} | {t['cpu']:.1f} |" for name, t in result["merge_seconds"].items()]
     lines += ["", "Gates (tests/bench): " + ", ".join(f"{k} {v:+.3f}" for k, v in result["gates"].items()), ""]
-    if result["spearman"]:
+    if result["spearman"]:  # a run of chosen rows, or a suite without scenarios, has none
         lines += _spearman_lines(result["spearman"])
     return "\n".join(lines + _attribution_lines(result["layer_attribution"])) + "\n"
 
@@ -63,7 +64,9 @@ def _spearman_lines(spearman: dict[str, dict[str, float]]) -> list[str]:
 
 
 def _attribution_lines(per_seed: list[list[dict[str, Any]]]) -> list[str]:
-    layers = [k for k in per_seed[0][0]["test_token_accuracy"] if k != "total"]
+    if not any(per_seed):  # a run of chosen rows may have no pair to attribute
+        return []
+    layers = [k for k in next(c for s in per_seed for c in s)["test_token_accuracy"] if k != "total"]
     lines = ["", "Layer attribution (test token accuracy; `rival + ours' <part>`: the rival with that projector layer"
              " or component taken from the PivotMerge row, minus the rival):", "",
              "| seed | ours | rival | ours - rival | " + " | ".join(f"rival + ours' {layer}" for layer in layers) + " |",

@@ -27,7 +27,7 @@ class Variant:
 
 
 SCALES = [0.25, 0.5, 1.0, 1.5, 2.0]
-LAYER_SCALE = {"scale_max": [0.5, 1.0, 1.5, 2.0]}
+LAYER_SCALE = {"scale_max": [0.5, 0.6, 0.8, 1.0]}
 # Data mode fits layers like RegMean: its merged update at scale 1 is RegMean's; these scales bracket it.
 DATA_SCALE = {"scale_max": [0.5, 1.0, 1.5]}
 
@@ -37,26 +37,42 @@ BASELINES: tuple[Variant, ...] = (
     Variant("tsv", "tsv", grid={"scale": SCALES}),
     Variant("iso_c", "iso_c", grid={"scale": SCALES}),
     Variant("iso_cts", "iso_cts", grid={"scale": SCALES}),
+    # The 2025-26 data-free rivals (docs/methods.md), each with its own knobs bracketing its dev optimum.
+    Variant("average", "linear"),
+    Variant("wudi", "wudi", grid={"scale": [0.5, 1.0, 1.5]}),
+    Variant("wudi_closed_form", "wudi", fixed={"solver": "closed_form"}, grid={"scale": [0.5, 1.0, 1.5], "ridge": [0.01, 0.1, 1.0]}),
+    # k_frac only acts on heterogeneous experts (ACE's flag), which the suite's experts are not.
+    Variant("ace", "ace", grid={"scale": [0.35, 0.5, 0.75, 1.0]}),
+    Variant("cart", "cart", grid={"prior": [1.0, 2.0, 3.0], "rank_ratio": [0.06, 0.12, 0.25]}),
     Variant("regmean", "regmean", grid={"off_diagonal_scale": [0.5, 0.9, 1.0]}, data=True),
     Variant("regmean_plus_plus", "regmean", fixed={"gram_inputs": "merged"}, grid={"off_diagonal_scale": [0.5, 0.9, 1.0]}, data=True),
+    # Distillation baselines: the learning rate brackets the authors' (ProDistill 0.01) by 3x each way.
+    Variant("prodistill", "prodistill", grid={"learning_rate": [0.003, 0.01, 0.03]}, data=True),
+    Variant("adamerging", "adamerging", grid={"objective": ["captions", "features"]}, data=True),
 )
+DATA_BASELINES = ("regmean_plus_plus", "prodistill", "adamerging")
 PIVOTMERGE: tuple[Variant, ...] = (
-    # Residuals off (the default) or in, the latter with the whole update flattened (`flatten_total`, which
-    # dev favoured with residuals; without them it equals `flatten`).
-    Variant("pivotmerge", "pivotmerge", fixed={"spectrum": "flatten_total"},
-            grid={**LAYER_SCALE, "residual_weight": [0.0, 0.5, 1.0]}),
+    # Data-free PivotMerge's closed form (combine: covariance) is a fitted update: dev chose layer scales near 0.6.
+    Variant("pivotmerge", "pivotmerge", grid={**LAYER_SCALE, "energy": [0.9, 0.95]}),
     # Given calibration data, PivotMerge's defaults are its data mode (gram combine on the merged model's inputs).
-    Variant("pivotmerge_data", "pivotmerge", grid={**DATA_SCALE, "layer_weighting": ["weight", "data"]}, data=True),
+    # Data mode with its alignment fit (opt-in): the fit's learning rate and length (the closed form's scale is RegMean's own).
+    Variant("pivotmerge_data", "pivotmerge", grid={"distill_learning_rate": [0.001, 0.003], "distill_steps": [300, 600]},
+            data=True),
 )
 # Each PivotMerge component taken away, the rest at its defaults, the layer scale tuned as for the full method.
 # (The residuals are off by default without data: dev accuracy was higher without them, docs/results.md.)
 ABLATIONS: tuple[Variant, ...] = (
     Variant("pivotmerge - shared_space", "pivotmerge", fixed={"shared_space": False}, grid=LAYER_SCALE),
-    Variant("pivotmerge - flattening", "pivotmerge", fixed={"spectrum": "keep"}, grid=LAYER_SCALE),
+    # Without the input-geometry closed form: the shared parts summed and flattened (PivotMerge's data-free
+    # design until this release), at the scales that design preferred.
+    Variant("pivotmerge - covariance", "pivotmerge", fixed={"combine": "sum", "spectrum": "flatten", "scale_min": 0.5},
+            grid={"scale_max": [0.5, 1.0, 1.5, 2.0]}),
     Variant("pivotmerge - layer_weighting", "pivotmerge", fixed={"layer_weighting": "uniform"}, grid=LAYER_SCALE),
     # The plain sum of K updates wants about 1/K of the scale the gram combine's mean does.
     Variant("pivotmerge_data - gram", "pivotmerge", fixed={"combine": "sum"}, grid={"scale_max": [0.25, 0.5, 1.0]}, data=True),
     Variant("pivotmerge_data - merged_inputs", "pivotmerge", fixed={"gram_inputs": "expert"}, grid=DATA_SCALE, data=True),
+    # The alignment-guided layer-wise fit taken away: the closed form as solved.
+    Variant("pivotmerge_data - alignment_fit", "pivotmerge", fixed={"distill_steps": 0}, grid=DATA_SCALE, data=True),
 )
 TUNED: tuple[Variant, ...] = BASELINES + PIVOTMERGE + ABLATIONS
 
@@ -69,11 +85,18 @@ DEFAULTS: tuple[Variant, ...] = (
     Variant("tsv", "tsv"),
     Variant("iso_c", "iso_c"),
     Variant("iso_cts", "iso_cts"),
+    Variant("average", "linear"),
+    Variant("wudi", "wudi"),
+    Variant("wudi_closed_form", "wudi", fixed={"solver": "closed_form"}),
+    Variant("ace", "ace"),
+    Variant("cart", "cart"),
     Variant("regmean", "regmean", data=True),
     Variant("regmean_plus_plus", "regmean", fixed={"gram_inputs": "merged"}, data=True),
+    Variant("prodistill", "prodistill", data=True),
+    Variant("adamerging", "adamerging", data=True),
     Variant("pivotmerge", "pivotmerge"),
     Variant("pivotmerge_data", "pivotmerge", data=True),
 )
-DATA_FREE_BASELINES = ("task_arithmetic", "ties", "tsv", "iso_c", "iso_cts")
+DATA_FREE_BASELINES = ("task_arithmetic", "ties", "tsv", "iso_c", "iso_cts", "average", "wudi", "wudi_closed_form", "ace", "cart")
 # Quick mode (CI): the rows its gates and the bar's headline comparisons need.
 QUICK_ROWS = ("task_arithmetic", "tsv", "iso_c", "regmean_plus_plus", "pivotmerge", "pivotmerge_data")

@@ -27,16 +27,23 @@ def bench() -> None:
               default=CACHE, show_default=True,
               help="Where built worlds are kept, keyed by their config and seed.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch CPU threads.")
-def quality(suite: str, quick: bool, seeds: int | None, out: Path, cache: Path, threads: int) -> None:
+@click.option("--rows", default=None, metavar="NAME[,NAME...]",
+              help="Merge only these rows (tuned and defaults rows of these names; the reference rows are always "
+                   "scored; the merge-success scenarios are left out).")
+def quality(suite: str, quick: bool, seeds: int | None, out: Path, cache: Path, threads: int, rows: str | None) -> None:
     """Merge quality on real LLaVA folders, merged by `pivotmerge.merge`, scored by the evaluator."""
     from rich.console import Console
     from transformers.utils import logging as hf_logging
 
-    from pivotmerge.bench.quality import SUITES, run, with_seeds
+    from pivotmerge.bench.quality import SUITES, run, with_rows, with_seeds
 
     hf_logging.disable_progress_bar()  # hundreds of model loads; their bars would drown the log
     quick_suite, full_suite = SUITES[suite]
-    chosen = with_seeds(quick_suite if quick else full_suite, seeds)
+    try:
+        chosen = with_rows(with_seeds(quick_suite if quick else full_suite, seeds),
+                           None if rows is None else tuple(r.strip() for r in rows.split(",") if r.strip()))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     console = Console(stderr=True)
     with console.status("starting") as status:
         # A spinner on a terminal; timestamped lines in logs (nohup, CI), where a spinner shows nothing.
@@ -47,3 +54,25 @@ def quality(suite: str, quick: bool, seeds: int | None, out: Path, cache: Path, 
     for section in ("reference", "tuned", "defaults"):
         for name, row in result[section].items():
             console.print(f"  {section:9s} {name:36s} token accuracy {row['average']['token_accuracy']['mean']:.3f}")
+
+
+@bench.command()
+@click.option("--quick", is_flag=True, help="Three seed lengths and shorter training, for CI (a few minutes on 2 CPU cores).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-modality"),
+              show_default=True, help="Folder for results.md, results.json, modality.png and the models.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch CPU threads.")
+def modality(quick: bool, out: Path, threads: int) -> None:
+    """Sung et al.'s study: fold a modality-specific VL transformer after seed pre-training of growing length."""
+    from rich.console import Console
+    from transformers.utils import logging as hf_logging
+
+    from pivotmerge.bench.modality import FULL, QUICK, run
+
+    hf_logging.disable_progress_bar()
+    console = Console(stderr=True)
+    result = run(QUICK if quick else FULL, out, lambda m: console.print(f"{time.strftime('%H:%M:%S')} {m}", highlight=False),
+                 threads)
+    console.print(f"done in {result['seconds']:.0f}s; wrote {out}/results.md")
+    best = result["findings"].get("best_metric")
+    if best:
+        console.print(f"  best predictor: {best['metric']} (Spearman {best['spearman']})")

@@ -7,13 +7,15 @@ that listing commands and `--help` do not wait for it.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 import click
 from rich.console import Console
+from rich.markup import escape
+from rich.padding import Padding
 from rich.table import Table
+from rich.text import Text
 
 from pivotmerge.cli.progress_bar import ProgressBar, console
 
@@ -48,7 +50,8 @@ def merge_command(spec_file: Path, out_dir: Path, force: bool, device: str | Non
     with ProgressBar(f"merging ({spec.method})") as bar:
         report = merge(spec, out_dir, progress=bar, relative_to=spec_file.parent, overwrite=force,
                        allow_downloads=allow_downloads)
-    if spec.push_to_hub is not None:  # with huggingface_hub's own token (HF_TOKEN or `hf auth login`), as `pivotmerge push`
+    # With huggingface_hub's own token (HF_TOKEN or `hf auth login`), as `pivotmerge push`.
+    if spec.push_to_hub is not None:
         from pivotmerge.repos.hub import push
 
         info = push(out_dir, spec.push_to_hub.repo_id, token=None, private=spec.push_to_hub.private)
@@ -67,50 +70,71 @@ def merge_command(spec_file: Path, out_dir: Path, force: bool, device: str | Non
 def _type_name(annotation: Any) -> str:
     args = get_args(annotation)
     if args:
-        return " | ".join(_type_name(a) for a in args) if type(None) not in args or len(args) > 2 else _type_name(args[0]) + "?"
+        if type(None) in args and len(args) == 2:
+            return _type_name(args[0]) + "?"
+        return " | ".join(_type_name(a) for a in args)
     return getattr(annotation, "__name__", str(annotation))
 
 
 @click.command("methods")
+@click.argument("names", metavar="[NAME]...", nargs=-1)
+@click.option("--verbose", "-v", is_flag=True, help="Every method's parameters (as naming methods does).")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def methods_command(as_json: bool) -> None:
-    """List the merge methods and their parameters."""
+def methods_command(names: tuple[str, ...], verbose: bool, as_json: bool) -> None:
+    """List the merge methods, one line each; NAME (or --verbose) shows their parameters."""
     from pivotmerge.methods import all_methods
+    from pivotmerge.methods.description import describe
 
     methods = all_methods()
-    if as_json:
-        click.echo(json.dumps({name: {"summary": m.summary, "base_model": m.base, "min_models": m.min_models,
-                                      "max_models": m.max_models, "per_model": list(m.per_model),
-                                      "engine_params": list(m.engine_params),
-                                      "defaults_with_calibration": dict(m.with_calibration),
-                                      "aliases": {old: new for old, new in m.aliases().items() if old != new},
-                                      "search": {p: asdict(s) for p, s in m.search_space.items()},
-                                      "parameters": m.params.model_json_schema().get("properties", {})}
-                               for name, m in methods.items()}, indent=2))
+    unknown = [n for n in names if n not in methods]
+    if unknown:
+        raise click.UsageError(f"unknown method {unknown[0]!r}; `pivotmerge methods` lists them")
+    if names:
+        methods = {n: methods[n] for n in names}
+    if as_json:  # the body of GET /v1/methods
+        click.echo(json.dumps({"methods": [describe(m).model_dump(mode="json") for m in methods.values()]}, indent=2))
         return
     out = Console()
-    for name, m in methods.items():
-        table = Table(title=f"[bold]{name}[/] — {m.summary}", title_justify="left", show_edge=False)
-        for col in ("parameter", "type", "default", "search", "description"):
-            table.add_column(col, no_wrap=col in ("parameter", "default"))  # names stay whole, so they can be searched
-        old_names = {}
-        for old, new in m.aliases().items():
-            if old != new:
-                old_names.setdefault(new, []).append(old)
-        search = m.search_space
-        for pname, field in m.params.model_fields.items():
-            per = " (per model)" if pname in m.per_model else ""
-            also = f" (also: {', '.join(old_names[pname])})" if pname in old_names else ""
-            default = repr(field.default) + (f"\nwith data: {m.with_calibration[pname]!r}" if pname in m.with_calibration else "")
-            table.add_row(pname + per, _type_name(field.annotation), default,
-                          _search_text(search.get(pname)), (field.description or "") + also)
-        for need in m.engine_params:
-            table.add_row(f"{need} (set by the engine)", "calibration", "", "", "Measured on the spec's calibration data when "
-                          "the parameters need it; never set in a spec.")
-        models = f"{m.min_models}" + ("" if m.max_models == m.min_models else f"..{m.max_models or 'n'}")
+    if not (names or verbose):
+        table = Table(show_header=False, box=None, pad_edge=False)
+        table.add_column("method", no_wrap=True, style="bold")
+        table.add_column("summary")
+        for name, m in methods.items():
+            table.add_row(name, m.summary)
         out.print(table)
-        with_data = "; 'with data': the default when the spec gives calibration data" if m.with_calibration else ""
-        out.print(f"  base_model: {m.base}; models: {models}{with_data}\n")
+        out.print("\n`pivotmerge methods NAME` (or --verbose) shows the parameters, their defaults and ranges.")
+        return
+    for name, m in methods.items():
+        _print_method(out, name, m)
+
+
+def _print_method(out: Console, name: str, m: Any) -> None:
+    """One method's parameters as an indented list: whole names, and lines wrapped to the terminal."""
+    def line(markup: str, indent: int) -> None:
+        out.print(Padding(Text.from_markup(markup), (0, 0, 0, indent)))
+
+    models = f"{m.min_models}" + ("" if m.max_models == m.min_models else f"..{m.max_models or 'n'}")
+    with_data = "; 'with data': the default when the spec gives calibration data" if m.with_calibration else ""
+    line(f"[bold]{name}[/] — {escape(m.summary)}", 0)
+    line(f"base_model: {m.base}; models: {models}{with_data}", 2)
+    old_names: dict[str, list[str]] = {}
+    for old, new in m.aliases().items():
+        if old != new:
+            old_names.setdefault(new, []).append(old)
+    for pname, field in m.params.model_fields.items():
+        per = " (per model)" if pname in m.per_model else ""
+        default = f"default {field.default!r}" + (
+            f", with data: {m.with_calibration[pname]!r}" if pname in m.with_calibration else "")
+        search = _search_text(m.search_space.get(pname))
+        facts = "; ".join(filter(None, [_type_name(field.annotation), default, search and f"search {search}"]))
+        line(f"[bold]{pname}[/]{per}: {escape(facts)}", 2)
+        also = f" (also: {', '.join(old_names[pname])})" if pname in old_names else ""
+        if field.description or also:
+            line(escape((field.description or "") + also), 6)
+    for need in m.engine_params:
+        line(f"[bold]{need}[/] (set by the engine): measured on the spec's calibration data when the parameters "
+             "need it; never set in a spec", 2)
+    out.print()
 
 
 def _search_text(search: Search | None) -> str:
@@ -134,14 +158,22 @@ def analyze_command(spec_file: Path, as_json: bool) -> None:
     Compares the tensors SPEC would merge: their task vectors (W - base) when
     SPEC has a base_model, else the weights; each metric is averaged over all
     pairs of models. Higher distance and sign dissimilarity predict a harder
-    merge (docs/metrics.md defines each metric).
+    merge (docs/metrics.md defines each metric). Given a fold spec (`model:`,
+    see `pivotmerge fold`), compares the modality experts it would fold.
     """
-    from pivotmerge.analysis.analyze import analyze
-    from pivotmerge.spec.schema import load_spec
+    from pivotmerge.spec.schema import read_yaml
 
-    spec = load_spec(spec_file)
+    data = read_yaml(spec_file)
     with ProgressBar("analyzing") as bar:
-        result = analyze(spec, progress=bar, relative_to=spec_file.parent)
+        if isinstance(data, dict) and "model" in data and "models" not in data:
+            from pivotmerge.fold.distances import fold_distances
+
+            result = fold_distances(data, progress=bar, relative_to=spec_file.parent)
+        else:
+            from pivotmerge.analysis.analyze import analyze
+            from pivotmerge.spec.schema import spec_from_dict
+
+            result = analyze(spec_from_dict(data), progress=bar, relative_to=spec_file.parent)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -179,10 +211,15 @@ def fold_command(spec_file: Path, out_dir: Path, force: bool, as_json: bool) -> 
         w0_model: pretrained             # optional; default: the model's own W0 tensors
 
     interpolation takes `weights` per modality; regmean takes `alpha` and a
-    `calibration` dataset. OUT holds sharded safetensors, the model's config
-    and tokenizer files, fold_report.json and a model card (docs/evaluation.md).
+    `calibration` dataset (LLaVA-style models) or `calibration_inputs`, one or
+    more safetensors files of forward-pass arguments run through the model's own
+    routed forward pass (any AutoModel). For a model with a folding table (the
+    project's modality-specific VL transformer) `groups` may be left out: the
+    table's maps are used and OUT loads as the shared model (docs/folding.md).
+    OUT holds sharded safetensors, the model's config and tokenizer files,
+    fold_report.json and a model card (docs/evaluation.md).
     """
-    from pivotmerge.analysis.fold_repo import fold, fold_spec_from_dict
+    from pivotmerge.fold.fold_repo import fold, fold_spec_from_dict
     from pivotmerge.spec.schema import read_yaml
 
     spec = fold_spec_from_dict(read_yaml(spec_file))
@@ -191,5 +228,5 @@ def fold_command(spec_file: Path, out_dir: Path, force: bool, as_json: bool) -> 
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
         return
-    console.print(f"[green]folded[/] {len(report['folded'])} tensors from {len(spec.groups)} modalities "
+    console.print(f"[green]folded[/] {len(report['folded'])} tensors from {len(report['spec']['groups'])} modalities "
                   f"with {spec.method} in {report['timings']['total_s']:.2f} s -> {out_dir}")

@@ -29,9 +29,10 @@ from pivotmerge.errors import PivotMergeError
               help="tiny: for tests (under 1 MB); small: for demos (~12 MB each) (not with --data).")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=CACHE, show_default=True,
               help="With --data: where the trained example is kept after its first build (shared with `pivotmerge bench`).")
+@click.option("--force", is_flag=True, help="Write into OUT_DIR even if it is not empty (replacing the example's files).")
 @click.pass_context
 def make_example_command(ctx: click.Context, out_dir: Path, with_data: bool, n_experts: int, seed: int,
-                         lm_experts: bool, size: str, cache: Path) -> None:
+                         lm_experts: bool, size: str, cache: Path, force: bool) -> None:
     """Write a tiny LLaVA base model and experts to merge, made offline.
 
     OUT_DIR gets base/ (the experts' shared starting point), the experts (each a
@@ -45,6 +46,8 @@ def make_example_command(ctx: click.Context, out_dir: Path, with_data: bool, n_e
         pivotmerge make-example demo --data
         pivotmerge merge demo/pivotmerge.yaml -o merged
     """
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise PivotMergeError(f"{out_dir} exists and is not empty; choose another folder, or --force to write into it")
     if with_data:
         from click.core import ParameterSource
 

@@ -37,8 +37,8 @@ COMMAND_GROUP = "pivotmerge.commands"
 SERVICE_COMMANDS = ("serve", "quickstart", "admin")
 SERVICE_HINT = "the HTTP service's commands; install them with: pip install 'pivotmerge[service]'"
 # Engine commands whose work is complete when they return (outputs moved into place, stdout
-# written). A process running one ends at once instead of tearing down torch's modules:
-# `python -c "import torch"` takes 3.5 s of CPU here, 2.6 s when it ends with os._exit.
+# written). A process running one ends at once instead of tearing down torch's modules,
+# which costs seconds of CPU (docs/performance.md).
 EXIT_AT_ONCE = ("merge", "fold", "analyze")
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
 
 from pivotmerge.progress import Progress
 
 console = Console(stderr=True)
+B = TypeVar("B", bound="LazyBar")
 
 
 class LazyBar:
@@ -23,7 +26,7 @@ class LazyBar:
         self._task = self._bar.add_task(label, total=None, note="")
         self._shown = False
 
-    def __enter__(self) -> "LazyBar":
+    def __enter__(self: B) -> B:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -12,6 +13,9 @@ from rich.table import Table
 
 from pivotmerge.cli.progress_bar import LazyBar, console
 from pivotmerge.errors import PivotMergeError
+
+if TYPE_CHECKING:
+    from pivotmerge.tune.trials import Objective
 from pivotmerge.report.study import TrialRecord
 
 TUNE_HINT = "pivotmerge tune needs optuna; install it with: pip install 'pivotmerge[tune]'"
@@ -74,8 +78,9 @@ class TrialBar(LazyBar):
               help="Output folder for the best trial's merge; created when the study completes.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the merge report (with the study) as JSON on stdout.")
-def tune_command(spec_file: Path, dev: tuple[Path, ...], methods: tuple[str, ...], trials: int, objective: str,
-                 test: tuple[Path, ...], timeout_s: float | None, seed: int | None, threads: int, out_dir: Path, force: bool,
+def tune_command(spec_file: Path, dev: tuple[Path, ...], methods: tuple[str, ...], trials: int, objective: Objective,
+                 test: tuple[Path, ...], timeout_s: float | None, seed: int | None, threads: int, out_dir: Path,
+                 force: bool,
                  as_json: bool) -> None:
     """Search merge methods and their parameters on dev data; write the best trial's merge to OUT.
 

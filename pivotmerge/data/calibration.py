@@ -13,14 +13,16 @@
   over the calibration set per expert.
 * `gram`, `cross_gram`, `loss_rises`, `normalised_alignment`: the maths itself, pure
   tensor functions, so the benchmark measures exactly what the engine does.
-* `calibrate`: the engine's step: measures what the plan's tensors need
-  (`MergePlan.needs`, from each method's ``needs(params)``) and hands it to the plan.
+* `calibrate`: the engine's calibration stage: measures what the plan's tensors need
+  (`MergePlan.needs`, from each method's ``needs(params)``) and returns it, per tensor
+  (`Calibrated`); the plan stays as checked. Block features for distillation methods
+  (``Need.BLOCK_FEATURES``) are measured block after block by `pivotmerge.data.blocks`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
@@ -33,7 +35,7 @@ from pivotmerge.errors import CompatibilityError, MergeCancelled, SpecError
 from pivotmerge.data.evaluate import Loaded, caption_batches, caption_stats, load_model
 from pivotmerge.progress import CancelFn, Progress, ProgressFn
 from pivotmerge.repos.model_repo import ModelRepo
-from pivotmerge.methods import Calibration, Need
+from pivotmerge.methods import NO_CALIBRATION, Calibration, Merged, Need
 from pivotmerge.spec.schema import DatasetRef, MergeSpec
 from pivotmerge.plan.plan import MergePlan
 
@@ -50,7 +52,7 @@ def match_name(name: str, candidates: Mapping[str, T]) -> T | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def _in_model(name: str, candidates: Mapping[str, T], canonical: Callable[[str], str]) -> T | None:
+def in_model(name: str, candidates: Mapping[str, T], canonical: Callable[[str], str]) -> T | None:
     """The candidate for a checkpoint's tensor `name`: by its current-style name, else by `match_name`."""
     hit = candidates.get(canonical(name))
     return hit if hit is not None else match_name(name, candidates)
@@ -64,7 +66,7 @@ def linear_modules(model: nn.Module, tensor_names: Iterable[str]) -> dict[str, n
     out = {}
     for name in tensor_names:
         if name.endswith(".weight"):
-            module = _in_model(name.removesuffix(".weight"), modules, lambda n: canonical(n + ".weight").removesuffix(".weight"))
+            module = in_model(name.removesuffix(".weight"), modules, lambda n: canonical(n + ".weight").removesuffix(".weight"))
             if module is not None:
                 out[name] = module
     return out
@@ -305,7 +307,7 @@ def alignment_scores(base_dir: str | Path, expert_dirs: Sequence[str | Path], da
         canonical = architecture_for(getattr(loaded.model.config, "model_type", None)).canonical
         baseline.append(caption_stats(loaded.model, batches, loaded.device).loss)
         for group, names in groups.items():
-            targets = {n: _in_model(n, params, canonical) for n in names}
+            targets = {n: in_model(n, params, canonical) for n in names}
             missing = [n for n, p in targets.items() if p is None]
             if missing:
                 raise CompatibilityError(f"{expert_dir}: the loaded model has no parameter for tensor {missing[0]}")
@@ -331,7 +333,7 @@ def expert_calibration(spec: MergeSpec) -> list[DatasetRef]:
     for i, entry in enumerate(spec.models):
         ref = entry.calibration or spec.calibration
         if ref is None:
-            field = "calibration" if not any(m.calibration for m in spec.models) else f"models.{i}.calibration"
+            field = "calibration" if not spec.gives_calibration else f"models.{i}.calibration"
             raise SpecError(f"{field}: method {spec.method!r} as configured needs calibration data for every expert "
                             "(set `calibration`, or `calibration` on each model)")
         refs.append(ref)
@@ -349,17 +351,27 @@ def load_expert_calibration(refs: Sequence[DatasetRef], *, allowed_roots: Sequen
     return [loaded[ref.model_dump_json()] for ref in refs]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Calibrated:
-    """What calibration data gave a merge (the per-tensor values themselves went to the plan)."""
+    """What calibration data gave a merge: each tensor's `Calibration` (only tensors whose parameters need
+    data have one), and for methods that fit blocks (`Need.BLOCK_FEATURES`) the fitted tensors."""
 
     report: dict[str, Any]  # the merge report's `calibration` section
     datasets: list[Dataset]  # each expert's calibration set; empty when the method reads none
+    tensors: Mapping[str, Calibration] = field(default_factory=dict)
+    fitted: Mapping[str, Merged] = field(default_factory=dict)  # tensor -> its block's fit
+
+    def for_tensor(self, name: str) -> Calibration:
+        return self.tensors.get(name, NO_CALIBRATION)
+
+
+NOT_CALIBRATED = Calibrated({}, [])
 
 
 def calibrate(plan: MergePlan, device: torch.device, *, allowed_roots: Sequence[Path] | None = None,
               relative_to: Path | None = None, progress: ProgressFn | None = None) -> Calibrated:
-    """Measure what the plan's tensors need (`MergePlan.needs`) on calibration data and hand it to the plan.
+    """Measure what the plan's tensors need (`MergePlan.needs`) on calibration data and return it (the
+    plan is left as checked).
 
     Gram matrices for ``Need.GRAMS`` (RegMean, PivotMerge's ``combine: gram``), per-expert
     alignment scores per layer for ``Need.ALIGNMENT`` (PivotMerge's ``layer_weighting:
@@ -369,7 +381,7 @@ def calibrate(plan: MergePlan, device: torch.device, *, allowed_roots: Sequence[
     spec = plan.spec
     needs = plan.needs
     if not needs:
-        return Calibrated({}, [])
+        return NOT_CALIBRATED
     if Need.ALIGNMENT in needs and plan.base is None:
         raise SpecError("base_model: layer_weighting: data removes each layer's update, so it needs the base")
     datasets = load_expert_calibration(expert_calibration(spec), allowed_roots=allowed_roots, relative_to=relative_to)
@@ -395,21 +407,23 @@ def calibrate(plan: MergePlan, device: torch.device, *, allowed_roots: Sequence[
                                   groups=layer_groups(names, plan.reference.model_type))
         report["alignment"] = scores.report()
         alignment = {n: scores.for_tensor(n) for n in names}
-    plan.calibrate({n: Calibration(grams=grams.get(n), alignment=alignment.get(n)) for n in names})
-    return Calibrated(report, datasets)
+    tensors = {n: Calibration(grams=grams.get(n), alignment=alignment.get(n)) for n in plan.calibrated_tensors()}
+    return Calibrated(report, datasets, tensors)
 
 
-def refit_on(plan: MergePlan, per_expert: Sequence[MergedInputGrams]) -> None:
-    """Hand the plan, for its second pass, each linear weight's merged-input Grams and cross Grams;
-    the alignment scores stay as measured once on the experts."""
-    plan.calibrate({name: replace(plan.tensor_params[name].calibration, grams=[p.grams[name] for p in per_expert],
-                                  cross_grams=[p.cross_grams[name] for p in per_expert])
-                    for name in per_expert[0].grams})
+def refit_on(plan: MergePlan, calibration: Mapping[str, Calibration],
+             per_expert: Sequence[MergedInputGrams]) -> dict[str, Calibration]:
+    """`calibration` for a second pass: each linear weight's merged-input Grams and cross Grams replace its
+    Grams; the alignment scores stay as measured once on the experts."""
+    refit = {name: replace(calibration.get(name, NO_CALIBRATION), grams=[p.grams[name] for p in per_expert],
+                           cross_grams=[p.cross_grams[name] for p in per_expert])
+             for name in per_expert[0].grams}
+    return {**calibration, **{n: c for n, c in refit.items() if n in plan.calibrated_tensors()}}
 
 
 def merged_input_calibration(plan: MergePlan, first_pass: Path, calibrated: Calibrated, device: torch.device, *,
                              progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> Calibrated:
-    """Hand the plan, for a second merge pass, what fits each layer on the inputs of the first pass's model.
+    """`calibrated` for a second merge pass: what fits each layer on the inputs of the first pass's model.
 
     Each linear weight's ``grams`` become those of the inputs the model in
     `first_pass` feeds it, with the matching ``cross_grams``; the alignment scores
@@ -420,5 +434,5 @@ def merged_input_calibration(plan: MergePlan, first_pass: Path, calibrated: Cali
     per_expert = collect_merged_input_grams(first_pass, [m.path for m in plan.models], calibrated.datasets,
                                             sorted(plan.merged), device=device.type, progress=progress,
                                             should_cancel=should_cancel)
-    refit_on(plan, per_expert)
-    return Calibrated({**calibrated.report, "gram_inputs": "merged", "passes": 2}, calibrated.datasets)
+    return replace(calibrated, report={**calibrated.report, "gram_inputs": "merged", "passes": 2},
+                   tensors=refit_on(plan, calibrated.tensors, per_expert))

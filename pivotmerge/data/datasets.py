@@ -72,8 +72,13 @@ def _text(record: dict, key: str, where: str, required: bool) -> str | None:
     value = record.get(key)
     if value is None and not required:
         return None
+    return _required_text(value, key, where)
+
+
+def _required_text(value: object, key: str, where: str) -> str:
     if not isinstance(value, str):
-        raise DatasetError(f"{where}: '{key}' must be a string" if value is not None else f"{where}: '{key}' is missing")
+        raise DatasetError(f"{where}: '{key}' must be a string" if value is not None
+                           else f"{where}: '{key}' is missing")
     if not value.strip():
         raise DatasetError(f"{where}: '{key}' is empty")
     return value.strip()
@@ -136,7 +141,7 @@ def _table_rows(path: Path, columns: Sequence[str]) -> Iterator[dict[str, Any]]:
 
 def parse_table_row(row: dict[str, Any], image_column: str, caption_column: str, folder: Path,
                     roots: Sequence[Path] | None, where: str) -> Record:
-    caption = _text(row, caption_column, where, required=True)
+    caption = _required_text(row.get(caption_column), caption_column, where)
     question = _text(row, "question", where, required=False)
     answer = _text(row, "answer", where, required=False)
     if (question is None) != (answer is None):
@@ -156,7 +161,7 @@ def parse_record(line: str, folder: Path, roots: Sequence[Path] | None, where: s
         raise DatasetError(f"{where}: not valid JSON: {exc.msg}") from None
     if not isinstance(data, dict):
         raise DatasetError(f"{where}: expected a JSON object")
-    caption = _text(data, "caption", where, required=True)
+    caption = _required_text(data.get("caption"), "caption", where)
     question = _text(data, "question", where, required=False)
     answer = _text(data, "answer", where, required=False)
     if (question is None) != (answer is None):
@@ -207,7 +212,8 @@ def _default_name(path: Path) -> str:
     return path.parent.name if path.stem == "data" else path.stem
 
 
-def load_ref(ref: DatasetRef, *, allowed_roots: Sequence[Path] | None = None, relative_to: Path | None = None) -> Dataset:
+def load_ref(ref: DatasetRef, *, allowed_roots: Sequence[Path] | None = None,
+             relative_to: Path | None = None) -> Dataset:
     """A spec's `DatasetRef` (`calibration` or an `evaluate` entry), loaded and checked.
 
     Relative paths are taken from `relative_to` (the spec's folder) when given.

@@ -14,15 +14,16 @@ Models load through the real path (`LlavaForConditionalGeneration` and
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from pivotmerge.data.datasets import CAPTION_PROMPT, Dataset, Record, load_dataset, load_image, load_ref
+from pivotmerge.data.datasets import CAPTION_PROMPT, Dataset, Record, load_image, load_ref
 from pivotmerge.plan.device import resolve_device
 from pivotmerge.errors import MergeCancelled, PivotMergeError
 from pivotmerge.progress import CancelFn, Progress, ProgressFn
@@ -56,6 +57,21 @@ class Loaded:
     device: torch.device
 
 
+@contextmanager
+def no_transformers_bars() -> Iterator[None]:
+    """Without transformers' own progress bars ("Loading weights"): they would cut through ours, and a
+    Celery worker logs what a bar writes to stderr as WARNING lines."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def load_model(model_dir: str | Path, device: str = "auto", dtype: torch.dtype = torch.float32) -> Loaded:
     """A model folder loaded for inference; pickled weights are never read."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -64,8 +80,10 @@ def load_model(model_dir: str | Path, device: str = "auto", dtype: torch.dtype =
     if not any(path.glob("*.safetensors")):
         raise PivotMergeError(f"{path}: no safetensors weights (pickled weights are never loaded)")
     dev = resolve_device(device)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, use_safetensors=True).to(dev).eval()
-    return Loaded(model, AutoProcessor.from_pretrained(path), dev)
+    with no_transformers_bars():
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, use_safetensors=True)
+        model = model.to(dev).eval()  # type: ignore[arg-type]  # transformers types .to() for a dtype only
+        return Loaded(model, AutoProcessor.from_pretrained(path), dev)
 
 
 def image_placeholder(processor: Any) -> str:
@@ -84,7 +102,8 @@ def caption_prompt(processor: Any, prompt: str) -> str:
         return image_placeholder(processor)
     if prompt == "chat":
         if not getattr(processor, "chat_template", None):
-            raise PivotMergeError("prompt: chat needs a processor with a chat template; this model has none (use plain)")
+            raise PivotMergeError("prompt: chat needs a processor with a chat template; "
+                                  "this model has none (use plain)")
         return prompt_for(processor, CAPTION_PROMPT)
     return prompt.format(image=image_placeholder(processor), instruction=CAPTION_PROMPT)
 
@@ -112,7 +131,8 @@ def target_mask(attention_mask: torch.Tensor, n_targets: torch.Tensor) -> torch.
     return (attention_mask == 1) & (from_right <= n_targets[:, None])
 
 
-def caption_batches(processor: Any, records: Sequence[Record], batch_size: int, prompt: str = "plain") -> list[CaptionBatch]:
+def caption_batches(processor: Any, records: Sequence[Record], batch_size: int,
+                    prompt: str = "plain") -> list[CaptionBatch]:
     """Tokenised prompt (`caption_prompt`) + caption + end of sequence, with the caption tokens marked."""
     tok = processor.tokenizer
     prompt = caption_prompt(processor, prompt)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -211,7 +211,7 @@ def write_spec(root: Path, base: Path, experts: list[Path], calibration: list[Pa
     dataset) scores the merge beside the base and every expert."""
     import yaml
 
-    spec = {
+    spec: dict[str, Any] = {
         "method": "pivotmerge",
         "base_model": str(base),
         "models": [{"model": str(e)} for e in experts],

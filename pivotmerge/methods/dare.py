@@ -11,7 +11,9 @@ import torch
 from pydantic import Field
 
 from pivotmerge.methods import MethodParams, Tensor, method, per_model
-from pivotmerge.methods._ops import add_weighted_deltas, consensus_merge, onto_base, random_drop_, stacked_deltas
+from pivotmerge.methods.toolkit.consensus import consensus_merge
+from pivotmerge.methods.toolkit.deltas import add_weighted_deltas, onto_base, stacked_deltas
+from pivotmerge.methods.toolkit.sparsify import random_drop_
 from pivotmerge.methods.fields import Density, Scale, scale_field
 
 
@@ -20,8 +22,10 @@ class Params(MethodParams):
     density: Density = Field(1.0, description="Probability of keeping each delta entry (per model).")
     rescale: Literal["inverse_density", "l1", "none"] = Field(
         "inverse_density",
-        description="After dropping: divide by density (DARE paper), restore the L1 norm (mergekit's rescale: true), or nothing.")
-    normalize: bool = Field(False, description="dare_linear: divide by the sum of weights; dare_ties: by the agreeing weights.")
+        description="After dropping: divide by density (DARE paper), restore the L1 norm (mergekit's "
+                    "rescale: true), or nothing.")
+    normalize: bool = Field(
+        False, description="dare_linear: divide by the sum of weights; dare_ties: by the agreeing weights.")
 
 
 def _dropped(tensors: Sequence[Tensor], base: Tensor, params: Params, generator: torch.Generator | None):
@@ -34,7 +38,8 @@ def _dropped(tensors: Sequence[Tensor], base: Tensor, params: Params, generator:
 def dare_linear(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
                 params: Params, generator: torch.Generator | None = None) -> Tensor:
     assert base is not None
-    return add_weighted_deltas(base, _dropped(tensors, base, params, generator), weights, params.scale, params.normalize)
+    return add_weighted_deltas(base, _dropped(tensors, base, params, generator), weights, params.scale,
+                               params.normalize)
 
 
 @method("dare_ties", summary="Randomly drop delta entries, rescale, then TIES sign election and disjoint mean.",

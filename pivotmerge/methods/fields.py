@@ -1,10 +1,10 @@
 """Parameter fields several methods share, so one concept has one name, one range and one text.
 
 Canonical names (docs/methods.md has the table): ``scale`` is the scale of the merged
-update, ``W0 + scale * delta`` (formerly ``lambda`` in task arithmetic, TIES and DARE, as in
-mergekit, and ``alpha`` in Iso and TSV); ``off_diagonal_scale`` scales the Gram matrices'
-off-diagonal entries (formerly RegMean's ``alpha``, PivotMerge's ``gram_alpha``). The old
-spellings stay accepted, so existing specs and mergekit configs still run.
+update, ``W0 + scale * delta``; ``off_diagonal_scale`` scales the Gram matrices'
+off-diagonal entries. Each field also accepts the spellings the methods used before
+(``lambda``, mergekit's, and ``alpha``; RegMean's ``alpha``, PivotMerge's ``gram_alpha``:
+CHANGELOG.md), so existing specs and mergekit configs still run.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ OffDiagonalScale = Annotated[float, Search(0.5, 1.0)]
 Density = Annotated[Union[float, list[float]], PER_MODEL, Search(0.1, 1.0)]
 
 
-def scale_field(*old_names: str, default: float = 1.0, description: str = "Scale of the merged update: W0 + scale * delta.") -> Any:
+def scale_field(*old_names: str, default: float = 1.0,
+                description: str = "Scale of the merged update: W0 + scale * delta.") -> Any:
     return Field(default, validation_alias=AliasChoices("scale", *old_names), description=description)
 
 

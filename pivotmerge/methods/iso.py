@@ -13,8 +13,10 @@ import torch
 from pydantic import Field
 
 from pivotmerge.methods import Merged, MethodParams, Search, Tensor, method
-from pivotmerge.methods._ops import (SvdMode, add_weighted_deltas, column_weights, flatten_spectrum, onto_base, orthogonalize,
-                                     significant, stacked_deltas, svd, weighted_sum)
+from pivotmerge.methods.toolkit.deltas import (add_weighted_deltas, column_weights, onto_base, stacked_deltas,
+                                               weighted_sum)
+from pivotmerge.methods.toolkit.spectrum import flatten_spectrum, significant
+from pivotmerge.methods.toolkit.svd import SvdMode, orthogonalize, svd
 from pivotmerge.methods.fields import Scale, scale_field
 
 
@@ -24,7 +26,8 @@ class IsoCParams(MethodParams):
 
 class IsoCTSParams(IsoCParams):
     common_space_fraction: Annotated[float, Search(0.5, 0.95)] = Field(
-        0.8, ge=0, le=1, description="Share of min(m, n) directions taken from the summed update's top singular vectors.")
+        0.8, ge=0, le=1,
+        description="Share of min(m, n) directions taken from the summed update's top singular vectors.")
     svd: SvdMode = Field("exact", description="Truncated SVDs: exact, or seeded randomized low-rank.")
 
 

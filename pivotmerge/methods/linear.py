@@ -15,7 +15,7 @@ class Params(MethodParams):
 
 
 @method("linear", summary="Weighted average of the models: sum_k w_k W_k / sum_k w_k.", params=Params, base="unused",
-        elementwise=True)
+        execution="elementwise")
 def linear(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
            params: Params, generator: torch.Generator | None = None) -> Tensor:
     w = torch.tensor(weights, dtype=tensors[0].dtype, device=tensors[0].device)

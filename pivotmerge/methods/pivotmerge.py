@@ -1,7 +1,10 @@
 """PivotMerge: shared-space decomposition, conflict filtering and layer weights.
 
 Our reading of arXiv 2604.22823 (its abstract names the components, not the
-formulas); docs/methods.md states every formula. For one tensor of layer ``l``:
+formulas); docs/methods.md states every formula. Without data the experts' shared
+parts are combined in the geometry of the layer's inputs (``combine: covariance``:
+ACE-Merging's closed form, the row-centred task vectors standing in for the inputs),
+spectrum kept. For one tensor of layer ``l``:
 
 1. pivot ``W0`` (the base, else the experts' mean); deltas ``d_k = W_k - W0``;
 2. shared space: the top left singular vectors ``U`` of ``[d_1 ... d_K]`` up to an
@@ -38,15 +41,20 @@ import torch
 from pydantic import AliasChoices, Field, model_validator
 
 from pivotmerge.methods import NO_CALIBRATION, Calibration, Merged, MethodParams, Need, Search, Tensor, method
-from pivotmerge.methods._ops import (SvdMode, column_weights, elected_mask, flatten_spectrum, low_rank_svd, masked_merge,
-                                     onto_base, significant, svd, weighted_sum)
+from pivotmerge.methods.toolkit.consensus import elected_mask, masked_merge
+from pivotmerge.methods.toolkit.deltas import column_weights, onto_base, weighted_sum
+from pivotmerge.methods.toolkit.spectrum import flatten_spectrum, significant
+from pivotmerge.methods.toolkit.svd import SvdMode, low_rank_svd, svd
+from pivotmerge.methods.alignment import fit_aligned_block
 from pivotmerge.methods.fields import OffDiagonalScale, Scale, off_diagonal_scale_field
+from pivotmerge.methods.ace import Params as AceParams
+from pivotmerge.methods.ace import ace_update
 from pivotmerge.methods.regmean import regmean_solve
 
 
 class Params(MethodParams):
     shared_space: bool = Field(True, description="Split each delta into its part in the experts' shared subspace and a residual.")
-    energy: Annotated[float, Search(0.5, 0.99)] = Field(0.9, gt=0, le=1, description="Shared subspace: fewest directions holding this fraction of the stacked deltas' energy.")
+    energy: Annotated[float, Search(0.5, 0.99)] = Field(0.95, gt=0, le=1, description="Shared subspace: fewest directions holding this fraction of the stacked deltas' energy.")
     max_rank: int | None = Field(None, ge=1, description="Shared subspace: at most this many directions (required with svd: randomized).")
     filtering: bool = Field(False, description="Suppress shared directions on which the experts' updates cancel (off by default: it never helped on the bench's dev splits).")
     conflict_threshold: Annotated[float, Search(0.3, 0.9)] = Field(0.5, ge=0, le=1, description="Suppress a direction whose conflict score 1 - |sum| / sum|.| exceeds this.")
@@ -55,10 +63,13 @@ class Params(MethodParams):
                                "lowered dev accuracy on the quality suite) drops them.")
     residual_rank: int | None = Field(None, ge=1, description="Truncate each expert's residual to this rank; None keeps it whole.")
     spectrum: Annotated[Literal["keep", "flatten", "flatten_total"], Search(choices=("keep", "flatten", "flatten_total"))] = Field(
-        "flatten", description="keep the singular values; flatten: replace those of the merged shared update by their mean (Iso-C); "
+        "keep", description="keep the singular values; flatten: replace those of the merged shared update by their mean (Iso-C); "
                                "flatten_total: do so for the whole merged update, residuals included.")
-    combine: Literal["sum", "gram"] = Field(
-        "sum", description="sum: weighted sum of the experts' parts; gram: combine them as the layer's inputs see them, "
+    combine: Literal["covariance", "sum", "gram"] = Field(
+        "covariance", description="covariance (default without data): ACE-Merging's closed form on the experts' shared "
+                                  "parts, each expert weighted along the input directions its own update uses (its "
+                                  "row-centred task-vector covariance stands in for its inputs' Gram); sum: weighted sum "
+                                  "of the experts' parts; gram: combine them as the layer's inputs see them, "
                            "with per-expert Gram matrices from calibration data (tensors without them take the sum).")
     off_diagonal_scale: OffDiagonalScale = off_diagonal_scale_field("gram_alpha")
     gram_inputs: Literal["expert", "merged"] = Field(
@@ -67,10 +78,21 @@ class Params(MethodParams):
                               "(RegMean++'s idea; the engine merges twice, the second time with the first merge's inputs).")
     layer_weighting: Literal["uniform", "weight", "data"] = Field(
         "weight", description="uniform: weights as given, scale_max; weight: data-free shared-energy proxy; data: calibration alignment.")
-    scale_min: Scale = Field(0.5, validation_alias=AliasChoices("scale_min", "lambda_min"),
+    scale_min: Scale = Field(0.4, validation_alias=AliasChoices("scale_min", "lambda_min"),
                              description="Layer scale for a layer scoring 0: scale_l = scale_min + (scale_max - scale_min) * s_l.")
-    scale_max: Scale = Field(1.0, validation_alias=AliasChoices("scale_max", "lambda_max"),
+    scale_max: Scale = Field(0.8, validation_alias=AliasChoices("scale_max", "lambda_max"),
                              description="Layer scale for a layer scoring 1 (and every layer under uniform weighting).")
+    distill_steps: int = Field(
+        0, ge=0, description="Data mode's alignment-guided layer-wise fit: Adam steps per block from the closed form, "
+                             "matching each expert on its own calibration data (0: the closed form as solved).")
+    distill_learning_rate: Annotated[float, Search(1e-4, 1e-2, log=True)] = Field(
+        0.003, gt=0, description="Adam's learning rate of that fit.")
+    distill_objective: Literal["features", "captions"] = Field(
+        "features", description="features: each expert's block outputs on its own inputs, the block fed the merged model's "
+                                "features; captions: the frozen language model's next-token distributions of each expert.")
+    distill_parameters: Literal["weights", "coefficients"] = Field(
+        "weights", description="weights: a free update of every tensor; coefficients: one per tensor and expert, on the "
+                               "expert's difference from the closed form.")
     svd: SvdMode = Field("auto", description="Shared-space and residual SVDs: exact; seeded randomized low-rank; or auto: "
                                              "randomized where it is much cheaper and its estimated error is under 1% of "
                                              "the kept part, else exact.")
@@ -86,14 +108,18 @@ class Params(MethodParams):
 # merged model's inputs, the fitted update whole and at its own scale; each choice is the quality suite's
 # dev evidence (docs/methods.md): off_diagonal_scale 1 was RegMean++'s choice on every seed, and
 # flattening the spectrum, halving the residuals or data layer weights each lowered dev accuracy here.
+# The alignment-guided fit from that closed form (distill_steps) stays opt-in: over the quality suite's five
+# seeds it added 0.15 points of test accuracy (4 of 5 seeds) for about three times the merge time (docs/methods.md).
 DATA_MODE = {"combine": "gram", "gram_inputs": "merged", "off_diagonal_scale": 1.0, "spectrum": "keep",
-             "residual_weight": 1.0, "scale_min": 1.0}
+             "residual_weight": 1.0, "scale_min": 1.0, "scale_max": 1.0}
 
 
 def needs(params: Params) -> set[Need]:
     out = {Need.ALIGNMENT} if params.layer_weighting == "data" else set()
     if params.combine == "gram":
         out |= {Need.GRAMS, Need.MERGED_INPUTS} if params.gram_inputs == "merged" else {Need.GRAMS}
+    if params.distill_steps > 0:
+        out |= {Need.BLOCK_FEATURES, Need.CAPTION_OUTPUTS} if params.distill_objective == "captions" else {Need.BLOCK_FEATURES}
     return out
 
 
@@ -195,6 +221,8 @@ def _merge_matrix(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[fl
     else:
         u, coef, shares, choice = None, deltas, torch.ones(k), None
     expert_weights, score = layer_weights(params, weights, shares, calibration.alignment)
+    if params.combine == "covariance":
+        return _covariance_merge(deltas, u, coef, expert_weights, params, generator, score, choice, total_energy)
     a = torch.tensor(expert_weights, dtype=flat.dtype, device=flat.device)
     # Only linear layers' weights have input Gram matrices; other matrices (embeddings, kernels) take the sum.
     grams = calibration.grams if params.combine == "gram" else None
@@ -217,6 +245,35 @@ def _merge_matrix(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[fl
     info = {"rank": int(coef.shape[0]), "energy_kept": kept, "directions_suppressed": suppressed,
             "combine": "sum" if grams is None else ("gram" if cross is None else "gram (merged inputs)"),
             "expert_weights": expert_weights, "layer_score": score}
+    if choice is not None:
+        info["shared_svd"] = choice.report()
+    return merged, info
+
+
+def _covariance_merge(deltas: Tensor, u: Tensor | None, coef: Tensor, expert_weights: list[float], params: Params,
+                      generator: torch.Generator | None, score: float, choice: Any,
+                      total_energy: float) -> tuple[Tensor, dict[str, Any]]:
+    """The data-free combine: ACE-Merging's closed form (`ace_update`, its defaults) on each expert's part, its
+    shared-space part ``U C_k`` plus ``rho`` times its (truncated) residual (whole ``(m, K, n)`` deltas when the shared
+    space is off), so each expert counts most along the input directions its own update uses. Filtering first removes
+    the shared directions on which the experts' coefficients cancel, from every expert."""
+    a = torch.tensor(expert_weights, dtype=coef.dtype, device=coef.device)
+    suppressed = 0
+    if params.filtering:
+        summed = torch.einsum("rkn,k->rn", coef, a)
+        suppressed = _conflict_filter(coef, a, summed, params.conflict_threshold, 1.0)
+        kept_rows = summed.abs().sum(dim=1) > 0
+    kept_coef = coef * kept_rows[:, None, None] if params.filtering else coef
+    parts = kept_coef if u is None else torch.einsum("mr,rkn->mkn", u, kept_coef)  # (m, K, n)
+    if u is not None and params.residual_weight > 0:
+        residuals = _truncated_residuals(deltas - torch.einsum("mr,rkn->mkn", u, coef), params, generator)
+        parts = parts + params.residual_weight * residuals
+    merged, heterogeneous = ace_update(parts.transpose(0, 1), expert_weights, AceParams())
+    if params.spectrum != "keep":
+        merged = _flattened(merged)
+    kept = 1.0 if total_energy == 0 else float(coef.square().sum()) / total_energy
+    info = {"rank": int(coef.shape[0]), "energy_kept": kept, "directions_suppressed": suppressed, "combine": "covariance",
+            "heterogeneous": heterogeneous, "expert_weights": expert_weights, "layer_score": score}
     if choice is not None:
         info["shared_svd"] = choice.report()
     return merged, info
@@ -246,10 +303,12 @@ def _merge_vector(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[fl
     return merged, {"expert_weights": expert_weights, "layer_score": score}
 
 
-@method("pivotmerge", summary="PivotMerge (our reading): shared-space decomposition, conflict filtering, flattened spectrum, "
-                             "layer-wise weights.",
-        params=Params, base="optional", needs=needs, data=(Need.ALIGNMENT, Need.GRAMS, Need.MERGED_INPUTS),
-        with_calibration=DATA_MODE)
+@method("pivotmerge", summary="PivotMerge (our reading): shared-space decomposition, the experts' parts combined in the "
+                             "geometry of each layer's inputs (task-vector covariances without data, measured Grams "
+                             "with), optional conflict filtering and flattening, layer-wise weights (with data, "
+                             "optionally fitted to each expert's block outputs).",
+        params=Params, base="optional", needs=needs,
+        with_calibration=DATA_MODE, fit_block=fit_aligned_block)
 def pivotmerge(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
                params: Params, generator: torch.Generator | None = None,
                calibration: Calibration = NO_CALIBRATION) -> Merged:

@@ -33,9 +33,9 @@ from pivotmerge.methods.linear import linear
 class Params(MethodParams):
     off_diagonal_scale: OffDiagonalScale = off_diagonal_scale_field("alpha")
     gram_inputs: Literal["expert", "merged"] = Field(
-        "expert", description="expert: fit each layer on each expert's own inputs (RegMean); merged: on the inputs the merged "
-                              "model feeds it, so each layer corrects what the merged layers before it changed (RegMean++; "
-                              "the engine merges twice).")
+        "expert", description="expert: fit each layer on each expert's own inputs (RegMean); merged: on the inputs "
+                              "the merged model feeds it, so each layer corrects what the merged layers before it "
+                              "changed (RegMean++; the engine merges twice).")
 
 
 def needs(params: Params) -> set[Need]:
@@ -56,9 +56,11 @@ def regmean_solve(weights: Sequence[Tensor], grams: Sequence[Tensor], scales: Se
                   cross_grams: Sequence[Tensor] | None = None) -> Tensor:
     """The RegMean closed form for ``out x in`` weights and ``in x in`` Grams, solved in float64;
     with `cross_grams` (``X_k^T X~_k``, Grams then of the merged inputs ``X~_k``) RegMean++'s."""
-    if len(weights) != len(grams) or len(scales) != len(weights) or (cross_grams is not None and len(cross_grams) != len(grams)):
+    if (len(weights) != len(grams) or len(scales) != len(weights)
+            or (cross_grams is not None and len(cross_grams) != len(grams))):
         raise ValueError(f"regmean: {len(weights)} weights, {len(grams)} Gram matrices"
-                         f"{'' if cross_grams is None else f', {len(cross_grams)} cross Gram matrices'} and {len(scales)} scales")
+                         f"{'' if cross_grams is None else f', {len(cross_grams)} cross Gram matrices'}"
+                         f" and {len(scales)} scales")
     lhs = torch.zeros_like(grams[0], dtype=torch.float64)  # sum_k w_k G~_k          (in x in)
     rhs = torch.zeros_like(weights[0], dtype=torch.float64)  # sum_k w_k W_k C~_k   (out x in)
     for k, (w, g, s) in enumerate(zip(weights, grams, scales)):
@@ -76,11 +78,13 @@ def regmean_solve(weights: Sequence[Tensor], grams: Sequence[Tensor], scales: Se
     return merged_t.T.to(weights[0].dtype)
 
 
-@method("regmean", summary="RegMean: per linear layer, (sum_k W_k G_k)(sum_k G_k)^-1 with Gram matrices of its inputs on "
-                           "calibration data (gram_inputs: merged: RegMean++, fitted on the merged model's inputs).",
-        params=Params, base="unused", needs=needs, data=(Need.GRAMS, Need.MERGED_INPUTS))
+@method("regmean", summary="RegMean: per linear layer, (sum_k W_k G_k)(sum_k G_k)^-1 with Gram matrices of its "
+                           "inputs on calibration data (gram_inputs: merged: RegMean++, fitted on the merged model's "
+                           "inputs).",
+        params=Params, base="unused", needs=needs)
 def regmean(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
-            params: Params, generator: torch.Generator | None = None, calibration: Calibration = NO_CALIBRATION) -> Merged:
+            params: Params, generator: torch.Generator | None = None,
+            calibration: Calibration = NO_CALIBRATION) -> Merged:
     if calibration.grams is None or tensors[0].ndim != 2:
         return Merged(linear(tensors, None, weights, LinearParams()), {"regmean": False})
     if len(calibration.grams) != len(tensors):

@@ -14,13 +14,15 @@ _EPS = 1e-8
 
 
 class Params(MethodParams):
-    t: Annotated[float, Search(0.0, 1.0)] = Field(0.5, description="Interpolation position: 0 gives the first model, 1 the second.")
+    t: Annotated[float, Search(0.0, 1.0)] = Field(
+        0.5, description="Interpolation position: 0 gives the first model, 1 the second.")
     dot_threshold: float = Field(
         0.9995, gt=0, le=1,
         description="Above this |cosine| between the two tensors, interpolate linearly (mergekit's value).")
 
 
-@method("slerp", summary="Spherical interpolation of two models along the great circle through them (whole tensor as one vector).",
+@method("slerp", summary="Spherical interpolation of two models along the great circle through them "
+                          "(whole tensor as one vector).",
         params=Params, base="unused", min_models=2, max_models=2)
 def slerp(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
           params: Params, generator: torch.Generator | None = None) -> Tensor:

@@ -9,7 +9,10 @@ import torch
 from pydantic import Field
 
 from pivotmerge.methods import MethodParams, Tensor, method, per_model
-from pivotmerge.methods._ops import consensus_merge, flat_pieces, magnitude_cut, onto_base, stacked_deltas
+from pivotmerge.methods.toolkit.consensus import consensus_merge
+from pivotmerge.methods.toolkit.deltas import onto_base, stacked_deltas
+from pivotmerge.methods.toolkit.pieces import flat_pieces
+from pivotmerge.methods.toolkit.sparsify import magnitude_cut
 from pivotmerge.methods.fields import Density, Scale, scale_field
 
 
@@ -19,8 +22,9 @@ class Params(MethodParams):
     normalize: bool = Field(True, description="Divide by the summed weights of the agreeing experts (disjoint mean).")
 
 
-@method("ties", summary="Trim each delta to its top-density magnitudes, elect signs by mass, average the agreeing entries.",
-        params=Params, stored_inputs=True)
+@method("ties", summary="Trim each delta to its top-density magnitudes, elect signs by mass, average the agreeing "
+                         "entries.",
+        params=Params, execution="stored_inputs")
 def ties(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
          params: Params, generator: torch.Generator | None = None) -> Tensor:
     """Two passes over flat pieces, so no temporary is larger than a piece: each

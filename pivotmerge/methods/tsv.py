@@ -14,8 +14,9 @@ import torch
 from pydantic import Field
 
 from pivotmerge.methods import Merged, MethodParams, Tensor, method
-from pivotmerge.methods._ops import (SvdMode, add_weighted_deltas, low_rank_svds, onto_base, orthogonalize, significant,
-                                     stacked_deltas)
+from pivotmerge.methods.toolkit.deltas import add_weighted_deltas, onto_base, stacked_deltas
+from pivotmerge.methods.toolkit.spectrum import significant
+from pivotmerge.methods.toolkit.svd import SvdMode, low_rank_svds, orthogonalize
 from pivotmerge.methods.fields import Scale, scale_field
 
 
@@ -26,10 +27,11 @@ class Params(MethodParams):
         description="Fraction of each task's rank kept (min(m, n) * fraction, at least 1); default 1/K.")
     energy: float = Field(
         1.0, gt=0, le=1,
-        description="Rank rule: keep at most the fewest directions holding this share of each task's energy (1: rank_fraction alone).")
+        description="Rank rule: keep at most the fewest directions holding this share of each task's energy "
+                    "(1: rank_fraction alone).")
     svd: SvdMode = Field(
-        "auto", description="Per-task SVDs: exact; seeded randomized low-rank; or auto: randomized where it is much cheaper "
-                            "and its estimated error is under 1% of the kept part, else exact.")
+        "auto", description="Per-task SVDs: exact; seeded randomized low-rank; or auto: randomized where it is much "
+                            "cheaper and its estimated error is under 1% of the kept part, else exact.")
 
 
 def task_rank(shape: Sequence[int], fraction: float) -> int:
@@ -37,7 +39,8 @@ def task_rank(shape: Sequence[int], fraction: float) -> int:
     return max(1, int(fraction * min(shape)))
 
 
-@method("tsv", summary="Task Singular Vectors: per-task low-rank SVD, decorrelated (orthogonalised) singular vectors, rebuilt sum.",
+@method("tsv", summary="Task Singular Vectors: per-task low-rank SVD, decorrelated (orthogonalised) singular "
+                        "vectors, rebuilt sum.",
         params=Params)
 def tsv(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[float],
         params: Params, generator: torch.Generator | None = None) -> Merged:

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 from pydantic import ValidationError
 
 from pivotmerge.errors import SpecError
-from pivotmerge.methods import NO_CALIBRATION, Calibration, Method, MethodParams
+from pivotmerge.methods import Method, MethodParams
 from pivotmerge.spec.schema import FilteredValue, MergeSpec, ParamValue, format_validation_error
 
 
@@ -41,18 +41,11 @@ def resolve_value(value: ParamValue, tensor: str, depth: float) -> Any:
 
 @dataclass(frozen=True)
 class TensorParams:
-    """What the method gets for one merged tensor: each model's weight, the method's
-    parameters resolved for this tensor, and what calibration data measured for it
-    (set when the engine's calibration step returns, `NO_CALIBRATION` until then)."""
+    """What the method gets for one merged tensor from the spec: each model's weight and the method's
+    parameters resolved for this tensor (calibration data comes from the calibration stage)."""
 
     weights: list[float]
     params: MethodParams
-    calibration: Calibration = NO_CALIBRATION
-
-
-def gives_calibration(spec: MergeSpec) -> bool:
-    """The spec names calibration data, spec-wide or for any expert."""
-    return spec.calibration is not None or any(m.calibration is not None for m in spec.models)
 
 
 def resolve_params(spec: MergeSpec, method: Method, tensor: str, depth: float) -> TensorParams:
@@ -72,7 +65,7 @@ def resolve_params(spec: MergeSpec, method: Method, tensor: str, depth: float) -
         weights.append(1.0 if w is None else float(w))
     values: dict[str, Any] = dict(global_values)
     canonical = method.aliases()
-    with_calibration = method.with_calibration if gives_calibration(spec) else {}
+    with_calibration = method.with_calibration if spec.gives_calibration else {}
     given = {canonical[k] for k in global_values}
     values.update({k: v for k, v in with_calibration.items() if k not in given and k not in method.per_model})
     for name in method.per_model:

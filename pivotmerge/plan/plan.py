@@ -2,18 +2,19 @@
 
 `plan_merge` opens every repo (headers only), checks architectures, shapes and
 dtypes, chooses the merged tensors and resolves the method's parameters for each, once:
-the plan holds them, and calibration data measured later joins them there (`MergePlan.calibrate`).
+the plan holds them. Once checked the plan does not change: what calibration data measures later is
+the calibration stage's own result (`pivotmerge.data.calibration.Calibrated`).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pivotmerge.errors import CompatibilityError, RepoError, SpecError
-from pivotmerge.methods import Calibration, Method, Need, get_method
+from pivotmerge.methods import Method, Need, get_method
 from pivotmerge.plan.device import DTYPES, resolve_device
 from pivotmerge.plan.params import TensorParams, resolve_all
 from pivotmerge.repos.architectures import Architecture, TensorPlace, architecture_for, place_tensors
@@ -40,7 +41,7 @@ class MergePlan:
     places: dict[str, TensorPlace]
     names: list[str]  # output tensors, in the reference repo's order
     merged: set[str]
-    tensor_params: dict[str, TensorParams]  # merged tensor -> its weights, parameters and calibration
+    tensor_params: dict[str, TensorParams]  # merged tensor -> its weights and parameters
     outputs: list[OutputTensor] = field(default_factory=list)
     vocabulary: Vocabulary | None = None  # set when an expert's vocabulary extends the base's
 
@@ -49,11 +50,9 @@ class MergePlan:
         """The calibration data some merged tensor's parameters need."""
         return set().union(*(self.method.needs_for(p.params) for p in self.tensor_params.values()))
 
-    def calibrate(self, measured: Mapping[str, Calibration]) -> None:
-        """Hand each tensor what calibration data measured for it (the tensors whose parameters need it)."""
-        for name, calibration in measured.items():
-            if self.method.needs_for(self.tensor_params[name].params):
-                self.tensor_params[name] = replace(self.tensor_params[name], calibration=calibration)
+    def calibrated_tensors(self) -> set[str]:
+        """The merged tensors whose parameters need calibration data."""
+        return {n for n, p in self.tensor_params.items() if self.method.needs_for(p.params)}
 
     @property
     def reference(self) -> ModelRepo:

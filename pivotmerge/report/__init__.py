@@ -1,3 +1,3 @@
 """Stage 6, the report: the merge report written beside a merged model, and its model card.
 
-May import: plan, repos, data (the evaluation's metrics), version."""
+May import: plan, repos, data (the evaluation's metrics), methods (a searched parameter's description), version."""

@@ -8,23 +8,17 @@ from typing import Any, Literal, Protocol, Sequence, TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from pivotmerge.data.evaluate import DatasetMetrics
+from pivotmerge.methods.description import SearchRange
 
 
 class StudyModel(BaseModel):
     model_config = ConfigDict(extra="forbid", ser_json_inf_nan="constants")
 
 
-class SearchedParameter(StudyModel):
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    choices: list[Any] | None = None
-
-
 class CandidateReport(StudyModel):
     method: str
     fixed: dict[str, Any]
-    searched: dict[str, SearchedParameter]
+    searched: dict[str, SearchRange]  # as the method's description gives a searched parameter
 
 
 class TrialRecord(StudyModel):
@@ -61,7 +55,8 @@ class StudyReport(StudyModel):
     trials: list[TrialRecord]
     best: int  # the chosen trial's number
     best_test: list[DatasetMetrics] | None = None  # per test set, of the best trial; never used to choose
-    setup_s: float  # reading inputs, loading the evaluation model, tokenising the dev sets (0 when workers ran the trials)
+    # Reading inputs, loading the evaluation model, tokenising the dev sets (0 when workers ran the trials).
+    setup_s: float
     seconds: float
 
     def best_trial(self) -> TrialRecord:

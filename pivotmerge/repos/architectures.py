@@ -72,7 +72,8 @@ LM = (Component.language_model, _c(r"^(model\.language_model\.|lm_head\.)"))
 
 def _multi_modal_projector(name: str, model_types: tuple[str, ...], vision: str = "vision_tower",
                            projector_layer: str | None = r"\.linear_(\d+)\.") -> Architecture:
-    """Families laid out as LLaVA: model.{vision_tower|vision_model}, model.multi_modal_projector, model.language_model."""
+    """Families laid out as LLaVA: model.{vision_tower|vision_model}, model.multi_modal_projector,
+    model.language_model."""
     return Architecture(
         name=name, model_types=model_types,
         components=(

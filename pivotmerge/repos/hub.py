@@ -31,11 +31,13 @@ DOWNLOADS_OFF = ("downloads are off (the CLI allows them with --allow-downloads,
 def resolve_hub_id(repo_id: str, revision: str | None, *, allow_downloads: bool) -> Path:
     """The snapshot folder of `repo_id` at `revision` (a branch, tag or commit; default main)."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
     at = f"{repo_id}@{revision}" if revision else repo_id
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=NEEDED_FILES, cache_dir=hub_cache_dir(),
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=NEEDED_FILES,
+                                      cache_dir=hub_cache_dir(),
                                       local_files_only=not allow_downloads))
     except LocalEntryNotFoundError:
         # The same engine runs under the CLI and the service: name the switch of each.
@@ -85,5 +87,6 @@ def push(folder: Path, repo_id: str, *, token: str | None, private: bool = False
         raise RepoError(f"{folder}: not a merged model (no merge_report.json)")
     api = api or HfApi(endpoint=endpoint, token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload a model merged with PivotMerge",
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder),
+                             commit_message="Upload a model merged with PivotMerge",
                              ignore_patterns=[".*"])

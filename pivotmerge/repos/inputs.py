@@ -58,27 +58,28 @@ class TextLMRepo(ModelRepo):
         for name, info in lm.tensors.items():
             target = by_canonical.get(_in_vlm(name, vlm))
             if target is None:
-                raise RepoError(f"{lm.ref}: text-only {lm.model_type} model does not line up with {base.ref}'s language "
-                                f"model: its {name} has no place there (as {_in_vlm(name, vlm)})")
+                raise RepoError(f"{lm.ref}: text-only {lm.model_type} model does not line up with {base.ref}'s "
+                                f"language model: its {name} has no place there (as {_in_vlm(name, vlm)})")
             want = base.tensors[target].shape
             if is_vocabulary_tensor(vlm, target) and info.shape[1:] == want[1:]:
                 if info.shape[0] < want[0]:  # the VLM added tokens (an image token): those rows stay the base's
                     short[target] = info.shape[0]
                     info = TensorInfo(want, info.dtype, info.file, info.offset)
             elif info.shape != want:
-                raise RepoError(f"{lm.ref}: text-only {lm.model_type} model does not line up with {base.ref}'s language "
-                                f"model: {name} has shape {list(info.shape)}, {target} has {list(want)}")
+                raise RepoError(f"{lm.ref}: text-only {lm.model_type} model does not line up with {base.ref}'s "
+                                f"language model: {name} has shape {list(info.shape)}, {target} has {list(want)}")
             mapped[target] = info
         head, embed = by_canonical.get("lm_head.weight"), by_canonical.get(vlm.text_prefix + "embed_tokens.weight")
         if head is not None and head not in mapped and lm.config.get("tie_word_embeddings") and embed in mapped:
             mapped[head] = mapped[embed]  # the LM ties its head to its embeddings; the VLM stores both
             if embed in short:
                 short[head] = short[embed]
-        lm_names = {n for n in base.tensors if vlm.component(n) is not None and vlm.component(n).value == "language_model"}
+        lm_names = {n for n in base.tensors if vlm.component(n) == "language_model"}
         missing = sorted(lm_names - mapped.keys())
         if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise RepoError(f"{lm.ref}: text-only {lm.model_type} model does not line up with {base.ref}'s language "
-                            f"model: it has nothing for {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+                            f"model: it has nothing for {missing[0]}{more}")
         tensors.update(mapped)
         return cls(ref=lm.ref, path=lm.path, config=base.config, tensors=tensors, _fds=lm._fds, base=base,
                    own=frozenset(mapped), short=short)
@@ -94,7 +95,8 @@ class TextLMRepo(ModelRepo):
             return super().get(name)
         info = self.tensors[name]
         rows = self.short[name]
-        own = ModelRepo.get(replace(self, tensors={name: TensorInfo((rows, *info.shape[1:]), info.dtype, info.file, info.offset)}), name)
+        own = ModelRepo.get(replace(self, tensors={name: TensorInfo((rows, *info.shape[1:]), info.dtype, info.file,
+                                                                    info.offset)}), name)
         return torch.cat([own, self.base.get(name)[rows:]])
 
 

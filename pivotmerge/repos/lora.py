@@ -25,7 +25,8 @@ from pivotmerge.repos.model_repo import ModelRepo, _read_header, _read_json, _we
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$|^(?P<emodule>.+)\.(?P<epart>lora_embedding_A|lora_embedding_B)$")
+LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$"
+                      r"|^(?P<emodule>.+)\.(?P<epart>lora_embedding_A|lora_embedding_B)$")
 
 
 def is_adapter(path: Path) -> bool:
@@ -136,7 +137,8 @@ def _plan_adapter(ref: str, config: dict[str, Any], weights: ModelRepo, base: Mo
             raise RepoError(f"{ref}: module {module} has lora_{'A' if 'A' not in keys else 'B'} missing")
         a_shape, b_shape = weights.tensors[keys["A"]].shape, weights.tensors[keys["B"]].shape
         if len(a_shape) != 2 or len(b_shape) != 2:
-            raise RepoError(f"{ref}: module {module} is not a linear or embedding LoRA (A is {list(a_shape)}); not supported")
+            raise RepoError(f"{ref}: module {module} is not a linear or embedding LoRA (A is {list(a_shape)}); "
+                            "not supported")
         rank = a_shape[0]
         alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank

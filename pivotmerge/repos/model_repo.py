@@ -6,8 +6,8 @@ inside one of them (symbolic links included).
 
 Each tensor is its own private memory map of just its bytes, unmapped when the
 tensor is freed: no copy out of the page cache and no fresh pages to zero
-(pread into new buffers cost a merge of four 200M-parameter models 1.5 s of CPU,
-the maps 0.4 s), and resident memory holds only the tensors alive, not every
+(a fraction of the CPU that pread into new buffers costs: docs/performance.md),
+and resident memory holds only the tensors alive, not every
 page a merge has touched (as one map of the whole file does). Pages are read
 when first touched; `populate` reads them all at once, in the caller's thread
 (a reader thread, ahead of the maths), and `release` drops pages a merge is
@@ -181,7 +181,8 @@ def _weight_files(path: Path, ref: str, allowed_roots: Sequence[Path] | None) ->
     if not files:
         pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLED_SUFFIXES)
         if pickled:
-            raise RepoError(f"{ref}: only pickled weights ({pickled[0]}); PivotMerge reads safetensors only and never unpickles — convert the checkpoint to safetensors first")
+            raise RepoError(f"{ref}: only pickled weights ({pickled[0]}); PivotMerge reads safetensors only and "
+                            "never unpickles — convert the checkpoint to safetensors first")
         raise RepoError(f"{ref}: no *.safetensors weights in {path}")
     for file in files:
         target = (path / file).resolve()
@@ -207,7 +208,8 @@ def _read_header(path: Path, file: str, ref: str) -> dict[str, TensorInfo]:
         header.pop("__metadata__", None)
         tensors = {}
         for name, entry in header.items():
-            info = TensorInfo(tuple(entry["shape"]), _dtype(entry["dtype"], ref, name), file, 8 + size + entry["data_offsets"][0])
+            info = TensorInfo(tuple(entry["shape"]), _dtype(entry["dtype"], ref, name), file,
+                              8 + size + entry["data_offsets"][0])
             start, end = entry["data_offsets"]
             if not 0 <= start <= end <= data_bytes or end - start != info.nbytes:
                 raise ValueError(f"tensor {name} has bad data offsets {[start, end]}")

@@ -108,7 +108,8 @@ def align_vocabularies(reference: ModelRepo, inputs: Sequence[ModelRepo], arch: 
         if base_tokens is not None and tokens is not None and tokens[: len(base_tokens)] != base_tokens[: len(tokens)]:
             raise CompatibilityError(f"{repo.ref}: its tokenizer gives the base's token ids to other tokens; "
                                      f"only vocabularies that extend {reference.ref}'s can be merged")
-        extra = [(i, tokens[i] if tokens is not None and i < len(tokens) else None) for i in range(base_rows, info.shape[0])]
+        extra = [(i, tokens[i] if tokens is not None and i < len(tokens) else None)
+                 for i in range(base_rows, info.shape[0])]
         kept = [(i, t) for i, t in extra if policy == "union" and t is not None and t not in seen]
         vocab.dropped[repo.ref] = [t if t is not None else f"<row {i}>" for i, t in extra if (i, t) not in kept]
         for i, token in kept:

@@ -4,9 +4,8 @@ Every output tensor's name, shape and dtype is known before merging starts, so
 the shard layout and headers are fixed up front and each tensor's bytes are
 appended the moment it is merged: memory never holds more than one tensor.
 Each file's sha256 is taken from the bytes as they are written, in a second
-thread: hashing costs as much as writing (for a 390 MB shard here, sha256 0.35 s
-of one core, the write into the page cache 0.2-0.5 s), so hashing beside the
-write instead of after it keeps a copied tensor's time near a plain copy's.
+thread: hashing costs about as much as writing (docs/performance.md), so hashing
+beside the write instead of after it keeps a copied tensor's time near a plain copy's.
 """
 
 from __future__ import annotations
@@ -71,7 +70,8 @@ def _header(shard: Shard, metadata: dict[str, str]) -> bytes:
     entries: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for t in shard.tensors:
-        entries[t.name] = {"dtype": DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        entries[t.name] = {"dtype": DTYPE_CODES[t.dtype], "shape": list(t.shape),
+                           "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     raw = json.dumps(entries, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
@@ -123,7 +123,7 @@ class ShardWriter:
         if shard_index != self._shard:
             self._open(shard_index)
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._emit(memoryview(data))
+        self._emit(data.data)  # the array's buffer, as a memoryview
         self._next += 1
         if self._next == len(self._order) or self._order[self._next][0] != self._shard:
             self._finish_shard()

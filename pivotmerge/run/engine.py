@@ -17,17 +17,18 @@ import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence, overload
 
 import torch
 
 from pivotmerge.version import __version__
-from pivotmerge.data.calibration import Calibrated, calibrate, merged_input_calibration
-from pivotmerge.data.evaluate import evaluate_merge, evaluation_data
+from pivotmerge.data.blocks import fit_blocks
+from pivotmerge.data.calibration import NOT_CALIBRATED, Calibrated, calibrate, merged_input_calibration
+from pivotmerge.data.evaluate import Evaluation, evaluate_merge, evaluation_data
 from pivotmerge.errors import MergeCancelled
-from pivotmerge.methods import Calibration, Method, Need
+from pivotmerge.methods import NO_CALIBRATION, Calibration, Merged, Method, Need
 from pivotmerge.plan.device import resolve_device
 from pivotmerge.plan.params import TensorParams
 from pivotmerge.plan.plan import MergePlan, Timings, check, plan_merge
@@ -227,7 +228,15 @@ def _maths_workers(method: Method, device: torch.device) -> int:
     return max(1, len(os.sched_getaffinity(0))) if device.type == "cpu" and not method.elementwise else 1
 
 
-def _merge_tensors(plan: MergePlan, outputs: Sequence[OutputTensor], device: torch.device, timings: Timings,
+@dataclass(frozen=True)
+class Measured:
+    """A checked plan with what its calibration stage measured: everything one tensor's merge reads."""
+
+    plan: MergePlan
+    calibrated: Calibrated
+
+
+def _merge_tensors(measured: Measured, outputs: Sequence[OutputTensor], device: torch.device, timings: Timings,
                    progress: ProgressFn | None, should_cancel: CancelFn | None) -> Iterator[tuple[str, torch.Tensor, MergedTensor | None]]:
     """Yield (name, output tensor, report entry or None) for `outputs`, in order.
 
@@ -237,6 +246,7 @@ def _merge_tensors(plan: MergePlan, outputs: Sequence[OutputTensor], device: tor
     ones run beside the largest, up to 1.25x its inputs, sped TIES up while it held float32
     copies of its inputs; since it reads them as stored it gains nothing and costs 26 MiB.)
     """
+    plan = measured.plan
     total = len(outputs)
     workers = _maths_workers(plan.method, device)
     with _single_threaded(device), ThreadPoolExecutor(max_workers=1, thread_name_prefix="pivotmerge-read") as reader, \
@@ -260,7 +270,7 @@ def _merge_tensors(plan: MergePlan, outputs: Sequence[OutputTensor], device: tor
                 t0 = time.perf_counter()
                 inputs = reads.take()
                 timings.read_s += time.perf_counter() - t0  # time spent waiting for reads, not the reads themselves
-                running.append((submitted, maths.submit(_merge_one, plan, out, inputs, device)))
+                running.append((submitted, maths.submit(_merge_one, measured, out, inputs, device)))
                 del inputs  # the merge holds them until done
                 submitted += 1
             t0 = time.perf_counter()
@@ -274,38 +284,45 @@ def _merge_tensors(plan: MergePlan, outputs: Sequence[OutputTensor], device: tor
         progress(Progress("merge", total, total))
 
 
-def _merge_one(plan: MergePlan, out: OutputTensor, inputs: list[torch.Tensor],
+def _merge_one(measured: Measured, out: OutputTensor, inputs: list[torch.Tensor],
                device: torch.device) -> tuple[torch.Tensor, MergedTensor | None]:
-    """Output tensor `out` from its inputs as stored, with its report entry (None when copied)."""
+    """Output tensor `out` from its inputs as stored (or its block's fit), with its report entry (None when copied)."""
+    plan, calibrated = measured.plan, measured.calibrated
     name = out.name
     if name not in plan.merged:
         return inputs[0].to(out.dtype), None
     resolved = plan.tensor_params[name]
     place = plan.places[name]
-    tensor, info = merge_tensor(plan, name, inputs, device, out.dtype, consumed=True)
+    calibration = calibrated.for_tensor(name)
+    if name in calibrated.fitted:
+        tensor, info = calibrated.fitted[name].tensor.to(out.dtype), calibrated.fitted[name].info
+    else:
+        tensor, info = merge_tensor(plan, name, inputs, device, out.dtype, consumed=True, calibration=calibration)
     del inputs[:]  # their pages may go now, not when the pool drops this call
     return tensor, MergedTensor(tensor=name, component=place.component_name, layer=place.layer,
-                                weights=resolved.weights, params=_reported_params(resolved), info=info or None)
+                                weights=resolved.weights, params=_reported_params(resolved, calibration), info=info or None)
 
 
 def merge_tensor(plan: MergePlan, name: str, inputs: Sequence[torch.Tensor], device: torch.device,
-                 dtype: torch.dtype, consumed: bool = False) -> tuple[torch.Tensor, dict[str, Any]]:
+                 dtype: torch.dtype, consumed: bool = False,
+                 calibration: Calibration = NO_CALIBRATION) -> tuple[torch.Tensor, dict[str, Any]]:
     """Merged tensor `name` of `plan` from its inputs as stored ([base?, *models]), in `dtype`, with the
     method's info: what a merge writes for it, so tuning's in-memory trials are the merge's own bits.
-    `consumed`: the inputs are read no more (a merge's, not a trial's), so their memory may go as they are."""
+    `consumed`: the inputs are read no more (a merge's, not a trial's), so their memory may go as they are.
+    `calibration`: what the calibration stage measured for this tensor."""
     base, models = (inputs[0], inputs[1:]) if plan.base else (None, inputs)
     resolved = plan.tensor_params[name]
     generator = torch.Generator(device=device).manual_seed(_tensor_seed(plan.spec.seed, name))
-    return _apply(plan.method, models, base, resolved.weights, resolved.params, resolved.calibration, generator,
+    return _apply(plan.method, models, base, resolved.weights, resolved.params, calibration, generator,
                   device, dtype, consumed)
 
 
-def _reported_params(resolved: TensorParams) -> dict[str, Any]:
+def _reported_params(resolved: TensorParams, calibration: Calibration) -> dict[str, Any]:
     """The parameters as set for a tensor, with the alignment scores calibration gave it (the Gram
     matrices are too large for a report; `calibration.gram_tensors` names the tensors that had them)."""
     out = resolved.params.model_dump(exclude_defaults=True)
-    if resolved.calibration.alignment is not None:
-        out["alignment"] = list(resolved.calibration.alignment)
+    if calibration.alignment is not None:
+        out["alignment"] = list(calibration.alignment)
     return out
 
 
@@ -319,46 +336,63 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | Path, *, progress:
           relative_to: Path | None = None, overwrite: bool = False, allow_downloads: bool = False) -> MergeReport:
     """Run a merge into `out_dir` and return its report (also written as merge_report.json).
 
-    The output is built in a hidden sibling folder and moved into place only when
-    complete; on error or cancellation (MergeCancelled) nothing is left behind.
-    RegMean or PivotMerge with ``gram_inputs: merged`` merges twice (`_refit_on_first_pass`).
+    Stages: plan (checked once, then left as is), calibration (`_calibration_stage`: what the
+    method needs, measured and returned), streaming (`write_shards`), evaluation, report (written once).
+    The output is built in a hidden sibling folder and moved into place only when complete; on error or
+    cancellation (MergeCancelled) nothing is left behind.
     """
     started = time.perf_counter()
     out_dir = Path(out_dir)
     check_out_dir(out_dir, overwrite)
     with plan_merge(spec, allowed_roots=allowed_roots, relative_to=relative_to, allow_downloads=allow_downloads) as plan:
         device = resolve_device(plan.spec.device)
-        calibrated, eval_data = _data_for_merge(plan, device, allowed_roots, relative_to, progress)
+        roots = resolve_roots(allowed_roots)
+        eval_data = evaluation_data(plan.spec.evaluate, allowed_roots=roots, relative_to=relative_to)
+        calibrated = calibrate(plan, device, allowed_roots=roots, relative_to=relative_to, progress=progress)
         with building(out_dir) as partial:
+            calibrated = _calibration_stage(plan, out_dir, device, calibrated, progress, should_cancel)
             merge_progress = progress
             if Need.MERGED_INPUTS in plan.needs:
-                calibrated = _refit_on_first_pass(plan, out_dir, device, calibrated, progress, should_cancel)
                 merge_progress = _with_message(progress, "second pass: each layer fitted on the first pass's inputs")
-            report = _write_merge(plan, partial, device, merge_progress, should_cancel, started)
-            if calibrated.report or eval_data:
-                _add_data_reports(report, _evaluated_models(plan, partial), device, calibrated.report, eval_data,
-                                  progress, should_cancel)
+            files, entries, timings = write_shards(plan, partial, device, merge_progress, should_cancel, calibrated=calibrated)
+            write_side_files(plan, partial)
+            evaluation = (evaluate_merge(_evaluated_models(plan, partial), eval_data, device, progress=progress,
+                                         should_cancel=should_cancel) if eval_data else None)
+            report = finish_output(plan, partial, device, entries, files, timings, started,
+                                   calibration=calibrated.report, evaluation=evaluation)
     if progress is not None:
         progress(Progress("done", 1, 1))
     return report
 
 
-# --- calibration and evaluation data (pivotmerge.calibration, pivotmerge.evaluate) ---
+def _calibration_stage(plan: MergePlan, out_dir: Path, device: torch.device, calibrated: Calibrated,
+                       progress: ProgressFn | None, should_cancel: CancelFn | None) -> Calibrated:
+    """What the merge's tensors need beyond the plan, measured: `calibrated` (Grams, alignment), then for
+    ``gram_inputs: merged`` the second pass's Grams (`_refit_on_first_pass`), then for methods that fit
+    blocks (``Need.BLOCK_FEATURES``) every block fitted in order, from the method's per-tensor merge."""
+    needs = plan.needs
+    if Need.MERGED_INPUTS in needs:
+        calibrated = _refit_on_first_pass(plan, out_dir, device, calibrated, progress, should_cancel)
+    if Need.BLOCK_FEATURES not in needs:
+        return calibrated
 
+    def inputs(name: str) -> list[torch.Tensor]:
+        return _read_inputs(plan, name)
 
-def _data_for_merge(plan: MergePlan, device: torch.device, allowed_roots: Sequence[str | Path] | None,
-                    relative_to: Path | None, progress: ProgressFn | None) -> tuple[Calibrated, list]:
-    """Calibration data measured for the plan's tensors (handed to the plan), and the checked evaluation datasets."""
-    roots = resolve_roots(allowed_roots)
-    eval_data = evaluation_data(plan.spec.evaluate, allowed_roots=roots, relative_to=relative_to)
-    calibrated = calibrate(plan, device, allowed_roots=roots, relative_to=relative_to, progress=progress)
-    return calibrated, eval_data
+    def start(name: str) -> Merged:
+        tensor, info = merge_tensor(plan, name, _read_inputs(plan, name), device, torch.float32,
+                                    calibration=calibrated.for_tensor(name))
+        return Merged(tensor, info)
+
+    fitted, blocks = fit_blocks(plan, calibrated.datasets, device, inputs, start, progress=progress,
+                                should_cancel=should_cancel)
+    return replace(calibrated, report={**calibrated.report, "blocks": blocks}, fitted=fitted)
 
 
 def _refit_on_first_pass(plan: MergePlan, out_dir: Path, device: torch.device, calibrated: Calibrated,
                          progress: ProgressFn | None, should_cancel: CancelFn | None) -> Calibrated:
     """`calibrated` for ``gram_inputs: merged``: merge once as usual, then measure each
-    layer's inputs in that model against the experts' own (handed to the plan for the second pass).
+    layer's inputs in that model against the experts' own (for the second pass).
 
     The first pass has no ``cross_grams``, so the method fits on the experts' own
     inputs, as with ``gram_inputs: expert``. Its model lives in a hidden folder
@@ -367,7 +401,7 @@ def _refit_on_first_pass(plan: MergePlan, out_dir: Path, device: torch.device, c
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.first-pass-", dir=out_dir.parent) as tmp:
         first = Path(tmp)
         write_shards(plan, first, device, _with_message(progress, "first pass: each layer fitted on the experts' own inputs"),
-                     should_cancel)
+                     should_cancel, calibrated=calibrated)
         write_side_files(plan, first)  # config, processor and tokenizer, so it loads as the output will
         return merged_input_calibration(plan, first, calibrated, device, progress=progress, should_cancel=should_cancel)
 
@@ -391,29 +425,19 @@ def _evaluated_models(plan: MergePlan, folder: Path) -> dict[str, Path]:
     return models
 
 
-def _add_data_reports(report: MergeReport, models: Mapping[str, Path], device: torch.device,
-                      calibration: dict[str, Any], eval_data: list, progress: ProgressFn | None,
-                      should_cancel: CancelFn | None) -> None:
-    """Calibration and evaluation sections of the report in `models["merged"]`, rewritten there."""
-    if calibration:
-        report.calibration = CalibrationReport.model_validate(calibration)
-    if eval_data:
-        report.evaluation = evaluate_merge(models, eval_data, device, progress=progress, should_cancel=should_cancel)
-    write_report(models["merged"], report)
-
-
 def write_shards(plan: MergePlan, folder: Path, device: torch.device, progress: ProgressFn | None,
-                 should_cancel: CancelFn | None,
-                 only: Collection[int] | None = None) -> tuple[list[WrittenFile], list[MergedTensor], Timings]:
-    """Merge and write every shard of the plan, or the shards `only` names, into `folder`;
-    returns the files, the merged tensors' report entries, and the timings."""
+                 should_cancel: CancelFn | None, only: Collection[int] | None = None,
+                 calibrated: Calibrated = NOT_CALIBRATED) -> tuple[list[WrittenFile], list[MergedTensor], Timings]:
+    """Merge and write every shard of the plan, or the shards `only` names, into `folder`, with what the
+    calibration stage measured (`calibrated`); returns the files, the merged tensors' report entries, and the timings."""
     timings = Timings()
     writer = ShardWriter(folder, plan.outputs, plan.spec.out_shard_size, metadata={"merged_by": f"pivotmerge {__version__}"},
                          only=only)
     entries: list[MergedTensor] = []
 
     def merged() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor, entry in _merge_tensors(plan, writer.tensors, device, timings, progress, should_cancel):
+        for name, tensor, entry in _merge_tensors(Measured(plan, calibrated), writer.tensors, device, timings, progress,
+                                                  should_cancel):
             if entry is not None:
                 entries.append(entry)
             yield name, tensor
@@ -450,12 +474,6 @@ def write_tensors(writer: ShardWriter, tensors: Iterable[tuple[str, torch.Tensor
         writer.abort()
 
 
-def _write_merge(plan: MergePlan, folder: Path, device: torch.device, progress: ProgressFn | None,
-                 should_cancel: CancelFn | None, started: float) -> MergeReport:
-    files, entries, timings = write_shards(plan, folder, device, progress, should_cancel)
-    return finish_output(plan, folder, device, entries, files, timings, started)
-
-
 def write_side_files(plan: MergePlan, folder: Path) -> None:
     """The base's config and processor, and the tokenizer of the merged vocabulary where the spec merges one."""
     carry_side_files(plan.reference.path, folder, plan.spec.dtype)
@@ -464,11 +482,15 @@ def write_side_files(plan: MergePlan, folder: Path) -> None:
 
 
 def finish_output(plan: MergePlan, folder: Path, device: torch.device, entries: Sequence[MergedTensor],
-                  files: Sequence[WrittenFile], timings: Timings, started: float) -> MergeReport:
-    """Around the shards written in `folder`: the base's side files, the merge report and the model card.
-    `started` is the merge's start on time.perf_counter's clock; returns the report."""
-    write_side_files(plan, folder)
+                  files: Sequence[WrittenFile], timings: Timings, started: float,
+                  calibration: Mapping[str, Any] | None = None, evaluation: Evaluation | None = None) -> MergeReport:
+    """Beside the shards and side files written in `folder`: the merge report (with the calibration stage's
+    and the evaluation's sections, when given) and the model card. `started` is the merge's start on
+    time.perf_counter's clock (the report's total time); returns the report."""
     report = build_report(plan, device, entries, files, timings, time.perf_counter() - started)
+    if calibration:
+        report.calibration = CalibrationReport.model_validate(calibration)
+    report.evaluation = evaluation
     write_report(folder, report)
     write_model_card(folder, plan, report)
     return report

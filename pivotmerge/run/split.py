@@ -13,7 +13,7 @@ byte-identical to a single `merge` of the same spec.
 Parts write into `folder` as they go (each shard under a hidden name until it is
 complete); making the folder visible only when complete is the caller's job. The
 service's parts write into scratch folders of their own and store their shards
-(workers.split); `finalize(..., shards_in_folder=False)` then writes the rest.
+(workers.split_parts); `finalize(..., shards_in_folder=False)` then writes the rest.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 from pivotmerge.plan.device import resolve_device
 from pivotmerge.plan.plan import MergePlan, Timings, as_spec, plan_merge
 from pivotmerge.report.merge_report import MergedTensor, MergeReport
-from pivotmerge.run.engine import finish_output, write_shards
+from pivotmerge.run.engine import finish_output, write_shards, write_side_files
 from pivotmerge.errors import PivotMergeError, SpecError
 from pivotmerge.progress import CancelFn, ProgressFn
 from pivotmerge.spec.schema import MergeSpec
@@ -38,7 +38,7 @@ PartResult = dict[str, Any]  # JSON-serialisable, so it can travel as a task res
 def _plan(spec: MergeSpec | Mapping[str, Any], allowed_roots: Sequence[str | Path] | None,
           relative_to: Path | None) -> MergePlan:
     spec = as_spec(spec)
-    if spec.calibration is not None or any(m.calibration for m in spec.models) or spec.evaluate:
+    if spec.gives_calibration or spec.evaluate:
         # Calibration statistics are gathered over the whole model before merging; parts cannot share them yet.
         raise SpecError("calibration/evaluate: split merges take data-free specs; run this merge whole")
     return plan_merge(spec, allowed_roots=allowed_roots, relative_to=relative_to)
@@ -97,7 +97,9 @@ def finalize(spec: MergeSpec | Mapping[str, Any], folder: str | Path, parts: Seq
         if missing:
             raise PivotMergeError(f"{folder}: shard {missing[0]} is missing")
         order = {name: i for i, name in enumerate(plan.names)}
-        entries = sorted((MergedTensor.model_validate(e) for p in parts for e in p["layers"]), key=lambda e: order[e.tensor])
+        entries = sorted((MergedTensor.model_validate(e) for p in parts for e in p["layers"]),
+                         key=lambda e: order[e.tensor])
         timings = Timings(*(sum(p["timings"][k] for p in parts) for k in ("read_s", "merge_s", "write_s")))
         write_index(folder, shards)
+        write_side_files(plan, folder)
         return finish_output(plan, folder, resolve_device(plan.spec.device), entries, files, timings, started)

@@ -13,9 +13,11 @@ from pivotmerge.errors import SpecError
 
 SHARED_METHODS = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"}
 # Top-level keys we map; tokenizer/chat-template keys are accepted only where they mean "the base's".
-MAPPED_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", "chat_template"}
+MAPPED_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source",
+               "chat_template"}
 # mergekit computes in `dtype`; we always compute in float32, so `dtype` only names the output dtype.
-DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",
+          "bf16": "bfloat16"}
 
 
 def _model_ref(value: Any, where: str) -> str:
@@ -35,7 +37,8 @@ def _value(value: Any, where: str) -> Any:
         for i, entry in enumerate(value):
             if not isinstance(entry, dict) or "value" not in entry:
                 raise SpecError(f"{where}.{i}: expected {{filter, value}}")
-            out.append({"value": entry["value"], **({"filter": re.escape(entry["filter"])} if entry.get("filter") else {})})
+            out.append({"value": entry["value"],
+                        **({"filter": re.escape(entry["filter"])} if entry.get("filter") else {})})
         return out
     return value
 
@@ -70,7 +73,8 @@ def from_mergekit(config: dict[str, Any]) -> dict[str, Any]:
         raise SpecError(f"{unknown[0]}: mergekit key not supported by pivotmerge{hint}")
     method = config["merge_method"]
     if method not in SHARED_METHODS:
-        raise SpecError(f"merge_method: mergekit method {method!r} has no pivotmerge equivalent; shared: {', '.join(sorted(SHARED_METHODS))}")
+        raise SpecError(f"merge_method: mergekit method {method!r} has no pivotmerge equivalent; "
+                        f"shared: {', '.join(sorted(SHARED_METHODS))}")
     for key in ("tokenizer_source", "chat_template"):
         if config.get(key) not in (None, "base"):
             raise SpecError(f"{key}: only 'base' is supported (pivotmerge carries the base's tokenizer and template)")

@@ -15,12 +15,14 @@ from __future__ import annotations
 import math
 import re
 import string
+from decimal import Decimal
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from pivotmerge.errors import SpecError
 from pivotmerge.methods import Method, MethodParams, get_method
@@ -33,7 +35,8 @@ Scalar = Union[bool, int, FiniteFloat, str]
 
 class FilteredValue(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    filter: str | None = Field(None, description="Regular expression searched in the tensor name; omit for the default.")
+    filter: str | None = Field(
+        None, description="Regular expression searched in the tensor name; omit for the default.")
     value: Union[Scalar, list[Number]]
 
     @field_validator("filter")
@@ -98,7 +101,8 @@ class Component(str, Enum):
 class DatasetRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str | None = None
-    dataset: str = Field(..., description="A JSONL file, a parquet file, or a Hugging Face `datasets` folder (save_to_disk).")
+    dataset: str = Field(
+        ..., description="A JSONL file, a parquet file, or a Hugging Face `datasets` folder (save_to_disk).")
     limit: int | None = Field(None, ge=1, description="Use at most this many records.")
     prompt: str = Field(
         "plain", description="What precedes each caption: `plain` (image tokens, then the caption: how post-alignment "
@@ -132,9 +136,11 @@ class HubPush(BaseModel):
 
 class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str = Field(..., description="Local folder, or hub id 'org/name[@revision]' from the local Hugging Face cache.")
+    model: str = Field(
+        ..., description="Local folder, or hub id 'org/name[@revision]' from the local Hugging Face cache.")
     weight: WeightValue = Field(1.0, description="This model's weight (scalar, depth list or filtered values).")
-    parameters: dict[str, ParamValue] = Field(default_factory=dict, description="Per-model method parameters, e.g. density.")
+    parameters: dict[str, ParamValue] = Field(default_factory=dict,
+                                              description="Per-model method parameters, e.g. density.")
     calibration: DatasetRef | None = Field(
         None, description="This expert's own calibration data (the domain it was aligned on) for its Gram matrices and "
                           "alignment scores; default: the spec-wide `calibration`.")
@@ -153,7 +159,8 @@ def parse_size(value: int | str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
     if not m or m.group(2).upper() not in SIZE_UNITS:
         raise ValueError(f"not a size: {value!r} (use bytes or e.g. '2GB', '500MiB')")
-    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+    # Decimal, not float: a 400-digit count must stay a (too large) number, not become infinity.
+    return int(Decimal(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
 
 
 MAX_SHARD_SIZE = 2**50  # 1 PiB: any larger request is a typo, not a shard
@@ -205,18 +212,24 @@ class MergeSpec(BaseModel):
         return data
 
     method: str = Field(..., description="Merge method; `pivotmerge methods` lists them.")
-    base_model: str | None = Field(None, description="The pivot: the experts' shared starting point. Copied tensors come from it.")
+    base_model: str | None = Field(
+        None, description="The pivot: the experts' shared starting point. Copied tensors come from it.")
     models: list[ModelEntry] = Field(..., min_length=1, description="The experts to merge.")
-    components: list[Component] | None = Field(None, description="Components to merge; the rest is copied from the base. Default: all.")
+    components: list[Component] | None = Field(
+        None, description="Components to merge; the rest is copied from the base. Default: all.")
     include: list[str] = Field(default_factory=list, description="Extra regular expressions of tensor names to merge.")
-    exclude: list[str] = Field(default_factory=list, description="Regular expressions of tensor names never merged (copied from the base).")
+    exclude: list[str] = Field(default_factory=list,
+                               description="Regular expressions of tensor names never merged (copied from the base).")
     parameters: dict[str, ParamValue] = Field(default_factory=dict, description="Method parameters.")
     tokenizer: Literal["base", "union"] = Field(
-        "base", description="Tokens an expert added beyond the base's vocabulary: `base` drops their embedding and head "
-                            "rows; `union` appends them (from the first expert that has each) and to the tokenizer.")
-    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(None, description="Output dtype; default: the base's.")
+        "base", description="Tokens an expert added beyond the base's vocabulary: `base` drops their embedding and "
+                            "head rows; `union` appends them (from the first expert that has each) and to the "
+                            "tokenizer.")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="Output dtype; default: the base's.")
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="Where the maths runs.")
-    out_shard_size: ByteSize = Field(2 * 10**9, gt=0, le=MAX_SHARD_SIZE, description="Largest output shard, bytes or e.g. '2GB'.")
+    out_shard_size: ByteSize = Field(2 * 10**9, gt=0, le=MAX_SHARD_SIZE,
+                                     description="Largest output shard, bytes or e.g. '2GB'.")
     split: int | None = Field(
         None, ge=1, le=MAX_SPLIT_PARTS,
         description="Run the merge as up to this many parts by output shard (one part is a run of whole shards), "
@@ -227,8 +240,9 @@ class MergeSpec(BaseModel):
     calibration: DatasetRef | None = Field(None, description="Image-text pairs for data-driven methods.")
     evaluate: list[DatasetRef] = Field(default_factory=list, description="Datasets to evaluate the merged model on.")
     evaluate_inputs: bool = Field(
-        False, description="Also evaluate the base and each expert on the `evaluate` datasets, so the report shows the "
-                           "merged model beside every input (one model loaded at a time; costs one evaluation per input).")
+        False, description="Also evaluate the base and each expert on the `evaluate` datasets, so the report shows "
+                           "the merged model beside every input (one model loaded at a time; costs one evaluation "
+                           "per input).")
     push_to_hub: HubPush | None = Field(None, description="Upload the finished merge to the Hugging Face Hub.")
 
     @field_validator("include", "exclude")
@@ -251,7 +265,7 @@ class MergeSpec(BaseModel):
     def _split_merges_take_no_data(self) -> "MergeSpec":
         if self.split is None:
             return self
-        if self.calibration is not None or any(m.calibration is not None for m in self.models) or self.evaluate:
+        if self.gives_calibration or self.evaluate:
             raise ValueError("split: a split merge takes a data-free spec (no calibration or evaluate); "
                              "run this merge whole (omit split)")
         if self.push_to_hub is not None:
@@ -269,7 +283,8 @@ class MergeSpec(BaseModel):
             want = str(method.min_models) if method.max_models == method.min_models else f"at least {method.min_models}"
             raise ValueError(f"models: method {self.method!r} takes {want} models, got {k}")
         if method.base == "required" and self.base_model is None:
-            raise ValueError(f"base_model: method {self.method!r} needs a base_model (the experts' shared starting point)")
+            raise ValueError(f"base_model: method {self.method!r} needs a base_model "
+                             "(the experts' shared starting point)")
         _check_names(self.parameters, method, "parameters")
         names = method.aliases()
         for i, entry in enumerate(self.models):
@@ -278,11 +293,17 @@ class MergeSpec(BaseModel):
                     raise ValueError(engine_set(f"models.{i}.parameters.{name}"))
                 if names.get(name) not in method.per_model:
                     allowed = ", ".join(method.per_model) or "none"
-                    raise ValueError(f"models.{i}.parameters.{name}: not a per-model parameter of {self.method!r} (per-model: {allowed})")
+                    raise ValueError(f"models.{i}.parameters.{name}: not a per-model parameter of {self.method!r} "
+                                     f"(per-model: {allowed})")
         return self
 
     def method_params(self) -> type[MethodParams]:
         return get_method(self.method).params
+
+    @property
+    def gives_calibration(self) -> bool:
+        """The spec names calibration data, spec-wide or for any expert."""
+        return self.calibration is not None or any(m.calibration is not None for m in self.models)
 
 
 def _check_names(parameters: dict[str, ParamValue], method: Method, where: str) -> None:
@@ -297,7 +318,8 @@ def _check_names(parameters: dict[str, ParamValue], method: Method, where: str) 
             known = ", ".join(sorted(method.params.model_fields)) or "none"
             raise ValueError(f"{where}.{given}: not a parameter of {method.name!r}; it takes: {known}")
         if names[given] in seen:
-            raise ValueError(f"{where}.{given}: names the same parameter as {seen[names[given]]} (give {names[given]} once)")
+            raise ValueError(f"{where}.{given}: names the same parameter as {seen[names[given]]} "
+                             f"(give {names[given]} once)")
         seen[names[given]] = given
 
 
@@ -335,7 +357,10 @@ def read_yaml(path: str | Path) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f": line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"{path}{where}: not valid YAML: {problem}") from None
 
 
 def load_spec(path: str | Path) -> MergeSpec:

@@ -30,7 +30,6 @@ from pydantic import ValidationError
 
 from pivotmerge.errors import SpecError
 from pivotmerge.methods import Method, Search, get_method
-from pivotmerge.plan.params import gives_calibration
 from pivotmerge.spec.schema import MergeSpec, format_validation_error
 
 # A study over a discrete space at most this large runs it whole, as a grid, instead of sampling it.
@@ -57,7 +56,8 @@ class Candidate:
         if any(s.choices is None for s in self.searched.values()):
             return None
         names = list(self.searched)
-        return [dict(zip(names, values)) for values in itertools.product(*(self.searched[n].choices or () for n in names))]
+        settings = itertools.product(*(self.searched[n].choices or () for n in names))
+        return [dict(zip(names, values)) for values in settings]
 
     def defaults(self) -> dict[str, Any]:
         """What a plain merge of the spec would use for the searched parameters, where it lies in their
@@ -73,6 +73,8 @@ class Candidate:
 def _within(value: Any, search: Search) -> bool:
     if search.choices is not None:
         return value in search.choices
+    if search.low is None or search.high is None:
+        return False
     return isinstance(value, (int, float)) and not isinstance(value, bool) and search.low <= value <= search.high
 
 
@@ -155,7 +157,7 @@ def _candidate(spec: MergeSpec, label: str, entry: Any, where: str) -> Candidate
     for param in fixed:
         searched.pop(param, None)
     candidate = Candidate(label, method, fixed, searched,
-                          spec_defaults=dict(method.with_calibration) if gives_calibration(spec) else {})
+                          spec_defaults=dict(method.with_calibration) if spec.gives_calibration else {})
     _check_values(candidate, f"{where}.{label}")
     return candidate
 
@@ -171,9 +173,11 @@ def _check_models(spec: MergeSpec, method: Method, where: str) -> None:
 def _range(value: Mapping[str, Any], declared: Search | None, where: str) -> Search:
     unknown = set(value) - {"low", "high", "log"}
     if unknown or "low" not in value or "high" not in value:
-        raise SpecError(f"{where}: a range is {{low, high[, log]}}" + (f"; unknown: {', '.join(sorted(unknown))}" if unknown else ""))
+        raise SpecError(f"{where}: a range is {{low, high[, log]}}"
+                        + (f"; unknown: {', '.join(sorted(unknown))}" if unknown else ""))
     low, high = value["low"], value["high"]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)) or low > high:
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high))
+    if not numbers or low > high:
         raise SpecError(f"{where}: low and high must be numbers with low <= high")
     log = bool(value.get("log", declared.log if declared is not None else False))
     if log and low <= 0:

@@ -19,8 +19,9 @@ import optuna
 
 from pivotmerge.errors import MergeCancelled, PivotMergeError, SpecError
 from pivotmerge.methods import get_method
+from pivotmerge.methods.description import SearchRange
 from pivotmerge.progress import CancelFn
-from pivotmerge.report.study import CandidateReport, SearchedParameter, StudyReport, TrialRecord, best_of
+from pivotmerge.report.study import CandidateReport, StudyReport, TrialRecord, best_of
 from pivotmerge.spec.schema import MergeSpec
 from pivotmerge.tune.space import Candidate, Space, params_of
 from pivotmerge.tune.trials import DIRECTION, Objective, TrialRunner, objective_value, trial_spec
@@ -54,9 +55,7 @@ def _enqueue(study: optuna.Study, space: Space, label: str, values: Mapping[str,
 
 def candidates_report(space: Space) -> dict[str, CandidateReport]:
     return {c.label: CandidateReport(method=c.method.name, fixed=c.fixed,
-                                     searched={n: SearchedParameter(low=s.low, high=s.high, log=s.log,
-                                                                    choices=None if s.choices is None else list(s.choices))
-                                               for n, s in c.searched.items()})
+                                     searched={n: SearchRange.of(s) for n, s in c.searched.items()})
             for c in space.candidates}
 
 
@@ -125,7 +124,8 @@ def run_study(space: Space, objective: Objective, run_batch: BatchFn, *, trials:
             trial = study.ask()
             candidate, values = _propose(trial, space)
             key = json.dumps([candidate.label, values], sort_keys=True, default=str)
-            asked.append((trial, Proposal(number, candidate.label, candidate.method.name, params_of(candidate, values)), key))
+            proposal = Proposal(number, candidate.label, candidate.method.name, params_of(candidate, values))
+            asked.append((trial, proposal, key))
         firsts = {key: p for _, p, key in reversed(asked) if key not in seen}
         ran = {r.number: r for r in run_batch(list(sorted(firsts.values(), key=lambda p: p.number)))}
         for trial, proposal, key in asked:
@@ -177,7 +177,8 @@ def run_trial(runner: TrialRunner, proposal: Proposal) -> TrialRecord:
     value = objective_value(result.metrics, runner.objective)
     if not math.isfinite(value):  # a broken merge: NaN, or an infinite loss, chooses nothing
         return TrialRecord(**base, state="failed", dev=result.metrics, seconds=round(result.seconds, 4),
-                           error=f"objective {runner.objective} is {'NaN' if math.isnan(value) else value} on the dev sets")
+                           error=f"objective {runner.objective} is {'NaN' if math.isnan(value) else value} "
+                                 "on the dev sets")
     return TrialRecord(**base, state="complete", objective=value, dev=result.metrics, seconds=round(result.seconds, 4),
                        merge_s=round(result.merge_s, 4), evaluate_s=round(result.evaluate_s, 4))
 
@@ -191,7 +192,8 @@ def best_spec(spec: MergeSpec, study: StudyReport) -> dict[str, Any]:
 def top_trials(study: StudyReport, n: int = 5) -> list[TrialRecord]:
     """The best `n` distinct scored trials, best first."""
     scored = [t for t in study.trials if t.state == "complete" and t.objective is not None]
-    return sorted(scored, key=lambda t: t.objective if study.direction == "minimize" else -(t.objective or 0.0))[:n]
+    sign = 1.0 if study.direction == "minimize" else -1.0
+    return sorted(scored, key=lambda t: sign * (t.objective or 0.0))[:n]
 
 
 def plot_study(study: StudyReport, path: Path) -> None:
@@ -205,7 +207,8 @@ def plot_study(study: StudyReport, path: Path) -> None:
     for label in study.candidates:
         points = [(t.number, t.objective) for t in study.trials if t.label == label and t.objective is not None]
         if points:
-            ax.scatter(*zip(*points), label=label, s=22)
+            numbers, objectives = zip(*points)
+            ax.scatter(numbers, objectives, label=label, s=22)
     failed = [t.number for t in study.trials if t.state == "failed"]
     scored = [(t.number, t.objective) for t in study.trials if t.objective is not None]
     if failed and scored:

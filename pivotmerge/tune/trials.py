@@ -12,7 +12,8 @@ on the dev data, without re-reading or re-writing the model.
   scores) and handed to every later trial that needs the same;
 * a trial fitted on the merged model's inputs (``gram_inputs: merged``) merges twice, as `merge`
   does: its first pass is swapped into the evaluation model, whose layer inputs are then measured
-  beside each expert's own (the experts are loaded once per study, when the first such trial runs).
+  beside each expert's own (the experts are loaded once per study, when the first such trial runs);
+* a method that fits blocks (``Need.BLOCK_FEATURES``) fits them from its per-tensor merge, as `merge` does.
 
 A trial's tensors are the engine's own (`pivotmerge.run.engine.merge_tensor`): the same
 parameters, per-tensor seeds and output dtype, so the best trial written by `merge` scores what
@@ -25,16 +26,18 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Iterable, Literal, Mapping, NamedTuple, Sequence
 
 import torch
 
-from pivotmerge.data.calibration import calibrate, match_name, merged_input_grams_of_loaded, refit_on
+from pivotmerge.data.blocks import fit_blocks
+from pivotmerge.data.calibration import (NOT_CALIBRATED, Calibrated, calibrate, match_name,
+                                         merged_input_grams_of_loaded, refit_on)
 from pivotmerge.data.datasets import Dataset
 from pivotmerge.data.evaluate import (CaptionBatch, DatasetMetrics, Loaded, answers, caption_batches, caption_stats,
                                       exact_match, load_model, perplexity)
 from pivotmerge.errors import CompatibilityError, SpecError
-from pivotmerge.methods import Calibration, Method, Need
+from pivotmerge.methods import Calibration, Merged, Method, Need
 from pivotmerge.plan.device import DTYPES, resolve_device
 from pivotmerge.plan.params import resolve_all
 from pivotmerge.plan.plan import MergePlan, plan_merge
@@ -47,6 +50,13 @@ OBJECTIVE_METRIC: dict[str, str] = {"loss": "caption_loss", "accuracy": "token_a
 DIRECTION: dict[str, Literal["minimize", "maximize"]] = {"loss": "minimize", "accuracy": "maximize", "qa": "maximize"}
 BATCH_SIZE = 8
 MAX_NEW_TOKENS = 8
+
+
+class TrialPlan(NamedTuple):
+    """A trial's plan and the calibration data its tensors take."""
+
+    plan: MergePlan
+    calibrated: Calibrated
 
 
 def trial_spec(spec: MergeSpec, method: Method, params: Mapping[str, Any]) -> MergeSpec:
@@ -97,7 +107,7 @@ class TrialRunner:
         check_dev(dev, objective)
         self.spec = spec
         self.objective = objective
-        self._roots = allowed_roots
+        self._roots = None if allowed_roots is None else [Path(r) for r in allowed_roots]
         self._relative_to = relative_to
         self._plan = plan_merge(spec, allowed_roots=allowed_roots, relative_to=relative_to)
         try:
@@ -112,7 +122,7 @@ class TrialRunner:
         except BaseException:
             self._plan.close()
             raise
-        self._calibration: dict[frozenset[Need], dict[str, Calibration]] = {}
+        self._calibration: dict[frozenset[Need], Mapping[str, Calibration]] = {}
         self._calibration_sets: list[Dataset] = []  # each expert's calibration set, once measured
         self._experts: list[Loaded] | None = None  # loaded for the first refit trial
         self.calibration_reports: dict[str, Any] = {}
@@ -126,38 +136,48 @@ class TrialRunner:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def plan(self, method: Method, params: Mapping[str, Any]) -> MergePlan:
-        """The study's plan with `method` and `params`, its calibration data measured once per kind."""
+    def plan(self, method: Method, params: Mapping[str, Any]) -> TrialPlan:
+        """The study's plan with `method` and `params`, with its calibration data (measured once per kind)."""
         spec = trial_spec(self.spec, method, params)
         plan = replace(self._plan, spec=spec, method=method, tensor_params=resolve_all(spec, method, self._depths))
         needs = frozenset(plan.needs)
-        if needs:
-            if needs not in self._calibration:
-                calibrated = calibrate(plan, self.device, allowed_roots=self._roots, relative_to=self._relative_to)
-                self._calibration[needs] = {n: p.calibration for n, p in plan.tensor_params.items()}
-                self._calibration_sets = self._calibration_sets or calibrated.datasets
-                self.calibration_reports["+".join(sorted(n.value for n in needs))] = calibrated.report
-            else:
-                plan.calibrate(self._calibration[needs])
-        return plan
+        if not needs:
+            return TrialPlan(plan, NOT_CALIBRATED)
+        if needs not in self._calibration:
+            calibrated = calibrate(plan, self.device, allowed_roots=self._roots, relative_to=self._relative_to)
+            self._calibration[needs] = calibrated.tensors
+            self._calibration_sets = self._calibration_sets or calibrated.datasets
+            self.calibration_reports["+".join(sorted(n.value for n in needs))] = calibrated.report
+        measured = self._calibration[needs]
+        # Trials with other parameters measure the same data for the tensors that need it.
+        return TrialPlan(plan, Calibrated({}, self._calibration_sets,
+                                          {n: measured[n] for n in plan.calibrated_tensors() if n in measured}))
 
-    def merged(self, plan: MergePlan) -> dict[str, torch.Tensor]:
-        tensors = self._merge_each(plan)
+    def merged(self, trial: TrialPlan) -> dict[str, torch.Tensor]:
+        plan, calibrated = trial
+        tensors = self._merge_each(plan, calibrated)
         if Need.MERGED_INPUTS in plan.needs:
-            self._refit(plan, tensors)
-            tensors = self._merge_each(plan)
+            calibrated = self._refit(plan, calibrated, tensors)
+            tensors = self._merge_each(plan, calibrated)
+        if Need.BLOCK_FEATURES in plan.needs:
+            fitted, _ = fit_blocks(plan, calibrated.datasets, self.device,
+                                   lambda n: self.inputs[n], lambda n: Merged(tensors[n]))
+            tensors = {**tensors, **{n: m.tensor.to(self._dtypes[n]) for n, m in fitted.items()}}
         return tensors
 
-    def _merge_each(self, plan: MergePlan) -> dict[str, torch.Tensor]:
-        return {n: merge_tensor(plan, n, self.inputs[n], self.device, self._dtypes[n])[0] for n in self._depths}
+    def _merge_each(self, plan: MergePlan, calibrated: Calibrated) -> dict[str, torch.Tensor]:
+        return {n: merge_tensor(plan, n, self.inputs[n], self.device, self._dtypes[n],
+                                calibration=calibrated.for_tensor(n))[0]
+                for n in self._depths}
 
-    def _refit(self, plan: MergePlan, first_pass: Mapping[str, torch.Tensor]) -> None:
+    def _refit(self, plan: MergePlan, calibrated: Calibrated, first_pass: Mapping[str, torch.Tensor]) -> Calibrated:
         """The first pass fitted each layer on the experts' own inputs: measure what it feeds its layers."""
         self.swap_in(first_pass)
         if self._experts is None:
             self._experts = [load_model(m.path, self.device.type) for m in self._plan.models]
-        refit_on(plan, [merged_input_grams_of_loaded(self.loaded, expert, data, self._depths, BATCH_SIZE)
-                        for expert, data in zip(self._experts, self._calibration_sets, strict=True)])
+        per_expert = [merged_input_grams_of_loaded(self.loaded, expert, data, self._depths, BATCH_SIZE)
+                      for expert, data in zip(self._experts, self._calibration_sets, strict=True)]
+        return replace(calibrated, tensors=refit_on(plan, calibrated.tensors, per_expert))
 
     @torch.no_grad()
     def swap_in(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -171,7 +191,8 @@ class TrialRunner:
         for dev in self.dev:
             stats = caption_stats(self.loaded.model, dev.batches, self.loaded.device)
             qa = [r for r in dev.dataset.records if r.answer is not None] if self.objective == "qa" else []
-            em = exact_match(answers(self.loaded, qa, BATCH_SIZE, MAX_NEW_TOKENS), [r.answer or "" for r in qa]) if qa else None
+            em = exact_match(answers(self.loaded, qa, BATCH_SIZE, MAX_NEW_TOKENS),
+                             [r.answer or "" for r in qa]) if qa else None
             out.append(DatasetMetrics(dataset=dev.dataset.name, samples=len(dev.dataset.records), tokens=stats.tokens,
                                       caption_loss=stats.loss, perplexity=perplexity(stats.loss),
                                       token_accuracy=stats.accuracy, exact_match=em, questions=len(qa),
@@ -189,7 +210,7 @@ class TrialRunner:
         return TrialResult(metrics, done - started, merged_at - started, done - merged_at)
 
 
-def _parameters(loaded: Loaded, names: Sequence[str]) -> dict[str, torch.Tensor]:
+def _parameters(loaded: Loaded, names: Iterable[str]) -> dict[str, torch.Tensor]:
     """Merged tensor name -> the loaded model's parameter (or buffer) holding it."""
     held = {**dict(loaded.model.named_parameters()), **dict(loaded.model.named_buffers())}
     out = {}

@@ -90,7 +90,8 @@ def tune(spec: MergeSpec, section: Mapping[str, Any], dev: Sequence[DatasetRef],
         report = merge(chosen, partial, progress=progress, should_cancel=should_cancel, allowed_roots=allowed_roots,
                        relative_to=relative_to, overwrite=True)
         if test and report.evaluation is not None:
-            study = study.model_copy(update={"best_test": report.evaluation["merged"], "test": [str(r.dataset) for r in test]})
+            study = study.model_copy(update={"best_test": report.evaluation["merged"],
+                                             "test": [str(r.dataset) for r in test]})
         report = report.model_copy(update={"study": study})
         write_report(partial, report)
         plot_study(study, partial / PLOT_FILE)

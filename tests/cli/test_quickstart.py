@@ -62,7 +62,8 @@ def test_make_example_data_copies_the_small_world_and_a_spec_that_merges_it(tmp_
     assert spec == {
         "method": "pivotmerge",
         "base_model": str(root / "base"),
-        "models": [{"model": str(root / f"expert_{d}"), "calibration": {"dataset": str(root / f"data/calib/{d}/data.jsonl")}}
+        "models": [{"model": str(root / f"expert_{d}"),
+                    "calibration": {"dataset": str(root / f"data/calib/{d}/data.jsonl")}}
                    for d in DOMAINS],
         "components": ["projector"],
         "evaluate": [{"name": d, "dataset": str(root / f"data/test/{d}/data.jsonl")} for d in DOMAINS],

@@ -13,6 +13,7 @@ from pivotmerge.data.calibration import collect_grams
 from pivotmerge.data.datasets import load_dataset
 from pivotmerge.errors import SpecError
 from pivotmerge.data.example import make_example
+from pivotmerge.methods import get_method
 from pivotmerge.methods.regmean import regmean_solve
 from pivotmerge.report.merge_report import read_report
 
@@ -153,7 +154,9 @@ def test_calibration_and_no_parameters_get_pivotmerges_data_mode(example, tmp_pa
     layers = [e for e in report.layers if e.tensor.endswith(".weight")]
     assert len(layers) == 2
     for entry in layers:  # the report shows what ran: the data defaults, and the alignment they read
-        assert {k: entry.params[k] for k in DATA_MODE} == DATA_MODE
+        # (the report leaves out values equal to the Params defaults: the data mode's spectrum, keep, is one)
+        defaults = get_method("pivotmerge").params.model_fields
+        assert {k: entry.params.get(k, defaults[k].default) for k in DATA_MODE} == DATA_MODE
         assert entry.info["combine"] == "gram (merged inputs)" and entry.info["scale"] == 1.0
     assert report.calibration.passes == 2 and report.calibration.gram_tensors
     with_data, without = load_file(tmp_path / "data" / "model.safetensors"), load_file(tmp_path / "free" / "model.safetensors")
@@ -165,8 +168,9 @@ def test_parameters_the_spec_sets_win_over_the_data_defaults(example, tmp_path):
     report = pivotmerge.merge(_spec(example, "pivotmerge", parameters={"layer_weighting": "data", "gram_alpha": 0.8,
                                                                        "spectrum": "flatten"}), tmp_path / "out")
     entry = next(e for e in report.layers if e.tensor == W1)
-    # spectrum: flatten is the Params default, so the report leaves it out (the data default, keep, did not apply).
-    assert entry.params["layer_weighting"] == "data" and len(entry.params["alignment"]) == 2 and "spectrum" not in entry.params
+    # spectrum: flatten, set by the spec, wins over the data default (keep).
+    assert entry.params["layer_weighting"] == "data" and len(entry.params["alignment"]) == 2
+    assert entry.params["spectrum"] == "flatten"
     assert entry.params["combine"] == "gram" and entry.params["gram_inputs"] == "merged"
     assert entry.params["off_diagonal_scale"] == 0.8 and "gram_alpha" not in entry.params
     assert report.calibration.alignment is not None and report.calibration.passes == 2

@@ -67,7 +67,8 @@ def test_prompt_formats_decide_what_precedes_the_caption(family_models: dict[str
         return " ".join(t for t in tok.convert_ids_to_tokens(ids) if t != "<image>")  # image tokens: expanded, 16 here
 
     assert text("plain") == "a red square on the left </s>"
-    assert text("{image} describe the {instruction}") == "describe the describe the image . a red square on the left </s>"
+    assert (text("{image} describe the {instruction}")
+            == "describe the describe the image . a red square on the left </s>")
     with pytest.raises(ValueError, match="expected plain, chat, or a template with"):
         DatasetRef(dataset="x", prompt="no image here")
 
@@ -79,7 +80,8 @@ def test_parquet_and_datasets_folders_score_as_the_jsonl_does(family_models: dic
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     images = [Image.open(jsonl.parent / r["image"]).convert("RGB") for r in rows]  # no filename: stored as PNG bytes
     table = datasets.Dataset.from_dict({"picture": images, "text": [r["caption"] for r in rows]},
-                                       features=datasets.Features({"picture": datasets.Image(), "text": datasets.Value("string")}))
+                                       features=datasets.Features({"picture": datasets.Image(),
+                                                                   "text": datasets.Value("string")}))
     table.to_parquet(str(tmp_path / "captions.parquet"))
     table.save_to_disk(str(tmp_path / "captions_folder"))
     want = evaluate_model(family_models["llava"].base, [load_ref(DatasetRef(dataset=str(jsonl)))], device="cpu")[0]
@@ -88,8 +90,10 @@ def test_parquet_and_datasets_folders_score_as_the_jsonl_does(family_models: dic
         data = load_ref(ref)
         assert [r.caption for r in data.records] == CAPTIONS and all(isinstance(r.image, bytes) for r in data.records)
         [got] = evaluate_model(family_models["llava"].base, [data], device="cpu")
-        assert (got.tokens, got.caption_loss, got.token_accuracy) == (want.tokens, want.caption_loss, want.token_accuracy)
-    with pytest.raises(Exception, match=r"no column 'caption' \(columns: picture, text\); name it with image_column / caption_column"):
+        assert (got.tokens, got.caption_loss, got.token_accuracy) == (want.tokens, want.caption_loss,
+                                                                      want.token_accuracy)
+    with pytest.raises(Exception, match=r"no column 'caption' \(columns: picture, text\); "
+                                        r"name it with image_column / caption_column"):
         load_ref(DatasetRef(dataset=str(tmp_path / "captions.parquet"), image_column="picture"))
 
 
@@ -116,7 +120,8 @@ def test_the_evaluate_command_takes_prompt_and_columns(family_models: dict[str, 
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     images = [Image.open(jsonl.parent / r["image"]).convert("RGB") for r in rows]
     datasets.Dataset.from_dict({"picture": images, "text": [r["caption"] for r in rows]},
-                               features=datasets.Features({"picture": datasets.Image(), "text": datasets.Value("string")}),
+                               features=datasets.Features({"picture": datasets.Image(),
+                                                           "text": datasets.Value("string")}),
                                ).to_parquet(str(tmp_path / "captions.parquet"))
     base, template = family_models["llava"].base, "USER: {image}\n{instruction} ASSISTANT:"
     main(["evaluate", str(base), "--data", str(tmp_path / "captions.parquet"), "--image-column", "picture",

@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 from pivotmerge import merge
 from pivotmerge.repos.architectures import GENERIC, architecture_for, place_tensors
-from pivotmerge.repos.model_repo import ModelRepo
 from pivotmerge.spec.schema import Component
 from tests.families.tiny_families import FAMILIES, Built
 
@@ -28,7 +27,8 @@ def _state(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_family_table_claims_every_tensor_in_both_naming_styles(model_type: str, family_models: dict[str, Built]) -> None:
+def test_family_table_claims_every_tensor_in_both_naming_styles(model_type: str,
+                                                                family_models: dict[str, Built]) -> None:
     from transformers import AutoModelForImageTextToText
 
     arch = architecture_for(model_type)
@@ -38,7 +38,8 @@ def test_family_table_claims_every_tensor_in_both_naming_styles(model_type: str,
     disk_places = place_tensors(arch, on_disk)
     memory_places = place_tensors(arch, in_memory)
     assert [n for n, p in disk_places.items() if p.component is None] == []
-    assert {Component.projector, Component.vision_tower, Component.language_model} <= {p.component for p in disk_places.values()}
+    assert ({Component.projector, Component.vision_tower, Component.language_model}
+            <= {p.component for p in disk_places.values()})
     # the same tensor in either style is in the same place
     by_canonical = {arch.canonical(n): p for n, p in memory_places.items()}
     for name, place in disk_places.items():
@@ -49,7 +50,8 @@ def test_family_table_claims_every_tensor_in_both_naming_styles(model_type: str,
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_family_merge(model_type: str, component: str | None, family_models: dict[str, Built], tmp_path: Path) -> None:
     built = family_models[model_type]
-    spec = {"method": "task_arithmetic", "base_model": str(built.base), "models": [{"model": str(e)} for e in built.experts],
+    spec = {"method": "task_arithmetic", "base_model": str(built.base),
+            "models": [{"model": str(e)} for e in built.experts],
             "parameters": {"lambda": LAMBDA}, "device": "cpu", **({"components": [component]} if component else {})}
     report = merge(spec, tmp_path / "out").as_json()
     base, experts = _state(built.base), [_state(e) for e in built.experts]
@@ -57,7 +59,8 @@ def test_family_merge(model_type: str, component: str | None, family_models: dic
     assert report["architecture"] == architecture_for(model_type).name
     assert set(out) == set(base)  # nothing dropped, nothing invented
     places = place_tensors(architecture_for(model_type), base)
-    merged = {n for n, p in places.items() if base[n].is_floating_point() and (component is None or p.component.value == component)}
+    merged = {n for n, p in places.items()
+              if base[n].is_floating_point() and (component is None or p.component.value == component)}
     assert report["tensors"] == {"total": len(base), "merged": len(merged), "copied": len(base) - len(merged)}
     for name, tensor in out.items():
         if name in merged:
@@ -90,7 +93,8 @@ def _loads_and_generates(model_type: str, folder: Path) -> None:
 
 
 @pytest.mark.parametrize("model_type", ["llava", "qwen2_vl", "mllama"])
-def test_an_expert_in_the_current_naming_style_lines_up_with_a_legacy_base(model_type: str, family_models: dict[str, Built],
+def test_an_expert_in_the_current_naming_style_lines_up_with_a_legacy_base(model_type: str,
+                                                                           family_models: dict[str, Built],
                                                                            tmp_path: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForImageTextToText
@@ -102,7 +106,8 @@ def test_an_expert_in_the_current_naming_style_lines_up_with_a_legacy_base(model
     state = AutoModelForImageTextToText.from_pretrained(built.experts[0]).state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(current / "model.safetensors"))
     assert len(set(state) & set(_state(built.base))) <= 1  # the styles differ on disk (but for an lm_head.weight)
-    spec = {"method": "task_arithmetic", "base_model": str(built.base), "parameters": {"lambda": LAMBDA}, "device": "cpu"}
+    spec = {"method": "task_arithmetic", "base_model": str(built.base), "parameters": {"lambda": LAMBDA},
+            "device": "cpu"}
     merge({**spec, "models": [{"model": str(current)}, {"model": str(built.experts[1])}]}, tmp_path / "mixed")
     merge({**spec, "models": [{"model": str(e)} for e in built.experts]}, tmp_path / "legacy")
     mixed, legacy = _state(tmp_path / "mixed"), _state(tmp_path / "legacy")

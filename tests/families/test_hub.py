@@ -53,7 +53,8 @@ def hub_cache(family_models: dict[str, Built], tmp_path: Path, monkeypatch: pyte
 def test_hub_ids_resolve_from_the_cache_and_the_card_names_them(hub_cache: Path, family_models: dict[str, Built],
                                                                 tmp_path: Path) -> None:
     cached = {r.repo_id: [rev.commit_hash for rev in r.revisions] for r in scan_cache_dir(hub_cache).repos}
-    assert cached == {"org/tiny-llava": ["a" * 40], "org/tiny-llava-expert": ["b" * 40]}  # huggingface_hub reads our layout
+    assert cached == {"org/tiny-llava": ["a" * 40],
+                      "org/tiny-llava-expert": ["b" * 40]}  # huggingface_hub reads our layout
     local_expert = family_models["llava"].experts[1]
     spec = {"method": "task_arithmetic", "base_model": "org/tiny-llava", "components": ["projector"], "device": "cpu",
             "models": [{"model": f"org/tiny-llava-expert@{'b' * 40}"}, {"model": str(local_expert)}]}
@@ -78,7 +79,8 @@ def test_hub_ids_resolve_from_the_cache_and_the_card_names_them(hub_cache: Path,
 def test_a_hub_id_missing_from_the_cache_is_one_line_with_downloads_off(hub_cache: Path, tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture[str],
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "spec.yaml").write_text("method: task_arithmetic\nbase_model: org/tiny-llava\nmodels:\n  - model: org/absent\n")
+    (tmp_path / "spec.yaml").write_text(
+        "method: task_arithmetic\nbase_model: org/tiny-llava\nmodels:\n  - model: org/absent\n")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_:
         main(["merge", "spec.yaml", "-o", "out"])
@@ -110,7 +112,8 @@ def test_push_sends_the_merged_folder_with_its_card(hub_cache: Path, tmp_path: P
     push(tmp_path / "out", "org/merged", token=None, private=True, api=hub)
     assert hub.calls[0] == ("create_repo", {"repo_id": "org/merged", "private": True, "exist_ok": True})
     name, upload = hub.calls[1]
-    assert name == "upload_folder" and upload["repo_id"] == "org/merged" and upload["folder_path"] == str(tmp_path / "out")
+    assert name == "upload_folder" and upload["repo_id"] == "org/merged"
+    assert upload["folder_path"] == str(tmp_path / "out")
     sent = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith("."))
     assert {"README.md", "merge_report.json", "model.safetensors", "config.json", "chat_template.json"} <= set(sent)
     assert ModelCard.load(tmp_path / "out" / "README.md").data.base_model == ["org/tiny-llava", "org/tiny-llava-expert"]

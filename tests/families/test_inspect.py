@@ -14,7 +14,8 @@ from tests.repo_factory import llava_like, write_repo
 
 
 
-def test_inspect_groups_a_qwen2_vl_checkpoint_by_component(family_models: dict[str, Built], run_cli, tmp_path: Path) -> None:
+def test_inspect_groups_a_qwen2_vl_checkpoint_by_component(family_models: dict[str, Built], run_cli,
+                                                           tmp_path: Path) -> None:
     result = run_cli("inspect", str(family_models["qwen2_vl"].base), "--json", "--tensors", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     shown = json.loads(result.stdout)
@@ -46,7 +47,8 @@ def test_inspect_of_a_missing_folder_is_one_line(tmp_path: Path, run_cli) -> Non
 
 def test_the_report_records_the_family(family_models: dict[str, Built], tmp_path: Path) -> None:
     built = family_models["idefics3"]
-    report = merge({"method": "linear", "models": [{"model": str(e)} for e in built.experts], "components": ["projector"],
+    report = merge({"method": "linear", "models": [{"model": str(e)} for e in built.experts],
+                    "components": ["projector"],
                     "device": "cpu"}, tmp_path / "out").as_json()
     assert report["architecture"] == "idefics3"
     saved = json.loads((tmp_path / "out" / "merge_report.json").read_text())

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from pivotmerge import RepoError, merge
 from pivotmerge.cli.main import main
@@ -35,7 +34,8 @@ def _merged_in_memory(folder: Path) -> dict[str, torch.Tensor]:
     ("llava", ["q_proj", "v_proj", "fc1", "embed_tokens"]),  # language model, vision tower, embeddings
     ("qwen2_vl", ["q_proj", "down_proj", "qkv"]),  # Qwen2-VL's vision blocks' fused qkv
 ])
-def test_an_adapter_input_equals_peft_merge_and_unload(model_type: str, targets: list[str], family_models: dict[str, Built],
+def test_an_adapter_input_equals_peft_merge_and_unload(model_type: str, targets: list[str],
+                                                       family_models: dict[str, Built],
                                                        tmp_path: Path) -> None:
     base = family_models[model_type].base
     want = _adapter(base, tmp_path / "adapter", 0, r=4, lora_alpha=8, target_modules=targets,
@@ -67,10 +67,12 @@ def test_two_adapters_merge_as_their_deltas(family_models: dict[str, Built], tmp
                                    rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_an_adapter_for_another_model_is_one_line_and_nothing_is_written(family_models: dict[str, Built], tmp_path: Path,
+def test_an_adapter_for_another_model_is_one_line_and_nothing_is_written(family_models: dict[str, Built],
+                                                                         tmp_path: Path,
                                                                         capsys: pytest.CaptureFixture[str],
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    _adapter(family_models["qwen2_vl"].base, tmp_path / "qwen_adapter", 0, r=2, lora_alpha=2, target_modules=["q_proj", "qkv"])
+    _adapter(family_models["qwen2_vl"].base, tmp_path / "qwen_adapter", 0, r=2, lora_alpha=2,
+             target_modules=["q_proj", "qkv"])
     (tmp_path / "spec.yaml").write_text(
         f"method: task_arithmetic\nbase_model: {family_models['llava'].base}\nmodels:\n  - model: qwen_adapter\n")
     monkeypatch.chdir(tmp_path)
@@ -87,8 +89,10 @@ def test_an_adapter_for_another_model_is_one_line_and_nothing_is_written(family_
 
 def test_an_adapter_without_a_base_model_is_refused(family_models: dict[str, Built], tmp_path: Path) -> None:
     _adapter(family_models["llava"].base, tmp_path / "adapter", 0, r=2, lora_alpha=2, target_modules=["q_proj"])
-    with pytest.raises(RepoError, match=r"^models\.0\.model: .*adapter: a LoRA adapter; give the model it adapts as base_model$"):
-        merge({"method": "linear", "models": [{"model": str(tmp_path / "adapter")}, {"model": str(family_models["llava"].base)}]},
+    with pytest.raises(RepoError,
+                       match=r"^models\.0\.model: .*adapter: a LoRA adapter; give the model it adapts as base_model$"):
+        merge({"method": "linear",
+               "models": [{"model": str(tmp_path / "adapter")}, {"model": str(family_models["llava"].base)}]},
               tmp_path / "out")
 
 
@@ -99,6 +103,6 @@ def test_calibration_data_with_an_adapter_input_is_refused(family_models: dict[s
     _adapter(base, tmp_path / "adapter", 0, r=2, lora_alpha=2, target_modules=["q_proj"])
     spec = {"method": "regmean", "base_model": str(base), "calibration": {"dataset": "unused.jsonl"},
             "models": [{"model": str(tmp_path / "adapter")}, {"model": str(family_models["llava"].experts[0])}]}
-    with pytest.raises(SpecError, match=r"^models\.0\.model: .*adapter is a LoRA adapter; calibration data runs each input "
-                                        r"as a model, which needs a model folder"):
+    with pytest.raises(SpecError, match=r"^models\.0\.model: .*adapter is a LoRA adapter; calibration data runs each "
+                                        r"input as a model, which needs a model folder"):
         merge(spec, tmp_path / "out")

@@ -22,7 +22,8 @@ def _fine_tuned_text_lm(vlm: Path, out: Path, model_type: str, **overrides: obje
     source = AutoModelForImageTextToText.from_pretrained(vlm)
     text = source.config.text_config.to_dict()
     keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "max_position_embeddings", "pad_token_id", "bos_token_id", "eos_token_id")
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "pad_token_id", "bos_token_id",
+            "eos_token_id")
     config = AutoConfig.for_model(model_type, **{**{k: text[k] for k in keep if k in text}, **overrides},
                                   tie_word_embeddings=False)
     lm = AutoModelForCausalLM.from_config(config)
@@ -39,7 +40,8 @@ def test_a_text_only_lm_joins_the_vlm_language_model(vlm_type: str, lm_type: str
                                                        tmp_path: Path) -> None:
     built = family_models[vlm_type]
     lm = _fine_tuned_text_lm(built.base, tmp_path / "lm", lm_type)
-    spec = {"method": "task_arithmetic", "base_model": str(built.base), "parameters": {"lambda": LAMBDA}, "device": "cpu",
+    spec = {"method": "task_arithmetic", "base_model": str(built.base), "parameters": {"lambda": LAMBDA},
+            "device": "cpu",
             "models": [{"model": str(built.experts[0])}, {"model": str(lm)}]}
     report = merge(spec, tmp_path / "out").as_json()
     base, expert, out = _state(built.base), _state(built.experts[0]), _state(tmp_path / "out")
@@ -59,7 +61,8 @@ def test_a_text_only_lm_joins_the_vlm_language_model(vlm_type: str, lm_type: str
     _loads_and_generates(vlm_type, tmp_path / "out")
 
 
-def test_a_text_lm_whose_layers_do_not_match_is_refused_in_one_line(family_models: dict[str, Built], tmp_path: Path) -> None:
+def test_a_text_lm_whose_layers_do_not_match_is_refused_in_one_line(family_models: dict[str, Built],
+                                                                    tmp_path: Path) -> None:
     built = family_models["llava"]
     lm = _fine_tuned_text_lm(built.base, tmp_path / "lm", "llama", num_hidden_layers=3)
     spec = {"method": "task_arithmetic", "base_model": str(built.base), "models": [{"model": str(lm)}]}

@@ -26,7 +26,8 @@ def _with_added_tokens(expert: Path, out: Path) -> Path:
     processor.tokenizer.add_tokens(ADDED)
     model.resize_token_embeddings(len(processor.tokenizer), mean_resizing=False)
     with torch.no_grad():
-        model.get_input_embeddings().weight[-2:] = torch.tensor([[1.0], [2.0]]).expand(2, model.get_input_embeddings().weight.shape[1])
+        width = model.get_input_embeddings().weight.shape[1]
+        model.get_input_embeddings().weight[-2:] = torch.tensor([[1.0], [2.0]]).expand(2, width)
         model.get_output_embeddings().weight[-2:] = -1.0
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -50,13 +51,16 @@ def test_by_default_the_added_rows_are_dropped(family_models: dict[str, Built], 
     rows = base[EMBED].shape[0]
     assert first[EMBED].shape[0] == rows + 2 and out[EMBED].shape == base[EMBED].shape
     for name in (EMBED, HEAD):
-        torch.testing.assert_close(out[name], base[name] + 0.5 * ((first[name][:rows] - base[name]) + (second[name] - base[name])))
+        torch.testing.assert_close(out[name],
+                                   base[name] + 0.5 * ((first[name][:rows] - base[name]) + (second[name] - base[name])))
     assert report["vocabulary"] == {"policy": "base", "base_rows": rows, "rows": rows, "dropped": {str(grown): ADDED},
                                     "appended": []}
-    assert json.loads((tmp_path / "out" / "tokenizer.json").read_text()) == json.loads((built.base / "tokenizer.json").read_text())
+    written = json.loads((tmp_path / "out" / "tokenizer.json").read_text())
+    assert written == json.loads((built.base / "tokenizer.json").read_text())
 
 
-def test_union_appends_the_added_tokens_and_their_rows(family_models: dict[str, Built], grown: Path, tmp_path: Path) -> None:
+def test_union_appends_the_added_tokens_and_their_rows(family_models: dict[str, Built], grown: Path,
+                                                       tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
     built = family_models["llava"]
@@ -74,7 +78,8 @@ def test_union_appends_the_added_tokens_and_their_rows(family_models: dict[str, 
     _loads_and_generates("llava", tmp_path / "out")
 
 
-def test_an_expert_with_fewer_rows_than_the_base_is_refused(family_models: dict[str, Built], grown: Path, tmp_path: Path) -> None:
+def test_an_expert_with_fewer_rows_than_the_base_is_refused(family_models: dict[str, Built], grown: Path,
+                                                            tmp_path: Path) -> None:
     built = family_models["llava"]
     spec = {"method": "task_arithmetic", "base_model": str(grown), "models": [{"model": str(built.experts[1])}]}
     with pytest.raises(CompatibilityError, match="rows, fewer than"):
@@ -100,7 +105,8 @@ def test_a_text_lm_without_the_vlm_image_token_keeps_the_base_rows_for_it(family
 
 
 def test_the_first_pass_of_a_refit_tokenizes_with_the_union_vocabulary(family_models: dict[str, Built], grown: Path,
-                                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                       tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """RegMean++ (`gram_inputs: merged`) measures inputs in its first-pass model: that model must read the
     added tokens as the output will, not as the base tokenizer's unknown pieces."""
     from PIL import Image

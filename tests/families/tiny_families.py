@@ -57,7 +57,8 @@ def _llava_processor(tok: Any) -> Any:
 
 def _llava_next_processor(tok: Any) -> Any:
     from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
-    ip = LlavaNextImageProcessorPil(size={"shortest_edge": IMAGE}, crop_size=IMAGE, image_grid_pinpoints=[[IMAGE, IMAGE]])
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": IMAGE}, crop_size=IMAGE,
+                                    image_grid_pinpoints=[[IMAGE, IMAGE]])
     return LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH,
                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
 
@@ -75,7 +76,8 @@ def _got_ocr2_image_processor() -> Any:
 
 def _onevision_image_processor() -> Any:
     from transformers import LlavaOnevisionImageProcessorPil
-    return LlavaOnevisionImageProcessorPil(size={"height": IMAGE, "width": IMAGE}, image_grid_pinpoints=[[IMAGE, IMAGE]])
+    return LlavaOnevisionImageProcessorPil(size={"height": IMAGE, "width": IMAGE},
+                                           image_grid_pinpoints=[[IMAGE, IMAGE]])
 
 
 def _idefics3_image_processor(ip_name: str) -> Callable[[], Any]:
@@ -144,11 +146,13 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
            {"image_token": "<image>", "video_token": "<video>"}, None, "describe the image .",
            image_processor=_onevision_image_processor,
            why_no_processor=NO_VIDEO + "; its anyres token layout is not rebuilt here, so it generates from text"),
-    Family("vipllava", {"text_config": _text("llama"), "vision_config": _vision("clip_vision_model", num_hidden_layers=4),
+    Family("vipllava", {"text_config": _text("llama"),
+                        "vision_config": _vision("clip_vision_model", num_hidden_layers=4),
                         "image_token_index": "{<image>}", "vision_feature_layers": [-2, -1]},
            {"image_token": "<image>"}, _llava_processor, "<image> describe the image ."),
     Family("qwen2_vl", {"text_config": _text("qwen2_vl_text", rope_parameters=MROPE),
-                        "vision_config": {"embed_dim": 16, "depth": 2, "num_heads": 2, "hidden_size": 16, "mlp_ratio": 2,
+                        "vision_config": {"embed_dim": 16, "depth": 2, "num_heads": 2, "hidden_size": 16,
+                                          "mlp_ratio": 2,
                                           "patch_size": PATCH, "spatial_merge_size": 2, "temporal_patch_size": 2},
                         **QWEN_IDS}, QWEN_TOKENS, None, QWEN_PROMPT,
            image_processor=_qwen_image_processor, why_no_processor=NO_VIDEO),
@@ -171,24 +175,29 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
            {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
             "video_token": "<video>"}, None, "<img>" + "<IMG_CONTEXT>" * 4 + "</img> describe the image .",
            image_processor=_got_ocr2_image_processor, why_no_processor=NO_VIDEO),
-    Family("gemma3", {"text_config": _text("gemma3_text", sliding_window=8), "vision_config": _vision("siglip_vision_model"),
+    Family("gemma3", {"text_config": _text("gemma3_text", sliding_window=8),
+                      "vision_config": _vision("siglip_vision_model"),
                       "mm_tokens_per_image": 4, "image_token_index": "{<image_soft_token>}",
                       "boi_token_index": "{<start_of_image>}", "eoi_token_index": "{<end_of_image>}"},
            {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
            _gemma3_processor, "<start_of_image> describe the image ."),
-    Family("paligemma", {"text_config": _text("gemma"), "vision_config": _vision("siglip_vision_model", projection_dim=16),
+    Family("paligemma",
+           {"text_config": _text("gemma"), "vision_config": _vision("siglip_vision_model", projection_dim=16),
                          "image_token_index": "{<image>}", "projection_dim": 16, "hidden_size": 16},
            {"image_token": "<image>"}, _paligemma_processor, "<image> describe the image ."),
     Family("idefics3", {"text_config": _text("llama"), "vision_config": _vision(), "image_token_id": "{<image>}",
                         "scale_factor": 2},
-           {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>", "global_image_token": "<global-img>",
+           {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+            "global_image_token": "<global-img>",
             "end_of_utterance_token": "<end_of_utterance>"},
            _idefics3_processor, "<image> describe the image ."),
     Family("smolvlm", {"text_config": _text("llama"), "vision_config": _vision(), "image_token_id": "{<image>}",
                        "scale_factor": 2},
-           {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>", "global_image_token": "<global-img>",
+           {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
+            "global_image_token": "<global-img>",
             "end_of_utterance_token": "<end_of_utterance>"},
-           None, "<fake_token_around_image><global-img>" + "<image>" * 4 + "<fake_token_around_image> describe the image .",
+           None,
+           "<fake_token_around_image><global-img>" + "<image>" * 4 + "<fake_token_around_image> describe the image .",
            image_processor=_idefics3_image_processor("SmolVLMImageProcessorPil"),
            why_no_processor=NO_VIDEO + " and num2words"),
     Family("mistral3", {"text_config": _text("mistral"),
@@ -198,7 +207,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
                         "image_token_index": "{[IMG]}", "spatial_merge_size": 2},
            {"image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"},
            None, "[IMG][IMG][IMG_BREAK][IMG][IMG][IMG_END] describe the image .",
-           image_processor=_pixtral_image_processor, why_no_processor="PixtralProcessor needs torchvision (not installed)"),
+           image_processor=_pixtral_image_processor,
+           why_no_processor="PixtralProcessor needs torchvision (not installed)"),
     Family("mllama", {"text_config": _text("mllama_text_model", cross_attention_layers=[1], pad_token_id="{<pad>}",
                                            bos_token_id="{<s>}", eos_token_id="{</s>}"),
                       "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pivotmerge.methods import Calibration, all_methods
-from pivotmerge.methods._ops import SVD_TOLERANCE, exact_svd, low_rank_svd
+from pivotmerge.methods.toolkit.svd import SVD_TOLERANCE, exact_svd, low_rank_svd
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pivotmerge.methods import get_method
-from pivotmerge.methods._ops import EXACT_LAPACK_SIDE, SVD_TOLERANCE, exact_svd, low_rank_svd, low_rank_svds, svd
+from pivotmerge.methods.toolkit.svd import EXACT_LAPACK_SIDE, SVD_TOLERANCE, exact_svd, low_rank_svd, low_rank_svds, svd
 
 
 @functools.lru_cache(maxsize=8)

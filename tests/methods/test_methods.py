@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pivotmerge.methods import get_method
-from pivotmerge.methods._ops import magnitude_trim_
+from pivotmerge.methods.toolkit.sparsify import magnitude_trim_
 
 T = torch.tensor
 

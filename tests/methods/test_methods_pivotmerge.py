@@ -14,6 +14,11 @@ DATA = ("grams", "cross_grams", "alignment")  # calibration data, the method's o
 
 
 def run(tensors, base, weights=None, generator=None, **params):
+    # The formulas below are the sum combine's, at its scales (the covariance default has tests of its own).
+    params.setdefault("combine", "sum")
+    for name, value in (("scale_max", 1.0), ("scale_min", 0.5)):
+        if name not in params and name.replace("scale", "lambda") not in params:
+            params[name] = value
     method = get_method("pivotmerge")
     weights = [1.0] * len(tensors) if weights is None else weights
     data = Calibration(**{k: params.pop(k) for k in DATA if k in params})

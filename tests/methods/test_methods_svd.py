@@ -7,7 +7,7 @@ import math
 import torch
 
 from pivotmerge.methods import get_method
-from pivotmerge.methods._ops import svd
+from pivotmerge.methods.toolkit.svd import svd
 
 T = torch.tensor
 

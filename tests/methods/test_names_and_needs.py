@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pivotmerge.analysis.folding import FoldSpec
+from pivotmerge.fold.folding import FoldSpec
 from pivotmerge.errors import SpecError
 from pivotmerge.methods import Need, all_methods, get_method
 from pivotmerge.plan.params import resolve_params
@@ -33,7 +33,7 @@ def test_one_parameter_under_two_names_is_refused_naming_both():
 
 def test_scale_means_the_merged_updates_scale_in_every_method_that_has_one():
     with_scale = {n for n, m in all_methods().items() if "scale" in m.params.model_fields}
-    assert with_scale == {"task_arithmetic", "ties", "dare_linear", "dare_ties", "tsv", "iso_c", "iso_cts"}
+    assert with_scale == {"task_arithmetic", "ties", "dare_linear", "dare_ties", "tsv", "iso_c", "iso_cts", "wudi", "ace"}
     assert not any("alpha" in m.params.model_fields or "lambda" in m.params.model_fields for m in all_methods().values())
 
 
@@ -82,11 +82,11 @@ def test_calibration_data_and_no_parameters_resolve_to_the_data_mode(per_expert)
     params = _resolved({}, DATA, per_expert)
     assert params.model_dump(include=set(get_method("pivotmerge").with_calibration)) == {
         "combine": "gram", "gram_inputs": "merged", "off_diagonal_scale": 1.0, "spectrum": "keep", "residual_weight": 1.0,
-        "scale_min": 1.0}
+        "scale_min": 1.0, "scale_max": 1.0}
     assert get_method("pivotmerge").needs_for(params) == {Need.GRAMS, Need.MERGED_INPUTS}
     free = _resolved({})
-    assert (free.combine, free.gram_inputs, free.off_diagonal_scale, free.spectrum, free.residual_weight, free.scale_min) == (
-        "sum", "expert", 0.9, "flatten", 0.0, 0.5)
+    assert (free.combine, free.gram_inputs, free.off_diagonal_scale, free.spectrum, free.residual_weight, free.scale_min,
+            free.scale_max) == ("covariance", "expert", 0.9, "keep", 0.0, 0.4, 0.8)
 
 
 def test_values_the_spec_sets_win_over_the_data_defaults_under_any_spelling():
@@ -104,10 +104,10 @@ def test_with_calibration_defaults_must_name_valid_parameters_of_a_method_that_r
     from pivotmerge.methods.regmean import needs as regmean_needs
 
     with pytest.raises(ValueError, match="names no parameter: gram_alpha"):
-        method("x", summary="", params=RegMeanParams, needs=regmean_needs, data=[Need.GRAMS],
+        method("x", summary="", params=RegMeanParams, needs=regmean_needs,
                with_calibration={"gram_alpha": 1.0})
     with pytest.raises(ValueError, match="off_diagonal_scale"):
-        method("x", summary="", params=RegMeanParams, needs=regmean_needs, data=[Need.GRAMS],
+        method("x", summary="", params=RegMeanParams, needs=regmean_needs,
                with_calibration={"off_diagonal_scale": 2.0})
     with pytest.raises(ValueError, match="reads calibration data"):
         method("x", summary="", params=RegMeanParams, with_calibration={"off_diagonal_scale": 1.0})

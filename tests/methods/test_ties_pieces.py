@@ -13,8 +13,9 @@ from typing import Sequence
 import pytest
 import torch
 
-from pivotmerge.methods import _ops, get_method
-from pivotmerge.methods._ops import magnitude_trim_
+from pivotmerge.methods import get_method
+from pivotmerge.methods.toolkit import pieces
+from pivotmerge.methods.toolkit.sparsify import magnitude_cut, magnitude_trim_
 
 
 def reference_trim_(d: torch.Tensor, density: float) -> torch.Tensor:
@@ -68,7 +69,7 @@ def run_ties(tensors, base, weights, **params) -> torch.Tensor:
 @pytest.fixture
 def small_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
     # Many pieces on small tensors; a multiple of 64 as PIECE is (see its comment).
-    monkeypatch.setattr(_ops, "PIECE", 256)
+    monkeypatch.setattr(pieces, "PIECE", 256)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
@@ -91,8 +92,8 @@ def test_cut_spans_pieces_and_keeps_ties_in_flat_order(small_pieces: None) -> No
     d[[5, 300, 650]] = 4.0
     for density in (0.004, 0.3, 0.5, 0.99, 1 / 700):
         want = reference_trim_(d.clone(), density)
-        cut = _ops.magnitude_cut(d.__getitem__, d.numel(), density)
-        got = torch.cat([cut.apply_(d[p].clone()) for p in _ops.flat_pieces(d.numel())])
+        cut = magnitude_cut(d.__getitem__, d.numel(), density)
+        got = torch.cat([cut.apply_(d[p].clone()) for p in pieces.flat_pieces(d.numel())])
         assert torch.equal(got, want)
         assert torch.equal(magnitude_trim_(d.clone(), density), want)
 
@@ -113,7 +114,7 @@ def test_trim_of_non_contiguous_tensor() -> None:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_ties_on_inputs_as_stored_keeps_the_bits_of_ties_on_float32_copies(monkeypatch, dtype):
     # The engine hands TIES the stored tensors (`stored_inputs`); each piece is converted as read.
-    monkeypatch.setattr(_ops, "PIECE", 64)  # several pieces and a ragged last one
+    monkeypatch.setattr(pieces, "PIECE", 64)  # several pieces and a ragged last one
     g = torch.Generator().manual_seed(5)
     base = torch.randn(37, 29, generator=g).to(dtype)
     experts = [(base.float() + 0.1 * torch.randn(37, 29, generator=g)).to(dtype) for _ in range(3)]

@@ -2,7 +2,10 @@
 
 Nothing is mocked. The database `pivotmerge_test_<random>` is created for the
 session and dropped at the end; the broker uses its own Redis key prefix, so
-parallel sessions on one Redis do not see each other's jobs.
+parallel sessions on one Redis do not see each other's jobs. The servers are
+PIVOTMERGE_TEST_PG's (a URL whose user may create databases) and
+PIVOTMERGE_TEST_REDIS's, or else throwaway ones this process starts
+(tests/throwaway_servers.py); without their binaries the tests that need them skip.
 """
 
 from __future__ import annotations
@@ -16,30 +19,59 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
+from redis.exceptions import RedisError
 
 from app.auth import create_api_key, create_team
 from core.db import make_engine, make_sessionmaker, migrate
 from app.main import create_app
 from core.settings import Settings
 from pivotmerge.data.example import ExampleSet, make_example
+from tests.system_packages import missing
+from tests.throwaway_servers import Missing, server_url
 from tests.service.service_support import WorkerProcess, merge_spec, service_env, wait_final
 
-PG_ADMIN_URL = os.environ.get("PIVOTMERGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("PIVOTMERGE_TEST_REDIS", "redis://127.0.0.1:6379/11")
 MAX_ATTEMPTS = 2
 PREFIX_ROOT = f"pmtest-{uuid.uuid4().hex[:8]}"
 
 
+def _server(variable: str) -> str:
+    try:
+        return server_url(variable)
+    except Missing as absent:
+        missing(str(absent))
+
+
 @pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
+def pg_admin_url() -> str:
+    """A Postgres URL whose user may create databases."""
+    url = _server("PIVOTMERGE_TEST_PG")
+    try:
+        psycopg.connect(url, connect_timeout=10).close()
+    except psycopg.OperationalError as error:
+        pytest.fail(f"PIVOTMERGE_TEST_PG={url}: cannot connect: {str(error).strip().splitlines()[0]}", pytrace=False)
+    return url
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    url = _server("PIVOTMERGE_TEST_REDIS")
+    try:
+        Redis.from_url(url, socket_connect_timeout=10).ping()
+    except RedisError as error:
+        pytest.fail(f"PIVOTMERGE_TEST_REDIS={url}: {error}", pytrace=False)
+    return url
+
+
+@pytest.fixture(scope="session")
+def database_url(pg_admin_url: str) -> Iterator[str]:
     name = f"pivotmerge_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    base = pg_admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
     url = f"{base}/{name}"
     migrate(url)
     yield url
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
@@ -49,21 +81,23 @@ def service_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def broker_prefix() -> Iterator[str]:
+def broker_prefix(redis_url: str) -> Iterator[str]:
     """This session's Redis key prefix; set up first, so torn down after every worker and client."""
     yield f"{PREFIX_ROOT}:"
-    redis = Redis.from_url(REDIS_URL)
+    redis = Redis.from_url(redis_url)
     for key in redis.scan_iter(f"{PREFIX_ROOT}*"):
         redis.delete(key)
 
 
 @pytest.fixture(scope="session")
-def settings_values(broker_prefix: str, database_url: str, service_dir: Path) -> dict[str, str]:
+def settings_values(broker_prefix: str, redis_url: str, database_url: str, service_dir: Path) -> dict[str, str]:
     """PIVOTMERGE_* settings shared by the in-process API and the worker process."""
     (service_dir / "models").mkdir()
     return {
         "database_url": database_url,
-        "broker_url": REDIS_URL,
+        "broker_url": redis_url,
+        "split_broker_url": redis_url,
+        "split_backend_url": redis_url,
         "broker_key_prefix": broker_prefix,
         "data_dir": str(service_dir / "data"),
         "allowed_roots": str(service_dir / "models"),

@@ -85,12 +85,12 @@ def submit_and_freeze(client, team, sessions, spec) -> tuple[str, int]:
 
 
 class WorkerProcess:
-    """A real `celery worker` process on the gpu queue (or, with app workers.split, the split queue),
+    """A real `celery worker` process on the gpu queue (or the queues given: split, trials),
     as a deployment runs it."""
 
-    def __init__(self, env: dict[str, str], log: Path, name: str, queues: str = "gpu", app: str = "workers.worker") -> None:
+    def __init__(self, env: dict[str, str], log: Path, name: str, queues: str = "gpu") -> None:
         self.log = log
-        command = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queues, "-c", "1",
+        command = [sys.executable, "-m", "celery", "-A", "workers.worker", "worker", "-Q", queues, "-c", "1",
                    "--pool", "prefork", "-n", f"{name}@%h", "-l", "info",
                    "--without-gossip", "--without-mingle", "--without-heartbeat"]
         self.process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,

@@ -13,16 +13,15 @@ from sqlalchemy import update
 
 from app.auth import create_team
 from app.errors import ApiError
-from app.routers.merges import MERGES
-from app import jobs
-from core.models import Job, JobKind, JobState
-from tests.service.conftest import PG_ADMIN_URL
+from workers.kinds.merge import MERGE as MERGES
+from app import job_service as jobs
+from core.models import Job, JobState
 
 
 def test_a_cancel_that_lost_the_race_names_the_state_the_job_ended_in(sessions) -> None:
     with sessions() as session:
         team = create_team(session, f"race-{uuid.uuid4().hex[:8]}")
-        job = Job(team_id=team.id, kind=JobKind.merge, spec={}, request_sha256="0" * 64, state=JobState.running)
+        job = Job(team_id=team.id, kind="merge", spec={}, request_sha256="0" * 64, state=JobState.running)
         session.add(job)
         session.commit()
         loaded = jobs.load_job(session, team, MERGES, job.id)  # the API has read it as running...
@@ -59,15 +58,15 @@ def test_create_team_with_a_bad_name_is_one_line_exit_2(tmp_path: Path, name: st
     assert result.stderr.count("\n") == 1 and words in result.stderr and "Traceback" not in result.stderr
 
 
-def test_admin_on_an_unmigrated_deployment_database_says_what_to_run() -> None:
+def test_admin_on_an_unmigrated_deployment_database_says_what_to_run(pg_admin_url: str) -> None:
     name = f"pivotmerge_empty_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
-        url = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + f"/{name}"
+        url = pg_admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + f"/{name}"
         result = pivotmerge_cli(["admin", "create-team", "lab"], clean_env(database_url=url))
     finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     assert result.returncode == 2
     assert result.stderr.strip() == "Error: the database has no schema yet: run `pivotmerge admin migrate` first"

@@ -17,7 +17,7 @@ def modules_loaded_by(module: str) -> set[str]:
 
 
 def test_workers_import_nothing_from_app() -> None:
-    for module in ("workers.tasks", "workers.worker", "workers.split"):
+    for module in ("workers.tasks", "workers.worker", "workers.split_parts", "workers.kinds"):
         loaded = modules_loaded_by(module)
         assert module in loaded
         assert not {m for m in loaded if m == "app" or m.startswith("app.")}, module

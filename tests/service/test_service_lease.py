@@ -19,13 +19,14 @@ from app.auth import create_team
 from app.main import create_app
 from app.housekeeping import reap_once
 from core.job_states import add_event, start_attempt
-from core.models import Job, JobEvent, JobKind, JobState, utcnow
+from core.models import Job, JobEvent, JobState, utcnow
 from core.settings import Settings
+from core.storage import artifact_key, make_store
 from tests.service.service_support import WorkerProcess, freeze_mid_job, merge_spec, service_env, wait_final, wait_for
 from workers.celery_app import make_celery
 from workers.tasks import scratch_folder, sweep_scratch
 
-LEASE_TARGET_SECONDS = 60  # issue target with the default lease (30 s) and reaper period (10 s)
+LEASE_TARGET_SECONDS = 60  # the target, with the default lease (15 s) and reaper period (5 s)
 
 
 def parent_pid(pid: int) -> int:
@@ -46,7 +47,7 @@ def two_workers(settings_values, broker_prefix, service_dir) -> Iterator[tuple[S
 
 def test_a_job_whose_worker_main_process_was_killed_runs_again_within_the_target(two_workers, sessions, tiny) -> None:
     settings, workers = two_workers
-    assert settings.job_lease_seconds == 30 and settings.lease_check_seconds == 10  # the defaults
+    assert settings.job_lease_seconds == 15 and settings.lease_check_seconds == 5  # the defaults
     with TestClient(create_app(settings)) as client:
         team = _team(sessions)
         for _ in range(10):
@@ -78,6 +79,8 @@ def test_a_job_whose_worker_main_process_was_killed_runs_again_within_the_target
         assert job.worker.rpartition(":")[0] != killed_node  # the other worker ran it
         types = session.scalars(select(JobEvent.type).where(JobEvent.job_id == job.id).order_by(JobEvent.seq)).all()
     assert "lease" in types
+    # The killed attempt's scratch folder (a half-written shard) went when the job ended on the other worker.
+    assert not list(settings.work_dir.glob(f"{job_id}.*"))
     print(f"killed worker main process -> job running again after {elapsed:.1f} s")
 
 
@@ -94,7 +97,7 @@ def _team(sessions) -> dict[str, str]:  # type: ignore[no-untyped-def]
 def _job(sessions, **values) -> uuid.UUID:  # type: ignore[no-untyped-def]
     with sessions() as session:
         team = create_team(session, f"lease-{uuid.uuid4().hex[:8]}")
-        job = Job(team_id=team.id, kind=JobKind.merge, spec={}, request_sha256="0" * 64, **values)
+        job = Job(team_id=team.id, kind="merge", spec={}, request_sha256="0" * 64, **values)
         session.add(job)
         session.commit()
         return job.id
@@ -115,7 +118,7 @@ def test_a_duplicate_delivery_of_a_job_another_worker_holds_is_dropped(sessions)
         assert (job.state, job.attempts, job.worker) == (JobState.running, 2, "me@host:2")
 
 
-def test_the_reaper_requeues_fails_or_cancels_jobs_whose_lease_lapsed(settings, sessions) -> None:
+def test_the_reaper_requeues_fails_or_cancels_jobs_whose_lease_lapsed(settings, sessions, tmp_path: Path) -> None:
     lapsed = utcnow() - timedelta(seconds=1)
     requeue = _job(sessions, state=JobState.running, attempts=1, worker="w@h:1", lease_expires_at=lapsed)
     exhausted = _job(sessions, state=JobState.running, attempts=settings.max_attempts, worker="w@h:1",
@@ -127,10 +130,18 @@ def test_the_reaper_requeues_fails_or_cancels_jobs_whose_lease_lapsed(settings, 
         with sessions() as session:
             add_event(session, job_id, "state", {"state": "queued"})
             session.commit()
+    # What each dead attempt had stored (it may have died publishing): a job the reaper ends keeps none of it.
+    store = make_store(settings)
+    for job_id in (requeue, exhausted, cancelling, alive):
+        side_file = tmp_path / f"{job_id}.json"
+        side_file.write_text("{}")
+        store.put(artifact_key(job_id, "config.json"), side_file)  # moved into the store
     # A broker no worker reads: the requeued message is sent, nothing runs it.
     unread = settings.model_copy(update={"broker_key_prefix": f"unread-{uuid.uuid4().hex[:6]}:"})
-    requeued = reap_once(sessions, make_celery(unread), settings.max_attempts)
+    requeued = reap_once(sessions, make_celery(unread), store, settings.max_attempts)
     assert requeue in requeued and exhausted not in requeued
+    stored = {j for j in (requeue, exhausted, cancelling, alive) if (settings.storage_dir / artifact_key(j, "")).exists()}
+    assert stored == {requeue, alive}
     with sessions() as session:
         state = {j: session.get(Job, j) for j in (requeue, exhausted, cancelling, alive)}
         assert (state[requeue].state, state[requeue].worker, state[requeue].lease_expires_at) == (JobState.queued, None, None)

@@ -11,10 +11,12 @@ from pathlib import Path
 from sqlalchemy import select
 
 from app.auth import create_team
-from core.models import Artifact, Job, JobKind
+from core.models import Artifact, Job
 from core.settings import Settings
 from core.storage import LocalStore
-from workers.tasks import WorkerContext, publish
+from workers.context import WorkerContext
+from workers.kinds import Outcome
+from workers.tasks import publish
 
 
 def test_publish_reuses_the_writers_sha256_and_hashes_side_files(settings: Settings, sessions, tmp_path: Path) -> None:
@@ -31,11 +33,11 @@ def test_publish_reuses_the_writers_sha256_and_hashes_side_files(settings: Setti
 
     with sessions() as session:
         team = create_team(session, f"publish-{uuid.uuid4().hex[:8]}")
-        job = Job(team_id=team.id, kind=JobKind.merge, spec={}, request_sha256="0" * 64)
+        job = Job(team_id=team.id, kind="merge", spec={}, request_sha256="0" * 64)
         session.add(job)
         session.flush()
         ctx = WorkerContext(settings, sessions, LocalStore(tmp_path / "store"), os.getpid())
-        publish(ctx, session, job.id, out)
+        publish(ctx, session, job.id, out, Outcome(json.loads(report_bytes)))  # the report the run returned
         session.commit()
         rows = {a.name: a for a in session.scalars(select(Artifact).where(Artifact.job_id == job.id))}
 
@@ -54,10 +56,11 @@ def test_publish_hashes_a_shard_whose_size_differs_from_the_report(settings: Set
         {"name": "model.safetensors", "size": 11, "sha256": "cd" * 32}]}))
     with sessions() as session:
         team = create_team(session, f"publish-{uuid.uuid4().hex[:8]}")
-        job = Job(team_id=team.id, kind=JobKind.merge, spec={}, request_sha256="0" * 64)
+        job = Job(team_id=team.id, kind="merge", spec={}, request_sha256="0" * 64)
         session.add(job)
         session.flush()
-        publish(WorkerContext(settings, sessions, LocalStore(tmp_path / "store"), os.getpid()), session, job.id, out)
+        publish(WorkerContext(settings, sessions, LocalStore(tmp_path / "store"), os.getpid()), session, job.id, out,
+                Outcome(json.loads((out / "merge_report.json").read_text())))
         digest = session.scalar(select(Artifact.sha256).where(Artifact.job_id == job.id,
                                                               Artifact.name == "model.safetensors"))
         session.rollback()

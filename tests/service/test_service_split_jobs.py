@@ -1,4 +1,5 @@
-"""Split merges as jobs: `split: N` runs the merge's parts on split workers (real processes), with the
+"""Split merges as jobs: `split: N` runs the merge's parts on split workers (real processes, reading the
+`split` queue of the main Celery app; the parts are rows with leases, as trials are), with the
 artifact store on local disk or on a real S3 server (moto) on loopback; parts killed mid-merge are run
 again, and every output file is byte-identical to a single-worker merge of the same spec."""
 
@@ -17,17 +18,14 @@ from typing import Any, Callable, Iterator
 
 import boto3
 import pytest
-from celery import Celery
-from celery.result import AsyncResult
 from fastapi.responses import StreamingResponse
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 import pivotmerge
-from app.jobs import download_artifact
+from app.job_streaming import download_artifact
 from app.main import create_app
-from app.routers.merges import MERGES
-from core.models import Artifact, Job
+from core.models import Artifact, Job, SplitPart
 from core.settings import Settings
 from core.storage import CHUNK, make_store
 from tests.repo_factory import llava_like, write_repo
@@ -35,7 +33,7 @@ from tests.service.service_support import WorkerProcess, service_env, wait_final
 from tests.service.test_service_lease import parent_pid
 from tests.service.test_service_storage_and_schema import s3_endpoint  # noqa: F401  (the moto server fixture)
 from pivotmerge.run.split import partition
-from workers.split import make_split_celery
+from workers.kinds.merge import MERGE
 
 pytestmark = pytest.mark.slow
 
@@ -67,10 +65,10 @@ def whole(models: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> t
     return {p.name: sha256(p.read_bytes()) for p in out.iterdir() if p.name not in TIMED}, report.as_json()
 
 
-def start_workers(specs: list[tuple[dict[str, str], Path, str, str, str]]) -> list[WorkerProcess]:
+def start_workers(specs: list[tuple[dict[str, str], Path, str, str]]) -> list[WorkerProcess]:
     """Start the worker processes side by side (each takes seconds of imports)."""
     with ThreadPoolExecutor(len(specs)) as pool:
-        return list(pool.map(lambda s: WorkerProcess(s[0], s[1], s[2], queues=s[3], app=s[4]), specs))
+        return list(pool.map(lambda s: WorkerProcess(s[0], s[1], s[2], queues=s[3]), specs))
 
 
 def stop_workers(workers: list[WorkerProcess]) -> None:
@@ -82,7 +80,7 @@ def stop_workers(workers: list[WorkerProcess]) -> None:
 def local_split_workers(settings_values, service_dir, worker) -> Iterator[list[WorkerProcess]]:  # type: ignore[no-untyped-def]
     """Two split workers beside the session's job worker: local artifact store, the session's broker prefix."""
     env = service_env(settings_values)
-    workers = start_workers([(env, service_dir / f"split-local-{i}.log", f"pmtest-split-local{i}", "split", "workers.split")
+    workers = start_workers([(env, service_dir / f"split-local-{i}.log", f"pmtest-split-local{i}", "split")
                              for i in range(2)])
     yield workers
     stop_workers(workers)
@@ -101,13 +99,13 @@ def s3_stack(settings_values, broker_prefix, service_dir, s3_endpoint) -> Iterat
         s3 = boto3.client("s3", endpoint_url=s3_endpoint)
         s3.create_bucket(Bucket=bucket)
         env = {**service_env(values), **AWS}
-        workers = start_workers([(env, service_dir / "split-s3-job.log", "pmtest-split-s3job", "gpu", "workers.worker")]
-                                + [(env, service_dir / f"split-s3-{i}.log", f"pmtest-split-s3{i}", "split", "workers.split")
+        workers = start_workers([(env, service_dir / "split-s3-job.log", "pmtest-split-s3job", "gpu")]
+                                + [(env, service_dir / f"split-s3-{i}.log", f"pmtest-split-s3{i}", "split")
                                    for i in range(2)])
         settings = Settings(**values)
         with TestClient(create_app(settings)) as client:
             yield {"client": client, "settings": settings, "s3": s3, "bucket": bucket, "job_worker": workers[0],
-                   "split_workers": workers[1:], "results": make_split_celery(settings)}
+                   "split_workers": workers[1:]}
         stop_workers(workers)
 
 
@@ -124,19 +122,26 @@ def part_tasks(client: TestClient, job_id: str, headers: dict[str, str]) -> list
     return wait_for(sent, 60, f"{job_id} to send its parts", interval=0.05)
 
 
-def freeze_running_part(results: Celery, tasks: list[str], skip: frozenset[str] = frozenset()) -> tuple[str, int]:
-    """SIGSTOP the pool process of a part caught mid-merge (PROGRESS, some tensors merged); (task id, pid)."""
+def parts(sessions, job_id: str) -> list[SplitPart]:  # type: ignore[no-untyped-def]
+    with sessions() as session:
+        return list(session.scalars(select(SplitPart).where(SplitPart.job_id == uuid.UUID(job_id))
+                                    .order_by(SplitPart.part)))
+
+
+def freeze_running_part(sessions, job_id: str, tasks: list[str],  # type: ignore[no-untyped-def]
+                        skip: frozenset[str] = frozenset()) -> tuple[str, int]:
+    """SIGSTOP the pool process of a part caught mid-merge (running, some tensors merged); (task id, pid)."""
     def caught() -> tuple[str, int] | None:
-        for task_id in tasks:
-            state = AsyncResult(task_id, app=results)
-            if task_id in skip or state.state != "PROGRESS" or not state.info["done"]:
+        for row in parts(sessions, job_id):
+            task_id = tasks[row.part]
+            if task_id in skip or row.state != "running" or not row.done:
                 continue
-            pid = int(state.info["worker"].rpartition(":")[2])
+            pid = int(row.worker.rpartition(":")[2])
             try:
                 os.kill(pid, signal.SIGSTOP)
             except ProcessLookupError:  # a beat left by a process already gone
                 continue
-            if AsyncResult(task_id, app=results).state == "PROGRESS":  # frozen before it finished
+            if parts(sessions, job_id)[row.part].state == "running":  # frozen before it finished
                 return task_id, pid
             os.kill(pid, signal.SIGCONT)
         return None
@@ -216,26 +221,29 @@ def test_local_split_job_matches_one_merge_and_streams_its_downloads(  # type: i
     assert client.get(shard["url"], headers={**team, "If-None-Match": f'"{shard["sha256"]}"'}).status_code == 304
     with sessions() as session:
         job_row = session.get(Job, uuid.UUID(job["id"]))
-        response = download_artifact(MERGES, job_row, shard["name"], session, make_store(settings), None, None)
+        response = download_artifact(MERGE, job_row, shard["name"], session, make_store(settings), None, None)
     assert isinstance(response, StreamingResponse)
     chunks = asyncio.run(collect(response))
     assert len(chunks) == -(-shard["size"] // CHUNK) and max(len(c) for c in chunks) == CHUNK
     assert b"".join(chunks) == whole_bytes
 
 
-def test_cancel_stops_the_remaining_parts(s3_stack, team, models) -> None:  # type: ignore[no-untyped-def]
-    client, results, s3, bucket = s3_stack["client"], s3_stack["results"], s3_stack["s3"], s3_stack["bucket"]
+def test_cancel_stops_the_remaining_parts(s3_stack, team, sessions, models) -> None:  # type: ignore[no-untyped-def]
+    client, s3, bucket = s3_stack["client"], s3_stack["s3"], s3_stack["bucket"]
     job = client.post("/v1/merges", json={**models, "split": 6}, headers=team).json()
     tasks = part_tasks(client, job["id"], team)
     assert len(tasks) == 6
-    wait_for(lambda: any(AsyncResult(t, app=results).state == "SUCCESS" for t in tasks), 60, "a part to finish")
+    wait_for(lambda: any(row.state == "succeeded" for row in parts(sessions, job["id"])), 60, "a part to finish")
     assert client.post(f"/v1/merges/{job['id']}:cancel", headers=team).status_code == 200
     done = wait_final(client, f"/v1/merges/{job['id']}", team)
     assert done["state"] == "cancelled"
 
-    outcomes = wait_for(lambda: [r.result for r in map(lambda t: AsyncResult(t, app=results), tasks)]
-                        if all(AsyncResult(t, app=results).ready() for t in tasks) else None, 60, "every part to end")
-    stopped = [o["stopped"] for o in outcomes if "stopped" in o]
+    def every_part_ended() -> list[SplitPart] | None:
+        rows = parts(sessions, job["id"])
+        return rows if all(r.state in ("succeeded", "stopped", "failed") for r in rows) else None
+
+    outcomes = wait_for(every_part_ended, 60, "every part to end")
+    stopped = [o.message for o in outcomes if o.state == "stopped"]
     assert any(s.startswith("before it started") for s in stopped), outcomes  # queued parts never merged
     assert len(stopped) < 6  # and some had finished before the cancel
     # The job's worker removes the files it stored right after it recorded the end of the job.
@@ -246,16 +254,16 @@ def test_cancel_stops_the_remaining_parts(s3_stack, team, models) -> None:  # ty
 
 def test_s3_split_job_survives_killed_part_processes(s3_stack, team, sessions, models, whole) -> None:  # type: ignore[no-untyped-def]
     """One part's pool process and another part's worker main process are SIGKILLed mid-merge."""
-    client, results, settings = s3_stack["client"], s3_stack["results"], s3_stack["settings"]
+    client, settings = s3_stack["client"], s3_stack["settings"]
     s3, bucket = s3_stack["s3"], s3_stack["bucket"]
     job = client.post("/v1/merges", json={**models, "split": 3}, headers=team).json()
     tasks = part_tasks(client, job["id"], team)
 
     # A pool process: its worker puts the part back on the queue at once (late ack, reject on worker lost).
-    child_task, child = freeze_running_part(results, tasks)
+    child_task, child = freeze_running_part(sessions, job["id"], tasks)
     os.kill(child, signal.SIGKILL)
     # A worker's main process: nothing returns its part but the job's worker, once the part stops beating.
-    main_task, frozen = freeze_running_part(results, tasks, skip=frozenset({child_task}))
+    main_task, frozen = freeze_running_part(sessions, job["id"], tasks, skip=frozenset({child_task}))
     main = parent_pid(frozen)
     assert main in {w.process.pid for w in s3_stack["split_workers"]}
     os.kill(main, signal.SIGKILL)

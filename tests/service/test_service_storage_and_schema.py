@@ -22,7 +22,7 @@ from sqlalchemy import create_engine, select
 from app.auth import hash_key
 from core.db import migrate
 from app.main import create_app
-from core.models import ApiKey, Artifact, Base, Job, JobKind, JobState
+from core.models import ApiKey, Artifact, Base, Job, JobState
 from core.storage import ArtifactStore, LocalStore, S3Store, artifact_key, file_sha256, make_store
 
 
@@ -103,7 +103,7 @@ def test_api_serves_artifacts_from_s3(settings, sessions, team, s3_endpoint, s3_
     payload = uuid.uuid4().bytes * 5000
     with sessions() as session:  # a finished job whose worker stored its file in S3
         team_id = session.scalar(select(ApiKey.team_id).where(ApiKey.key_sha256 == hash_key(team["Authorization"][7:])))
-        job = Job(team_id=team_id, kind=JobKind.merge, state=JobState.succeeded, spec={}, request_sha256="0" * 64)
+        job = Job(team_id=team_id, kind="merge", state=JobState.succeeded, spec={}, request_sha256="0" * 64)
         session.add(job)
         session.flush()
         key = artifact_key(job.id, "model.safetensors")
@@ -141,7 +141,7 @@ def test_non_finite_metrics_are_stored_as_null_and_served(settings, sessions, te
                            "perplexity": float("inf"), "token_accuracy": float("nan")}]}
     with sessions() as session:
         team_id = session.scalar(select(ApiKey.team_id).where(ApiKey.key_sha256 == hash_key(team["Authorization"][7:])))
-        job = Job(team_id=team_id, kind=JobKind.merge, state=JobState.succeeded, spec={}, request_sha256="1" * 64,
+        job = Job(team_id=team_id, kind="merge", state=JobState.succeeded, spec={}, request_sha256="1" * 64,
                   report={"evaluation": metrics, "total_s": float("-inf")}, metrics=metrics)
         session.add(job)
         session.commit()

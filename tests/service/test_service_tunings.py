@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from app.main import create_app
 from core.models import Job, Trial
-from core.tunings import TuningRequest
+from core.tuning_request import TuningRequest
 from pivotmerge.data.example import SIZES, ExampleSet, make_dataset
 from pivotmerge.tune.tuning import tune
 from tests.service.conftest import _new_team

@@ -5,7 +5,6 @@ once for it; bad input is one line naming the field and leaves nothing behind.""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -56,10 +55,12 @@ def test_the_output_is_the_best_trials_merge_and_scores_its_dev_figures(tuned, e
     study = report.study
     best = study.best_trial()
     # A normal merge output: weights, side files, a report whose tensors carry the chosen parameters.
-    assert {"model.safetensors", "config.json", "merge_report.json", "README.md", "study.png"} <= {p.name for p in out.iterdir()}
+    written = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "merge_report.json", "README.md", "study.png"} <= written
     assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fields = get_method(best.method).params.model_fields
-    assert all(entry.params == {k: v for k, v in best.params.items() if v != fields[k].default} for entry in report.layers)
+    changed = {k: v for k, v in best.params.items() if v != fields[k].default}
+    assert all(entry.params == changed for entry in report.layers)
     # The written model scores on dev exactly what the in-memory trial scored.
     dev = [load_dataset(example.datasets[d]) for d in ("shapes", "dots")]
     written = evaluate_model(out, dev, device="cpu")
@@ -85,7 +86,8 @@ def test_a_small_discrete_space_runs_as_a_grid(example, run_cli, tmp_path):
     spec = yaml.safe_load(example.spec.read_text())
     spec["tune"] = {"space": {"ties": {"scale": [0.5, 1.0], "density": 0.5}}}
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    result = run_cli("tune", "spec.yaml", "--dev", str(example.datasets["dots"]), "--trials", "10", "--json", "-o", "out",
+    result = run_cli("tune", "spec.yaml", "--dev", str(example.datasets["dots"]), "--trials", "10", "--json", "-o",
+                     "out",
                      cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     study = MergeReport.model_validate(json.loads(result.stdout)).study

@@ -42,7 +42,8 @@ def fragile_method(monkeypatch):
 
 @pytest.fixture(scope="module")
 def spec(example):
-    data = {"method": "task_arithmetic", "base_model": str(example.base), "models": [{"model": str(e)} for e in example.experts],
+    data = {"method": "task_arithmetic", "base_model": str(example.base),
+            "models": [{"model": str(e)} for e in example.experts],
             "components": ["projector"], "calibration": {"dataset": str(example.datasets["shapes"]), "limit": 4}}
     return spec_from_dict(data)
 
@@ -67,7 +68,8 @@ def test_cancel_stops_the_study_between_trials(spec, runner):
     space = read_space(spec, {"space": {"task_arithmetic": {}}})
     seen = []
     with pytest.raises(MergeCancelled):
-        run_study(space, "loss", local_batches(runner), trials=10, on_trial=seen.append, should_cancel=lambda: len(seen) >= 2)
+        run_study(space, "loss", local_batches(runner), trials=10, on_trial=seen.append,
+                  should_cancel=lambda: len(seen) >= 2)
     assert len(seen) == 2
 
 
@@ -88,7 +90,8 @@ def test_the_time_budget_stops_the_study_after_the_trial_running_when_it_ends(sp
 def test_calibration_is_measured_once_per_kind_of_data(spec, example, monkeypatch):
     calls = []
     real = trials_module.calibrate
-    monkeypatch.setattr(trials_module, "calibrate", lambda plan, *a, **k: calls.append(frozenset(plan.needs)) or real(plan, *a, **k))
+    monkeypatch.setattr(trials_module, "calibrate",
+                        lambda plan, *a, **k: calls.append(frozenset(plan.needs)) or real(plan, *a, **k))
     space = read_space(spec, {"space": {"regmean": {"off_diagonal_scale": [0.5, 0.9, 1.0]},
                                         "pm_data": {"method": "pivotmerge", "layer_weighting": "data",
                                                     "scale_max": [0.5, 1.0]}}})
@@ -141,7 +144,8 @@ def test_batches_fanned_out_to_two_runners_choose_what_one_process_chooses(spec,
 
         together = run_study(space, "loss", fan_out, trials=6, seed=3, batch_size=2)
     torch.set_num_threads(threads)
-    assert [(t.label, t.params, t.objective) for t in together.trials] == [(t.label, t.params, t.objective) for t in alone.trials]
+    assert ([(t.label, t.params, t.objective) for t in together.trials]
+            == [(t.label, t.params, t.objective) for t in alone.trials])
     assert together.best == alone.best
     assert len({json_key(t.params) for t in alone.trials}) > 2  # the sampler explored beyond the defaults
 

@@ -26,8 +26,10 @@ from app.main import create_app
 from core.settings import Settings
 from pivotmerge.data.example import ExampleSet, make_example
 from tests.service.conftest import (  # noqa: F401  (fixtures used by name)
-    _new_team, broker_prefix, database_url, service_dir, sessions, settings, settings_values, worker,
+    _new_team, broker_prefix, database_url, pg_admin_url, redis_url, service_dir, sessions, settings, settings_values,
+    worker,
 )
+from tests.system_packages import missing
 
 CHROMIUM = Path(os.environ.get("PIVOTMERGE_TEST_CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("PIVOTMERGE_TEST_CHROMEDRIVER", "/usr/bin/chromedriver"))
@@ -103,8 +105,8 @@ def downloads(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def chromium(downloads: Path) -> Iterator[webdriver.Chrome]:
-    assert CHROMIUM.is_file() and CHROMEDRIVER.is_file(), (
-        f"the dashboard tests need {CHROMIUM} and {CHROMEDRIVER} (Debian: apt-get install chromium chromium-driver)")
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        missing(f"{CHROMIUM} and {CHROMEDRIVER} (Debian: apt-get install chromium chromium-driver)")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",

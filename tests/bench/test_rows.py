@@ -1,0 +1,55 @@
+"""`pivotmerge bench quality --rows`: only the named rows are merged, and the tables cope with what is left out."""
+
+from __future__ import annotations
+
+import pytest
+
+from pivotmerge.bench.domains import DOMAINS
+from pivotmerge.bench.quality import FULL, QUICK, paired, with_rows
+from pivotmerge.bench.tables import markdown
+from pivotmerge.cli.main import main
+
+
+def test_rows_choose_what_a_suite_merges():
+    suite = with_rows(FULL, ("cart", "pivotmerge"))
+    assert [suite.runs(r) for r in ("cart", "pivotmerge", "iso_c")] == [True, True, False]
+    assert with_rows(FULL, None) is FULL and FULL.runs("iso_c")
+    quick = with_rows(QUICK, ("cart", "pivotmerge"))  # quick mode's own row list still applies
+    assert [quick.runs(r) for r in ("cart", "pivotmerge")] == [False, True]
+
+
+def test_an_unknown_row_is_a_usage_error_naming_it(capsys):
+    with pytest.raises(ValueError, match=r"^--rows: unknown row 'cartt'; rows: task_arithmetic, "):
+        with_rows(FULL, ("cart", "cartt"))
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "quality", "--rows", "cart,cartt", "--out", "unused", "--cache", "unused"])
+    assert exc.value.code == 2
+    assert "Error: --rows: unknown row 'cartt'" in capsys.readouterr().err
+
+
+def _row(accuracy: float, dev: float | None = None) -> dict:
+    per = {d: {"token_accuracy": accuracy, "caption_loss": 1.0} for d in (*DOMAINS, "average")}
+    return {"test": per, "search": [{"params": {}, "dev_token_accuracy": accuracy if dev is None else dev}]}
+
+
+def test_paired_differences_of_a_partial_run():
+    # cart is the dev-chosen data-free rival (dev .7 against .6), so the bar compares with its test score .65
+    runs = [{"tuned": {"pivotmerge": _row(0.70), "cart": _row(0.65, dev=0.7), "ace": _row(0.68, dev=0.6)},
+             "defaults": {"pivotmerge": _row(0.69)}}]
+    got = {p["comparison"]: p["per_seed"][0] for p in paired(runs)}
+    assert got == pytest.approx({
+        "pivotmerge - best data-free baseline (dev-chosen per seed)": 0.05,
+        "pivotmerge defaults - best data-free baseline (dev-chosen per seed)": 0.04,
+        "pivotmerge - ace": 0.02, "pivotmerge - cart": 0.05,
+        "pivotmerge defaults - pivotmerge tuned": -0.01})
+    assert paired([{"tuned": {"cart": _row(0.65)}, "defaults": {}}]) == []
+
+
+def test_tables_of_a_partial_run_leave_out_scenarios_and_attribution():
+    stats = {d: {m: {"mean": 0.5, "std": 0.0} for m in ("token_accuracy", "caption_loss")}
+             for d in (*DOMAINS, "average")}
+    result = {"domains": list(DOMAINS), "suite": {"seeds": 1}, "reference": {"base": stats}, "tuned": {"cart": stats},
+              "defaults": {}, "paired": [], "gates": {"expert_specialisation": 0.2}, "spearman": {},
+              "layer_attribution": [[]], "merge_seconds": {}}
+    text = markdown(result)
+    assert "| cart | 0.500" in text and "Spearman" not in text and "Layer attribution" not in text

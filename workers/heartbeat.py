@@ -1,0 +1,64 @@
+"""A job worker's heartbeat: its main process writes a row every few seconds (core.models.WorkerHeartbeat),
+so `GET /metrics` can tell live workers from dead ones. The row goes when the worker shuts down cleanly;
+a killed worker's row stays, with its last beat."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from celery.signals import worker_ready, worker_shutdown
+from sqlalchemy import delete, update
+
+from core.db import make_engine, make_sessionmaker
+from core.models import HEARTBEAT_SECONDS, WorkerHeartbeat, utcnow
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_stop = threading.Event()
+
+
+def beat(settings: Settings, name: str, queues: str) -> None:
+    # An engine per beat, disposed at once: the pool forks children from this process, and they must not
+    # inherit a connection (they would close it under us).
+    engine = make_engine(settings.database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            values = {"queues": queues, "pid": os.getpid(), "beat_at": utcnow()}
+            if not session.execute(update(WorkerHeartbeat).where(WorkerHeartbeat.name == name).values(**values)).rowcount:
+                session.add(WorkerHeartbeat(name=name, started_at=values["beat_at"], **values))
+            session.commit()
+    finally:
+        engine.dispose()
+
+
+def _beat_until_stopped(settings: Settings, name: str, queues: str) -> None:
+    while True:
+        try:
+            beat(settings, name, queues)
+        except Exception:  # the database is away: the next beat tries again, and the gap shows on /metrics
+            log.warning("worker %s: heartbeat failed", name, exc_info=True)
+        if _stop.wait(HEARTBEAT_SECONDS):
+            return
+
+
+@worker_ready.connect
+def start_heartbeat(sender: Any, **_: Any) -> None:
+    queues = ",".join(sorted(q.name for q in sender.app.amqp.queues.consume_from.values()))
+    threading.Thread(target=_beat_until_stopped, args=(Settings(), sender.hostname, queues), name="heartbeat",
+                     daemon=True).start()
+
+
+@worker_shutdown.connect
+def remove_heartbeat(sender: Any, **_: Any) -> None:
+    _stop.set()
+    engine = make_engine(Settings().database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            session.execute(delete(WorkerHeartbeat).where(WorkerHeartbeat.name == sender.hostname))
+            session.commit()
+    finally:
+        engine.dispose()
