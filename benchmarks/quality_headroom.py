@@ -15,7 +15,16 @@ merge made by `pivotmerge.merge` from a spec and scored by the bench's evaluator
 4. **Data mode against its ceiling**: the joint projector (trained on every domain), RegMean++
    (`off_diagonal_scale` chosen on dev) and PivotMerge with calibration data at its defaults, on test.
 
+With ``--suite deep`` (the deep suite's worlds, where a merge spans the projector, every layer of
+the language model and the tower's top layers) it asks the layer-wise question only: data-free
+PivotMerge with uniform weights and one dev-chosen scale, against a dev-chosen scale per layer
+group (GROUPS: the projector, the vision tower, the language model's lower and upper halves), found
+by coordinate ascent on dev from the one-scale optimum (each group's scale over DEEP_SCALES in
+turn, the others held; two sweeps). Both are scored once on test. DEEP_SCALES reaches lower than
+SCALES: merging whole language models, one scale's dev optimum sat at SCALES' lowest value.
+
     python benchmarks/quality_headroom.py --cache /tmp/qcache --seeds 5 --out headroom.json
+    python benchmarks/quality_headroom.py --suite deep --cache /tmp/qcache --seeds 5 --out headroom-deep.json
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file
 
-from pivotmerge.bench.quality import FULL, PROJECTOR, PROJECTOR_LAYERS, Scorer, merged, select
+from pivotmerge.bench.quality import DEEP, FULL, PROJECTOR, PROJECTOR_LAYERS, Scorer, merged, select
 from pivotmerge.bench.variants import Variant
 from pivotmerge.bench.world import World, build_world
 
@@ -43,6 +52,13 @@ REGMEAN_PP = Variant("regmean_plus_plus", "regmean", fixed={"gram_inputs": "merg
                      grid={"off_diagonal_scale": [0.5, 0.9, 1.0]}, data=True)
 DATA = Variant("pivotmerge_data", "pivotmerge", data=True)
 Scores = tuple[float, float]  # dev, test mean token accuracy
+# The deep suite's layer groups as `scale_max` filters (the first that matches a tensor name wins;
+# None: every tensor no filter before it matched). The language model has 6 layers.
+GROUPS = (("projector", r"multi_modal_projector\."), ("vision_tower", r"vision_tower\."),
+          ("language_model: embeddings, layers 0-2", r"language_model\.(embed_tokens|layers\.[0-2])\."),
+          ("language_model: layers 3-5, norm, lm_head", None))
+UNIFORM = {"layer_weighting": "uniform"}
+DEEP_SCALES = (0.1, 0.15, 0.25, 0.35, 0.5, 0.75, 1.0, 1.5)
 
 
 def layer_scales(scales: tuple[float, float]) -> list[dict[str, Any]]:
@@ -116,6 +132,54 @@ def run_seed(seed: int, cache: Path, work: Path, log: Callable[[str], None]) -> 
     return out
 
 
+def group_scales(scales: list[float]) -> dict[str, Any]:
+    """Uniform weights and `scales[i]` as the `scale_max` of GROUPS[i]."""
+    return {**UNIFORM, "scale_max": [{"filter": f, "value": v} if f else {"value": v}
+                                      for (_, f), v in zip(GROUPS, scales, strict=True)]}
+
+
+def coordinate_ascent(probe: Probe, start: float, start_dev: float, sweeps: int = 2) -> dict[str, Any]:
+    """A scale per group chosen on dev, one group at a time over DEEP_SCALES with the others held, from
+    `start` everywhere (dev `start_dev`); only a strictly better dev score moves a scale."""
+    scales, best = [start] * len(GROUPS), start_dev
+    for _ in range(sweeps):
+        for g in range(len(GROUPS)):
+            for value in DEEP_SCALES:
+                if value == scales[g]:
+                    continue
+                candidate = [*scales[:g], value, *scales[g + 1:]]
+                dev = probe.accuracy(merged(probe.world, FREE, group_scales(candidate), probe.work / "merged"), "dev")
+                if dev > best:
+                    scales, best = candidate, dev
+    path = merged(probe.world, FREE, group_scales(scales), probe.work / "merged")
+    return {"scales": dict(zip((name for name, _ in GROUPS), scales)), "dev": best, "test": probe.accuracy(path, "test")}
+
+
+def run_deep_seed(seed: int, cache: Path, work: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    probe = Probe(build_world(DEEP.world, seed, cache, log), work)
+    log(f"seed {seed}: one scale")
+    out: dict[str, Any] = {"seed": seed, "defaults": dict(zip(("dev", "test"), probe.scores(FREE, {})))}
+    out["one_scale"] = probe.dev_chosen(Variant("one scale", "pivotmerge", UNIFORM, {"scale_max": list(DEEP_SCALES)}))
+    log(f"seed {seed}: a scale per layer group")
+    out["group_scales"] = coordinate_ascent(probe, out["one_scale"]["params"]["scale_max"], out["one_scale"]["dev"])
+    return out
+
+
+def deep_report(runs: list[dict[str, Any]]) -> str:
+    lines = [f"Deep suite, mean over {len(runs)} seed(s); dev chooses, test reported.", "",
+             "| row | dev | test | per seed (test) |", "|---|---|---|---|"]
+    for label, key in (("PivotMerge without data, defaults", "defaults"), ("one scale (uniform weights), dev-chosen", "one_scale"),
+                       ("a scale per layer group, dev-chosen", "group_scales")):
+        tests = " ".join(f"{r[key]['test']:.3f}" for r in runs)
+        lines.append(f"| {label} | {mean(runs, lambda r, key=key: r[key]['dev'])} | {mean(runs, lambda r, key=key: r[key]['test'])} | {tests} |")
+    gaps = [r["group_scales"]["test"] - r["one_scale"]["test"] for r in runs]
+    lines += ["", "Per seed, a scale per group minus one scale (test): " + " ".join(f"{g:+.4f}" for g in gaps)
+              + f"; mean {statistics.mean(gaps):+.4f}", "", "Dev-chosen scales per seed:"]
+    lines += [f"- seed {r['seed']}: one {r['one_scale']['params']['scale_max']}; per group "
+              + ", ".join(f"{name} {v}" for name, v in r["group_scales"]["scales"].items()) for r in runs]
+    return "\n".join(lines)
+
+
 def mean(runs: list[dict[str, Any]], get: Callable[[dict[str, Any]], float]) -> str:
     return f"{statistics.mean(get(r) for r in runs):.4f}"
 
@@ -144,14 +208,16 @@ def report(runs: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", choices=("projector", "deep"), default="projector")
     parser.add_argument("--cache", type=Path, required=True, help="The bench's world cache (built there if missing).")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", type=Path, help="Write every score as JSON here.")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny models: as the bench runs them
+    probe_seed, write_report = (run_deep_seed, deep_report) if args.suite == "deep" else (run_seed, report)
     with tempfile.TemporaryDirectory() as work:
-        runs = [run_seed(seed, args.cache, Path(work), lambda m: print(m, flush=True)) for seed in range(args.seeds)]
-    print(report(runs))
+        runs = [probe_seed(seed, args.cache, Path(work), lambda m: print(m, flush=True)) for seed in range(args.seeds)]
+    print(write_report(runs))
     if args.out:
         args.out.write_text(json.dumps(runs, indent=1) + "\n")
 

@@ -1,7 +1,12 @@
 """The quality benchmark, through the product: `pivotmerge.merge` on LLaVA folders, the evaluator's scores.
 
+Two suites (SUITES), the same rows and gates: `projector`, whose alignment trained
+the projector alone, and `deep`, whose alignment also trained the language model
+and the vision tower's top layers, so its merges span every layer (the spec's
+`components` are what the world's alignment trained).
+
 Per seed: build (or read from the cache) the world of `pivotmerge/bench/world.py`;
-score the shared initialisation, every expert and the joint projector; merge the
+score the shared initialisation, every expert and the joint model; merge the
 experts with every tuned row, each candidate of its grid scored on the dev
 splits (the search recorded) and the dev-chosen merge once on the test splits;
 merge every row again at its defaults and score that on test. Then per seed:
@@ -43,9 +48,17 @@ class Suite:
     seeds: int
     quick: bool = False  # quick mode runs QUICK_ROWS only
     rows: tuple[str, ...] | None = None  # only these rows are merged (the reference rows are always scored)
+    # The parts a layer attribution swaps between merges, each as the tensor-name prefixes it covers;
+    # together they cover what the suite merges.
+    parts: tuple[tuple[str, tuple[str, ...]], ...] = tuple((layer, (f"{PROJECTOR}{layer}.",)) for layer in PROJECTOR_LAYERS)
+    scenarios: bool = True  # merge every domain subset for the Spearman study of the distance metrics
 
     def runs(self, row: str) -> bool:
         return (not self.quick or row in QUICK_ROWS) and (self.rows is None or row in self.rows)
+
+    @property
+    def prefixes(self) -> tuple[str, ...]:
+        return tuple(p for _, prefixes in self.parts for p in prefixes)
 
 
 # One world recipe for both modes: quick mode is the full run's first seed with the gate rows only,
@@ -53,6 +66,19 @@ class Suite:
 WORLD = Config(n_train=200, n_dev=48, n_test=96, n_calib=32, vision_steps=200, lm_steps=400, expert_steps=200)
 QUICK = Suite(WORLD, seeds=1, quick=True)
 FULL = Suite(WORLD, seeds=5)
+# The deep suite: alignment also trains the whole language model and the tower's top layers, so a merge
+# spans every layer of a deeper Llama (6 layers) and a CLIP tower (4 layers, the 2 that feed the projector
+# train). Attribution swaps whole components; the Spearman scenarios (every domain subset merged, which would
+# double the suite's time) stay with the projector suite.
+DEEP_WORLD = replace(WORLD, vision_layers=4, text_layers=6, trains=("projector", "language_model", "vision_tower"))
+COMPONENTS = (("projector", (PROJECTOR,)), ("language_model", ("model.language_model.", "lm_head.")),
+              ("vision_tower", ("model.vision_tower.",)))
+# Quick mode (CI) builds a world of half the steps: 74 s of CPU instead of 126 s, and its gates hold (seed 0:
+# specialisation +0.29, task arithmetic over the base +0.17, the joint model over task arithmetic +0.27).
+DEEP_QUICK_WORLD = replace(DEEP_WORLD, vision_steps=100, lm_steps=200, expert_steps=100)
+DEEP_QUICK = Suite(DEEP_QUICK_WORLD, seeds=1, quick=True, parts=COMPONENTS, scenarios=False)
+DEEP = Suite(DEEP_WORLD, seeds=5, parts=COMPONENTS, scenarios=False)
+SUITES = {"projector": (QUICK, FULL), "deep": (DEEP_QUICK, DEEP)}  # name -> (quick, full)
 
 
 class Scorer:
@@ -87,8 +113,8 @@ def spec_for(world: World, variant: Variant, params: dict[str, Any], domains: tu
         if variant.data:
             entry["calibration"] = {"dataset": str(world.dataset("calib", d))}
         models.append(entry)
-    return {"method": variant.method, "base_model": str(world.base), "models": models, "components": ["projector"],
-            "parameters": params, "device": "cpu", "seed": 0}
+    return {"method": variant.method, "base_model": str(world.base), "models": models,
+            "components": world.config.merge_components(), "parameters": params, "device": "cpu", "seed": 0}
 
 
 def merged(world: World, variant: Variant, params: dict[str, Any], out: Path,
@@ -97,14 +123,23 @@ def merged(world: World, variant: Variant, params: dict[str, Any], out: Path,
     return out
 
 
+def timed_merge(world: World, variant: Variant, params: dict[str, Any], out: Path) -> tuple[Path, dict[str, float]]:
+    """`merged(...)` and what it took: wall seconds, and CPU seconds of this process (all its threads;
+    on a busy machine the closer measure of what a quiet one would take)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    path = merged(world, variant, params, out)
+    return path, {"wall": time.perf_counter() - wall, "cpu": time.process_time() - cpu}
+
+
 def select(variant: Variant, world: World, score: Scorer, work: Path) -> dict[str, Any]:
     """Grid search on the dev splits (mean token accuracy); the first best is kept at `work/chosen` and scored on test."""
     search: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
     chosen, candidate = work / "chosen", work / "candidate"
     for params in variant.candidates():
-        merged(world, variant, params, candidate)
-        search.append({"params": params, "dev_token_accuracy": score(candidate, "dev")["average"]["token_accuracy"]})
+        _, seconds = timed_merge(world, variant, params, candidate)
+        search.append({"params": params, "dev_token_accuracy": score(candidate, "dev")["average"]["token_accuracy"],
+                       "merge_seconds": seconds})
         if best is None or search[-1]["dev_token_accuracy"] > best["dev_token_accuracy"]:
             best = search[-1]
             shutil.rmtree(chosen, ignore_errors=True)
@@ -114,26 +149,26 @@ def select(variant: Variant, world: World, score: Scorer, work: Path) -> dict[st
     return {"params": best["params"], "search": search, "test": score(chosen, "test")}
 
 
-def with_layer(theirs: Path, ours: Path, layer: str, out: Path) -> Path:
-    """`theirs` with one projector layer's tensors taken from `ours` (both single-file folders)."""
+def with_part(theirs: Path, ours: Path, prefixes: tuple[str, ...], out: Path) -> Path:
+    """`theirs` with the tensors named by `prefixes` taken from `ours` (both single-file folders)."""
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(theirs, out)
     mine, state = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
-    state.update({k: v for k, v in mine.items() if k.startswith(f"{PROJECTOR}{layer}.")})
+    state.update({k: v for k, v in mine.items() if k.startswith(prefixes)})
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
 
 
-def layer_attribution(ours: Path, theirs: Path, score: Scorer, work: Path) -> dict[str, float]:
-    """``total``: ours minus theirs in mean test token accuracy; ``<layer>``: theirs with that layer
-    taken from ours, minus theirs. Layers adding up to the total act independently."""
+def layer_attribution(suite: Suite, ours: Path, theirs: Path, score: Scorer, work: Path) -> dict[str, float]:
+    """``total``: ours minus theirs in mean test token accuracy; ``<part>``: theirs with that part
+    (a projector layer, or a component) taken from ours, minus theirs. Parts adding up to the total act independently."""
     def accuracy(path: Path) -> float:
         return score(path, "test")["average"]["token_accuracy"]
 
     reference = accuracy(theirs)
     out = {"total": accuracy(ours) - reference}
-    for layer in PROJECTOR_LAYERS:
-        out[layer] = accuracy(with_layer(theirs, ours, layer, work / "swapped")) - reference
+    for part, prefixes in suite.parts:
+        out[part] = accuracy(with_part(theirs, ours, prefixes, work / "swapped")) - reference
     return out
 
 
@@ -147,13 +182,14 @@ def _task_vector(path: Path, base: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([(state[k] - base[k]).reshape(-1) for k in sorted(base)])
 
 
-def scenarios(world: World, score: Scorer, own: dict[str, float], work: Path, seed: int) -> list[dict[str, Any]]:
+def scenarios(suite: Suite, world: World, score: Scorer, own: dict[str, float], work: Path,
+              seed: int) -> list[dict[str, Any]]:
     """Merge every subset of two or more domains' experts at defaults; record distances and quality lost.
 
     Quality lost: the experts' mean test token accuracy on their own domains minus
     the merge's on the same domains (Sung et al.'s setting).
     """
-    base = {k: v for k, v in load_file(world.base / "model.safetensors").items() if k.startswith(PROJECTOR)}
+    base = {k: v for k, v in load_file(world.base / "model.safetensors").items() if k.startswith(suite.prefixes)}
     vectors = {d: _task_vector(world.experts[d], base) for d in DOMAINS}
     rows = []
     for size in range(2, len(DOMAINS) + 1):
@@ -180,7 +216,7 @@ def correlations(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 def run_seed(suite: Suite, seed: int, cache: Path, work: Path, progress: Progress) -> dict[str, Any]:
     world = build_world(suite.world, seed, cache, progress)
     score = Scorer(world)
-    progress("scoring the shared initialisation, the experts and the joint projector")
+    progress("scoring the shared initialisation, the experts and the joint model")
     reference = {"base": {"test": score(world.base, "test")}}
     reference.update({f"expert_{d}": {"test": score(p, "test")} for d, p in world.experts.items()})
     reference["joint"] = {"test": score(world.joint, "test")}
@@ -191,8 +227,8 @@ def run_seed(suite: Suite, seed: int, cache: Path, work: Path, progress: Progres
     defaults: dict[str, Any] = {}
     for variant in (v for v in DEFAULTS if suite.runs(v.name)):
         progress(f"at defaults: {variant.name}")
-        path = merged(world, variant, dict(variant.fixed), work / "defaults" / variant.name)
-        defaults[variant.name] = {"params": dict(variant.fixed), "test": score(path, "test")}
+        path, seconds = timed_merge(world, variant, dict(variant.fixed), work / "defaults" / variant.name)
+        defaults[variant.name] = {"params": dict(variant.fixed), "test": score(path, "test"), "merge_seconds": seconds}
     progress("layer attribution")
     chosen = {name: work / "tuned" / name / "chosen" for name in tuned}
     attribution = []
@@ -200,13 +236,14 @@ def run_seed(suite: Suite, seed: int, cache: Path, work: Path, progress: Progres
     for ours, theirs in (("pivotmerge", rival(tuned, free) if free else None), ("pivotmerge_data", "regmean_plus_plus")):
         if ours in tuned and theirs in tuned:
             attribution.append({"ours": ours, "theirs": theirs,
-                                "test_token_accuracy": layer_attribution(chosen[ours], chosen[theirs], score, work)})
-    own = {d: reference[f"expert_{d}"]["test"][d]["token_accuracy"] for d in DOMAINS}
-    if suite.rows is None:  # the scenarios merge rows of their own: a run of chosen rows leaves them out
+                                "test_token_accuracy": layer_attribution(suite, chosen[ours], chosen[theirs], score, work)})
+    found: list[dict[str, Any]] = []
+    if suite.scenarios and suite.rows is None:  # the scenarios merge rows of their own: a run of chosen rows leaves them out
         progress("merge-success scenarios")
+        own = {d: reference[f"expert_{d}"]["test"][d]["token_accuracy"] for d in DOMAINS}
+        found = scenarios(suite, world, score, own, work, seed)
     return {"seed": seed, "world": str(world.root), "reference": reference, "tuned": tuned, "defaults": defaults,
-            "layer_attribution": attribution,
-            "scenarios": scenarios(world, score, own, work, seed) if suite.rows is None else []}
+            "layer_attribution": attribution, "scenarios": found}
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -218,6 +255,17 @@ def summarize(runs: list[dict[str, Any]], section: str) -> dict[str, Any]:
     return {name: {d: {m: _stats([r[section][name]["test"][d][m] for r in runs]) for m in ("token_accuracy", "caption_loss")}
                    for d in (*DOMAINS, "average")}
             for name in runs[0][section]}
+
+
+def merge_seconds(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per row, the mean seconds of one merge (wall and CPU) over every tuned candidate and seed, and at
+    defaults where the row has one."""
+    out = {}
+    for name in runs[0]["tuned"]:
+        merges = [s["merge_seconds"] for r in runs for s in r["tuned"][name]["search"]]
+        merges += [r["defaults"][name]["merge_seconds"] for r in runs if name in r["defaults"]]
+        out[name] = {clock: float(np.mean([m[clock] for m in merges])) for clock in ("wall", "cpu")}
+    return out
 
 
 def _avg(row: dict[str, Any]) -> float:
@@ -293,6 +341,13 @@ def run(suite: Suite, out: Path, cache: Path, progress: Progress, threads: int =
             shutil.rmtree(work, ignore_errors=True)
     finally:
         torch.set_num_threads(previous)
+    result = summary(suite, runs, time.perf_counter() - start)
+    write(result, runs, out)
+    return result
+
+
+def summary(suite: Suite, runs: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """The summary of `run_seed`'s `runs`: tables, paired differences, merge times, gates."""
     result = {
         "suite": {**asdict(suite), "world": asdict(suite.world)},
         "domains": list(DOMAINS),
@@ -302,10 +357,10 @@ def run(suite: Suite, out: Path, cache: Path, progress: Progress, threads: int =
         "paired": paired(runs),
         "spearman": correlations([s for r in runs for s in r["scenarios"]]),
         "layer_attribution": [r["layer_attribution"] for r in runs],
-        "seconds": time.perf_counter() - start,
+        "merge_seconds": merge_seconds(runs),
+        "seconds": seconds,
     }
     result["gates"] = gates(result)
-    write(result, runs, out)
     return result
 
 

@@ -27,7 +27,8 @@ def _table(rows: dict[str, Any], domains: list[str]) -> list[str]:
 def markdown(result: dict[str, Any]) -> str:
     domains, seeds = result["domains"], result["suite"]["seeds"]
     lines = [f"Test token accuracy per domain, mean ± std over {seeds} seed(s).", "",
-             "Reference rows (not merges): the shared initialisation, each expert, the joint projector.", ""]
+             "Reference rows (not merges): the shared initialisation, each expert, the joint model (what the experts"
+             " train, trained on every domain).", ""]
     lines += _table(result["reference"], domains)
     lines += ["", "**Tuned**: each row's grid searched on the dev splits (the search is in raw_scores.json), "
               "the dev-chosen merge scored on test.", ""]
@@ -41,23 +42,33 @@ def markdown(result: dict[str, Any]) -> str:
     for p in result["paired"]:
         lines.append(f"| {p['comparison']} | " + " | ".join(f"{d:+.4f}" for d in p["per_seed"])
                      + f" | {p['mean']:+.4f} | {p['wins']}/{seeds} |")
+    if result["merge_seconds"]:
+        lines += ["", "Seconds per merge (mean over every tuned candidate and the defaults merge, all seeds; wall on"
+                  " the machine as it was, and CPU of the whole process, all threads):", "",
+                  "| row | wall s | CPU s |", "|---|---|---|"]
+        lines += [f"| {name} | {t['wall']:.1f} | {t['cpu']:.1f} |" for name, t in result["merge_seconds"].items()]
     lines += ["", "Gates (tests/bench): " + ", ".join(f"{k} {v:+.3f}" for k, v in result["gates"].items()), ""]
-    spearman = result["spearman"]
-    names = list(next(iter(spearman.values()))) if spearman else []  # a run of chosen rows has no scenarios
-    lines += [] if not spearman else ["Spearman correlation of each weight-distance metric (between the merged experts' projector task"
-              " vectors) with the quality a merge at defaults loses (scenarios: every subset of two or more domains):",
-              "", "| merge | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    if result["spearman"]:  # a run of chosen rows, or a suite without scenarios, has none
+        lines += _spearman_lines(result["spearman"])
+    return "\n".join(lines + _attribution_lines(result["layer_attribution"])) + "\n"
+
+
+def _spearman_lines(spearman: dict[str, dict[str, float]]) -> list[str]:
+    names = list(next(iter(spearman.values())))
+    lines = ["Spearman correlation of each weight-distance metric (between the merged experts' task vectors)"
+             " with the quality a merge at defaults loses (scenarios: every subset of two or more domains):",
+             "", "| merge | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for method, rho in spearman.items():
         lines.append(f"| {method} | " + " | ".join(f"{rho[n]:+.2f}" for n in names) + " |")
-    return "\n".join(lines + _attribution_lines(result["layer_attribution"])) + "\n"
+    return lines
 
 
 def _attribution_lines(per_seed: list[list[dict[str, Any]]]) -> list[str]:
     if not any(per_seed):  # a run of chosen rows may have no pair to attribute
         return []
     layers = [k for k in next(c for s in per_seed for c in s)["test_token_accuracy"] if k != "total"]
-    lines = ["", "Layer attribution (test token accuracy; `rival + ours' <layer>`: the rival with that projector layer"
-             " taken from the PivotMerge row, minus the rival):", "",
+    lines = ["", "Layer attribution (test token accuracy; `rival + ours' <part>`: the rival with that projector layer"
+             " or component taken from the PivotMerge row, minus the rival):", "",
              "| seed | ours | rival | ours - rival | " + " | ".join(f"rival + ours' {layer}" for layer in layers) + " |",
              "|---|---|---|---|" + "---|" * len(layers)]
     for seed, comparisons in enumerate(per_seed):

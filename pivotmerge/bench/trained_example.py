@@ -48,7 +48,7 @@ def make_trained_example(out_dir: str | Path, cache: Path, seed: int = 0,
     finally:
         torch.set_num_threads(previous)
     shutil.copytree(world.root, root, dirs_exist_ok=True)
-    copy = world_at(root)
+    copy = world_at(root, SMALL)
     experts = [copy.experts[d] for d in DOMAINS]
     tests = {d: copy.dataset("test", d) for d in DOMAINS}
     spec = write_spec(root, copy.base, experts, calibration=[copy.dataset("calib", d) for d in DOMAINS],

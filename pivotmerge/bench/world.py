@@ -10,9 +10,12 @@ The world follows LLaVA's recipe at toy scale (docs/results.md):
    so it is tied to no projector;
 3. the shared initialisation (`base/`) joins the first tower, a fresh random
    projector (LLaVA's stage 1) and that language model;
-4. from it, one expert per domain trains the projector alone on its domain, and
-   the joint projector on all domains, seeing each as often as its expert does
-   (Adam, linear warm-up then cosine decay).
+4. from it, one expert per domain trains on its domain what the config's `trains`
+   names, and the joint model on all domains, seeing each as often as its expert
+   does (Adam, linear warm-up then cosine decay). The projector suite's experts
+   train the projector alone (LLaVA's stage 1); the deep suite's also train the
+   whole language model and the tower's top layers, as ShareGPT4V- and
+   InternVL-style alignment does, so a merge spans tens of layers.
 
 Training uses torch directly on the Hugging Face model: it builds the world. The
 merges and the scores go through the product (`pivotmerge.merge`, the evaluator).
@@ -42,8 +45,6 @@ from pivotmerge.data.example import IMAGE_TOKEN, SizePreset, build_config, build
 
 # Bump when the recipe changes, so cached worlds of the old recipe are not reused.
 RECIPE = 1
-# 32x32 images in 16 patches; a 64-wide tower leaves each domain room for its own feature directions.
-PRESET = SizePreset(image_size=32, patch_size=8, vision_hidden=64, vision_layers=2, text_hidden=64, text_layers=2, heads=4)
 Progress = Callable[[str], None]
 
 
@@ -55,12 +56,30 @@ class Config:
     n_calib: int  # calibration images per domain (each expert's own domain)
     vision_steps: int
     lm_steps: int
-    expert_steps: int  # the joint projector trains len(DOMAINS) times as long, on all domains
-    lr: float = 3e-3  # peak Adam rate of the experts and the joint projector
+    expert_steps: int  # the joint model trains len(DOMAINS) times as long, on all domains
+    lr: float = 3e-3  # peak Adam rate of the projector, in the experts and the joint model
     batch: int = 32
     # The fresh projector as LLaVA's stage 1 makes it: torch's default nn.Linear init (uniform, 1/sqrt(fan_in)),
     # not transformers' 0.02-std normal, so its hidden units start as random features shared by every expert.
     torch_init: bool = True
+    vision_layers: int = 2
+    text_layers: int = 2
+    # The components alignment trains (the spec's component names); the projector always trains.
+    trains: tuple[str, ...] = ("projector",)
+    # With `vision_tower` in `trains`: how many of the tower's layers train, the top ones that feed the
+    # projector (those up to LLaVA's feature layer; the layers above it never reach the output).
+    vision_top: int = 2
+    body_lr: float = 1e-3  # peak Adam rate of the language model and the tower's layers, where they train
+
+    @property
+    def preset(self) -> SizePreset:
+        # 32x32 images in 16 patches; a 64-wide tower leaves each domain room for its own feature directions.
+        return SizePreset(image_size=32, patch_size=8, vision_hidden=64, vision_layers=self.vision_layers,
+                          text_hidden=64, text_layers=self.text_layers, heads=4)
+
+    def merge_components(self) -> list[str]:
+        """What a user merges: the components alignment trained, as the spec's `components` names them."""
+        return list(self.trains)
 
     def key(self, seed: int) -> str:
         text = json.dumps({"recipe": RECIPE, "seed": seed, **asdict(self)}, sort_keys=True)
@@ -75,6 +94,7 @@ class World:
     base: Path
     experts: dict[str, Path]  # domain -> its expert's folder
     joint: Path
+    config: Config
 
     def dataset(self, split: str, domain: str) -> Path:
         return self.root / "data" / split / domain / "data.jsonl"
@@ -83,16 +103,16 @@ class World:
         return [load_dataset(self.dataset(split, d), name=d) for d in domains]
 
 
-def world_at(root: Path) -> World:
+def world_at(root: Path, cfg: Config) -> World:
     return World(root=root, base=root / "base", experts={d: root / f"expert_{d}" for d in DOMAINS},
-                 joint=root / "joint")
+                 joint=root / "joint", config=cfg)
 
 
 def build_world(cfg: Config, seed: int, cache: Path, progress: Progress = lambda _: None) -> World:
     """The world of `cfg` and `seed`, read from `cache` if built before, else built there."""
     root = cache / f"world-{cfg.key(seed)}"
     if (root / "world.json").is_file():
-        return world_at(root)
+        return world_at(root, cfg)
     partial = cache / f".partial-{cfg.key(seed)}-{os.getpid()}"  # builders running side by side never share one
     shutil.rmtree(partial, ignore_errors=True)
     with torch.random.fork_rng(devices=[]):
@@ -102,7 +122,7 @@ def build_world(cfg: Config, seed: int, cache: Path, progress: Progress = lambda
         partial.rename(root)  # a world appears only when complete
     except OSError:  # another builder finished the same world first: the same bytes, keep theirs
         shutil.rmtree(partial)
-    return world_at(root)
+    return world_at(root, cfg)
 
 
 # --------------------------------------------------------------------------- building
@@ -114,12 +134,12 @@ def _build(cfg: Config, seed: int, out: Path, progress: Progress) -> None:
     for s, split in enumerate(SPLITS):
         for d, domain in enumerate(DOMAINS):
             write_split(out / "data" / split / domain, domain, sizes[split], seed=[seed, s, d],
-                        image_size=PRESET.image_size)
-    processor = build_processor(PRESET)
+                        image_size=cfg.preset.image_size)
+    processor = build_processor(cfg.preset)
     tok = processor.tokenizer
-    config = build_config(PRESET, len(tok), tok.convert_tokens_to_ids(IMAGE_TOKEN),
+    config = build_config(cfg.preset, len(tok), tok.convert_tokens_to_ids(IMAGE_TOKEN),
                           tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
-    world = world_at(out)
+    world = world_at(out, cfg)
     train = _TrainData.of(processor, [load_dataset(world.dataset("train", d), name=d) for d in DOMAINS])
 
     progress("pre-training the vision tower")
@@ -128,10 +148,11 @@ def _build(cfg: Config, seed: int, out: Path, progress: Progress) -> None:
     progress("pre-training the language model (on another tower, with a throw-away projector)")
     reader = _model(config, seed * 7 + 3)
     _pretrain_vision(reader, train, cfg, seed * 7 + 4)
-    _train(reader, train, list(range(train.rows)), cfg.lm_steps, 1e-3, cfg.batch, seed * 7 + 5,
-           params=[p for n, p in reader.named_parameters() if "vision_tower" not in n])
+    _train(reader, train, list(range(train.rows)), cfg.lm_steps, cfg.batch, seed * 7 + 5,
+           groups=[{"params": [p for n, p in reader.named_parameters() if "vision_tower" not in n], "lr": 1e-3}])
 
-    # The shared initialisation: the pre-trained tower, a fresh projector, the language model.
+    # The shared initialisation: the pre-trained tower (trainable again where alignment trains it), a fresh
+    # projector, the language model.
     model = _model(config, seed * 7 + 6)
     model.model.vision_tower.load_state_dict(tower.model.vision_tower.state_dict())
     model.model.language_model.load_state_dict(reader.model.language_model.state_dict())
@@ -145,14 +166,29 @@ def _build(cfg: Config, seed: int, out: Path, progress: Progress) -> None:
     for d, domain in enumerate(DOMAINS):
         progress(f"training the {domain} expert")
         model.load_state_dict(shared)
-        _train(model, train, train.rows_of(domain), cfg.expert_steps, cfg.lr, cfg.batch, seed * 7 + 100 + d,
-               params=list(projector.parameters()))
+        _train(model, train, train.rows_of(domain), cfg.expert_steps, cfg.batch, seed * 7 + 100 + d,
+               groups=_aligned(model, cfg))
         write_repo(world.experts[domain], config, processor, _state(model))
-    progress("training the joint projector")
+    progress("training the joint model")
     model.load_state_dict(shared)
-    _train(model, train, list(range(train.rows)), len(DOMAINS) * cfg.expert_steps, cfg.lr, cfg.batch,
-           seed * 7 + 200, params=list(projector.parameters()))
+    _train(model, train, list(range(train.rows)), len(DOMAINS) * cfg.expert_steps, cfg.batch,
+           seed * 7 + 200, groups=_aligned(model, cfg))
     write_repo(world.joint, config, processor, _state(model))
+
+
+def _aligned(model: nn.Module, cfg: Config) -> list[dict[str, Any]]:
+    """Adam's parameter groups for what alignment trains: the projector at `lr`, the rest at `body_lr`."""
+    inner = model.model
+    body: list[nn.Parameter] = []
+    if "language_model" in cfg.trains:
+        body += [*inner.language_model.parameters(), *model.lm_head.parameters()]
+    if "vision_tower" in cfg.trains:
+        layers = inner.vision_tower.encoder.layers
+        top = len(layers) + 1 + model.config.vision_feature_layer if model.config.vision_feature_layer < 0 \
+            else model.config.vision_feature_layer  # hidden state i is layer i's output (0: the embeddings)
+        body += [p for layer in layers[max(0, top - cfg.vision_top):top] for p in layer.parameters()]
+    groups = [{"params": list(inner.multi_modal_projector.parameters()), "lr": cfg.lr}]
+    return groups + ([{"params": body, "lr": cfg.body_lr}] if body else [])
 
 
 def _model(config: Any, seed: int) -> nn.Module:
@@ -234,22 +270,31 @@ def _pretrain_vision(model: nn.Module, data: _TrainData, cfg: Config, seed: int)
     tower.requires_grad_(False)
 
 
-def _train(model: nn.Module, data: _TrainData, rows: list[int], steps: int, lr: float, batch: int, seed: int,
-           params: list[nn.Parameter]) -> None:
-    """Caption loss on the target tokens (the evaluator's), with the tower frozen and its features computed once."""
-    with torch.no_grad():
-        features = _image_features(model, data.inputs["pixel_values"])
+def _train(model: nn.Module, data: _TrainData, rows: list[int], steps: int, batch: int, seed: int,
+           groups: list[dict[str, Any]]) -> None:
+    """Caption loss on the target tokens (the evaluator's) for Adam's parameter `groups` (params, peak lr).
+    A frozen tower's features are computed once; a tower that trains runs on every batch."""
     model.requires_grad_(False)  # gradients only where they are used
-    for p in params:
-        p.requires_grad_(True)
+    for group in groups:
+        for p in group["params"]:
+            p.requires_grad_(True)
     inner = model.model
+    if any(p.requires_grad for p in inner.vision_tower.parameters()):
+        def features(idx: torch.Tensor) -> torch.Tensor:
+            return _image_features(model, data.inputs["pixel_values"][idx])
+    else:
+        with torch.no_grad():
+            computed = _image_features(model, data.inputs["pixel_values"])
+
+        def features(idx: torch.Tensor) -> torch.Tensor:
+            return computed[idx]
     image_token = model.config.image_token_id
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(groups)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps))
     for idx in _batches(rows, steps, batch, seed):
         ids, mask = data.inputs["input_ids"][idx], data.inputs["attention_mask"][idx]
         embeds = inner.get_input_embeddings()(ids)
-        image = inner.multi_modal_projector(features[idx]).reshape(-1, embeds.shape[-1])
+        image = inner.multi_modal_projector(features(idx)).reshape(-1, embeds.shape[-1])
         embeds = embeds.masked_scatter((ids == image_token)[..., None].expand_as(embeds), image)
         hidden = inner.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
         logits = model.lm_head(hidden[:, :-1])

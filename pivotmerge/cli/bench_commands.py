@@ -16,6 +16,9 @@ def bench() -> None:
 
 
 @bench.command()
+@click.option("--suite", type=click.Choice(["projector", "deep"]), default="projector", show_default=True,
+              help="projector: alignment trained the projector alone; deep: also the language model and the "
+                   "vision tower's top layers, so a merge spans every layer (docs/results.md).")
 @click.option("--quick", is_flag=True, help="One seed of a smaller world and the gate rows, for CI (a few minutes on 2 CPU cores).")
 @click.option("--seeds", type=click.IntRange(min=1), default=None, help="Number of seeds (default: 1 quick, 5 full).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-quality"),
@@ -27,17 +30,18 @@ def bench() -> None:
 @click.option("--rows", default=None, metavar="NAME[,NAME...]",
               help="Merge only these rows (tuned and defaults rows of these names; the reference rows are always "
                    "scored; the merge-success scenarios are left out).")
-def quality(quick: bool, seeds: int | None, out: Path, cache: Path, threads: int, rows: str | None) -> None:
+def quality(suite: str, quick: bool, seeds: int | None, out: Path, cache: Path, threads: int, rows: str | None) -> None:
     """Merge quality on real LLaVA folders, merged by `pivotmerge.merge`, scored by the evaluator."""
     from rich.console import Console
     from transformers.utils import logging as hf_logging
 
-    from pivotmerge.bench.quality import FULL, QUICK, run, with_rows, with_seeds
+    from pivotmerge.bench.quality import SUITES, run, with_rows, with_seeds
 
     hf_logging.disable_progress_bar()  # hundreds of model loads; their bars would drown the log
+    quick_suite, full_suite = SUITES[suite]
     try:
-        suite = with_rows(with_seeds(QUICK if quick else FULL, seeds),
-                          None if rows is None else tuple(r.strip() for r in rows.split(",") if r.strip()))
+        chosen = with_rows(with_seeds(quick_suite if quick else full_suite, seeds),
+                           None if rows is None else tuple(r.strip() for r in rows.split(",") if r.strip()))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     console = Console(stderr=True)
@@ -45,7 +49,7 @@ def quality(quick: bool, seeds: int | None, out: Path, cache: Path, threads: int
         # A spinner on a terminal; timestamped lines in logs (nohup, CI), where a spinner shows nothing.
         show = status.update if console.is_terminal else lambda message: console.print(
             f"{time.strftime('%H:%M:%S')} {message}", highlight=False)
-        result = run(suite, out, cache, show, threads)
+        result = run(chosen, out, cache, show, threads)
     console.print(f"done in {result['seconds']:.0f}s; wrote {out}/results.md")
     for section in ("reference", "tuned", "defaults"):
         for name, row in result[section].items():

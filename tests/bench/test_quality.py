@@ -1,9 +1,11 @@
-"""The quality suite's quick mode, end to end through the CLI, and the gates that keep it informative.
+"""The quality suites' quick modes, end to end through the CLI, and the gates that keep them informative.
 
-The gates (issue 13): each expert beats every other expert on its own domain by
-0.15 token accuracy; tuned task arithmetic beats the shared initialisation by
-0.15; the joint projector beats tuned task arithmetic by 0.08. A suite that
-fails them can no longer tell merge methods apart.
+The gates (issue 13), the same for the projector suite and the deep suite (where
+alignment also trained the language model and the tower's top layers): each
+expert beats every other expert on its own domain by 0.15 token accuracy; tuned
+task arithmetic beats the shared initialisation by 0.15; the joint model beats
+tuned task arithmetic by 0.08. A suite that fails them can no longer tell merge
+methods apart.
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from pivotmerge.bench.domains import DOMAINS
-from pivotmerge.bench.quality import Scorer, spec_for
+from pivotmerge.bench.quality import DEEP_WORLD, Scorer, spec_for
 from pivotmerge.bench.variants import DEFAULTS, QUICK_ROWS, TUNED
 from pivotmerge.bench.world import Config, build_world
 from pivotmerge.cli.main import main
@@ -27,14 +31,15 @@ TASK_ARITHMETIC_OVER_BASE = 0.15
 JOINT_OVER_TASK_ARITHMETIC = 0.08
 # A world built in seconds, for the tests of how worlds are built and cached.
 MICRO = Config(n_train=8, n_dev=4, n_test=4, n_calib=4, vision_steps=2, lm_steps=2, expert_steps=2, batch=4)
+MICRO_DEEP = replace(MICRO, vision_layers=DEEP_WORLD.vision_layers, text_layers=2, trains=DEEP_WORLD.trains)
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("bench")
+@pytest.fixture(scope="module", params=["projector", "deep"])
+def quick_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp(f"bench-{request.param}")
     # CI builds the world afresh; PIVOTMERGE_BENCH_CACHE lets a developer reuse worlds already built.
     cache = os.environ.get("PIVOTMERGE_BENCH_CACHE", str(root / "worlds"))
-    main(["bench", "quality", "--quick", "--out", str(root / "out"), "--cache", cache])
+    main(["bench", "quality", "--suite", request.param, "--quick", "--out", str(root / "out"), "--cache", cache])
     return root / "out"
 
 
@@ -57,7 +62,9 @@ def test_writes_both_tables_plot_and_raw_scores(quick_run: Path) -> None:
     markdown = (quick_run / "results.md").read_text()
     for name in [*result["tuned"], "pivotmerge - best data-free baseline (dev-chosen per seed)"]:
         assert f"| {name} |" in markdown
-    assert len(result["spearman"]["pivotmerge"]) == 6  # every distance metric
+    # Every distance metric, where the suite merges domain subsets (the deep quick mode does not).
+    assert len(result["spearman"].get("pivotmerge", {})) == (6 if result["suite"]["scenarios"] else 0)
+    assert set(result["merge_seconds"]) == set(result["tuned"])
 
 
 def test_each_expert_is_best_on_its_own_domain(quick_run: Path) -> None:
@@ -107,3 +114,19 @@ def test_one_seed_builds_one_world_and_a_built_world_is_reused(tmp_path: Path) -
     assert build_world(MICRO, 3, tmp_path / "a").root == first.root
     assert (first.base / "model.safetensors").stat().st_mtime_ns == built
     assert _digest(build_world(MICRO, 4, tmp_path / "a").experts["dots"]) != _digest(first.experts["dots"])
+
+
+def test_deep_experts_train_the_language_model_and_the_towers_top_layers(tmp_path: Path) -> None:
+    """What the deep world's alignment trained is what its merges span: every language-model tensor the
+    captions reach, and the two tower layers just below LLaVA's feature layer (-2 of 4: layers 1 and 2)."""
+    world = build_world(MICRO_DEEP, 0, tmp_path)
+    base, expert = load_file(world.base / "model.safetensors"), load_file(world.experts["dots"] / "model.safetensors")
+    changed = {k for k in base if not (base[k] == expert[k]).all()}
+    tower = {k for k in changed if k.startswith("model.vision_tower.")}
+    assert {k.split(".")[4] for k in tower} == {"1", "2"}, sorted(tower)  # model.vision_tower.encoder.layers.<i>.
+    assert {k for k in base if k.startswith("model.vision_tower.encoder.layers.1.")} <= tower
+    assert {k for k in base if k.startswith("model.multi_modal_projector.")} <= changed
+    assert {k for k in base if k.startswith("model.language_model.layers.")} <= changed
+    assert "lm_head.weight" in changed
+    spec = spec_from_dict(spec_for(world, next(v for v in DEFAULTS if v.name == "pivotmerge"), {}))
+    assert [c.value for c in spec.components] == ["projector", "language_model", "vision_tower"]

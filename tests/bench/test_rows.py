@@ -50,6 +50,6 @@ def test_tables_of_a_partial_run_leave_out_scenarios_and_attribution():
              for d in (*DOMAINS, "average")}
     result = {"domains": list(DOMAINS), "suite": {"seeds": 1}, "reference": {"base": stats}, "tuned": {"cart": stats},
               "defaults": {}, "paired": [], "gates": {"expert_specialisation": 0.2}, "spearman": {},
-              "layer_attribution": [[]]}
+              "layer_attribution": [[]], "merge_seconds": {}}
     text = markdown(result)
     assert "| cart | 0.500" in text and "Spearman" not in text and "Layer attribution" not in text
