@@ -13,7 +13,7 @@ from huggingface_hub import ModelCard, scan_cache_dir
 from pivotmerge import merge
 from pivotmerge.cli.main import main
 from pivotmerge.repos.hub import push
-from tests.families.tiny_families import Built
+from tests.repos.tiny_families import Built
 
 SIDE_FILES = {"chat_template.json": json.dumps({"chat_template": "{{ messages }}"}),
               "video_preprocessor_config.json": "{}", "special_tokens_map.json": json.dumps({"bos_token": "<s>"})}

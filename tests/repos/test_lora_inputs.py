@@ -9,7 +9,7 @@ import torch
 
 from pivotmerge import RepoError, merge
 from pivotmerge.cli.main import main
-from tests.families.tiny_families import Built
+from tests.repos.tiny_families import Built
 
 
 def _adapter(base: Path, out: Path, seed: int, **lora: object) -> dict[str, torch.Tensor]:

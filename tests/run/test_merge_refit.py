@@ -16,7 +16,7 @@ from pivotmerge.data.evaluate import caption_batches, load_model
 from pivotmerge.methods import Calibration, get_method
 from pivotmerge.methods.regmean import regmean_solve
 from pivotmerge.progress import Progress
-from tests.engine.test_merge_data import W1, _spec, example  # noqa: F401  (example is a fixture)
+from tests.run.test_merge_data import W1, _spec, example  # noqa: F401  (example is a fixture)
 
 W2 = W1.replace("linear_1", "linear_2")
 OWN = ["shapes", "dots"]  # each expert's own calibration domain

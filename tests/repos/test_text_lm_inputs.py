@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from pivotmerge import RepoError, merge
-from tests.families.test_family_matrix import _loads_and_generates, _state
-from tests.families.tiny_families import Built, perturbed
+from tests.repos.test_family_matrix import _loads_and_generates, _state
+from tests.repos.tiny_families import Built, perturbed
 
 LAMBDA = 0.5
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pivotmerge import SpecError, merge
-from tests.families.tiny_families import Built
+from tests.repos.tiny_families import Built
 from tests.repo_factory import llava_like, write_repo
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from pivotmerge import merge
 from pivotmerge.repos.architectures import GENERIC, architecture_for, place_tensors
 from pivotmerge.spec.schema import Component
-from tests.families.tiny_families import FAMILIES, Built
+from tests.repos.tiny_families import FAMILIES, Built
 
 LAMBDA = 0.7
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from pivotmerge import CompatibilityError, merge
-from tests.families.test_family_matrix import _loads_and_generates, _state
-from tests.families.test_text_lm_inputs import _fine_tuned_text_lm
-from tests.families.tiny_families import Built
+from tests.repos.test_family_matrix import _loads_and_generates, _state
+from tests.repos.test_text_lm_inputs import _fine_tuned_text_lm
+from tests.repos.tiny_families import Built
 
 EMBED, HEAD = "language_model.model.embed_tokens.weight", "language_model.lm_head.weight"
 ADDED = ["<calc>", "<tool>"]

@@ -16,7 +16,7 @@ from pivotmerge.data.datasets import load_ref
 from pivotmerge.data.evaluate import caption_batches, evaluate_model, load_model
 from pivotmerge.repos.architectures import architecture_for, place_tensors
 from pivotmerge.spec.schema import DatasetRef
-from tests.families.tiny_families import FAMILIES, Built
+from tests.repos.tiny_families import FAMILIES, Built
 
 CAPTIONS = ["a red square on the left", "a blue circle on the right", "the red circle"]
 WITH_PROCESSOR = [name for name, family in FAMILIES.items() if family.processor is not None]

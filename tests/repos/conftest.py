@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.families.tiny_families import FAMILIES, Built, build_family
+from tests.repos.tiny_families import FAMILIES, Built, build_family
 
 
 @pytest.fixture(scope="session")
