@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from selenium.common.exceptions import StaleElementReferenceException
 from sqlalchemy import select
@@ -22,6 +23,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from service_core.models import Trial
 from pivotmerge.data.example import ExampleSet
+from pivotmerge.models.multiway import MultiwayVLConfig, MultiwayVLModel
 from tests.service.service_support import merge_spec, submit_and_freeze, wait_final
 from tests.ui.conftest import NARROW, WIDE, clear
 
@@ -324,3 +326,29 @@ def test_tuning_page_shows_every_trial_and_charts_the_objective(browser, server,
     labels = {r.get_attribute("data-label") for r in find_all(browser, "#metrics-chart rect.bar")}
     assert labels == {"shapes (dev)", "dots (test)"}
     screenshot(browser, screenshots, "job-tuning")
+
+
+def test_fold_page_shows_its_state_metrics_and_artifacts(browser, server, http, team, settings, worker,
+                                                         screenshots) -> None:
+    # A tiny modality-specific model under the allowed root, folded by interpolation through the API.
+    torch.manual_seed(0)
+    model = MultiwayVLModel(MultiwayVLConfig(hidden_size=8, num_layers=3, num_heads=2, vl_layers=2, image_size=8,
+                                             patch_size=4, vocab_size=10, max_text_len=4))
+    folder = settings.allowed_roots[0] / f"multiway-ui-{uuid.uuid4().hex[:6]}"
+    model.save_pretrained(folder)
+    job_id = http.post("/v1/folds", json={"spec": {"model": str(folder), "method": "interpolation"}},
+                       headers=team).json()["id"]
+    assert wait_final(http, f"/v1/folds/{job_id}", team, JOB_TIMEOUT)["state"] == "succeeded"
+    artifacts = http.get(f"/v1/folds/{job_id}/artifacts", headers=team).json()["artifacts"]
+
+    sign_in(browser, server, team)
+    browser.get(f"{server}/ui/jobs")
+    wait(browser, lambda b: any(o.get_attribute("value") == "folds" for o in find_all(b, "option")),
+         "folds among the job kinds")
+    browser.get(f"{server}/ui/folds/{job_id}")
+    wait(browser, lambda b: find(b, "#job-state").text == "succeeded", "the fold's final state")
+    wait(browser, lambda b: len(find_all(b, "#artifacts tbody tr")) == len(artifacts), "every artifact listed")
+    shown = {row.find_element(By.CSS_SELECTOR, "td").text: row.find_element(By.CSS_SELECTOR, "code.sha").text
+             for row in find_all(browser, "#artifacts tbody tr")}
+    assert shown == {a["name"]: a["sha256"] for a in artifacts}
+    screenshot(browser, screenshots, "job-fold")
