@@ -70,7 +70,7 @@ class Params(MethodParams):
                                   "parts, each expert weighted along the input directions its own update uses (its "
                                   "row-centred task-vector covariance stands in for its inputs' Gram); sum: weighted sum "
                                   "of the experts' parts; gram: combine them as the layer's inputs see them, "
-                           "with per-expert Gram matrices from calibration data (tensors without them take the sum).")
+                           "with per-expert Gram matrices from calibration data (matrices without them take the weighted mean).")
     off_diagonal_scale: OffDiagonalScale = off_diagonal_scale_field("gram_alpha")
     gram_inputs: Literal["expert", "merged"] = Field(
         "expert", description="combine: gram: fit each layer on each expert's own inputs (RegMean), or on the inputs the "
@@ -224,12 +224,16 @@ def _merge_matrix(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[fl
     if params.combine == "covariance":
         return _covariance_merge(deltas, u, coef, expert_weights, params, generator, score, choice, total_energy)
     a = torch.tensor(expert_weights, dtype=flat.dtype, device=flat.device)
-    # Only linear layers' weights have input Gram matrices; other matrices (embeddings, kernels) take the sum.
+    # Only linear layers' weights have input Gram matrices; other matrices (embeddings, kernels) take the mean below.
     grams = calibration.grams if params.combine == "gram" else None
     cross = calibration.cross_grams if grams is not None and params.gram_inputs == "merged" else None
-    combine, pivot_correction = _combiner(a, grams, cross, params.off_diagonal_scale)
+    # The gram combine is a weighted mean, so a matrix without Gram matrices (embeddings) takes the weighted mean
+    # too, as RegMean does, not the sum: at the data mode's scale 1 the sum is K times the experts' mean update.
+    total = float(a.sum()) if params.combine == "gram" else 1.0
+    mean_weights = a if grams is not None or total == 0 else a / total
+    combine, pivot_correction = _combiner(mean_weights, grams, cross, params.off_diagonal_scale)
     combined = combine(coef)
-    as_sum = 1.0 if grams is None else float(a.sum())
+    as_sum = total if total else 1.0
     suppressed = _conflict_filter(coef, a, combined, params.conflict_threshold, as_sum) if params.filtering else 0
     if params.spectrum == "flatten":
         combined = _flattened(combined)

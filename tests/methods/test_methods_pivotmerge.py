@@ -189,6 +189,17 @@ def test_equal_grams_give_the_weighted_mean():
     assert torch.allclose(out.tensor, mean, atol=1e-4)
 
 
+def test_gram_combine_gives_a_matrix_without_grams_the_weighted_mean():
+    # An embedding has no input Grams: under the gram combine it takes the weighted mean of the deltas
+    # (RegMean's choice), not their sum, which at the data mode's scale 1 was 3.5 times that update here.
+    base, models = experts()
+    weights = [1.0, 0.5, 2.0]
+    out = run(models, base, weights, combine="gram", **OFF)
+    mean = base + sum(w * (m - base) for w, m in zip(weights, models)) / 3.5
+    assert torch.allclose(out.tensor, mean, atol=1e-5)
+    assert out.info["combine"] == "sum"
+
+
 def test_grams_with_everything_off_is_regmean_on_the_deltas():
     # (sum_k d_k G_k)(sum_k G_k)^-1 at scale 1 is RegMean exactly:
     # W0 + sum_k (W_k - W0) G_k (sum G)^-1 = (sum_k W_k G_k)(sum G)^-1.
