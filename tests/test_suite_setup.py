@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SLOW_FILE = "tests/service/test_split_celery.py"  # one test, marked slow
+SLOW_FILE = "tests/service/test_service_faults.py"  # one test, marked slow
 
 
 def collect(*options: str) -> str:
