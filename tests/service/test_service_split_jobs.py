@@ -57,12 +57,29 @@ def models(settings: Settings) -> dict[str, Any]:
             "out_shard_size": SHARD_BYTES}
 
 
+def merged_whole(spec: dict[str, Any], out: Path) -> tuple[dict[str, str], dict]:
+    """The merge run whole in one process: sha256 of each file, and its report."""
+    report = pivotmerge.merge(spec, out)
+    return {p.name: sha256(p.read_bytes()) for p in out.iterdir() if p.name not in TIMED}, report.as_json()
+
+
 @pytest.fixture(scope="module")
 def whole(models: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], dict]:
-    """The same merge run whole in one process: sha256 of each file, and its report."""
-    out = tmp_path_factory.mktemp("whole") / "out"
-    report = pivotmerge.merge(models, out)
-    return {p.name: sha256(p.read_bytes()) for p in out.iterdir() if p.name not in TIMED}, report.as_json()
+    return merged_whole(models, tmp_path_factory.mktemp("whole") / "out")
+
+
+@pytest.fixture(scope="module")
+def one_matrix_shards(models: dict[str, Any]) -> dict[str, Any]:
+    """The same merge written one matrix a shard: a part then spends most of its run with some shards
+    stored, so the kill test catches two parts mid-merge however fast the machine (with 1.5 MB shards
+    a part stored its last shard 10 ms after its first, and a loaded run could miss both windows)."""
+    return {**models, "out_shard_size": 270_000}
+
+
+@pytest.fixture(scope="module")
+def whole_one_matrix_shards(one_matrix_shards: dict[str, Any],
+                            tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, str], dict]:
+    return merged_whole(one_matrix_shards, tmp_path_factory.mktemp("whole-small") / "out")
 
 
 def start_workers(specs: list[tuple[dict[str, str], Path, str, str]]) -> list[WorkerProcess]:
@@ -128,13 +145,15 @@ def parts(sessions, job_id: str) -> list[SplitPart]:  # type: ignore[no-untyped-
                                     .order_by(SplitPart.part)))
 
 
-def freeze_running_part(sessions, job_id: str, tasks: list[str],  # type: ignore[no-untyped-def]
-                        skip: frozenset[str] = frozenset()) -> tuple[str, int]:
-    """SIGSTOP the pool process of a part caught mid-merge (running, some tensors merged); (task id, pid)."""
-    def caught() -> tuple[str, int] | None:
+def freeze_running_parts(sessions, job_id: str, tasks: list[str], count: int) -> list[tuple[str, int]]:  # type: ignore[no-untyped-def]
+    """SIGSTOP the pool processes of `count` parts caught mid-merge (running, some shards stored), each
+    kept frozen while the next is sought: [(task id, pid)] in the order caught."""
+    frozen: list[tuple[str, int]] = []
+
+    def caught() -> bool:
         for row in parts(sessions, job_id):
             task_id = tasks[row.part]
-            if task_id in skip or row.state != "running" or not row.done:
+            if task_id in {t for t, _ in frozen} or row.state != "running" or not row.done:
                 continue
             pid = int(row.worker.rpartition(":")[2])
             try:
@@ -142,11 +161,15 @@ def freeze_running_part(sessions, job_id: str, tasks: list[str],  # type: ignore
             except ProcessLookupError:  # a beat left by a process already gone
                 continue
             if parts(sessions, job_id)[row.part].state == "running":  # frozen before it finished
-                return task_id, pid
-            os.kill(pid, signal.SIGCONT)
-        return None
+                frozen.append((task_id, pid))
+                if len(frozen) == count:
+                    return True
+            else:
+                os.kill(pid, signal.SIGCONT)
+        return False
 
-    return wait_for(caught, 60, "a part to be caught mid-merge", interval=0.01)
+    wait_for(caught, 60, f"{count} parts to be caught mid-merge", interval=0.01)
+    return frozen
 
 
 async def collect(response: StreamingResponse) -> list[bytes]:
@@ -252,18 +275,18 @@ def test_cancel_stops_the_remaining_parts(s3_stack, team, sessions, models) -> N
     assert client.get(f"/v1/merges/{job['id']}/artifacts", headers=team).json() == {"artifacts": []}
 
 
-def test_s3_split_job_survives_killed_part_processes(s3_stack, team, sessions, models, whole) -> None:  # type: ignore[no-untyped-def]
+def test_s3_split_job_survives_killed_part_processes(  # type: ignore[no-untyped-def]
+        s3_stack, team, sessions, one_matrix_shards, whole_one_matrix_shards) -> None:
     """One part's pool process and another part's worker main process are SIGKILLed mid-merge."""
     client, settings = s3_stack["client"], s3_stack["settings"]
     s3, bucket = s3_stack["s3"], s3_stack["bucket"]
-    job = client.post("/v1/merges", json={**models, "split": 3}, headers=team).json()
+    job = client.post("/v1/merges", json={**one_matrix_shards, "split": 3}, headers=team).json()
     tasks = part_tasks(client, job["id"], team)
+    (child_task, child), (main_task, frozen) = freeze_running_parts(sessions, job["id"], tasks, 2)
 
     # A pool process: its worker puts the part back on the queue at once (late ack, reject on worker lost).
-    child_task, child = freeze_running_part(sessions, job["id"], tasks)
     os.kill(child, signal.SIGKILL)
     # A worker's main process: nothing returns its part but the job's worker, once the part stops beating.
-    main_task, frozen = freeze_running_part(sessions, job["id"], tasks, skip=frozenset({child_task}))
     main = parent_pid(frozen)
     assert main in {w.process.pid for w in s3_stack["split_workers"]}
     os.kill(main, signal.SIGKILL)
@@ -292,6 +315,7 @@ def test_s3_split_job_survives_killed_part_processes(s3_stack, team, sessions, m
         keys = {a.name: a.storage_key for a in session.scalars(select(Artifact).where(Artifact.job_id == row.id))}
 
     artifacts = client.get(f"/v1/merges/{job['id']}/artifacts", headers=team).json()["artifacts"]
-    check_outputs(artifacts, lambda name: s3.get_object(Bucket=bucket, Key=keys[name])["Body"].read(), whole)
+    check_outputs(artifacts, lambda name: s3.get_object(Bucket=bucket, Key=keys[name])["Body"].read(),
+                  whole_one_matrix_shards)
     stored = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"jobs/{job['id']}/")["Contents"]}
     assert stored == set(keys.values())
