@@ -52,7 +52,8 @@ def lock_dispatch(session: Session) -> None:
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": DISPATCH_LOCK_KEY})
     else:
-        session.execute(update(Team).where(text("1 = 0")).values(weight=Team.weight))
+        session.execute(update(Team).where(text("1 = 0")).values(weight=Team.weight)
+                        .execution_options(synchronize_session=False))
 
 
 def live_job_workers(session: Session, deployment: str, now: datetime) -> int:

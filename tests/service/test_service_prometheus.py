@@ -70,7 +70,7 @@ def from_the_database(sessions, team: str) -> dict[Sample, float]:  # type: igno
         for beat in session.scalars(select(WorkerHeartbeat)):
             expected["pivotmerge_worker_heartbeat_timestamp_seconds",
                      (("queues", beat.queues), ("worker", beat.name))] = beat.beat_at.timestamp()
-        waiting = session.scalar(select(func.count()).join(Team, Team.id == Job.team_id)
+        waiting = session.scalar(select(func.count()).select_from(Job).join(Team, Team.id == Job.team_id)
                                  .where(Team.name == team, Job.state == JobState.waiting))
         if waiting:
             expected["pivotmerge_team_queue_depth", (("team", team),)] = waiting
