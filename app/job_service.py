@@ -89,16 +89,19 @@ def job_out(job: Job, queue_position: int | None = None, estimated_start: dateti
 
 
 def jobs_out(session: Session, settings: Settings, jobs: Sequence[Job]) -> list[JobOut]:
-    """The jobs as the API shows them, a waiting one with its queue position and estimated start (the queue is
-    forecast once, and only when one of them waits)."""
-    if not any(job.state is JobState.waiting for job in jobs):
-        return [job_out(job) for job in jobs]
-    now, forecasts, workers_live = forecast_waiting(session, settings)
+    """The jobs as the API shows them, a waiting one with its queue position and estimated start (each queue
+    is forecast once, and only when one of the jobs waits in it: the queue of the deployment that accepted it)."""
+    queues = {deployment: forecast_waiting(session, settings, deployment)
+              for deployment in {job.deployment for job in jobs if job.state is JobState.waiting}}
     shown = []
     for job in jobs:
+        now, forecasts, workers_live = queues.get(job.deployment, (None, {}, False))
         ahead = forecasts.get(job.id) if job.state is JobState.waiting else None
-        shown.append(job_out(job) if ahead is None else job_out(
-            job, ahead.position, now + timedelta(seconds=ahead.start_in_seconds) if workers_live else None))
+        if now is None or ahead is None:
+            shown.append(job_out(job))
+        else:
+            shown.append(job_out(job, ahead.position,
+                                 now + timedelta(seconds=ahead.start_in_seconds) if workers_live else None))
     return shown
 
 

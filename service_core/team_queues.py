@@ -89,11 +89,10 @@ class QueueSnapshot:
         return self.worker_slots - len(self.in_flight)
 
 
-def snapshot(session: Session, settings: Settings, now: datetime) -> QueueSnapshot:
-    """The teams' loads (worker time used in the window, dispatched jobs charged at least their expected time),
-    the waiting jobs and the live worker slots, as the dispatcher weighs them."""
+def snapshot(session: Session, settings: Settings, deployment: str, now: datetime) -> QueueSnapshot:
+    """The deployment's teams' loads (worker time used in the window, dispatched jobs charged at least their
+    expected time), waiting jobs and live worker slots, as the dispatcher weighs them."""
     window_start = now - timedelta(seconds=settings.fair_share_window_seconds)
-    deployment = settings.broker_key_prefix
     waiting_rows = session.execute(select(Job.id, Job.team_id, Job.kind, Job.priority, Job.created_at)
                                    .where(Job.state == JobState.waiting, Job.deployment == deployment)).all()
     used_rows = session.execute(select(Job.team_id, Job.kind, Job.state, Job.started_at, Job.finished_at).where(
@@ -128,7 +127,7 @@ def claim_waiting(session: Session, settings: Settings, now: datetime) -> list[u
     """Move the jobs fair share gives the free worker slots from `waiting` to `queued`; the caller commits,
     then sends them (send_dispatched). Holds the dispatch lock until the transaction ends."""
     lock_dispatch(session)
-    state = snapshot(session, settings, now)
+    state = snapshot(session, settings, settings.broker_key_prefix, now)
     claimed = []
     for job in plan_dispatch(state.teams, state.waiting, state.free_slots):
         # Conditional: a cancel may have ended it since the snapshot.
@@ -170,13 +169,15 @@ def dispatch_once(sessions: sessionmaker[Session], send: Callable[[uuid.UUID], N
     return claimed
 
 
-def forecast_waiting(session: Session, settings: Settings) -> tuple[datetime, dict[uuid.UUID, Forecast], bool]:
-    """Every waiting job's queue position and expected start in seconds (service_core.fair_share.forecast), with
-    the time they count from and whether any worker is live (without one, no start can be estimated).
+def forecast_waiting(session: Session, settings: Settings,
+                     deployment: str) -> tuple[datetime, dict[uuid.UUID, Forecast], bool]:
+    """The deployment's waiting jobs' queue positions and expected starts in seconds
+    (service_core.fair_share.forecast), with the time they count from and whether any of its workers is live
+    (without one, no start can be estimated).
 
     Positions are counted as if one worker were live when none is, so the order still shows."""
     now = utcnow()
-    state = snapshot(session, settings, now)
+    state = snapshot(session, settings, deployment, now)
     forecasts = forecast(state.teams, state.waiting, state.in_flight, max(state.worker_slots, 1))
     return now, forecasts, state.worker_slots > 0
 

@@ -238,7 +238,12 @@ def test_jobs_list_pages_filters_and_updates_live(browser, server, team, unread_
     find(browser, "#filter-label").send_keys(Keys.ENTER)
 
     newer = submit("merges")  # appears without a reload
-    wait(browser, lambda b: shown(b)[0] == newer, "the new job, live")
+    wait(browser, lambda b: shown(b)[:1] == [newer], "the new job, live")  # [:1]: the list may be empty mid-reload
+
+    browser.get(f"{server}/ui/merges/{newer}")  # a waiting job's page: its place in the queue, and a cancel
+    wait(browser, lambda b: re.search(r"Queue\s+#\d+ in the queue · no worker is live", find(b, "#facts").text),
+         "the job's place in the queue")
+    assert find(browser, "#cancel").is_displayed()
 
 
 def test_compare_two_merges_of_the_same_experts(browser, server, http, team, example, worker, screenshots) -> None:
