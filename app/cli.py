@@ -20,6 +20,7 @@ from pivotmerge.bench import CACHE
 from pivotmerge.report.merge_report import MergeReport, read_report
 
 API_KEY_FILE = "api-key"
+MAX_TEAM_WEIGHT = 1000.0  # a bound: a mistyped weight (1e9) would hand one team every free worker while it has jobs
 DEFAULT_TEAM = "default"
 
 
@@ -125,16 +126,45 @@ def revoke_key_command(key_id: Any) -> None:
     click.echo(f"revoked {key_id}")
 
 
+@admin.command("set-team")
+@click.argument("team")
+@click.option("--weight", type=click.FloatRange(min=0, min_open=True, max=MAX_TEAM_WEIGHT),
+              help="The team's share of the workers against other teams with waiting jobs (default 1).")
+@click.option("--max-running", type=click.IntRange(min=0),
+              help="Jobs the team may have on workers at once (0 holds its jobs in the queue).")
+@click.option("--default-max-running", is_flag=True,
+              help="Back to the deployment's cap (PIVOTMERGE_MAX_ACTIVE_JOBS_PER_TEAM).")
+def set_team_command(team: str, weight: float | None, max_running: int | None, default_max_running: bool) -> None:
+    """Set TEAM's fair-share weight and running cap (docs/service.md, Team queues)."""
+    if max_running is not None and default_max_running:
+        raise click.UsageError("--max-running and --default-max-running exclude each other")
+    if weight is None and max_running is None and not default_max_running:
+        raise click.UsageError("give --weight, --max-running or --default-max-running")
+    with open_db(load_settings())() as session:
+        row = _team(session, team)
+        if weight is not None:
+            row.weight = weight
+        if max_running is not None or default_max_running:
+            row.max_running_jobs = max_running
+        session.commit()
+        click.echo(f"team {row.name}: {team_queue_line(row)}")
+
+
+def team_queue_line(team: Any) -> str:
+    cap = "the default" if team.max_running_jobs is None else str(team.max_running_jobs)
+    return f"weight {team.weight:g}, running cap {cap}"
+
+
 @admin.command("list-teams")
 def list_teams_command() -> None:
-    """Teams and their keys (prefixes only)."""
+    """Teams (weight and running cap) and their keys (prefixes only)."""
     from sqlalchemy import select
 
     from service_core.models import Team
 
     with open_db(load_settings())() as session:
         for team in session.scalars(select(Team).order_by(Team.name)):
-            click.echo(f"{team.name}  {team.id}")
+            click.echo(f"{team.name}  {team.id}  {team_queue_line(team)}")
             for key in team.api_keys:
                 state = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
                 click.echo(f"    {key.id}  {key.prefix}...  {state}")

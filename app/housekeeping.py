@@ -1,5 +1,10 @@
 """Periodic work of the API process, each a heartbeat thread (service_core.heartbeat).
 
+- The job dispatcher: every `dispatch_seconds`, and at once after a submission (the
+  app's `wake_dispatcher`), waiting jobs go to free workers by fair share, and jobs
+  whose message was never sent are sent (service_core.team_queues). Workers run
+  passes too (when a job ends, and with their heartbeat).
+
 - The lease reaper: a running job's worker renews its lease
   (workers.tasks.lease_keeper). When the worker's main process dies, nothing
   renews it; every `lease_check_seconds` such jobs go back to the queue, or fail
@@ -23,12 +28,16 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service_core.heartbeat import Heartbeat
-from service_core.job_states import reap_lapsed_leases, transition
-from service_core.models import JobState, WebhookDelivery, utcnow
+from service_core.job_states import reap_lapsed_leases
+from service_core.models import WebhookDelivery, utcnow
 from service_core.retention import expire_artifacts
 from service_core.settings import Settings
 from service_core.storage import ArtifactStore, artifact_key
+from service_core.team_queues import dispatch_once, send_dispatched
 from workers.celery_app import enqueue_delivery, enqueue_job
+
+
+DISPATCHER = "job-dispatcher"
 
 
 def reap_once(sessions: sessionmaker[Session], celery: Celery, store: ArtifactStore,
@@ -43,14 +52,8 @@ def reap_once(sessions: sessionmaker[Session], celery: Celery, store: ArtifactSt
         session.commit()
     for job_id in ended:
         store.delete_prefix(artifact_key(job_id, ""))
-    for job_id in requeued:
-        try:
-            enqueue_job(celery, job_id)
-        except Exception as exc:  # kombu raises many types for an unreachable broker
-            with sessions() as session:
-                transition(session, job_id, [JobState.queued], JobState.failed,
-                           error=f"could not requeue the job after its worker died: {exc}")
-                session.commit()
+    # Sent as the dispatcher sends: one the broker refuses now is sent again by a later dispatch pass.
+    send_dispatched(sessions, lambda job_id: enqueue_job(celery, job_id), requeued)
     return requeued
 
 
@@ -84,7 +87,10 @@ def housekeeping(settings: Settings, sessions: sessionmaker[Session], celery: Ce
     logged and the next one tries again."""
     if not settings.housekeeping:
         return []
-    beats = [Heartbeat("lease-reaper", settings.lease_check_seconds,
+    beats = [Heartbeat(DISPATCHER, settings.dispatch_seconds,
+                       lambda: dispatch_once(sessions, lambda job_id: enqueue_job(celery, job_id), settings),
+                       first_now=True),
+             Heartbeat("lease-reaper", settings.lease_check_seconds,
                        lambda: reap_once(sessions, celery, store, settings.max_attempts)),
              Heartbeat("webhook-dispatch", settings.webhook_dispatch_seconds,
                        lambda: dispatch_deliveries(sessions, celery))]

@@ -12,7 +12,7 @@ from workers.kinds import JobKind
 
 from app.deps import SessionDep, SettingsDep, StoreDep, TeamDep
 from app.errors import ERROR_RESPONSES, NOT_FOUND
-from app.job_service import cancel_job, create_job, delete_job, job_out, list_jobs, load_job
+from app.job_service import MAX_PRIORITY, MIN_PRIORITY, cancel_job, create_job, delete_job, jobs_out, list_jobs, load_job
 from app.job_streaming import download_archive, download_artifact, job_events
 from app.schemas import MAX_SEQ, ArtifactList, ArtifactOut, ErrorOut, JobOut, JobPage, MetricsOut
 from service_core.models import Job, JobState
@@ -37,6 +37,9 @@ PageTokenQuery = Annotated[str | None, Query(description="next_page_token of the
 LabelsQuery = Annotated[list[str] | None, Query(description=(
     "A label `key=value`; repeat for several. On a list: only jobs with every label given."))]
 StatesQuery = Annotated[list[JobState] | None, Query(description="Only jobs in these states.")]
+PriorityQuery = Annotated[int, Query(ge=MIN_PRIORITY, le=MAX_PRIORITY, description=(
+    "Order among the team's own waiting jobs: higher starts first, equal ones oldest first. It does not move "
+    "the job ahead of other teams' jobs: teams share the workers by weight (fair share)."))]
 AfterSeqQuery = Annotated[int, Query(ge=0, le=MAX_SEQ, description="Only events with a larger seq.")]
 LastEventIdHeader = Annotated[int | None, Header(ge=0, le=MAX_SEQ, description="SSE resume point.")]
 ArtifactNamePath = Annotated[str, Path(max_length=255, pattern=r"^[^\x00]+$",
@@ -54,20 +57,22 @@ def route_docs(kind: JobKind) -> dict[str, dict[str, Any]]:
         "create": dict(
             operation_id=f"create_{noun}", summary=f"Queue a {noun}",
             description="Validates the spec fully (schema, repos under the allowed roots, architectures and shapes) "
-                        "before accepting. A retry with the same `Idempotency-Key` and body returns the same job.",
+                        "before accepting. The job waits (`waiting`, with its `queue_position`) until the "
+                        "dispatcher hands it to a worker by fair share across teams. A retry with the same "
+                        "`Idempotency-Key` and body returns the same job.",
             responses={
                 202: {"headers": {"Location": {"description": "The job's URL.", "schema": {"type": "string"}}}},
                 413: {"model": ErrorOut, "description": "Request body too large."},
-                429: {"model": ErrorOut, "description": "Too many active jobs for this team; see Retry-After.",
+                429: {"model": ErrorOut, "description": "The team's queue is full (the limit of waiting jobs is "
+                                                        "named); see Retry-After.",
                       "headers": {"Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}}}},
-                503: {"model": ErrorOut, "description": "The job queue is unreachable."},
             }),
         "list": dict(operation_id=f"list_{kind.collection}",
                      summary=f"List the team's {kind.collection}, newest first"),
         "get": dict(operation_id=f"get_{noun}", responses=NOT_FOUND, summary=f"Get a {noun}"),
         "cancel": dict(
             operation_id=f"cancel_{noun}", summary=f"Cancel a {noun}",
-            description="A queued job is cancelled at once; a running one moves to `cancelling` until the "
+            description="A waiting or queued job is cancelled at once; a running one moves to `cancelling` until the "
                         "worker stops it and removes its partial output.",
             responses={**NOT_FOUND, 409: {"model": ErrorOut, "description": "The job has already finished."}}),
         "events": dict(
@@ -124,20 +129,20 @@ def job_router(kind: JobKind) -> APIRouter:
 
     def create(body: Any, request: Request, response: Response, session: SessionDep, team: TeamDep,
                settings: SettingsDep, idempotency_key: IdempotencyKeyHeader = None,
-               label: LabelsQuery = None) -> JobOut:
-        return create_job(kind, body, label, idempotency_key, request, response, session, team, settings)
+               label: LabelsQuery = None, priority: PriorityQuery = 0) -> JobOut:
+        return create_job(kind, body, label, priority, idempotency_key, request, response, session, team, settings)
 
     create.__annotations__["body"] = kind.request  # the kind's request body, in the route and its OpenAPI schema
     router.post("", status_code=202, **docs["create"])(create)
 
     @router.get("", **docs["list"])
-    def list_all(session: SessionDep, team: TeamDep, page_size: PageSizeQuery = 20, page_token: PageTokenQuery = None,
-                 state: StatesQuery = None, label: LabelsQuery = None) -> JobPage:
-        return list_jobs(kind, session, team, page_size, page_token, state, label)
+    def list_all(session: SessionDep, team: TeamDep, settings: SettingsDep, page_size: PageSizeQuery = 20,
+                 page_token: PageTokenQuery = None, state: StatesQuery = None, label: LabelsQuery = None) -> JobPage:
+        return list_jobs(kind, session, team, settings, page_size, page_token, state, label)
 
     @router.get("/{job_id}", **docs["get"])
-    def get(*, job: Job = this_job) -> JobOut:
-        return job_out(job)
+    def get(*, job: Job = this_job, session: SessionDep, settings: SettingsDep) -> JobOut:
+        return jobs_out(session, settings, [job])[0]
 
     @router.delete("/{job_id}", **docs["delete"])
     def delete(*, job: Job = this_job, session: SessionDep, store: StoreDep) -> JobOut:

@@ -1,6 +1,6 @@
 """The job service: what every job kind shares behind its routes (app.job_routes).
 
-Labels, idempotency, the team's quota of active jobs, the checks before a job is accepted, and
+Labels, idempotency, the room in the team's queue, the checks before a job is accepted, and
 create, list, load, cancel and delete, for any kind declared in workers.kinds. A job of another kind,
 of another team, or no job at all answer the same 404.
 """
@@ -12,7 +12,8 @@ import json
 import re
 import uuid
 from contextlib import contextmanager
-from typing import Any, Iterator
+from datetime import datetime, timedelta
+from typing import Any, Iterator, Sequence
 
 from fastapi import Request, Response
 from pydantic import TypeAdapter
@@ -23,17 +24,17 @@ from sqlalchemy.orm import Session, selectinload
 from pivotmerge.data.datasets import check_datasets
 from pivotmerge.errors import PivotMergeError
 from pivotmerge.spec.schema import MergeSpec, printable
-from workers.celery_app import enqueue_job
 from workers.kinds import JobKind
 
 from app.errors import ApiError, field_named_in
 from app.page_tokens import decode_page_token, encode_page_token
 from app.schemas import JobOut, JobPage, ProgressOut
-from service_core.job_states import add_event, request_cancel, transition
-from service_core.models import ACTIVE_STATES, FINAL_STATES, Job, JobLabel, JobState, Team
+from service_core.job_states import add_event, request_cancel
+from service_core.models import FINAL_STATES, Job, JobLabel, JobState, Team
 from service_core.retention import remove_artifacts
 from service_core.settings import Settings
 from service_core.storage import ArtifactStore
+from service_core.team_queues import forecast_waiting
 
 
 @contextmanager
@@ -72,14 +73,36 @@ def parse_labels(pairs: list[str] | None) -> dict[str, str]:
     return labels
 
 
-def job_out(job: Job) -> JobOut:
+# Wide enough for any ordering a team wants, small enough to stay an ordinary integer in every client.
+MIN_PRIORITY, MAX_PRIORITY = -1000, 1000
+
+
+def job_out(job: Job, queue_position: int | None = None, estimated_start: datetime | None = None) -> JobOut:
     return JobOut(
         id=job.id, kind=job.kind, state=job.state, spec=job.spec, attempts=job.attempts, error=job.error,
-        labels={label.key: label.value for label in job.labels}, deleted_at=job.deleted_at,
+        labels={label.key: label.value for label in job.labels}, deleted_at=job.deleted_at, priority=job.priority,
+        queue_position=queue_position, estimated_start=estimated_start,
         progress=ProgressOut(fraction=job.progress_fraction, stage=job.progress_stage, layer=job.progress_layer,
                              message=job.progress_message),
         created_at=job.created_at, updated_at=job.updated_at, started_at=job.started_at, finished_at=job.finished_at,
     )
+
+
+def jobs_out(session: Session, settings: Settings, jobs: Sequence[Job]) -> list[JobOut]:
+    """The jobs as the API shows them, a waiting one with its queue position and estimated start (each queue
+    is forecast once, and only when one of the jobs waits in it: the queue of the deployment that accepted it)."""
+    queues = {deployment: forecast_waiting(session, settings, deployment)
+              for deployment in {job.deployment for job in jobs if job.state is JobState.waiting}}
+    shown = []
+    for job in jobs:
+        now, forecasts, workers_live = queues.get(job.deployment, (None, {}, False))
+        ahead = forecasts.get(job.id) if job.state is JobState.waiting else None
+        if now is None or ahead is None:
+            shown.append(job_out(job))
+        else:
+            shown.append(job_out(job, ahead.position,
+                                 now + timedelta(seconds=ahead.start_in_seconds) if workers_live else None))
+    return shown
 
 
 def load_job(session: Session, team: Team, kind: JobKind, job_id: uuid.UUID) -> Job:
@@ -94,21 +117,25 @@ def as_json(kind: JobKind, body: Any) -> Any:
     return TypeAdapter(kind.request).dump_python(body, mode="json")
 
 
-def request_digest(kind: JobKind, body: Any, labels: dict[str, str]) -> str:
-    """What makes two requests 'the same' for Idempotency-Key: kind, normalised body and labels."""
-    canonical = json.dumps({"kind": kind.name, "spec": as_json(kind, body), "labels": labels}, sort_keys=True)
+def request_digest(kind: JobKind, body: Any, labels: dict[str, str], priority: int) -> str:
+    """What makes two requests 'the same' for Idempotency-Key: kind, normalised body, labels and priority."""
+    request = {"kind": kind.name, "spec": as_json(kind, body), "labels": labels}
+    if priority:  # left out at its default, so requests accepted before priorities existed still match
+        request["priority"] = priority
+    canonical = json.dumps(request, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _accepted(kind: JobKind, job: Job, response: Response) -> JobOut:
+def _accepted(kind: JobKind, job: Job, response: Response, session: Session, settings: Settings) -> JobOut:
     response.headers["Location"] = f"/v1/{kind.collection}/{job.id}"
-    return job_out(job)
+    return jobs_out(session, settings, [job])[0]
 
 
-def _replay(kind: JobKind, existing: Job, digest: str, response: Response) -> JobOut:
+def _replay(kind: JobKind, existing: Job, digest: str, response: Response, session: Session,
+            settings: Settings) -> JobOut:
     if existing.request_sha256 != digest:
         raise ApiError(422, "Idempotency-Key: already used with a different request body", "Idempotency-Key")
-    return _accepted(kind, existing, response)
+    return _accepted(kind, existing, response, session, settings)
 
 
 def _by_idempotency_key(session: Session, team: Team, key: str) -> Job | None:
@@ -132,19 +159,24 @@ def check_split(kind: JobKind, spec: MergeSpec) -> None:
         raise ApiError(422, f"split: only a merge can be split, not {kind.a_noun}", "split")
 
 
-def create_job(kind: JobKind, body: Any, labels: list[str] | None, idempotency_key: str | None,
+def check_queue_room(session: Session, team: Team, settings: Settings) -> None:
+    """A team's queue holds at most `max_waiting_jobs_per_team` waiting jobs; its jobs on workers do not count."""
+    waiting = session.scalar(select(func.count()).select_from(Job)
+                             .where(Job.team_id == team.id, Job.state == JobState.waiting))
+    if waiting >= settings.max_waiting_jobs_per_team:
+        raise ApiError(429, f"team has {waiting} waiting jobs, the limit is {settings.max_waiting_jobs_per_team} "
+                            "(PIVOTMERGE_MAX_WAITING_JOBS_PER_TEAM); retry when some have started",
+                       headers={"Retry-After": str(settings.retry_after_seconds)})
+
+
+def create_job(kind: JobKind, body: Any, labels: list[str] | None, priority: int, idempotency_key: str | None,
                request: Request, response: Response, session: Session, team: Team, settings: Settings) -> JobOut:
     body = kind.accept(body, settings)
     label_map = parse_labels(labels)
-    digest = request_digest(kind, body, label_map)
+    digest = request_digest(kind, body, label_map, priority)
     if idempotency_key and (existing := _by_idempotency_key(session, team, idempotency_key)):
-        return _replay(kind, existing, digest, response)
-
-    active = session.scalar(select(func.count()).select_from(Job)
-                            .where(Job.team_id == team.id, Job.state.in_(ACTIVE_STATES)))
-    if active >= settings.max_active_jobs_per_team:
-        raise ApiError(429, f"team has {active} active jobs, the limit is {settings.max_active_jobs_per_team}; "
-                            "retry when one has finished", headers={"Retry-After": str(settings.retry_after_seconds)})
+        return _replay(kind, existing, digest, response, session, settings)
+    check_queue_room(session, team, settings)
 
     merge_spec = kind.merge_spec_of(body)
     roots, downloads = settings.allowed_roots, settings.hub_allow_downloads
@@ -158,8 +190,8 @@ def create_job(kind: JobKind, body: Any, labels: list[str] | None, idempotency_k
         with fields_under(kind.spec_field):
             check_datasets(merge_spec, allowed_roots=settings.allowed_roots)
 
-    job = Job(team_id=team.id, kind=kind.name, spec=as_json(kind, body),
-              idempotency_key=idempotency_key, request_sha256=digest,
+    job = Job(team_id=team.id, kind=kind.name, spec=as_json(kind, body), state=JobState.waiting, priority=priority,
+              deployment=settings.broker_key_prefix, idempotency_key=idempotency_key, request_sha256=digest,
               labels=[JobLabel(key=k, value=v) for k, v in sorted(label_map.items())])
     session.add(job)
     try:
@@ -169,21 +201,15 @@ def create_job(kind: JobKind, body: Any, labels: list[str] | None, idempotency_k
         existing = _by_idempotency_key(session, team, idempotency_key or "")
         if existing is None:
             raise
-        return _replay(kind, existing, digest, response)
-    add_event(session, job.id, "state", {"state": JobState.queued.value})
+        return _replay(kind, existing, digest, response, session, settings)
+    add_event(session, job.id, "state", {"state": JobState.waiting.value})
     session.commit()
-
-    try:
-        enqueue_job(request.app.state.celery, job.id)
-    except Exception as exc:  # kombu raises many types for an unreachable broker
-        transition(session, job.id, [JobState.queued], JobState.failed, error=f"could not queue the job: {exc}")
-        session.commit()
-        raise ApiError(503, "the job queue is unreachable; try again later") from exc
-    return _accepted(kind, job, response)
+    request.app.state.wake_dispatcher()  # a free worker need not wait for the dispatcher's next tick
+    return _accepted(kind, job, response, session, settings)
 
 
-def list_jobs(kind: JobKind, session: Session, team: Team, page_size: int, page_token: str | None,
-              states: list[JobState] | None, labels: list[str] | None) -> JobPage:
+def list_jobs(kind: JobKind, session: Session, team: Team, settings: Settings, page_size: int,
+              page_token: str | None, states: list[JobState] | None, labels: list[str] | None) -> JobPage:
     query = select(Job).where(Job.team_id == team.id, Job.kind == kind.name).options(selectinload(Job.labels))
     if states:
         query = query.where(Job.state.in_(states))
@@ -196,7 +222,7 @@ def list_jobs(kind: JobKind, session: Session, team: Team, page_size: int, page_
     more = len(jobs) > page_size
     jobs = jobs[:page_size]
     token = encode_page_token(jobs[-1].created_at, jobs[-1].id) if more else None
-    return JobPage(jobs=[job_out(j) for j in jobs], next_page_token=token)
+    return JobPage(jobs=jobs_out(session, settings, jobs), next_page_token=token)
 
 
 def cancel_job(kind: JobKind, session: Session, job: Job) -> JobOut:
@@ -206,7 +232,7 @@ def cancel_job(kind: JobKind, session: Session, job: Job) -> JobOut:
     session.refresh(job)
     if refused:
         raise ApiError(409, f"{kind.noun} {job.id} has already {job.state.value}; "
-                            "only queued or running jobs can be cancelled")
+                            "only waiting, queued or running jobs can be cancelled")
     return job_out(job)
 
 

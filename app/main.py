@@ -15,7 +15,7 @@ from service_core.db import make_engine, make_sessionmaker
 from service_core.logs import configure_logging
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
-from app.housekeeping import housekeeping
+from app.housekeeping import DISPATCHER, housekeeping
 from app.job_routes import job_router
 from app.metrics import install_metrics
 from app.request_log import RequestLog
@@ -40,6 +40,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         beats = [beat.start() for beat in housekeeping(settings, app.state.sessionmaker, app.state.celery,
                                                        app.state.store)]
+        for beat in beats:
+            if beat.name == DISPATCHER:
+                app.state.wake_dispatcher = beat.wake
         yield
         for beat in beats:
             beat.stop()
@@ -52,6 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.store = make_store(settings)
     app.state.celery = make_celery(settings)
+    # A submission wakes this process's dispatcher; without housekeeping the workers' passes dispatch it.
+    app.state.wake_dispatcher = lambda: None
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestLog)  # outermost: its line and id cover every answer, 413s included

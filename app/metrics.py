@@ -18,14 +18,15 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service_core.models import FINAL_STATES, HEARTBEAT_SECONDS, Artifact, Job, JobState, Team, WorkerHeartbeat, utcnow
+from service_core.models import (FINAL_STATES, HEARTBEAT_SECONDS, LIVE_AFTER_MISSED_BEATS, Artifact, Job, JobState, Team,
+                                 WorkerHeartbeat, utcnow)
 from service_core.settings import GPU_QUEUE
 from workers.celery_app import WEBHOOK_QUEUE
 
 # Seconds: from a quick job on an idle pool to a 6-hour merge (the default time limit).
 WAIT_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 900, 1800, 3600, 7200, 21600)
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 900, 1800, 3600, 7200, 21600)
-LIVE_AFTER_MISSED_BEATS = 3  # a worker whose last beat is older than 3 beats counts as dead
+UNSTARTED_STATES = (JobState.waiting, JobState.queued)  # in a team's queue, or sent to a worker not yet started
 
 
 def histogram(name: str, documentation: str, labels: list[str], buckets: tuple[float, ...],
@@ -70,11 +71,12 @@ class DatabaseCollector(Collector):
         yield jobs
         yield finished
 
-        depth = GaugeMetricFamily("pivotmerge_queue_depth", "Jobs waiting for a worker, by kind.", labels=["kind"])
+        depth = GaugeMetricFamily("pivotmerge_queue_depth", "Jobs waiting for a worker (waiting or queued), by kind.",
+                                  labels=["kind"])
         oldest = GaugeMetricFamily("pivotmerge_queue_oldest_seconds",
                                    "Age of the oldest job waiting for a worker, by kind (0: none waits).", labels=["kind"])
         waiting = dict(((kind, (count, first)) for kind, count, first in session.execute(
-            select(Job.kind, func.count(), func.min(Job.created_at)).where(Job.state == JobState.queued)
+            select(Job.kind, func.count(), func.min(Job.created_at)).where(Job.state.in_(UNSTARTED_STATES))
             .group_by(Job.kind))))
         now = utcnow()
         for kind in self.kinds:
@@ -83,6 +85,14 @@ class DatabaseCollector(Collector):
             oldest.add_metric([kind], seconds(first, now) if first else 0.0)
         yield depth
         yield oldest
+
+        team_depth = GaugeMetricFamily("pivotmerge_team_queue_depth",
+                                       "Jobs held in a team's queue for the dispatcher (state waiting), by team.",
+                                       labels=["team"])
+        for team, count in session.execute(select(Team.name, func.count()).join(Job, Job.team_id == Team.id)
+                                           .where(Job.state == JobState.waiting).group_by(Team.name)):
+            team_depth.add_metric([team], count)
+        yield team_depth
 
     def _timings(self, session: Session) -> Iterator[Metric]:
         waits: dict[tuple[str, ...], list[float]] = defaultdict(list)

@@ -70,6 +70,13 @@ class JobOut(BaseModel):
     attempts: int = Field(..., description="Times a worker has started this job.")
     error: str | None = Field(None, description="Why the job failed.")
     labels: dict[str, str] = Field(default_factory=dict, description="The labels given when it was submitted.")
+    priority: int = Field(0, description="Its order among its team's waiting jobs (higher first), as submitted.")
+    queue_position: int | None = Field(None, ge=1, description=(
+        "While `waiting`: 1 + the number of waiting jobs (of every team) expected to be handed to a worker before it, "
+        "by the fair share across teams; null otherwise, or while its team's running cap is 0."))
+    estimated_start: datetime | None = Field(None, description=(
+        "While `waiting`: when a worker is expected to start it, replaying the fair share with each job taking its "
+        "kind's mean duration of late (docs/service.md, Team queues); null otherwise, or while no worker is live."))
     deleted_at: datetime | None = Field(None, description="When its artifacts were deleted (DELETE or retention).")
     created_at: datetime
     updated_at: datetime

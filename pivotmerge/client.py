@@ -54,9 +54,10 @@ class Client:
         return response
 
     def submit(self, spec: dict[str, Any], *, labels: dict[str, str] | None = None, idempotency_key: str | None = None,
-               kind: str = "merges") -> dict[str, Any]:
+               kind: str = "merges", priority: int = 0) -> dict[str, Any]:
+        """Submit a job; `priority` orders it among the team's own waiting jobs (higher first)."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        params = {"label": [f"{k}={v}" for k, v in (labels or {}).items()]}
+        params: dict[str, Any] = {"label": [f"{k}={v}" for k, v in (labels or {}).items()], "priority": priority}
         return self._request("POST", f"/v1/{kind}", json=spec, params=params, headers=headers).json()
 
     def get(self, job_id: str, *, kind: str = "merges") -> dict[str, Any]:

@@ -20,14 +20,20 @@ class Heartbeat:
     def __init__(self, name: str, period: float, beat: Callable[[], object], *, first_now: bool = False) -> None:
         self.name, self.period, self.beat, self.first_now = name, period, beat, first_now
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> "Heartbeat":
         self._thread.start()
         return self
 
+    def wake(self) -> None:
+        """Beat now rather than at the end of the period (the job dispatcher, after a submission)."""
+        self._wake.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join()
 
     def __enter__(self) -> "Heartbeat":
@@ -38,7 +44,11 @@ class Heartbeat:
 
     def _run(self) -> None:
         wait = 0.0 if self.first_now else self.period
-        while not self._stop.wait(wait):
+        while True:
+            self._wake.wait(wait)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             wait = self.period
             try:
                 if self.beat() is False:

@@ -59,8 +59,8 @@ def current_state(session: Session, job_id: uuid.UUID) -> JobState | None:
 
 
 def request_cancel(session: Session, job_id: uuid.UUID) -> JobState | None:
-    """Cancel a queued job at once, or ask a running one to stop. Returns the new state, None if final."""
-    if transition(session, job_id, [JobState.queued], JobState.cancelled):
+    """Cancel a waiting or queued job at once, or ask a running one to stop. Returns the new state, None if final."""
+    if transition(session, job_id, [JobState.waiting, JobState.queued], JobState.cancelled):
         return JobState.cancelled
     if transition(session, job_id, [JobState.running], JobState.cancelling):
         return JobState.cancelling
@@ -155,7 +155,7 @@ def reap_lapsed_leases(session: Session, max_attempts: int) -> Reaped:
                                 f"{max_attempts} attempts); the job may need more memory or time than a worker has"):
                 reaped.ended.append(job_id)
         elif transition(session, job_id, [state], JobState.queued, only_if=still_lapsed, worker=None,
-                        lease_expires_at=None):
+                        lease_expires_at=None, dispatched_at=utcnow(), sent_at=None):
             add_event(session, job_id, "lease", {"attempt": attempts, "message": "requeued: the worker stopped renewing its lease"})
             reaped.requeued.append(job_id)
     return reaped

@@ -42,7 +42,8 @@ class Base(DeclarativeBase):
 
 
 class JobState(str, enum.Enum):
-    queued = "queued"
+    waiting = "waiting"  # accepted, held in the database until the dispatcher hands it to a worker (team queues)
+    queued = "queued"  # handed to the broker: a worker takes it next
     running = "running"
     cancelling = "cancelling"
     succeeded = "succeeded"
@@ -50,7 +51,9 @@ class JobState(str, enum.Enum):
     cancelled = "cancelled"
 
 
-ACTIVE_STATES = (JobState.queued, JobState.running, JobState.cancelling)
+ACTIVE_STATES = (JobState.waiting, JobState.queued, JobState.running, JobState.cancelling)
+# Jobs holding (or about to hold) a worker: what a team's running cap and the free worker slots count.
+DISPATCHED_STATES = (JobState.queued, JobState.running, JobState.cancelling)
 FINAL_STATES = (JobState.succeeded, JobState.failed, JobState.cancelled)
 
 
@@ -63,6 +66,7 @@ TEAM_NAME_MAX_CHARS = 100
 LABEL_MAX_CHARS = 63
 CANDIDATE_MAX_CHARS = 64  # a tuning candidate's label
 KIND_MAX_CHARS = 16
+DEPLOYMENT_MAX_CHARS = 255
 
 
 class Team(Base):
@@ -71,6 +75,10 @@ class Team(Base):
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     name: Mapped[str] = mapped_column(String(TEAM_NAME_MAX_CHARS), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Its share of the workers against other teams with waiting jobs (service_core.fair_share).
+    weight: Mapped[float] = mapped_column(Float, default=1.0, server_default="1")
+    # Jobs it may have on workers at once; None: the deployment's max_active_jobs_per_team. 0 holds its jobs.
+    max_running_jobs: Mapped[int | None] = mapped_column(Integer)
 
     api_keys: Mapped[list[ApiKey]] = relationship(back_populates="team", cascade="all, delete-orphan")
 
@@ -95,14 +103,25 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("team_id", "idempotency_key", name="uq_jobs_team_idempotency_key"),
         Index("ix_jobs_team_created", "team_id", "created_at", "id"),
+        Index("ix_jobs_state_team", "state", "team_id"),  # the dispatcher's reads: waiting and dispatched jobs
+        Index("ix_jobs_finished", "finished_at"),  # and the worker time used within the fair-share window
     )
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     team_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
     # A kind declared in workers.kinds; VARCHAR without a constraint, so a new kind is no migration.
     kind: Mapped[str] = mapped_column(String(KIND_MAX_CHARS))
-    state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.queued)
+    state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.waiting)
     spec: Mapped[dict[str, Any]]
+    # Order among its team's waiting jobs: higher first (not across teams: that is the teams' fair share).
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # When the dispatcher (or the lease reaper) moved it to `queued`, and when its message reached the broker:
+    # a job dispatched but never sent (its sender died in between) is sent again (service_core.team_queues).
+    dispatched_at: Mapped[datetime | None]
+    sent_at: Mapped[datetime | None]
+    # The broker key prefix of the API that accepted it: deployments sharing one database (as the tests' do) each
+    # dispatch only their own jobs, to their own workers. One deployment: one value.
+    deployment: Mapped[str] = mapped_column(String(DEPLOYMENT_MAX_CHARS), default="", server_default="")
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_sha256: Mapped[str] = mapped_column(String(64))
 
@@ -263,6 +282,7 @@ class WebhookDelivery(Base):
 
 
 HEARTBEAT_SECONDS = 5.0  # how often a job worker's main process beats
+LIVE_AFTER_MISSED_BEATS = 3  # a worker whose last beat is older than 3 beats counts as dead
 
 
 class WorkerHeartbeat(Base):
@@ -275,3 +295,4 @@ class WorkerHeartbeat(Base):
     pid: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     beat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deployment: Mapped[str] = mapped_column(String(DEPLOYMENT_MAX_CHARS), default="", server_default="")  # as Job's

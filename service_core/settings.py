@@ -40,7 +40,16 @@ class Settings(BaseSettings):
     work_dir: Path | None = Field(None, description="Scratch space for merges in progress; default: data_dir/work.")
 
     max_request_bytes: int = Field(1 << 20, gt=0, description="Largest request body; larger answers 413.")
-    max_active_jobs_per_team: int = Field(4, gt=0, description="Queued + running jobs a team may have; more answers 429.")
+    # The name predates team queues: it is now the running cap (the GPU quota), no longer a limit on submissions.
+    max_active_jobs_per_team: int = Field(4, gt=0, description=(
+        "Jobs a team may have on workers at once (queued + running), unless `pivotmerge admin set-team` gives the "
+        "team its own cap; its other jobs wait."))
+    max_waiting_jobs_per_team: int = Field(1000, gt=0, description="Jobs a team may have waiting; more answers 429.")
+    dispatch_seconds: float = Field(1.0, gt=0, description=(
+        "How often the API process hands waiting jobs to free workers (also at once after a submission, and a "
+        "worker does it when a job ends)."))
+    fair_share_window_seconds: float = Field(3600.0, gt=0, description=(
+        "The worker time a team used within this window is what the fair share weighs against its weight."))
     retry_after_seconds: int = Field(30, gt=0, description="Retry-After sent with 429.")
     max_attempts: int = Field(3, gt=0, description="Times a job is started before a job whose worker keeps dying is failed.")
     task_soft_time_limit: int = Field(6 * 3600, gt=0, description="Seconds before a merge is stopped and failed.")
@@ -57,7 +66,7 @@ class Settings(BaseSettings):
         "Serve GET /metrics (Prometheus) on the API: every job, team and worker of the deployment, with no key. "
         "Off by default; turn it on where only the monitoring network reaches the API, or behind a proxy."))
     housekeeping: bool = Field(True, description=(
-        "Run the periodic work in this API process: lease reaper, webhook dispatcher, retention."))
+        "Run the periodic work in this API process: job dispatcher, lease reaper, webhook dispatcher, retention."))
     artifact_retention_days: int = Field(0, ge=0, description="Artifacts of jobs finished longer ago are deleted; 0 keeps them.")
     retention_check_seconds: float = Field(3600.0, gt=0, description="How often the API looks for expired artifacts.")
     webhook_allow_private_addresses: bool = Field(False, description=(

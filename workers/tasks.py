@@ -23,12 +23,13 @@ from service_core.job_states import add_event, current_state, holds_lease, renew
 from service_core.models import ACTIVE_STATES, FINAL_STATES, Artifact, Job, JobState, utcnow
 from service_core.settings import Settings
 from service_core.storage import artifact_key, file_sha256, make_store
+from service_core.team_queues import dispatch_once
 from pivotmerge.errors import MergeCancelled, PivotMergeError, RepoError
 from pivotmerge.progress import Progress
 from pivotmerge.repos.hub import push
 from pivotmerge.spec.schema import MergeSpec
 
-from workers.celery_app import RUN_JOB
+from workers.celery_app import RUN_JOB, enqueue_job
 from workers.context import WorkerContext, context, dead_local_owner, worker_name
 from workers.kinds import JobKind, JobRun, Outcome, load_kinds
 from workers.split_parts import run_split_job
@@ -292,3 +293,12 @@ def run_job(self: Task, job_id: str) -> None:
         except Exception:  # the database is away: the next job's sweep, or the worker's restart, does it
             log.warning("job %s: could not sweep scratch folders", jid, exc_info=True)
         log.info("attempt %s of job %s ended%s", attempt, jid, " with success" if succeeded else "")
+        dispatch_to_free_workers(self, ctx)
+
+
+def dispatch_to_free_workers(task: Task, ctx: WorkerContext) -> None:
+    """A job ended, so a worker slot is free: run a dispatch pass now rather than wait for the API's next tick."""
+    try:
+        dispatch_once(ctx.sessions, lambda job_id: enqueue_job(task.app, job_id), ctx.settings)
+    except Exception:  # the database or the broker is away: the API's dispatcher tries again
+        log.warning("could not dispatch waiting jobs after a job ended", exc_info=True)

@@ -28,7 +28,7 @@ def job_kinds(request: Request) -> list[dict[str, str]]:
     return [{"kind": k.name, "collection": k.collection, "label": k.label} for k in request.app.state.kinds]
 
 
-STATES = ["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
+STATES = ["waiting", "queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
 
 
 # Scripts, styles and connections from this origin only: a page holding a team's key runs no other code.

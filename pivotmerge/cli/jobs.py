@@ -39,9 +39,12 @@ def jobs() -> None:
 @click.argument("spec_file", metavar="SPEC", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="A label for the job; repeatable.")
 @click.option("--idempotency-key", help="Makes a retried submit return the same job.")
-def submit(spec_file: Path, labels: tuple[str, ...], idempotency_key: str | None) -> None:
+@click.option("--priority", type=int, default=0, show_default=True,
+              help="Order among the team's own waiting jobs, -1000 to 1000: higher starts first.")
+def submit(spec_file: Path, labels: tuple[str, ...], idempotency_key: str | None, priority: int) -> None:
     """Queue the merge a YAML (or mergekit) SPEC describes; prints the job id."""
-    job = Client().submit(read_yaml(spec_file), labels=_labels(labels), idempotency_key=idempotency_key)
+    job = Client().submit(read_yaml(spec_file), labels=_labels(labels), idempotency_key=idempotency_key,
+                          priority=priority)
     click.echo(job["id"])
 
 

@@ -126,8 +126,9 @@ def client(settings: Settings) -> Iterator[TestClient]:
 
 @pytest.fixture(scope="session")
 def queue_only_client(settings: Settings) -> Iterator[TestClient]:
-    """An API whose jobs go to a queue no worker reads: they stay queued, whatever the test needs."""
-    alone = settings.model_copy(update={"broker_key_prefix": f"{PREFIX_ROOT}-unread:", "max_active_jobs_per_team": 3,
+    """An API whose jobs no dispatcher sends (a deployment of its own, without housekeeping): they stay waiting,
+    whatever the test needs. Its teams' queues hold 3 waiting jobs."""
+    alone = settings.model_copy(update={"broker_key_prefix": f"{PREFIX_ROOT}-unread:", "max_waiting_jobs_per_team": 3,
                                         "housekeeping": False})
     with TestClient(create_app(alone)) as client:
         yield client

@@ -31,7 +31,7 @@ def test_a_cancel_that_lost_the_race_names_the_state_the_job_ended_in(sessions) 
         with pytest.raises(ApiError) as refused:
             jobs.cancel_job(MERGES, session, loaded)
     assert refused.value.status == 409
-    assert refused.value.detail == f"merge {job.id} has already succeeded; only queued or running jobs can be cancelled"
+    assert refused.value.detail == f"merge {job.id} has already succeeded; only waiting, queued or running jobs can be cancelled"
 
 
 def pivotmerge_cli(args: list[str | bytes], env: dict[str, str]) -> subprocess.CompletedProcess[str]:

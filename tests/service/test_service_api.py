@@ -83,13 +83,14 @@ def test_idempotency_key_replays_the_same_job_per_team(queue_only_client, tiny, 
     assert theirs.status_code == 202 and theirs.json()["id"] != first.json()["id"]
 
 
-def test_quota_answers_429_with_retry_after(queue_only_client, tiny, team, settings) -> None:
-    for _ in range(3):  # queue_only_client allows 3 active jobs per team; nothing runs them
+def test_a_full_team_queue_answers_429_with_retry_after(queue_only_client, tiny, team, settings) -> None:
+    for _ in range(3):  # queue_only_client's queue holds 3 waiting jobs per team; nothing dispatches them
         assert queue_only_client.post("/v1/merges", json=merge_spec(tiny), headers=team).status_code == 202
     refused = queue_only_client.post("/v1/merges", json=merge_spec(tiny), headers=team)
     assert refused.status_code == 429
     assert refused.headers["Retry-After"] == str(settings.retry_after_seconds)
-    assert "limit is 3" in refused.json()["detail"]
+    assert refused.json()["detail"] == ("team has 3 waiting jobs, the limit is 3 (PIVOTMERGE_MAX_WAITING_JOBS_PER_TEAM); "
+                                        "retry when some have started")
     # a cancelled job frees its slot
     job_id = queue_only_client.get("/v1/merges", headers=team).json()["jobs"][0]["id"]
     assert queue_only_client.post(f"/v1/merges/{job_id}:cancel", headers=team).json()["state"] == "cancelled"
@@ -165,7 +166,7 @@ def test_pages_are_newest_first_and_filter_on_state(queue_only_client, tiny, tea
     assert seen == ids[::-1]
     cancelled = client.get("/v1/merges", params={"state": "cancelled"}, headers=team).json()["jobs"]
     assert [j["id"] for j in cancelled] == [ids[1]]
-    both = client.get("/v1/merges", params=[("state", "cancelled"), ("state", "queued")], headers=team).json()["jobs"]
+    both = client.get("/v1/merges", params=[("state", "cancelled"), ("state", "waiting")], headers=team).json()["jobs"]
     assert len(both) == 3
 
 
@@ -198,7 +199,7 @@ def test_metrics_and_a_finished_job_cannot_be_cancelled(client, finished) -> Non
     assert metrics == {"job_id": job["id"], "state": "succeeded", "metrics": None}  # the spec asked for no evaluation
     refused = client.post(f"/v1/merges/{job['id']}:cancel", headers=owner)
     assert refused.status_code == 409
-    assert refused.json()["detail"] == f"merge {job['id']} has already succeeded; only queued or running jobs can be cancelled"
+    assert refused.json()["detail"] == f"merge {job['id']} has already succeeded; only waiting, queued or running jobs can be cancelled"
 
 
 def test_analysis_is_a_job_with_distance_metrics(client, team, tiny, worker) -> None:
@@ -247,6 +248,6 @@ def test_archive_streams_every_artifact_as_one_tar(client, finished, queue_only_
     queued = queue_only_client.post("/v1/merges", json=merge_spec(tiny), headers=team).json()
     try:
         refused = queue_only_client.get(f"/v1/merges/{queued['id']}/artifacts:archive", headers=team)
-        assert refused.status_code == 409 and "is queued" in refused.json()["detail"]
+        assert refused.status_code == 409 and "is waiting" in refused.json()["detail"]
     finally:
         queue_only_client.post(f"/v1/merges/{queued['id']}:cancel", headers=team)

@@ -25,7 +25,7 @@ def test_submit_merge_download_and_load(client: TestClient, team, tiny, worker, 
     assert created.status_code == 202, created.text
     job = created.json()
     assert created.headers["Location"] == f"/v1/merges/{job['id']}"
-    assert job["state"] == "queued" and job["kind"] == "merge"
+    assert job["state"] == "waiting" and job["kind"] == "merge" and job["priority"] == 0
 
     done = wait_final(client, created.headers["Location"], team)
     assert done["state"] == "succeeded", done
@@ -57,7 +57,7 @@ def test_submit_merge_download_and_load(client: TestClient, team, tiny, worker, 
     events = client.get(f"/v1/merges/{job['id']}/events", headers=team).json()["events"]
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
     states = [e["data"]["state"] for e in events if e["type"] == "state"]
-    assert states == ["queued", "running", "succeeded"]
+    assert states == ["waiting", "queued", "running", "succeeded"]
     assert any(e["type"] == "progress" for e in events)
 
 
@@ -74,7 +74,7 @@ def test_cancel_running_job_stops_it_and_leaves_no_output(client, team, tiny, wo
     assert not [p for p in settings.work_dir.iterdir() if p.name.startswith(job_id)]
     assert not (settings.storage_dir / "jobs" / job_id).exists()
     events = client.get(f"/v1/merges/{job_id}/events", headers=team).json()["events"]
-    assert [e["data"]["state"] for e in events if e["type"] == "state"] == ["queued", "running", "cancelling", "cancelled"]
+    assert [e["data"]["state"] for e in events if e["type"] == "state"] == ["waiting", "queued", "running", "cancelling", "cancelled"]
 
     again = client.post(f"/v1/merges/{job_id}:cancel", headers=team)
     assert again.status_code == 409 and "already cancelled" in again.json()["detail"]

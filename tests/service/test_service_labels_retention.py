@@ -80,7 +80,7 @@ def test_delete_of_an_unfinished_job_is_409_naming_its_state(queue_only_client, 
     job = queue_only_client.post("/v1/merges", json=merge_spec(tiny), headers=team).json()
     try:
         refused = queue_only_client.delete(f"/v1/merges/{job['id']}", headers=team)
-        assert refused.status_code == 409 and f"merge {job['id']} is queued" in refused.json()["detail"]
+        assert refused.status_code == 409 and f"merge {job['id']} is waiting" in refused.json()["detail"]
     finally:
         queue_only_client.post(f"/v1/merges/{job['id']}:cancel", headers=team)
 

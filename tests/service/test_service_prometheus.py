@@ -44,8 +44,9 @@ def from_the_database(sessions, team: str) -> dict[Sample, float]:  # type: igno
                 .where(Team.name == team).group_by(Job.state, Job.kind)):
             expected["pivotmerge_jobs", (("kind", kind), ("state", state.value), ("team", team))] = count
         for kind in [k.name for k in load_kinds()]:
-            queued = session.scalar(select(func.count()).where(Job.state == JobState.queued, Job.kind == kind))
-            expected["pivotmerge_queue_depth", (("kind", kind),)] = queued
+            unstarted = session.scalar(select(func.count()).where(
+                Job.state.in_([JobState.waiting, JobState.queued]), Job.kind == kind))
+            expected["pivotmerge_queue_depth", (("kind", kind),)] = unstarted
             for state in FINAL_STATES:
                 ended = session.scalar(select(func.count()).where(Job.state == state, Job.kind == kind))
                 expected["pivotmerge_jobs_finished_total", (("kind", kind), ("state", state.value))] = ended
@@ -69,6 +70,10 @@ def from_the_database(sessions, team: str) -> dict[Sample, float]:  # type: igno
         for beat in session.scalars(select(WorkerHeartbeat)):
             expected["pivotmerge_worker_heartbeat_timestamp_seconds",
                      (("queues", beat.queues), ("worker", beat.name))] = beat.beat_at.timestamp()
+        waiting = session.scalar(select(func.count()).select_from(Job).join(Team, Team.id == Job.team_id)
+                                 .where(Team.name == team, Job.state == JobState.waiting))
+        if waiting:
+            expected["pivotmerge_team_queue_depth", (("team", team),)] = waiting
         merged = session.scalar(select(func.sum(Artifact.size)).join(Job, Job.id == Artifact.job_id)
                                 .join(Team, Team.id == Job.team_id)
                                 .where(Team.name == team, Job.kind == "merge", Job.state == JobState.succeeded))
@@ -108,7 +113,7 @@ def test_metrics_equal_the_database_during_a_run_with_a_real_worker(monitored, q
         session.commit()
     team, headers = team_row.name, {"Authorization": f"Bearer {key}"}
     waiting = [queue_only_client.post("/v1/merges", json=merge_spec(tiny), headers=headers).json()["id"]
-               for _ in range(2)]  # queued for good: no worker reads their queue
+               for _ in range(2)]  # waiting for good: no dispatcher sends them
     # Nine merges keep the worker busy for several scrapes even when the machine is quiet (three finished
     # before the first consistent scrape in a full-suite run).
     running = [monitored.post("/v1/merges", json=merge_spec(tiny, method=method), headers=headers).json()["id"]
@@ -128,7 +133,8 @@ def test_metrics_equal_the_database_during_a_run_with_a_real_worker(monitored, q
 
     scraped = scrape(monitored)
     assert scraped["pivotmerge_jobs", (("kind", "merge"), ("state", "succeeded"), ("team", team))] == len(running)
-    assert scraped["pivotmerge_jobs", (("kind", "merge"), ("state", "queued"), ("team", team))] == len(waiting)
+    assert scraped["pivotmerge_jobs", (("kind", "merge"), ("state", "waiting"), ("team", team))] == len(waiting)
+    assert scraped["pivotmerge_team_queue_depth", (("team", team),)] == len(waiting)
     assert scraped["pivotmerge_merged_bytes", (("team", team),)] > 0
     assert scraped["pivotmerge_workers_live", (("queue", "gpu"),)] >= 1  # the session's worker beats
     assert scraped["pivotmerge_queue_oldest_seconds", (("kind", "merge"),)] > 0

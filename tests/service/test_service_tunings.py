@@ -148,7 +148,7 @@ def test_cancel_mid_study_stops_the_remaining_trials(fanout, team, tiny, data, s
     assert len(trial_rows(sessions, job_id)) == recorded < 500
     assert fanout.get(f"/v1/tunings/{job_id}/artifacts", headers=team).json() == {"artifacts": []}
     events = fanout.get(f"/v1/tunings/{job_id}/events", headers=team).json()["events"]
-    assert [e["data"]["state"] for e in events if e["type"] == "state"] == ["queued", "running", "cancelling", "cancelled"]
+    assert [e["data"]["state"] for e in events if e["type"] == "state"] == ["waiting", "queued", "running", "cancelling", "cancelled"]
 
 
 @pytest.fixture(scope="module")

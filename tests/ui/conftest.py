@@ -67,7 +67,7 @@ def http(server: str) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="session")
 def unread_queue(settings: Settings, broker_prefix: str) -> Iterator[TestClient]:
-    """The same API and database, queueing to a prefix no worker reads: its jobs stay queued."""
+    """The same database, a deployment (broker key prefix) without workers: its jobs stay waiting."""
     alone = settings.model_copy(update={"broker_key_prefix": f"{broker_prefix.rstrip(':')}-ui-unread:"})
     with TestClient(create_app(alone)) as client:
         yield client

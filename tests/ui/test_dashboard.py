@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import uuid
 from pathlib import Path
@@ -212,7 +213,11 @@ def test_jobs_list_pages_filters_and_updates_live(browser, server, team, unread_
     Select(find(browser, "#page-size")).select_by_value("5")
     shown = lambda b: [tr.get_attribute("data-job-id") for tr in find_all(b, "#jobs tbody tr")]  # noqa: E731
     wait(browser, lambda b: shown(b) == newest_first[:5], "the first page, analyses and merges by creation time")
-    wait(browser, lambda b: {badge.text for badge in find_all(b, "#jobs tbody .badge")} == {"queued"}, "queued badges")
+    wait(browser, lambda b: {badge.text for badge in find_all(b, "#jobs tbody .badge")} == {"waiting"}, "waiting badges")
+    # This deployment has no worker: each job shows its place in the queue, and no start time.
+    places = lambda b: [td.text for td in find_all(b, "#jobs tbody td.queue")]  # noqa: E731
+    wait(browser, lambda b: len(places(b)) == 5 and all(re.fullmatch(r"#\d+ in the queue · no worker is live", text)
+                                                         for text in places(b)), "queue positions")
     screenshot(browser, screenshots, "jobs")
     find(browser, "#next-page").click()
     wait(browser, lambda b: shown(b) == newest_first[5:], "the second page")
@@ -224,8 +229,8 @@ def test_jobs_list_pages_filters_and_updates_live(browser, server, team, unread_
     Select(find(browser, "#filter-kind")).select_by_value("")
     Select(find(browser, "#filter-state")).select_by_value("succeeded")
     wait(browser, lambda b: shown(b) == [], "no succeeded jobs")
-    Select(find(browser, "#filter-state")).select_by_value("queued")
-    wait(browser, lambda b: shown(b)[:5] == newest_first[:5], "queued jobs")
+    Select(find(browser, "#filter-state")).select_by_value("waiting")
+    wait(browser, lambda b: shown(b)[:5] == newest_first[:5], "waiting jobs")
     find(browser, "#filter-label").send_keys("group=b", Keys.ENTER)
     wait(browser, lambda b: shown(b) == newest_first[:2], "only the jobs labelled group=b")
     assert [td.text for td in find_all(browser, "#jobs tbody td.labels")] == ["group=b", "group=b"]
@@ -233,7 +238,12 @@ def test_jobs_list_pages_filters_and_updates_live(browser, server, team, unread_
     find(browser, "#filter-label").send_keys(Keys.ENTER)
 
     newer = submit("merges")  # appears without a reload
-    wait(browser, lambda b: shown(b)[0] == newer, "the new job, live")
+    wait(browser, lambda b: shown(b)[:1] == [newer], "the new job, live")  # [:1]: the list may be empty mid-reload
+
+    browser.get(f"{server}/ui/merges/{newer}")  # a waiting job's page: its place in the queue, and a cancel
+    wait(browser, lambda b: re.search(r"Queue\s+#\d+ in the queue · no worker is live", find(b, "#facts").text),
+         "the job's place in the queue")
+    assert find(browser, "#cancel").is_displayed()
 
 
 def test_compare_two_merges_of_the_same_experts(browser, server, http, team, example, worker, screenshots) -> None:

@@ -63,6 +63,13 @@ const collectionOf = (kind) => UI.kinds.find((k) => k.kind === kind).collection;
 const jobUrl = (kind, id) => `/ui/${collectionOf(kind)}/${id}`;
 const shortId = (id) => id.slice(0, 8);
 
+// A waiting job's place in the queue: its position and, while a worker is live, when it is expected to start.
+function queueText(job) {
+  if (job.queue_position === null || job.queue_position === undefined) return "held: its team may not start jobs";
+  const start = job.estimated_start ? ` · starts ~${formatTime(job.estimated_start)}` : " · no worker is live";
+  return `#${job.queue_position} in the queue${start}`;
+}
+
 function formatTime(iso) {
   return iso ? new Date(iso).toLocaleString(undefined, { dateStyle: "short", timeStyle: "medium" }) : "";
 }

@@ -6,13 +6,14 @@ const collection = root.dataset.collection;
 const jobPath = `/v1/${collection}/${root.dataset.jobId}`;
 const $ = (id) => document.getElementById(id);
 let job = null;
+const QUEUE_REFRESH_MS = 3000;
 
 function setState(state, error) {
   const shown = $("job-state");
   shown.className = `badge state-${state}`;
   shown.textContent = state;
   shown.dataset.state = state;
-  $("cancel").hidden = !["queued", "running"].includes(state);
+  $("cancel").hidden = !["waiting", "queued", "running"].includes(state);
   if (error) { $("job-error").textContent = error; $("job-error").hidden = false; }
 }
 
@@ -26,7 +27,8 @@ function setProgress(fraction, stage, layer, message) {
 }
 
 function renderFacts() {
-  const facts = [["Kind", job.kind], [job.kind === "tuning" ? "Candidates" : "Method", methodOf(job)],
+  const facts = [["Kind", job.kind], ["Queue", job.state === "waiting" ? queueText(job) : ""],
+                 [job.kind === "tuning" ? "Candidates" : "Method", methodOf(job)],
                  ["Created", formatTime(job.created_at)],
                  ["Started", formatTime(job.started_at)], ["Finished", formatTime(job.finished_at)],
                  ["Attempts", String(job.attempts)], ["Id", job.id]];
@@ -65,6 +67,16 @@ async function onStreamEnd() {
   setState(job.state, job.error);
   if (job.state === "succeeded") await showResults();
   return true;
+}
+
+// A waiting job's position and estimated start move as other jobs start: read them again while it waits.
+async function refreshQueue() {
+  if (job.state !== "waiting") return;
+  try {
+    job = await api(jobPath);
+    renderFacts();
+  } catch (err) { flash(`Could not refresh the job: ${err.message}`); }
+  setTimeout(refreshQueue, QUEUE_REFRESH_MS);
 }
 
 async function download(artifact, button) {
@@ -236,6 +248,7 @@ async function load() {
   setProgress(job.progress.fraction, job.progress.stage, job.progress.layer, job.progress.message);
   $("cancel").addEventListener("click", cancel);
   window.jobStream = followEvents(`${jobPath}/events`, onEvent, onStreamEnd);
+  setTimeout(refreshQueue, QUEUE_REFRESH_MS);
 }
 
 if (requireKey()) load();

@@ -52,8 +52,10 @@ function row(job) {
     el("td", {}, el("a", { href: jobUrl(job.kind, job.id), text: shortId(job.id), title: job.id })),
     el("td", { text: job.kind }),
     el("td", {}, badge(job.state)),
-    el("td", {}, el("div", { class: "progress small", title: `${pct}%` },
-                    el("div", { class: "progress-fill", style: `width:${pct}%` })), ` ${pct}%`),
+    job.state === "waiting"
+      ? el("td", { class: "queue", text: queueText(job) })
+      : el("td", {}, el("div", { class: "progress small", title: `${pct}%` },
+                        el("div", { class: "progress-fill", style: `width:${pct}%` })), ` ${pct}%`),
     el("td", { text: methodOf(job) }),
     el("td", { class: "labels", text: Object.entries(job.labels || {}).map(([k, v]) => `${k}=${v}`).join(" ") }),
     el("td", { text: formatTime(job.created_at) }),
