@@ -333,7 +333,8 @@ def refit_blocks(
     samples; the block is merged again with those and put into the student before the next block is
     measured. So block ``l`` is fitted on what the *final* merged blocks below it produce, not on a first
     pass's. `inputs(name)` gives a tensor's stored inputs ([base?, *models]), `merge(name, calibration)` its
-    merge (float32). Returns the calibration (refitted tensors replaced) and the blocks refitted, in order.
+    merge (as the output will hold it). Returns the calibration (refitted tensors replaced) and the blocks
+    refitted, in order.
     Cost: each expert's block inputs on its calibration set held in memory (as `fit_blocks`), and one
     forward pass of the student per block and calibration batch.
     """
