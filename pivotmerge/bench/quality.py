@@ -32,7 +32,7 @@ from scipy.stats import spearmanr
 
 from pivotmerge.analysis import metrics
 from pivotmerge.bench.domains import DOMAINS
-from pivotmerge.bench.variants import (DATA_FREE_BASELINES, DEFAULTS, QUICK_ROWS, TUNED, Variant)
+from pivotmerge.bench.variants import (DATA_BASELINES, DATA_FREE_BASELINES, DEFAULTS, QUICK_ROWS, TUNED, Variant)
 from pivotmerge.bench.world import Config, World, build_world
 from pivotmerge.data.evaluate import CaptionBatch, caption_batches, caption_stats, load_model
 from pivotmerge.run.merge import merge
@@ -293,6 +293,10 @@ def paired(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         present = tuple(n for n in DATA_FREE_BASELINES if n in r["tuned"])
         return _avg(r["tuned"][rival(r["tuned"], present)])
 
+    def best_data(r: dict[str, Any]) -> float:
+        present = tuple(n for n in DATA_BASELINES if n in r["tuned"])
+        return _avg(r["tuned"][rival(r["tuned"], present)])
+
     names, default_names = runs[0]["tuned"], runs[0]["defaults"]
     out = []
     if "pivotmerge" in names and any(b in names for b in DATA_FREE_BASELINES):
@@ -301,6 +305,11 @@ def paired(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append(diff("pivotmerge defaults - best data-free baseline (dev-chosen per seed)", default("pivotmerge"),
                             best_free))
         out += [diff(f"pivotmerge - {b}", tuned("pivotmerge"), tuned(b)) for b in DATA_FREE_BASELINES if b in names]
+    if "pivotmerge_data" in names and any(b in names for b in DATA_BASELINES):
+        label = "best data baseline (dev-chosen per seed)"
+        out.append(diff(f"pivotmerge_data - {label}", tuned("pivotmerge_data"), best_data))
+        if "pivotmerge_data" in default_names:
+            out.append(diff(f"pivotmerge_data defaults - {label}", default("pivotmerge_data"), best_data))
     if {"pivotmerge_data", "regmean_plus_plus"} <= set(names):
         out.append(diff("pivotmerge_data - regmean_plus_plus", tuned("pivotmerge_data"), tuned("regmean_plus_plus")))
     for name, label in (("pivotmerge", "pivotmerge defaults"),

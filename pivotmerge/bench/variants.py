@@ -50,7 +50,8 @@ BASELINES: tuple[Variant, ...] = (
     Variant("prodistill", "prodistill", grid={"learning_rate": [0.003, 0.01, 0.03]}, data=True),
     Variant("adamerging", "adamerging", grid={"objective": ["captions", "features"]}, data=True),
 )
-DATA_BASELINES = ("regmean_plus_plus", "prodistill", "adamerging")
+# The rivals with calibration data: the data rows are judged against the dev-best of these present (per seed).
+DATA_BASELINES = ("regmean", "regmean_plus_plus", "prodistill", "adamerging")
 PIVOTMERGE: tuple[Variant, ...] = (
     # Data-free PivotMerge's closed form (combine: covariance) is a fitted update: dev chose layer scales near 0.6.
     Variant("pivotmerge", "pivotmerge", grid={**LAYER_SCALE, "energy": [0.9, 0.95]}),

@@ -19,18 +19,19 @@ Devices and I/O stay here; the method only sees tensors and functions.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from pivotmerge.data.calibration import in_model
+from pivotmerge.data.calibration import (InputCapture, MergedInputGrams, add_to, cross_gram, gram, in_model,
+                                         linear_modules)
 from pivotmerge.data.datasets import Dataset
 from pivotmerge.data.evaluate import CaptionBatch, Loaded, caption_batches, load_model
 from pivotmerge.errors import CompatibilityError, MergeCancelled
-from pivotmerge.methods import Block, Merged, Need
+from pivotmerge.methods import NO_CALIBRATION, Block, Calibration, Merged, Need
 from pivotmerge.plan.plan import MergePlan
 from pivotmerge.progress import CancelFn, Progress, ProgressFn
 from pivotmerge.repos.architectures import architecture_for
@@ -277,3 +278,113 @@ def _block(
         caption_logits=caption_logits if caption_outputs else None,
         teacher_logits=[t.logits for t in teachers if t.logits is not None] if caption_outputs else None,
     )
+
+
+# ----------------------------------------------------- RegMean++'s order: each block on the merged blocks below it
+
+
+@torch.no_grad()
+def _block_grams(
+    student: Loaded,
+    module: nn.Module,
+    teacher: Teacher,
+    calls: Sequence[Call],
+    expert: Mapping[str, torch.Tensor],
+    linears: Mapping[str, nn.Module],
+) -> MergedInputGrams:
+    """One expert's merged-input Grams ``X~^T X~`` and cross Grams ``X^T X~`` of a block's linear layers.
+
+    ``X`` is what the expert's own block (its tensors `expert`, by the module's local names) feeds each linear
+    on the expert's own block inputs (`calls`), ``X~`` what the student, the merged model as far as it is
+    fitted, feeds it on the same samples; rows pair up as both run on the same batches, one batch at a time.
+    """
+    grams: dict[str, torch.Tensor] = {}
+    cross: dict[str, torch.Tensor] = {}
+    with InputCapture(linears) as capture:
+        for batch, call in zip(teacher.batches, calls, strict=True):
+            capture.token_mask = batch.inputs["attention_mask"].bool().to(call.input.device)
+            functional_call(module, dict(expert), args=(call.input, *call.args), kwargs=call.kwargs)
+            own = capture.pop()
+            _run(student, batch)
+            for name, rows in capture.pop().items():
+                add_to(grams, name, gram(rows))
+                add_to(cross, name, cross_gram(own[name], rows))
+    return MergedInputGrams({n: g.cpu() for n, g in grams.items()}, {n: c.cpu() for n, c in cross.items()})
+
+
+@torch.no_grad()
+def refit_blocks(
+    plan: MergePlan,
+    datasets: Sequence[Dataset],
+    device: torch.device,
+    inputs: Callable[[str], Sequence[torch.Tensor]],
+    merge: Callable[[str, Calibration], torch.Tensor],
+    calibration: Mapping[str, Calibration],
+    *,
+    progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+) -> tuple[dict[str, Calibration], list[str]]:
+    """`calibration` for ``gram_inputs: merged``, measured block after block in the model's order (RegMean++'s).
+
+    A student (the reference model) receives each block's merge in turn: first the block's per-tensor merge
+    with `calibration` (the experts' own Grams), which feeds the linears inside the block; then, for the
+    linear weights whose parameters fit on merged inputs, the Grams of the inputs the student feeds them
+    (every block below already refitted) and the cross Grams against each expert's own inputs on the same
+    samples; the block is merged again with those and put into the student before the next block is
+    measured. So block ``l`` is fitted on what the *final* merged blocks below it produce, not on a first
+    pass's. `inputs(name)` gives a tensor's stored inputs ([base?, *models]), `merge(name, calibration)` its
+    merge (as the output will hold it). Returns the calibration (refitted tensors replaced) and the blocks
+    refitted, in order.
+    Cost: each expert's block inputs on its calibration set held in memory (as `fit_blocks`), and one
+    forward pass of the student per block and calibration batch.
+    """
+    method = plan.method
+    names = sorted(plan.merged)
+    refit = sorted(n for n in plan.calibrated_tensors()
+                   if Need.MERGED_INPUTS in method.needs_for(plan.tensor_params[n].params))
+    student = load_model(plan.reference.path, device.type)
+    student.model.requires_grad_(False)
+    parameters = parameter_names(student.model, names)
+    held = dict(student.model.named_parameters())
+    linears = linear_modules(student.model, refit)
+    blocks = blocks_in_order(student.model, parameters)
+    measured = {p: p for p, block_names in blocks if any(n in linears for n in block_names)}
+    teachers = []
+    for i, (repo, data) in enumerate(zip(plan.models, datasets, strict=True)):
+        if should_cancel is not None and should_cancel():
+            raise MergeCancelled("merge cancelled")
+        teachers.append(_teacher(load_model(repo.path, device.type), data, measured, caption_outputs=False))
+        if progress is not None:
+            progress(Progress("calibrate", i + 1, len(plan.models),
+                              message="each expert's block inputs on its own data"))
+    modules = dict(student.model.named_modules())
+    offset = plan.base is not None
+    out = dict(calibration)
+    refitted = []
+    if progress is not None:
+        progress(Progress("refit", 0, len(blocks), message="each block fitted on the merged blocks below it"))
+    for j, (path, block_names) in enumerate(blocks):
+        if should_cancel is not None and should_cancel():
+            raise MergeCancelled("merge cancelled")
+        _set(held, {parameters[n]: merge(n, out.get(n, NO_CALIBRATION)) for n in block_names})
+        block_linears = {n: linears[n] for n in block_names if n in linears}
+        # A block that does not run once per batch (never reached, or shared) has no paired rows: it keeps
+        # the fit on the experts' own inputs.
+        if block_linears and all(len(t.calls[path]) == len(t.batches) for t in teachers):
+            local = {n: parameters[n][len(path) + 1 :] for n in block_names}
+            stored = {n: inputs(n) for n in block_names}
+            per_expert = []
+            for k, teacher in enumerate(teachers):
+                expert = {local[n]: t[k + offset].to(device=device, dtype=held[parameters[n]].dtype)
+                          for n, t in stored.items()}
+                per_expert.append(
+                    _block_grams(student, modules[path], teacher, teacher.calls[path], expert, block_linears)
+                )
+            for n in block_linears:
+                out[n] = replace(out.get(n, NO_CALIBRATION), grams=[p.grams[n] for p in per_expert],
+                                 cross_grams=[p.cross_grams[n] for p in per_expert])
+            _set(held, {parameters[n]: merge(n, out[n]) for n in block_names})
+            refitted.append(path)
+        if progress is not None:
+            progress(Progress("refit", j + 1, len(blocks)))
+    return out, refitted

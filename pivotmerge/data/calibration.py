@@ -137,7 +137,7 @@ def normalised_alignment(contributions: Mapping[str, Sequence[float]]) -> dict[s
     return {g: [c / top if top > 0 else 0.0 for c in cs] for g, cs in contributions.items()}
 
 
-def _add(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+def add_to(sums: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
     """Add `value` into `sums[name]`; the first value starts the sum, as a layer's width is known only then."""
     sums[name] = sums[name] + value if name in sums else value
 
@@ -151,7 +151,7 @@ class GramCollector(LayerInputs):
         super().__init__(modules)
 
     def take(self, name: str, rows: torch.Tensor) -> None:
-        _add(self.grams, name, gram(rows))
+        add_to(self.grams, name, gram(rows))
         self.rows[name] = self.rows.get(name, 0) + rows.shape[0]
 
 
@@ -226,8 +226,8 @@ def merged_input_grams_of_loaded(merged: Loaded, expert: Loaded, dataset: Datase
             _forward(merged, batch.inputs, seen)
             expert_rows = own.pop()
             for name, rows in seen.pop().items():
-                _add(grams, name, gram(rows))
-                _add(cross, name, cross_gram(expert_rows[name], rows))
+                add_to(grams, name, gram(rows))
+                add_to(cross, name, cross_gram(expert_rows[name], rows))
     return MergedInputGrams({n: g.cpu() for n, g in grams.items()}, {n: c.cpu() for n, c in cross.items()})
 
 

@@ -129,8 +129,10 @@ class CalibrationReport(ReportModel):
     datasets: list[CalibrationDataset]
     gram_tensors: list[str] | None = None  # methods that read Gram matrices
     alignment: AlignmentReport | None = None  # PivotMerge with layer_weighting: data
-    gram_inputs: Literal["merged"] | None = None  # a second pass fitted on the first pass's inputs
+    gram_inputs: Literal["merged"] | None = None  # a second pass fitted on the merged model's inputs
     passes: int | None = None
+    # gram_inputs: merged, block after block: the blocks refitted on the merged blocks below them, in order.
+    refit_blocks: list[str] | None = None
     # Methods that fit blocks: each block, its tensors and its loss before and after the fit.
     blocks: list[dict[str, Any]] | None = None
 

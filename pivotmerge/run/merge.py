@@ -15,10 +15,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from pivotmerge.data.blocks import fit_blocks
+from pivotmerge.data.blocks import fit_blocks, refit_blocks
 from pivotmerge.data.calibration import Calibrated, calibrate, merged_input_calibration
 from pivotmerge.data.evaluate import Evaluation, evaluate_merge, evaluation_data
-from pivotmerge.methods import Merged, Need
+from pivotmerge.methods import Calibration, Merged, Need
 from pivotmerge.plan.device import resolve_device
 from pivotmerge.plan.plan import MergePlan, Timings, plan_merge
 from pivotmerge.progress import CancelFn, Progress, ProgressFn
@@ -55,7 +55,7 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | Path, *, progress:
             calibrated = _calibration_stage(plan, out_dir, device, calibrated, progress, should_cancel)
             merge_progress = progress
             if Need.MERGED_INPUTS in plan.needs:
-                merge_progress = _with_message(progress, "second pass: each layer fitted on the first pass's inputs")
+                merge_progress = _with_message(progress, "second pass: each layer fitted on the merged model's inputs")
             files, entries, timings = write_shards(plan, partial, device, merge_progress, should_cancel,
                                                    calibrated=calibrated)
             write_side_files(plan, partial)
@@ -71,11 +71,15 @@ def merge(spec: MergeSpec | Mapping[str, Any], out_dir: str | Path, *, progress:
 def _calibration_stage(plan: MergePlan, out_dir: Path, device: torch.device, calibrated: Calibrated,
                        progress: ProgressFn | None, should_cancel: CancelFn | None) -> Calibrated:
     """What the merge's tensors need beyond the plan, measured: `calibrated` (Grams, alignment), then for
-    ``gram_inputs: merged`` the second pass's Grams (`_refit_on_first_pass`), then for methods that fit
-    blocks (``Need.BLOCK_FEATURES``) every block fitted in order, from the method's per-tensor merge."""
+    ``gram_inputs: merged`` the Grams of the merged model's inputs, block after block (`_refit_in_order`; with a
+    merged vocabulary, `_refit_on_first_pass`), then for methods that fit blocks (``Need.BLOCK_FEATURES``)
+    every block fitted in order, from the method's per-tensor merge."""
     needs = plan.needs
     if Need.MERGED_INPUTS in needs:
-        calibrated = _refit_on_first_pass(plan, out_dir, device, calibrated, progress, should_cancel)
+        # The block-wise refit runs the reference model as its student, which cannot read a vocabulary the
+        # merge grows: that merge measures a whole first pass written with the merged tokenizer instead.
+        refit = _refit_in_order if plan.vocabulary is None else _refit_on_first_pass
+        calibrated = refit(plan, out_dir, device, calibrated, progress, should_cancel)
     if Need.BLOCK_FEATURES not in needs:
         return calibrated
 
@@ -90,6 +94,25 @@ def _calibration_stage(plan: MergePlan, out_dir: Path, device: torch.device, cal
     fitted, blocks = fit_blocks(plan, calibrated.datasets, device, inputs, start, progress=progress,
                                 should_cancel=should_cancel)
     return replace(calibrated, report={**calibrated.report, "blocks": blocks}, fitted=fitted)
+
+
+def _refit_in_order(plan: MergePlan, out_dir: Path, device: torch.device, calibrated: Calibrated,
+                    progress: ProgressFn | None, should_cancel: CancelFn | None) -> Calibrated:
+    """`calibrated` for ``gram_inputs: merged`` as RegMean++ orders it: each block (projector, decoder or
+    encoder layer) fitted on the inputs that the merged blocks below it, already refitted, feed it
+    (`refit_blocks`). `out_dir` is unused: nothing is written beside the output."""
+
+    # Each block is measured with its neighbours as the output will hold them: in the output's dtype.
+    dtypes = {o.name: o.dtype for o in plan.outputs}
+
+    def merged(name: str, calibration: Calibration) -> torch.Tensor:
+        return merge_tensor(plan, name, read_inputs(plan, name), device, dtypes.get(name, torch.float32),
+                            calibration=calibration)[0]
+
+    tensors, blocks = refit_blocks(plan, calibrated.datasets, device, lambda n: read_inputs(plan, n), merged,
+                                   calibrated.tensors, progress=progress, should_cancel=should_cancel)
+    report = {**calibrated.report, "gram_inputs": "merged", "passes": 2, "refit_blocks": blocks}
+    return replace(calibrated, report=report, tensors=tensors)
 
 
 def _refit_on_first_pass(plan: MergePlan, out_dir: Path, device: torch.device, calibrated: Calibrated,

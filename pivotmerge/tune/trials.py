@@ -10,9 +10,10 @@ on the dev data, without re-reading or re-writing the model.
 * the dev sets are tokenised and their images decoded once;
 * calibration data is measured once per kind of data a trial needs (Gram matrices, alignment
   scores) and handed to every later trial that needs the same;
-* a trial fitted on the merged model's inputs (``gram_inputs: merged``) merges twice, as `merge`
-  does: its first pass is swapped into the evaluation model, whose layer inputs are then measured
-  beside each expert's own (the experts are loaded once per study, when the first such trial runs);
+* a trial fitted on the merged model's inputs (``gram_inputs: merged``) refits block after block, as
+  `merge` does (`refit_blocks`: its own student model and each expert's block inputs, per trial); with
+  a merged vocabulary its first pass is swapped into the evaluation model, whose layer inputs are then
+  measured beside each expert's own (the experts are loaded once per study, when the first such trial runs);
 * a method that fits blocks (``Need.BLOCK_FEATURES``) fits them from its per-tensor merge, as `merge` does.
 
 A trial's tensors are the engine's own (`pivotmerge.run.streaming.merge_tensor`): the same
@@ -30,7 +31,7 @@ from typing import Any, Iterable, Literal, Mapping, NamedTuple, Sequence
 
 import torch
 
-from pivotmerge.data.blocks import fit_blocks
+from pivotmerge.data.blocks import fit_blocks, refit_blocks
 from pivotmerge.data.calibration import (NOT_CALIBRATED, Calibrated, calibrate, match_name,
                                          merged_input_grams_of_loaded, refit_on)
 from pivotmerge.data.datasets import Dataset
@@ -155,10 +156,9 @@ class TrialRunner:
 
     def merged(self, trial: TrialPlan) -> dict[str, torch.Tensor]:
         plan, calibrated = trial
-        tensors = self._merge_each(plan, calibrated)
         if Need.MERGED_INPUTS in plan.needs:
-            calibrated = self._refit(plan, calibrated, tensors)
-            tensors = self._merge_each(plan, calibrated)
+            calibrated = self._refit(plan, calibrated)
+        tensors = self._merge_each(plan, calibrated)
         if Need.BLOCK_FEATURES in plan.needs:
             fitted, _ = fit_blocks(plan, calibrated.datasets, self.device,
                                    lambda n: self.inputs[n], lambda n: Merged(tensors[n]))
@@ -170,7 +170,22 @@ class TrialRunner:
                                 calibration=calibrated.for_tensor(n))[0]
                 for n in self._depths}
 
-    def _refit(self, plan: MergePlan, calibrated: Calibrated, first_pass: Mapping[str, torch.Tensor]) -> Calibrated:
+    def _refit(self, plan: MergePlan, calibrated: Calibrated) -> Calibrated:
+        """Each block fitted on the inputs the merged blocks below it feed it, as `merge` does
+        (`refit_blocks`); with a merged vocabulary, on a whole first pass's inputs (`_refit_on_first_pass`)."""
+        if plan.vocabulary is not None:
+            return self._refit_on_first_pass(plan, calibrated, self._merge_each(plan, calibrated))
+
+        def merged(name: str, calibration: Calibration) -> torch.Tensor:
+            return merge_tensor(plan, name, self.inputs[name], self.device, self._dtypes[name],
+                                calibration=calibration)[0]
+
+        tensors, _ = refit_blocks(plan, self._calibration_sets, self.device, lambda n: self.inputs[n], merged,
+                                  calibrated.tensors)
+        return replace(calibrated, tensors=tensors)
+
+    def _refit_on_first_pass(self, plan: MergePlan, calibrated: Calibrated,
+                             first_pass: Mapping[str, torch.Tensor]) -> Calibrated:
         """The first pass fitted each layer on the experts' own inputs: measure what it feeds its layers."""
         self.swap_in(first_pass)
         if self._experts is None:

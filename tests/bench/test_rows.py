@@ -45,6 +45,19 @@ def test_paired_differences_of_a_partial_run():
     assert paired([{"tuned": {"cart": _row(0.65)}, "defaults": {}}]) == []
 
 
+def test_the_data_rows_are_paired_with_the_dev_best_data_rival():
+    # regmean is the dev-chosen data rival (dev .9 against RegMean++'s .8), so both comparisons use its test .85
+    runs = [{"tuned": {"pivotmerge_data": _row(0.88), "regmean": _row(0.85, dev=0.9),
+                       "regmean_plus_plus": _row(0.87, dev=0.8)},
+             "defaults": {"pivotmerge_data": _row(0.86)}}]
+    got = {p["comparison"]: p["per_seed"][0] for p in paired(runs)}
+    assert got == pytest.approx({
+        "pivotmerge_data - best data baseline (dev-chosen per seed)": 0.03,
+        "pivotmerge_data defaults - best data baseline (dev-chosen per seed)": 0.01,
+        "pivotmerge_data - regmean_plus_plus": 0.01,
+        "pivotmerge_data defaults (calibration, no parameters) - pivotmerge_data tuned": -0.02})
+
+
 def test_tables_of_a_partial_run_leave_out_scenarios_and_attribution():
     stats = {d: {m: {"mean": 0.5, "std": 0.0} for m in ("token_accuracy", "caption_loss")}
              for d in (*DOMAINS, "average")}

@@ -1,5 +1,6 @@
-"""`gram_inputs: merged` (PivotMerge's, and RegMean's: RegMean++): the engine merges twice, the second time fitting each layer on the
-inputs the first merge feeds it (RegMean++'s idea)."""
+"""`gram_inputs: merged` (PivotMerge's, and RegMean's: RegMean++): block after block in the model's order, each
+block is fitted on the inputs the merged blocks below it (already refitted) feed it, then the model is merged with
+those Grams (RegMean++'s order)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 
 import pivotmerge
 from pivotmerge.data.datasets import Dataset, load_dataset
+from pivotmerge.data.example import make_example
 from pivotmerge.errors import MergeCancelled, SpecError
 from pivotmerge.data.evaluate import caption_batches, load_model
 from pivotmerge.methods import Calibration, get_method
@@ -92,22 +94,23 @@ def test_regmean_with_merged_inputs_is_regmean_plus_plus_end_to_end(example, tmp
     assert report.calibration.passes == 2
 
 
-def test_report_and_progress_show_two_passes(example, tmp_path):
-    # gram_inputs set for linear_2 only: still two passes, linear_1 fitted on the experts' own inputs.
+def test_report_and_progress_show_the_block_refit(example, tmp_path):
+    # gram_inputs set for linear_2 only: linear_1 stays fitted on the experts' own inputs.
     spec = _refit_spec(example, [{"filter": "linear_2", "value": "merged"}, {"value": "expert"}])
     seen: list[Progress] = []
     report = pivotmerge.merge(spec, tmp_path / "out", progress=seen.append)
     assert report.calibration.gram_inputs == "merged" and report.calibration.passes == 2
+    assert report.calibration.refit_blocks == ["model.multi_modal_projector"]
     layers = {e.tensor: e.info["combine"] for e in report.layers if "combine" in (e.info or {})}
     assert layers == {W1: "gram", W2: "gram (merged inputs)"}
     stages = list(dict.fromkeys((p.stage, p.message) for p in seen if p.message))
     assert stages == [("calibrate", "calibration data: shapes, dots"),
-                      ("merge", "first pass: each layer fitted on the experts' own inputs"),
-                      ("refit", "layer inputs of the first merge pass, beside each expert's own"),
-                      ("merge", "second pass: each layer fitted on the first pass's inputs")]
-    assert [(p.done, p.total) for p in seen if p.stage == "refit"] == [(0, 2), (1, 2), (2, 2)]
+                      ("calibrate", "each expert's block inputs on its own data"),
+                      ("refit", "each block fitted on the merged blocks below it"),
+                      ("merge", "second pass: each layer fitted on the merged model's inputs")]
+    assert [(p.done, p.total) for p in seen if p.stage == "refit"] == [(0, 1), (1, 1)]
     assert seen[-1].stage == "done"
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the first pass's folder is gone
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # nothing written beside the output
 
 
 def test_one_pass_without_combine_gram(example, tmp_path):
@@ -122,15 +125,15 @@ def _cancel_after(seen: list[Progress], stage: str, done: int | None):
     return lambda: any(p.stage == stage and (done is None or p.done == done) for p in seen)
 
 
-@pytest.mark.parametrize("stage, done, measured", [("merge", None, []), ("refit", 0, [0]), ("refit", 2, [0, 1, 2])],
-                         ids=["first pass", "measuring", "second pass"])
+@pytest.mark.parametrize("stage, done, measured", [("calibrate", 1, []), ("refit", 0, [0]), ("refit", 1, [0, 1])],
+                         ids=["experts' inputs", "refitting", "second pass"])
 def test_cancel_in_either_pass_leaves_nothing_beside_the_output(example, tmp_path, stage, done, measured):
     seen: list[Progress] = []
     outs = tmp_path / "outs"
     with pytest.raises(MergeCancelled):
         pivotmerge.merge(_refit_spec(example, "merged"), outs / "out", progress=seen.append,
                          should_cancel=_cancel_after(seen, stage, done))
-    # How far it got: with every expert measured, the cancel came in the second pass.
+    # How far it got: with every block refitted, the cancel came in the second pass.
     assert [p.done for p in seen if p.stage == "refit"] == measured
     assert list(outs.iterdir()) == []  # no output, no partial folder, no first-pass folder
 
@@ -141,3 +144,65 @@ def test_a_spec_cannot_set_cross_grams():
     with pytest.raises(SpecError) as exc:
         pivotmerge.spec_from_dict(spec)
     assert str(exc.value) == "parameters.cross_grams: set by the engine from calibration data, not by the spec"
+
+
+# ----------------------------------------------------------------- a chain of two blocks: projector -> decoder layer 0
+
+Q0 = "model.language_model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """Experts that trained the projector and the language model: a merge of both is a chain of blocks."""
+    return make_example(tmp_path_factory.mktemp("chain"), n_experts=2, seed=3, lm_experts=True, with_data=True,
+                        n_samples=4)
+
+
+@torch.no_grad()
+def _inputs_of(model_dir: Path, data: Dataset, tensor: str) -> torch.Tensor:
+    """The rows linear weight `tensor`'s layer sees on `data` (padding left out), in float64."""
+    loaded = load_model(model_dir, "cpu")
+    layer = next(m for n, m in loaded.model.named_modules() if f"{n}.weight" == tensor)
+    (batch,) = caption_batches(loaded.processor, data.records, batch_size=len(data.records))
+    mask = batch.inputs["attention_mask"].bool()
+    seen: list[torch.Tensor] = []
+
+    def keep(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0]
+        seen.append((x[mask] if x.shape[:-1] == mask.shape else x.reshape(-1, x.shape[-1])).double())
+
+    handle = layer.register_forward_pre_hook(keep)
+    loaded.model(**batch.inputs)
+    handle.remove()
+    return torch.cat(seen)
+
+
+def _regmean_on(model_dir: Path, ex, tensor: str) -> torch.Tensor:
+    """RegMean++'s closed form for `tensor` at off-diagonal scale 0.8, with the inputs model `model_dir` feeds it."""
+    grams, cross = [], []
+    for expert, domain in zip(ex.experts, OWN):
+        data = load_dataset(ex.datasets[domain])
+        own, seen = _inputs_of(expert, data, tensor), _inputs_of(model_dir, data, tensor)
+        grams.append(seen.T @ seen)
+        cross.append(own.T @ seen)
+    experts = [_weights(e)[tensor] for e in ex.experts]
+    return regmean_solve(experts, grams, [1.0, 1.0], 0.8, cross_grams=cross)
+
+
+def test_each_block_is_fitted_on_the_merged_blocks_below_it(chain, tmp_path):
+    spec = _refit_spec(chain, "merged")
+    spec.update(method="regmean", parameters={"alpha": 0.8, "gram_inputs": "merged"},
+                components=["projector", "language_model"])
+    report = pivotmerge.merge(spec, tmp_path / "out")
+    blocks = report.calibration.refit_blocks
+    assert blocks.index("model.multi_modal_projector") < blocks.index("model.language_model.layers.0")
+    merged = _weights(tmp_path / "out")
+    # Block 1, the projector: linear_2 on what the merged linear_1 feeds it (the tower is not merged).
+    assert torch.allclose(merged[W2], _regmean_on(tmp_path / "out", chain, W2), atol=1e-5)
+    # Block 2, decoder layer 0: q_proj on what the merged model's final projector and embeddings feed it, i.e.
+    # its Grams from the output model itself (its input norm is averaged, the same before and after the refit).
+    assert torch.allclose(merged[Q0], _regmean_on(tmp_path / "out", chain, Q0), atol=1e-4)
+    # Not what a two-pass refit gives: that fits layer 0 on a first pass's projector (fitted on expert inputs).
+    first = tmp_path / "first"
+    pivotmerge.merge({**spec, "parameters": {"alpha": 0.8}}, first)
+    assert not torch.allclose(merged[Q0], _regmean_on(first, chain, Q0), atol=1e-4)

@@ -114,9 +114,9 @@ def test_a_trials_tensors_are_the_engines_merge(spec, runner, tmp_path):
     assert in_memory and all(torch.equal(t, written[n]) for n, t in in_memory.items())
 
 
-def test_a_refit_trials_tensors_are_the_engines_two_pass_merge(spec, runner, tmp_path):
-    """RegMean++ (`gram_inputs: merged`): the trial's second pass, fitted on its first pass swapped
-    into the evaluation model, gives the tensors `merge` writes after its own two passes."""
+def test_a_refit_trials_tensors_are_the_engines_block_refit(spec, runner, tmp_path):
+    """RegMean++ (`gram_inputs: merged`): the trial, its blocks refitted in order as `merge` refits
+    them (`refit_blocks`), gives the tensors `merge` writes."""
     params = {"gram_inputs": "merged", "off_diagonal_scale": 0.9}
     regmean = methods.get_method("regmean")
     in_memory = runner.merged(runner.plan(regmean, params))
