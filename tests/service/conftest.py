@@ -22,13 +22,13 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 from app.auth import create_api_key, create_team
-from service_core.db import make_engine, make_sessionmaker, migrate
+from service_core.db import make_engine, make_sessionmaker
 from app.main import create_app
 from service_core.settings import Settings
 from pivotmerge.data.example import ExampleSet, make_example
 from tests.system_packages import missing
 from tests.throwaway_servers import Missing, server_url
-from tests.service.service_support import WorkerProcess, merge_spec, service_env, wait_final
+from tests.service.service_support import WorkerProcess, merge_spec, migrated_database, service_env, wait_final
 
 MAX_ATTEMPTS = 2
 PREFIX_ROOT = f"pmtest-{uuid.uuid4().hex[:8]}"
@@ -64,15 +64,8 @@ def redis_url() -> str:
 
 @pytest.fixture(scope="session")
 def database_url(pg_admin_url: str) -> Iterator[str]:
-    name = f"pivotmerge_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = pg_admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    url = f"{base}/{name}"
-    migrate(url)
-    yield url
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with migrated_database(pg_admin_url, "pivotmerge_test_") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

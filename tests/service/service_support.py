@@ -8,13 +8,16 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import psycopg
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
+from service_core.db import migrate
 from service_core.models import FINAL_STATES, Job
 
 
@@ -112,3 +115,18 @@ def service_env(settings: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIVOTMERGE_")}
     env.update({f"PIVOTMERGE_{k.upper()}": v for k, v in settings.items()})
     return env
+
+
+@contextmanager
+def migrated_database(pg_admin_url: str, prefix: str) -> Iterator[str]:
+    """A fresh database `<prefix><random>` on the test server, migrated to head; dropped on exit. Its URL."""
+    name = f"{prefix}{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = f"{pg_admin_url.rsplit('/', 1)[0].replace('postgresql://', 'postgresql+psycopg://', 1)}/{name}"
+    migrate(url)
+    try:
+        yield url
+    finally:
+        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
-import psycopg
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import func, select, update
@@ -29,11 +28,11 @@ from app.auth import create_api_key, create_team
 from app.cli import admin, free_port
 from app.main import create_app
 from fastapi.testclient import TestClient
-from service_core.db import make_engine, make_sessionmaker, migrate
+from service_core.db import make_engine, make_sessionmaker
 from service_core.models import Job, JobEvent, JobState, Team, WorkerHeartbeat, utcnow
 from service_core.settings import Settings
 from service_core.team_queues import DEFAULT_EXPECTED_SECONDS, UNSENT_GRACE_SECONDS, claim_waiting, dispatch_once
-from tests.service.service_support import WorkerProcess, merge_spec, service_env, wait_for
+from tests.service.service_support import WorkerProcess, merge_spec, migrated_database, service_env, wait_for
 
 JOBS_PER_TEAM = 40
 WEIGHTS = {"a": 1.0, "b": 1.0, "c": 2.0}
@@ -42,14 +41,8 @@ SHARE_TOLERANCE = 0.10  # of each team's weight share
 
 @pytest.fixture(scope="module")
 def queue_db(pg_admin_url: str) -> Iterator[str]:
-    name = f"pivotmerge_test_queues_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = f"{pg_admin_url.rsplit('/', 1)[0].replace('postgresql://', 'postgresql+psycopg://', 1)}/{name}"
-    migrate(url)
-    yield url
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with migrated_database(pg_admin_url, "pivotmerge_test_queues_") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
