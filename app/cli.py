@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -126,9 +127,19 @@ def revoke_key_command(key_id: Any) -> None:
     click.echo(f"revoked {key_id}")
 
 
+class TeamWeight(click.FloatRange):
+    """A weight in (0, MAX_TEAM_WEIGHT]; NaN too is refused (FloatRange's comparisons let it through)."""
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        weight = super().convert(value, param, ctx)
+        if math.isnan(weight):
+            self.fail("nan is not a weight", param, ctx)
+        return weight
+
+
 @admin.command("set-team")
 @click.argument("team")
-@click.option("--weight", type=click.FloatRange(min=0, min_open=True, max=MAX_TEAM_WEIGHT),
+@click.option("--weight", type=TeamWeight(min=0, min_open=True, max=MAX_TEAM_WEIGHT),
               help="The team's share of the workers against other teams with waiting jobs (default 1).")
 @click.option("--max-running", type=click.IntRange(min=0),
               help="Jobs the team may have on workers at once (0 holds its jobs in the queue).")

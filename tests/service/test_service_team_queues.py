@@ -175,8 +175,13 @@ def test_set_team_sets_weight_and_running_cap(queue_sessions, queue_db) -> None:
     assert f"{name}  " in runner.invoke(admin, ["list-teams"], env=env).output
     back = runner.invoke(admin, ["set-team", name, "--default-max-running"], env=env)
     assert back.output == f"team {name}: weight 2.5, running cap the default\n"
-    for wrong in (["--weight", "0"], ["--weight", "-1"], ["--max-running", "-1"], []):
-        assert runner.invoke(admin, ["set-team", name, *wrong], env=env).exit_code == 2
+    for wrong in (["--weight", "0"], ["--weight", "-1"], ["--weight", "nan"], ["--weight", "inf"], ["--weight", "1e9"],
+                  ["--max-running", "-1"], []):
+        refused = runner.invoke(admin, ["set-team", name, *wrong], env=env)
+        assert refused.exit_code == 2 and "Traceback" not in refused.output, (wrong, refused.output)
+    assert "nan is not a weight" in runner.invoke(admin, ["set-team", name, "--weight", "nan"], env=env).output
+    with queue_sessions() as session:
+        assert session.scalar(select(Team.weight).where(Team.name == name)) == 2.5  # nothing refused was written
 
 
 class ApiProcess:
