@@ -162,7 +162,7 @@ def test_waiting_jobs_show_their_position_and_estimated_start(queue_sessions, qu
         assert [client.get(f"/v1/merges/{job_id}", headers=team).json()["queue_position"]
                 for job_id, team in ((a1, a), (b1, b), (a3, a), (b2, b))] == [1, 2, 3, 4]
 
-        for bad in ("1001", "-1001", "high", "1.5"):
+        for bad in ("1001", "-1001", "high", "1.5", "nan", "inf", "1e400", "9" * 400, "1\x00"):
             refused = client.post("/v1/merges", params={"priority": bad}, json=merge_spec(tiny), headers=a)
             assert refused.status_code == 422 and refused.json()["field"] == "priority", refused.text
 
