@@ -94,8 +94,13 @@ def create_team_command(name: str) -> None:
 def _team(session: Any, name: str) -> Any:
     from sqlalchemy import select
 
+    from app.auth import check_team_name
     from service_core.models import Team
 
+    try:
+        check_team_name(name)  # a name no team can have (a NUL byte: Postgres refuses the query itself)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     team = session.scalar(select(Team).where(Team.name == name))
     if team is None:
         raise click.ClickException(f"no team named {name!r}; `pivotmerge admin list-teams` lists them")

@@ -180,6 +180,12 @@ def test_set_team_sets_weight_and_running_cap(queue_sessions, queue_db) -> None:
         refused = runner.invoke(admin, ["set-team", name, *wrong], env=env)
         assert refused.exit_code == 2 and "Traceback" not in refused.output, (wrong, refused.output)
     assert "nan is not a weight" in runner.invoke(admin, ["set-team", name, "--weight", "nan"], env=env).output
+    for unknown, message in (("no-such-team", "no team named 'no-such-team'"),
+                             ("lab\x00", "team name: 'lab\\x00' is not printable UTF-8 text")):
+        missing = runner.invoke(admin, ["set-team", unknown, "--weight", "2"], env=env)
+        lines = missing.output.splitlines()
+        # exit 1 from the admin group itself; the `pivotmerge` command turns a ClickException into exit 2
+        assert missing.exit_code == 1 and len(lines) == 1 and lines[0].startswith(f"Error: {message}"), missing.output
     with queue_sessions() as session:
         assert session.scalar(select(Team.weight).where(Team.name == name)) == 2.5  # nothing refused was written
 
