@@ -76,11 +76,15 @@ class Params(MethodParams):
         "expert", description="combine: gram: fit each layer on each expert's own inputs (RegMean), or on the inputs the "
                               "merged model feeds it, so each layer also corrects what the merged layers before it changed "
                               "(RegMean++'s idea; the engine merges twice, the second time with the first merge's inputs).")
-    layer_weighting: Literal["uniform", "weight", "data"] = Field(
-        "weight", description="uniform: weights as given, scale_max; weight: data-free shared-energy proxy; data: calibration alignment.")
-    scale_min: Scale = Field(0.4, validation_alias=AliasChoices("scale_min", "lambda_min"),
+    layer_weighting: Literal["uniform", "weight", "separation", "data"] = Field(
+        "separation", description="uniform: weights as given, scale_max; weight: data-free shared-energy proxy (expert "
+                                  "weights and layer score); separation (default): the same expert weights, and a "
+                                  "matrix's layer score is how far the combine keeps the experts' updates apart "
+                                  "(near 0 where they overlap and the merged update is a mean, 1 where they add up); "
+                                  "data: calibration alignment.")
+    scale_min: Scale = Field(0.0, validation_alias=AliasChoices("scale_min", "lambda_min"),
                              description="Layer scale for a layer scoring 0: scale_l = scale_min + (scale_max - scale_min) * s_l.")
-    scale_max: Scale = Field(0.8, validation_alias=AliasChoices("scale_max", "lambda_max"),
+    scale_max: Scale = Field(0.6, validation_alias=AliasChoices("scale_max", "lambda_max"),
                              description="Layer scale for a layer scoring 1 (and every layer under uniform weighting).")
     distill_steps: int = Field(
         0, ge=0, description="Data mode's alignment-guided layer-wise fit: Adam steps per block from the closed form, "
@@ -148,6 +152,19 @@ def layer_weights(params: Params, weights: Sequence[float], shares: Tensor,
     expert_weights = [float(w) for w in weights] if scored == 0 else [total_w * w * e / scored for w, e in zip(weights, scores)]
     score = scored / total_w if total_w else sum(scores) / len(scores)
     return expert_weights, min(1.0, max(0.0, score))
+
+
+def separation(update: Tensor, expert_energy: Tensor) -> float:
+    """How far a combine kept K experts' updates apart, in [0, 1]: ``rho = ||M|| / sqrt(mean_k ||d_k||^2)`` placed
+    between ``1/sqrt(K)`` (0: the mean of K orthogonal updates of equal norm, as when every expert claims the same
+    inputs) and ``sqrt(K)`` (1: their sum, each expert's update carried whole on inputs of its own)."""
+    k = expert_energy.numel()
+    mean_energy = float(expert_energy.mean())
+    if k < 2 or mean_energy == 0:
+        return 1.0
+    rho = float(update.norm()) / mean_energy ** 0.5
+    low, high = k ** -0.5, k ** 0.5
+    return min(1.0, max(0.0, (rho - low) / (high - low)))
 
 
 def _layer_scale(params: Params, score: float) -> float:
@@ -222,7 +239,21 @@ def _merge_matrix(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[fl
         u, coef, shares, choice = None, deltas, torch.ones(k), None
     expert_weights, score = layer_weights(params, weights, shares, calibration.alignment)
     if params.combine == "covariance":
-        return _covariance_merge(deltas, u, coef, expert_weights, params, generator, score, choice, total_energy)
+        merged, info = _covariance_merge(deltas, u, coef, expert_weights, params, generator, score, choice, total_energy)
+    else:
+        merged, info = _combined_merge(deltas, pivot, u, coef, expert_weights, params, generator, score, choice,
+                                       total_energy, calibration)
+    if params.layer_weighting == "separation":
+        info["layer_score"] = separation(merged, expert_energy)
+    return merged, info
+
+
+def _combined_merge(deltas: Tensor, pivot: Tensor, u: Tensor | None, coef: Tensor, expert_weights: list[float],
+                    params: Params, generator: torch.Generator | None, score: float, choice: Any,
+                    total_energy: float, calibration: Calibration) -> tuple[Tensor, dict[str, Any]]:
+    """The sum and gram combines of the experts' parts (steps 3-6 of the module's docstring)."""
+    m, k, n = deltas.shape
+    flat = deltas.view(m, k * n)
     a = torch.tensor(expert_weights, dtype=flat.dtype, device=flat.device)
     # Only linear layers' weights have input Gram matrices; other matrices (embeddings, kernels) take the mean below.
     grams = calibration.grams if params.combine == "gram" else None

@@ -86,7 +86,7 @@ def test_calibration_data_and_no_parameters_resolve_to_the_data_mode(per_expert)
     assert get_method("pivotmerge").needs_for(params) == {Need.GRAMS, Need.MERGED_INPUTS}
     free = _resolved({})
     assert (free.combine, free.gram_inputs, free.off_diagonal_scale, free.spectrum, free.residual_weight, free.scale_min,
-            free.scale_max) == ("covariance", "expert", 0.9, "keep", 0.0, 0.4, 0.8)
+            free.scale_max, free.layer_weighting) == ("covariance", "expert", 0.9, "keep", 0.0, 0.0, 0.6, "separation")
 
 
 def test_values_the_spec_sets_win_over_the_data_defaults_under_any_spelling():
