@@ -4,7 +4,7 @@ Our reading of arXiv 2604.22823 (its abstract names the components, not the
 formulas); docs/methods.md states every formula. Without data the experts' shared
 parts are combined in the geometry of the layer's inputs (``combine: covariance``:
 ACE-Merging's closed form, the row-centred task vectors standing in for the inputs),
-spectrum kept. For one tensor of layer ``l``:
+spectrum kept, each matrix scaled by its separation. For one tensor of layer ``l``:
 
 1. pivot ``W0`` (the base, else the experts' mean); deltas ``d_k = W_k - W0``;
 2. shared space: the top left singular vectors ``U`` of ``[d_1 ... d_K]`` up to an
@@ -22,7 +22,9 @@ spectrum kept. For one tensor of layer ``l``:
    whole merged update, residuals included (``flatten_total``);
 5. per-expert weights ``a_k`` and layer scale ``scale_l`` from a score in [0, 1]:
    the expert's energy share in the shared space (``weight``) or calibration
-   alignment (``data``);
+   alignment (``data``); by default (``separation``) a matrix's score is how far the
+   combine kept the experts' updates apart (`separation`), so layers whose experts it
+   can only average are damped;
 6. ``W = W0 + scale_l (U M + rho * combine(trunc(R_k)))`` (flattened as a whole under ``flatten_total``);
    ``rho`` is 0 by default without data, 1 in the data mode.
 
@@ -340,7 +342,8 @@ def _merge_vector(tensors: Sequence[Tensor], pivot: Tensor, weights: Sequence[fl
 
 @method("pivotmerge", summary="PivotMerge (our reading): shared-space decomposition, the experts' parts combined in the "
                              "geometry of each layer's inputs (task-vector covariances without data, measured Grams "
-                             "with), optional conflict filtering and flattening, layer-wise weights (with data, "
+                             "with), optional conflict filtering and flattening, layer-wise weights (without data, "
+                             "each layer scaled by how far the combine keeps the experts apart; with data, "
                              "optionally fitted to each expert's block outputs).",
         params=Params, base="optional", needs=needs,
         with_calibration=DATA_MODE, fit_block=fit_aligned_block)
