@@ -84,7 +84,8 @@ class Params(MethodParams):
                                   "matrix's layer score is how far the combine keeps the experts' updates apart "
                                   "(near 0 where they overlap and the merged update is a mean, 1 where they add up); "
                                   "data: calibration alignment.")
-    scale_min: Scale = Field(0.0, validation_alias=AliasChoices("scale_min", "lambda_min"),
+    # Searched on a linear range from 0 (its default without data), where Scale's log range starts above it.
+    scale_min: Annotated[float, Search(0.0, 1.0)] = Field(0.0, validation_alias=AliasChoices("scale_min", "lambda_min"),
                              description="Layer scale for a layer scoring 0: scale_l = scale_min + (scale_max - scale_min) * s_l.")
     scale_max: Scale = Field(0.6, validation_alias=AliasChoices("scale_max", "lambda_max"),
                              description="Layer scale for a layer scoring 1 (and every layer under uniform weighting).")

@@ -50,6 +50,8 @@ def test_the_tune_section_narrows_fixes_and_adds_parameters_and_labels_settings_
 def test_the_first_trial_of_a_candidate_is_what_a_plain_merge_of_the_spec_would_use():
     [plain] = space(labels=["pivotmerge"]).candidates
     assert plain.defaults()["spectrum"] == "keep" and plain.defaults()["residual_weight"] == 0.0
+    # the separation's scales, scale_min 0 included (searched on a linear range that holds it)
+    assert (plain.defaults()["scale_min"], plain.defaults()["scale_max"]) == (0.0, 0.6)
     with_data = {**SPEC, "calibration": {"dataset": "calib.jsonl"}}
     [data] = space(labels=["pivotmerge"], spec=with_data).candidates
     # Given data, PivotMerge's data defaults: spectrum kept, residuals whole, scale 1 (and, not searched,
