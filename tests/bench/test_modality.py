@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from pivotmerge.bench.modality import METHODS, METRICS, QUICK, SEED_SUFFIX, TASKS
 from pivotmerge.cli.main import main
@@ -51,3 +52,22 @@ def test_longer_seed_pretraining_brings_the_experts_closer(quick_run):
         assert values == sorted(values, reverse=True) and values[0] > values[-1], (metric, values)
     cosines = [t["cosine"] for t in totals]
     assert cosines == sorted(cosines) and cosines[-1] > cosines[0]
+
+
+def test_scores_average_over_the_suites_fine_tunes():
+    """`finetune_seeds` fine-tunes per score: their mean, repeat 0 being the single fine-tune of a one-seed suite,
+    and the repeats seeded apart (they differ)."""
+    from dataclasses import replace
+
+    from pivotmerge.bench.modality import SharedVLModel, finetune_score, finetune_scores, model_config
+
+    suite = replace(QUICK, finetune_steps=3, eval_size=64)
+    torch.manual_seed(0)
+    backbone = SharedVLModel(model_config(suite, multiway=False))
+    twice = finetune_scores(backbone, replace(suite, finetune_seeds=2))
+    once = finetune_scores(backbone, suite)
+    for task in TASKS:
+        first, second = finetune_score(backbone, suite, task, 0), finetune_score(backbone, suite, task, 1)
+        assert once[task] == first
+        assert twice[task] == pytest.approx((first + second) / 2)
+    assert any(finetune_score(backbone, suite, t, 0) != finetune_score(backbone, suite, t, 1) for t in TASKS)
