@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from pivotmerge.bench.quality import SUITES, Scorer, merged, select
+from pivotmerge.bench.quality import SUITES, Scorer, chosen_scores, merged, select
 from pivotmerge.bench.variants import DEFAULTS, TUNED
 from pivotmerge.bench.world import build_world
 
@@ -30,20 +30,14 @@ RIVALS = (*TUNED_HERE, "prodistill")
 OURS = "pivotmerge_data defaults"
 
 
-def chosen(search: dict[str, Any]) -> dict[str, Any]:
-    """A grid search as `select` records it: the chosen parameters, their dev and test token accuracy."""
-    return {"params": search["params"], "dev": max(c["dev_token_accuracy"] for c in search["search"]),
-            "test": search["test"]["average"]["token_accuracy"]}
-
-
 def run_seed(suite: str, seed: int, cache: Path, prodistill: dict[str, Any], work: Path) -> dict[str, Any]:
     world = build_world(SUITES[suite][1].world, seed, cache)
     score = Scorer(world)
     rows = {v.name: v for v in TUNED}
     out: dict[str, Any] = {"seed": seed}
     for name in TUNED_HERE:
-        out[name] = chosen(select(rows[name], world, score, work / name))
-    out["prodistill"] = chosen(prodistill)
+        out[name] = chosen_scores(select(rows[name], world, score, work / name))
+    out["prodistill"] = chosen_scores(prodistill)
     ours = merged(world, next(v for v in DEFAULTS if v.name == "pivotmerge_data"), {}, work / "ours")
     out[OURS] = {name: score(ours, name)["average"]["token_accuracy"] for name in ("dev", "test")}
     out["rival"] = max(RIVALS, key=lambda name: out[name]["dev"])  # the first of equals, as the bench's paired

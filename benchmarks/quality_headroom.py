@@ -40,7 +40,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file
 
-from pivotmerge.bench.quality import DEEP, FULL, PROJECTOR, PROJECTOR_LAYERS, Scorer, merged, select
+from pivotmerge.bench.quality import DEEP, FULL, PROJECTOR, PROJECTOR_LAYERS, Scorer, chosen_scores, merged, select
 from pivotmerge.bench.variants import Variant
 from pivotmerge.bench.world import World, build_world
 
@@ -86,9 +86,7 @@ class Probe:
 
     def dev_chosen(self, variant: Variant) -> dict[str, Any]:
         """The bench's grid search (`select`): the first candidate best on dev, and its test score."""
-        chosen = select(variant, self.world, self.score, self.work / "search")
-        return {"params": chosen["params"], "dev": max(s["dev_token_accuracy"] for s in chosen["search"]),
-                "test": chosen["test"]["average"]["token_accuracy"]}
+        return chosen_scores(select(variant, self.world, self.score, self.work / "search"))
 
 
 def self_set_scales(probe: Probe) -> dict[str, tuple[float, float]]:

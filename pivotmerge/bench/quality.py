@@ -176,9 +176,19 @@ def layer_attribution(suite: Suite, ours: Path, theirs: Path, score: Scorer, wor
     return out
 
 
+def best_dev(search: dict[str, Any]) -> float:
+    """The best dev token accuracy of a grid search as `select` records it."""
+    return max(r["dev_token_accuracy"] for r in search["search"])
+
+
+def chosen_scores(search: dict[str, Any]) -> dict[str, Any]:
+    """A `select` record in short: the dev-chosen parameters, their dev and test token accuracy."""
+    return {"params": search["params"], "dev": best_dev(search), "test": search["test"]["average"]["token_accuracy"]}
+
+
 def rival(rows: dict[str, Any], candidates: tuple[str, ...]) -> str:
     """The candidate with the best dev token accuracy (what a user choosing on dev would run)."""
-    return max(candidates, key=lambda name: max(r["dev_token_accuracy"] for r in rows[name]["search"]))
+    return max(candidates, key=lambda name: best_dev(rows[name]))
 
 
 def _task_vector(path: Path, base: dict[str, torch.Tensor]) -> torch.Tensor:
