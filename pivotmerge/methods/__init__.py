@@ -54,9 +54,10 @@ Tensor = torch.Tensor
 
 
 class MethodParams(BaseModel):
-    """Base class of every method's parameters; unknown names are errors."""
+    """Base class of every method's parameters; unknown names are errors, and so are non-finite numbers, including
+    strings such as "1e400" or "nan" that would otherwise become inf or nan here, after the spec's own check."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 @dataclass(frozen=True)

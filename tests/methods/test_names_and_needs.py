@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pydantic
 import pytest
 
 from pivotmerge.fold.folding import FoldSpec
@@ -111,3 +112,12 @@ def test_with_calibration_defaults_must_name_valid_parameters_of_a_method_that_r
                with_calibration={"off_diagonal_scale": 2.0})
     with pytest.raises(ValueError, match="reads calibration data"):
         method("x", summary="", params=RegMeanParams, with_calibration={"off_diagonal_scale": 1.0})
+
+
+@pytest.mark.parametrize("value", ["1e400", "nan", "-inf", float("inf")])
+def test_non_finite_parameters_are_refused_by_every_method_even_as_strings(value):
+    # The spec checks numbers; a string like "1e400" reached the float field and became inf (scale nan, weights nan).
+    with pytest.raises(pydantic.ValidationError, match="scale_min"):
+        get_method("pivotmerge").params.model_validate({"scale_min": value})
+    with pytest.raises(pydantic.ValidationError, match="scale"):
+        get_method("task_arithmetic").params.model_validate({"scale": value})

@@ -83,6 +83,7 @@ def _spec_text(tiny, **replace: str) -> str:
     ("LAMBDA", "1e309", "parameters.lambda"),
     ("LAMBDA", "[0.5, NaN]", "parameters.lambda"),
     ("LAMBDA", '[{"value": 1e309}]', "parameters.lambda"),
+    ("LAMBDA", '"1e400"', "parameters.lambda"),  # a string the method's float field would read as inf
     ("WEIGHT", "NaN", "models.0.weight"),
     ("WEIGHT", '"abc"', "models.0.weight"),
     ("WEIGHT", '[{"filter": "x", "value": "abc"}]', "models.0.weight"),
