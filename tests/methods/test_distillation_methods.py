@@ -156,6 +156,27 @@ def test_pivotmerge_alignment_fit_starts_at_the_closed_form(world):
         assert torch.allclose(fitted[n].tensor, start[n] - lr * torch.sign(grad[n]), atol=1e-6)
 
 
+@pytest.mark.parametrize("name, params", [
+    ("pivotmerge", {"distill_steps": 5, "distill_objective": "captions", "distill_parameters": "coefficients"}),
+    ("pivotmerge", {"distill_steps": 5, "distill_objective": "captions"}),
+    ("adamerging", {"objective": "captions", "steps": 5}),
+])
+def test_a_block_the_captions_do_not_reach_keeps_its_start(world, name, params):
+    # A vision layer above the one LLaVA reads never reaches the captions: the objective does not depend on its
+    # tensors (no gradient), so the fit leaves them where it starts instead of failing in backward().
+    base, experts, _, _, block = world
+    logits = torch.tensor([[1.0, 0.0, -1.0]])
+    unreached = Block(path="proj", names=("w", "b"), forward=_linear, student_inputs=[], teacher_inputs=[],
+                      teacher_outputs=[], caption_logits=lambda tensors, k: logits, teacher_logits=[logits, logits])
+    method = get_method(name)
+    start = {n: base[n] + 0.5 * sum(e[n] - base[n] for e in experts) for n in base}
+    out = method.fit_block(experts, base, start, [1.0, 1.0], method.params(**params), unreached)
+    expected = start if name == "pivotmerge" else combine(base, {n: [e[n] - base[n] for e in experts] for n in base},
+                                                          torch.full((K, 2), 0.3), ["w", "b"], True)
+    assert all(torch.allclose(out[n].tensor, expected[n]) for n in base)
+    assert next(iter(out.values())).info["loss_start"] == next(iter(out.values())).info["loss_end"] == 0.0
+
+
 @pytest.mark.parametrize(
     "name, params, field",
     [

@@ -47,7 +47,8 @@ def adam_fit(
 ) -> tuple[float, float]:
     """Minimise `loss` over `trainables` (leaf tensors, changed in place) by `steps` full-batch Adam steps
     at a constant learning rate (a cosine decay scored lower on the quality suite's dev splits);
-    returns the loss before and after."""
+    returns the loss before and after. Trainables the loss does not reach (a vision layer above the one
+    LLaVA reads, under an objective on the captions) are left as they are."""
     for t in trainables:
         t.requires_grad_(True)
     optimiser = torch.optim.Adam(trainables, lr=learning_rate)
@@ -57,6 +58,8 @@ def adam_fit(
             optimiser.zero_grad(set_to_none=True)
             value = loss()
             first = float(value.detach()) if first is None else first
+            if not value.requires_grad:
+                break
             value.backward()
             optimiser.step()
         with torch.no_grad():
