@@ -9,7 +9,7 @@ CHANGELOG.md), so existing specs and mergekit configs still run.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import AliasChoices, Field
 
@@ -30,3 +30,15 @@ def scale_field(*old_names: str, default: float = 1.0,
 def off_diagonal_scale_field(*old_names: str) -> Any:
     return Field(0.9, ge=0, le=1, validation_alias=AliasChoices("off_diagonal_scale", *old_names),
                  description="Scale of the Gram matrices' off-diagonal entries (1: plain RegMean; 0: diagonal only).")
+
+
+# What each expert's weights are matched on when a layer is fitted on the merged model's inputs X~_k.
+ExpertTarget = Annotated[Literal["merged_inputs", "own_inputs"], Search(choices=("merged_inputs", "own_inputs"))]
+
+
+def expert_target_field() -> Any:
+    return Field("merged_inputs", description=(
+        "With gram_inputs: merged, the outputs the layer is fitted to: merged_inputs, each expert's weights on the "
+        "merged model's inputs, W_k X~_k (RegMean++ as published); own_inputs, each expert's outputs on its own "
+        "inputs, W_k X_k, through the cross Gram X_k^T X~_k (the layer also undoes what the merged layers below "
+        "it changed). Ignored with gram_inputs: expert."))

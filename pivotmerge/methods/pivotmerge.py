@@ -48,7 +48,7 @@ from pivotmerge.methods.toolkit.deltas import column_weights, onto_base, weighte
 from pivotmerge.methods.toolkit.spectrum import flatten_spectrum, significant
 from pivotmerge.methods.toolkit.svd import SvdMode, low_rank_svd, svd
 from pivotmerge.methods.alignment import fit_aligned_block
-from pivotmerge.methods.fields import OffDiagonalScale, Scale, off_diagonal_scale_field
+from pivotmerge.methods.fields import ExpertTarget, OffDiagonalScale, Scale, expert_target_field, off_diagonal_scale_field
 from pivotmerge.methods.ace import Params as AceParams
 from pivotmerge.methods.ace import ace_update
 from pivotmerge.methods.regmean import regmean_solve
@@ -78,6 +78,7 @@ class Params(MethodParams):
         "expert", description="combine: gram: fit each layer on each expert's own inputs (RegMean), or on the inputs the "
                               "merged model feeds it, so each layer also corrects what the merged layers before it changed "
                               "(RegMean++'s idea; the engine merges twice, the second time with the first merge's inputs).")
+    expert_target: ExpertTarget = expert_target_field()
     layer_weighting: Literal["uniform", "weight", "separation", "data"] = Field(
         "separation", description="uniform: weights as given, scale_max; weight: data-free shared-energy proxy (expert "
                                   "weights and layer score); separation (default): the same expert weights, and a "
@@ -117,8 +118,8 @@ class Params(MethodParams):
 # flattening the spectrum, halving the residuals or data layer weights each lowered dev accuracy here.
 # The alignment-guided fit from that closed form (distill_steps) stays opt-in: over the quality suite's five
 # seeds it added 0.15 points of test accuracy (4 of 5 seeds) for about three times the merge time (docs/methods.md).
-DATA_MODE = {"combine": "gram", "gram_inputs": "merged", "off_diagonal_scale": 1.0, "spectrum": "keep",
-             "residual_weight": 1.0, "scale_min": 1.0, "scale_max": 1.0}
+DATA_MODE = {"combine": "gram", "gram_inputs": "merged", "expert_target": "own_inputs", "off_diagonal_scale": 1.0,
+             "spectrum": "keep", "residual_weight": 1.0, "scale_min": 1.0, "scale_max": 1.0}
 
 
 def needs(params: Params) -> set[Need]:
@@ -260,7 +261,8 @@ def _combined_merge(deltas: Tensor, pivot: Tensor, u: Tensor | None, coef: Tenso
     a = torch.tensor(expert_weights, dtype=flat.dtype, device=flat.device)
     # Only linear layers' weights have input Gram matrices; other matrices (embeddings, kernels) take the mean below.
     grams = calibration.grams if params.combine == "gram" else None
-    cross = calibration.cross_grams if grams is not None and params.gram_inputs == "merged" else None
+    own_targets = params.gram_inputs == "merged" and params.expert_target == "own_inputs"
+    cross = calibration.cross_grams if grams is not None and own_targets else None
     # The gram combine is a weighted mean, so a matrix without Gram matrices (embeddings) takes the weighted mean
     # too, as RegMean does, not the sum: at the data mode's scale 1 the sum is K times the experts' mean update.
     total = float(a.sum()) if params.combine == "gram" else 1.0

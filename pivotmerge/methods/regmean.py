@@ -11,10 +11,13 @@ without Gram matrices (biases, norms, embeddings) take the weighted mean, as
 in the paper. The engine measures the Gram matrices on the spec's calibration data.
 
 ``gram_inputs: merged`` is RegMean++ (Nguyen et al., 2025): the layer is fitted on
-the inputs ``X~_k`` the merged model feeds it, ``min sum_k w_k ||X~_k W^T - X_k W_k^T||^2``,
-so ``W = (sum_k w_k W_k C~_k)(sum_k w_k G~_k)^-1`` with ``G_k = X~_k^T X~_k`` and the
-cross Gram ``C_k = X_k^T X~_k`` (``C~_k = alpha C_k + (1 - alpha) diag(G_k)``); the
-engine measures both in a first merge pass.
+the inputs ``X~_k`` the merged model feeds it (block after block), ``G_k = X~_k^T X~_k``. As
+published (``expert_target: merged_inputs``) each expert's weights are matched on those inputs,
+``min sum_k w_k ||X~_k W^T - X~_k W_k^T||^2``, RegMean's formula on the new Grams; with
+``expert_target: own_inputs`` (this project's variant, the one it shipped as RegMean++ before)
+each expert's outputs on its own inputs, ``min sum_k w_k ||X~_k W^T - X_k W_k^T||^2``, so
+``W = (sum_k w_k W_k C~_k)(sum_k w_k G~_k)^-1`` with the cross Gram ``C_k = X_k^T X~_k``
+(``C~_k = alpha C_k + (1 - alpha) diag(G_k)``). The engine measures both in a first merge pass.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 from pydantic import Field
 
 from pivotmerge.methods import NO_CALIBRATION, Calibration, Merged, MethodParams, Need, Tensor, method
-from pivotmerge.methods.fields import OffDiagonalScale, off_diagonal_scale_field
+from pivotmerge.methods.fields import ExpertTarget, OffDiagonalScale, expert_target_field, off_diagonal_scale_field
 from pivotmerge.methods.linear import Params as LinearParams
 from pivotmerge.methods.linear import linear
 
@@ -36,6 +39,7 @@ class Params(MethodParams):
         "expert", description="expert: fit each layer on each expert's own inputs (RegMean); merged: on the inputs "
                               "the merged model feeds it, so each layer corrects what the merged layers before it "
                               "changed (RegMean++; the engine merges twice).")
+    expert_target: ExpertTarget = expert_target_field()
 
 
 def needs(params: Params) -> set[Need]:
@@ -89,6 +93,7 @@ def regmean(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[fl
         return Merged(linear(tensors, None, weights, LinearParams()), {"regmean": False})
     if len(calibration.grams) != len(tensors):
         raise ValueError(f"grams: expected {len(tensors)} Gram matrices (one per expert), got {len(calibration.grams)}")
-    cross = calibration.cross_grams if params.gram_inputs == "merged" else None
+    merged_inputs = params.gram_inputs == "merged"
+    cross = calibration.cross_grams if merged_inputs and params.expert_target == "own_inputs" else None
     return Merged(regmean_solve(tensors, calibration.grams, weights, params.off_diagonal_scale, cross),
-                  {"regmean": True, "inputs": "expert" if cross is None else "merged"})
+                  {"regmean": True, "inputs": "merged" if merged_inputs else "expert"})

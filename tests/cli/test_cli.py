@@ -81,8 +81,8 @@ def test_methods_marks_the_parameters_the_engine_sets(tmp_path, run_cli):
                                                          "caption_outputs"]
     assert listed["linear"]["calibration_data"] == []
     assert listed["pivotmerge"]["defaults_with_calibration"] == {
-        "combine": "gram", "gram_inputs": "merged", "off_diagonal_scale": 1.0, "spectrum": "keep",
-        "residual_weight": 1.0, "scale_min": 1.0, "scale_max": 1.0}
+        "combine": "gram", "gram_inputs": "merged", "expert_target": "own_inputs", "off_diagonal_scale": 1.0,
+        "spectrum": "keep", "residual_weight": 1.0, "scale_min": 1.0, "scale_max": 1.0}
     assert listed["linear"]["defaults_with_calibration"] == {}
     table = run_cli("methods", "--verbose", cwd=tmp_path).stdout
     assert "grams (set by the engine)" in table and "alignment (set by the engine)" in table

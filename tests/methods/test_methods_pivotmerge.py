@@ -229,20 +229,27 @@ def test_merged_inputs_fit_every_expert_on_the_merged_models_inputs():
     g = torch.Generator().manual_seed(3)
     own = [torch.randn(40, 5, generator=g, dtype=torch.float64) for _ in models]
     merged_in = [x + 0.3 * torch.randn(40, 5, generator=g, dtype=torch.float64) for x in own]
-    out = run(models, base, combine="gram", gram_inputs="merged", gram_alpha=1.0, lambda_max=1.0,
-              grams=[x.T @ x for x in merged_in], cross_grams=[x.T @ xm for x, xm in zip(own, merged_in)], **OFF)
+    measured = dict(grams=[x.T @ x for x in merged_in], cross_grams=[x.T @ xm for x, xm in zip(own, merged_in)])
+    out = run(models, base, combine="gram", gram_inputs="merged", expert_target="own_inputs", gram_alpha=1.0,
+              lambda_max=1.0, **measured, **OFF)
     lhs = torch.cat(merged_in)
     rhs = torch.cat([x @ w.double().T for x, w in zip(own, models)])
     expected = torch.linalg.lstsq(lhs, rhs).solution.T
     assert torch.allclose(out.tensor.double(), expected, atol=1e-4)
     assert out.info["combine"] == "gram (merged inputs)"
+    # expert_target: merged_inputs (RegMean++ as published): each expert's weights matched on X~_k.
+    published = run(models, base, combine="gram", gram_inputs="merged", gram_alpha=1.0, lambda_max=1.0,
+                    **measured, **OFF)
+    rhs = torch.cat([x @ w.double().T for x, w in zip(merged_in, models)])
+    assert torch.allclose(published.tensor.double(), torch.linalg.lstsq(lhs, rhs).solution.T, atol=1e-4)
+    assert published.info["combine"] == "gram"
 
 
 def test_merged_inputs_equal_to_the_experts_give_regmean():
     base, models = experts()
     grams = _grams(3, 5)
     params = dict(combine="gram", gram_alpha=0.9, lambda_max=1.0, grams=grams, **OFF)
-    out = run(models, base, gram_inputs="merged", cross_grams=grams, **params)
+    out = run(models, base, gram_inputs="merged", expert_target="own_inputs", cross_grams=grams, **params)
     assert torch.allclose(out.tensor, run(models, base, **params).tensor, atol=1e-4)
 
 

@@ -82,7 +82,8 @@ DATA = {"dataset": "calib.jsonl"}
 def test_calibration_data_and_no_parameters_resolve_to_the_data_mode(per_expert):
     params = _resolved({}, DATA, per_expert)
     assert params.model_dump(include=set(get_method("pivotmerge").with_calibration)) == {
-        "combine": "gram", "gram_inputs": "merged", "off_diagonal_scale": 1.0, "spectrum": "keep", "residual_weight": 1.0,
+        "combine": "gram", "gram_inputs": "merged", "expert_target": "own_inputs", "off_diagonal_scale": 1.0,
+        "spectrum": "keep", "residual_weight": 1.0,
         "scale_min": 1.0, "scale_max": 1.0}
     assert get_method("pivotmerge").needs_for(params) == {Need.GRAMS, Need.MERGED_INPUTS}
     free = _resolved({})

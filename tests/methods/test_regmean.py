@@ -38,20 +38,46 @@ def test_alpha_one_is_the_least_squares_fit_to_every_expert_on_its_inputs():
     assert torch.allclose(regmean_solve(ws, [xk.T @ xk for xk in xs], [2.0, 1.0], alpha=1.0), doubled, atol=1e-10)
 
 
-def test_merged_inputs_are_regmean_plus_plus_the_least_squares_fit_on_the_merged_models_inputs():
-    # RegMean++: min_W sum_k ||X~_k W^T - X_k W_k^T||^2, X~_k the merged model's inputs on expert k's data.
+def _inputs_seen_by_the_merged_model() -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], Calibration]:
+    """Each expert's own inputs X_k, the merged model's X~_k on the same data, weights W_k, and the calibration
+    the engine measures for ``gram_inputs: merged`` (Grams of X~_k, cross Grams X_k^T X~_k)."""
     g = torch.Generator().manual_seed(1)
     own = [torch.randn(10, 4, generator=g, dtype=torch.float64), torch.randn(12, 4, generator=g, dtype=torch.float64)]
     seen = [x + 0.5 * torch.randn(x.shape, generator=g, dtype=torch.float64) for x in own]
     ws = [torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in own]
-    y = torch.cat([x @ w.T for x, w in zip(own, ws)])
-    expected = torch.linalg.lstsq(torch.cat(seen), y).solution.T
+    return own, seen, ws, Calibration(grams=[x.T @ x for x in seen], cross_grams=[x.T @ xs for x, xs in zip(own, seen)])
+
+
+def test_merged_inputs_are_regmean_plus_plus_as_published():
+    # RegMean++ (Nguyen et al., 2025): min_W sum_k ||X~_k W^T - X~_k W_k^T||^2, X~_k the merged model's
+    # inputs on expert k's data, i.e. RegMean's formula on their Grams; the cross Grams are not read.
+    _, seen, ws, data = _inputs_seen_by_the_merged_model()
+    expected = torch.linalg.lstsq(torch.cat(seen), torch.cat([x @ w.T for x, w in zip(seen, ws)])).solution.T
     method = get_method("regmean")
     params = method.params.model_validate({"alpha": 1.0, "gram_inputs": "merged"})
-    data = Calibration(grams=[x.T @ x for x in seen], cross_grams=[x.T @ xs for x, xs in zip(own, seen)])
+    assert params.expert_target == "merged_inputs"
     out = method(ws, None, [1.0, 1.0], params, None, data)
     assert torch.allclose(out.tensor, expected, atol=1e-10)
     assert out.info == {"regmean": True, "inputs": "merged"}
+
+
+def test_own_input_targets_fit_each_experts_outputs_on_its_own_inputs():
+    # expert_target: own_inputs: min_W sum_k ||X~_k W^T - X_k W_k^T||^2 (the outputs each expert gives on its
+    # own data, reached from the merged model's inputs).
+    own, seen, ws, data = _inputs_seen_by_the_merged_model()
+    expected = torch.linalg.lstsq(torch.cat(seen), torch.cat([x @ w.T for x, w in zip(own, ws)])).solution.T
+    method = get_method("regmean")
+    params = method.params.model_validate({"alpha": 1.0, "gram_inputs": "merged", "expert_target": "own_inputs"})
+    out = method(ws, None, [1.0, 1.0], params, None, data)
+    assert torch.allclose(out.tensor, expected, atol=1e-10)
+    assert out.info == {"regmean": True, "inputs": "merged"}
+    # With the experts' own Grams (gram_inputs: expert) the target has nothing to choose: RegMean either way.
+    grams = Calibration(grams=[x.T @ x for x in own])
+    plain = [method(ws, None, [1.0, 1.0], method.params.model_validate({"alpha": 1.0, "expert_target": t}), None,
+                    grams).tensor for t in ("merged_inputs", "own_inputs")]
+    assert torch.equal(plain[0], plain[1])
+    with pytest.raises(ValueError, match="expert_target"):
+        method.params.model_validate({"expert_target": "merged"})
     # Cross Grams equal to the Grams (the merged model sees what each expert saw) give RegMean back.
     grams = [x.T @ x for x in own]
     assert torch.allclose(regmean_solve(ws, grams, [1.0, 1.0], 0.7, cross_grams=grams), regmean_solve(ws, grams, [1.0, 1.0], 0.7))

@@ -142,8 +142,8 @@ def test_pivotmerge_gram_combine_on_one_layer_with_data_weights(example, tmp_pat
     assert set(report.calibration.alignment.scores) == {"projector.1", "projector.2"}
 
 
-DATA_MODE = {"combine": "gram", "gram_inputs": "merged", "off_diagonal_scale": 1.0, "spectrum": "keep",
-             "residual_weight": 1.0, "scale_min": 1.0}
+DATA_MODE = {"combine": "gram", "gram_inputs": "merged", "expert_target": "own_inputs", "off_diagonal_scale": 1.0,
+             "spectrum": "keep", "residual_weight": 1.0, "scale_min": 1.0}
 
 
 def test_calibration_and_no_parameters_get_pivotmerges_data_mode(example, tmp_path):

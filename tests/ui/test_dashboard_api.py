@@ -32,7 +32,8 @@ def test_methods_lists_the_registry_with_parameters_and_defaults(http: httpx.Cli
     assert listed["regmean"]["calibration_data"] == ["grams", "cross_grams"]
     assert listed["task_arithmetic"]["calibration_data"] == []
     assert listed["pivotmerge"]["defaults_with_calibration"] == {
-        "combine": "gram", "gram_inputs": "merged", "off_diagonal_scale": 1.0, "spectrum": "keep", "residual_weight": 1.0,
+        "combine": "gram", "gram_inputs": "merged", "expert_target": "own_inputs", "off_diagonal_scale": 1.0,
+        "spectrum": "keep", "residual_weight": 1.0,
         "scale_min": 1.0, "scale_max": 1.0}
     assert listed["regmean"]["defaults_with_calibration"] == {}
     for name, method in registry.items():  # tuning's search ranges, where a method marks them
