@@ -1,6 +1,7 @@
-"""The data-free baselines against their reference implementations on shared, seeded inputs.
+"""The baselines against their reference implementations on shared, seeded inputs.
 
-WUDI runs against FusionBench's own `wudi_merging` (fusion-bench, a test dependency). ACE and CART
+WUDI and RegMean++ run against FusionBench's own `wudi_merging` and `regmean_params_merge` (fusion-bench,
+a test dependency). ACE and CART
 have no installable package: their authors' functions were run once, outside this repository, on
 the inputs `reference_inputs` regenerates here, and only the resulting tensors are kept
 (tests/methods/reference/, whose README names the repository, file, function and commit).
@@ -58,6 +59,31 @@ def test_wudi_adam_matches_fusion_bench():
         assert torch.allclose(ours, theirs[name].detach(), rtol=0, atol=1e-6), name
     # the 300 steps moved the weight well beyond that tolerance (each step moves an entry up to 1e-5)
     assert (theirs["weight"].detach() - sum(tv["weight"] for tv in tvs)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_regmean_plus_plus_matches_fusion_bench(ratio):
+    # FusionBench's RegMean++ measures each candidate's Grams on the merged model's features and solves RegMean's
+    # formula with them (regmean_params_merge): our regmean with gram_inputs: merged, handed those Grams. The
+    # cross Grams (the own_inputs target's) must not enter.
+    from fusion_bench.method.regmean_plusplus.regmean_plusplus import regmean_params_merge
+
+    from pivotmerge.methods import Calibration
+
+    g = torch.Generator().manual_seed(7)
+    seen = [torch.randn(30, 10, generator=g) for _ in range(3)]  # the merged model's inputs on each expert's data
+    own = [x + 0.3 * torch.randn(x.shape, generator=g) for x in seen]
+    ws = [torch.randn(12, 10, generator=g) for _ in seen]
+    grams = [x.T @ x for x in seen]
+    theirs = regmean_params_merge([w.clone() for w in ws], [gm.clone() for gm in grams],
+                                  reduce_non_diagonal_ratio=ratio)
+    method = get_method("regmean")
+    params = method.params.model_validate({"gram_inputs": "merged", "off_diagonal_scale": ratio})
+    data = Calibration(grams=grams, cross_grams=[x.T @ xs for x, xs in zip(own, seen)])
+    ours = method(ws, None, [1.0, 1.0, 1.0], params, None, data).tensor
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-4)
+    own_target = params.model_copy(update={"expert_target": "own_inputs"})
+    assert (method(ws, None, [1.0, 1.0, 1.0], own_target, None, data).tensor - theirs).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("case", list(REFERENCE_CASES))
