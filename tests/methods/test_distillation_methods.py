@@ -95,6 +95,56 @@ def test_adamerging_merged_weights_are_fusionbench_layer_wise_formula():
     assert torch.allclose(unclamped["a"], torch.tensor([1.0 + 0.3 - 0.4, 2.0 - 0.3]))
 
 
+def test_adamerging_matches_fusion_benchs_layer_wise_merged_model():
+    # Where the two overlap: FusionBench's LayerWiseMergedModel (one coefficient per parameter tensor and expert,
+    # clamped to [0, 1]) trained by Adam on a loss of its merged weights, and our fit_block on the same loss (the
+    # features objective of a two-layer block). Coefficients and merged weights agree after several steps.
+    from copy import deepcopy
+
+    from fusion_bench.models.wrappers.layer_wise_fusion import LayerWiseMergedModel
+    from torch import nn
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    pretrained = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    finetuned = [deepcopy(pretrained) for _ in range(K)]
+    with torch.no_grad():
+        for m in finetuned:
+            for p in m.parameters():
+                p.add_(0.3 * torch.randn(p.shape))
+    names = [n for n, _ in pretrained.named_parameters()]
+    state = [dict(m.named_parameters()) for m in (pretrained, *finetuned)]
+    base, experts = {n: state[0][n].detach().clone() for n in names}, [
+        {n: st[n].detach().clone() for n in names} for st in state[1:]]
+    own = [torch.randn(ROWS, 4) for _ in range(K)]
+    seen = [x + 0.1 * torch.randn(x.shape) for x in own]
+
+    def run(tensors, k, b, x):
+        return functional_call(pretrained, dict(tensors), (x,))
+
+    targets = [run(e, k, 0, x).detach() for k, (e, x) in enumerate(zip(experts, own))]
+    block = Block(path="m", names=tuple(names), forward=run, student_inputs=[[x] for x in seen],
+                  teacher_inputs=[[x] for x in own], teacher_outputs=[[y] for y in targets])
+    lr, steps = 0.05, 4
+    theirs = LayerWiseMergedModel(torch.full((K, len(names)), 0.3), deepcopy(pretrained),
+                                  [deepcopy(m) for m in finetuned], clamp_weights=True)
+    optimiser = torch.optim.Adam([theirs.merge_weight], lr=lr)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        loss = feature_loss(block, theirs.merge_weights())
+        loss.backward()
+        optimiser.step()
+    fused = {n: t.detach() for n, t in theirs.merge_weights().items()}
+    method = get_method("adamerging")
+    ours = method.fit_block(experts, base, base, [1.0] * K, method.params(objective="features", steps=steps,
+                                                                          learning_rate=lr), block)
+    for j, n in enumerate(names):
+        assert ours[n].info["coefficients"] == pytest.approx(theirs.merge_weight.detach().clamp(0, 1)[:, j].tolist(),
+                                                            abs=1e-6)
+        assert torch.allclose(ours[n].tensor, fused[n], atol=1e-6)
+    assert ours[names[0]].info["loss_end"] < ours[names[0]].info["loss_start"]
+
+
 def test_adamerging_takes_one_coefficient_step_per_tensor_and_expert(world):
     base, experts, seen, targets, block = world
     method = get_method("adamerging")
