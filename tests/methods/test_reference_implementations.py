@@ -1,7 +1,7 @@
 """The baselines against their reference implementations on shared, seeded inputs.
 
 WUDI and RegMean++ run against FusionBench's own `wudi_merging` and `regmean_params_merge` (fusion-bench,
-a test dependency). ACE and CART
+a test dependency). ACE, CART and ProDistill
 have no installable package: their authors' functions were run once, outside this repository, on
 the inputs `reference_inputs` regenerates here, and only the resulting tensors are kept
 (tests/methods/reference/, whose README names the repository, file, function and commit).
@@ -9,13 +9,16 @@ the inputs `reference_inputs` regenerates here, and only the resulting tensors a
 
 from __future__ import annotations
 
+from copy import deepcopy
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
+from torch.func import functional_call
 
-from pivotmerge.methods import get_method
+from pivotmerge.methods import Block, get_method
 
 REFERENCE = Path(__file__).parent / "reference"
 
@@ -97,3 +100,51 @@ def test_matches_the_authors_code(case):
         # (a centring, a trace, a sum for a mean) moves entries by percents.
         ours = merged_update(method, base, tvs, name, **params)
         assert torch.allclose(ours, tensor, rtol=0, atol=1e-5 * float(tensor.abs().max())), name
+
+
+PRODISTILL_STEPS, PRODISTILL_LR = 20, 0.01
+
+
+def prodistill_inputs() -> tuple[nn.Module, list[nn.Module], list[torch.Tensor], list[torch.Tensor]]:
+    """A block (Linear, GELU, Linear), three experts around it, each expert's own block inputs and the merged
+    model's inputs on the same samples (ProDistill's dual inputs), all from seed 11."""
+    g = torch.Generator().manual_seed(11)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)  # nn.Linear's initialisation
+        pretrained = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 5))
+    experts = [deepcopy(pretrained) for _ in range(3)]
+    with torch.no_grad():
+        for e in experts:
+            for p in e.parameters():
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    own = [torch.randn(10, 6, generator=g) for _ in experts]
+    seen = [x + 0.2 * torch.randn(x.shape, generator=g) for x in own]
+    return pretrained, experts, own, seen
+
+
+def test_prodistill_matches_the_authors_code():
+    # prodistill.safetensors: the authors' MergedModel (element-wise coefficients from 0.3) trained by their
+    # main_prodistill.py loop (Adam, summed squared error of each sample against its own expert's block on its own
+    # inputs), every sample in one batch, PRODISTILL_STEPS steps at PRODISTILL_LR (reference/README.md). Their loss
+    # sums over samples where ours averages over each expert's rows: equal rows per expert, and Adam's step does not
+    # see a constant factor.
+    pretrained, experts, own, seen = prodistill_inputs()
+    names = [n for n, _ in pretrained.named_parameters()]
+    base = {n: p.detach() for n, p in pretrained.named_parameters()}
+    tensors = [{n: p.detach() for n, p in e.named_parameters()} for e in experts]
+
+    def forward(params, k, b, x):
+        return functional_call(pretrained, dict(params), (x,))
+
+    block = Block(path="block", names=tuple(names), forward=forward, student_inputs=[[x] for x in seen],
+                  teacher_inputs=[[x] for x in own],
+                  teacher_outputs=[[forward(t, k, 0, x).detach()] for k, (t, x) in enumerate(zip(tensors, own))])
+    method = get_method("prodistill")
+    params = method.params(steps=PRODISTILL_STEPS, learning_rate=PRODISTILL_LR)
+    ours = method.fit_block(tensors, base, base, [1.0] * len(experts), params, block)
+    theirs = load_file(REFERENCE / "prodistill.safetensors")
+    assert set(theirs) == set(names)
+    for n in names:
+        assert torch.allclose(ours[n].tensor, theirs[n], rtol=0, atol=1e-5), n
+    start = {n: base[n] + 0.3 * sum(t[n] - base[n] for t in tensors) for n in names}
+    assert max(float((theirs[n] - start[n]).abs().max()) for n in names) > 0.05  # the steps moved it well beyond
