@@ -82,7 +82,8 @@ def test_regmean_with_merged_inputs_is_regmean_plus_plus_end_to_end(example, tmp
     first_spec = {**spec, "parameters": {"alpha": 0.8}}
     pivotmerge.merge(first_spec, tmp_path / "first")
     report = pivotmerge.merge(spec, tmp_path / "out")
-    merged = _weights(tmp_path / "out")
+    own_targets = {**spec, "parameters": {**spec["parameters"], "expert_target": "own_inputs"}}
+    pivotmerge.merge(own_targets, tmp_path / "own")
     grams, cross = [], []
     for expert, domain in zip(example.experts, OWN):
         data = load_dataset(example.datasets[domain])
@@ -90,7 +91,13 @@ def test_regmean_with_merged_inputs_is_regmean_plus_plus_end_to_end(example, tmp
         grams.append(seen.T @ seen)
         cross.append(own.T @ seen)
     experts = [_weights(e)[W2] for e in example.experts]
-    assert torch.allclose(merged[W2], regmean_solve(experts, grams, [1.0, 1.0], 0.8, cross_grams=cross), atol=1e-5)
+    # As published: each expert's weights on the merged inputs (RegMean's formula on their Grams).
+    published = regmean_solve(experts, grams, [1.0, 1.0], 0.8)
+    assert torch.allclose(_weights(tmp_path / "out")[W2], published, atol=1e-5)
+    # expert_target: own_inputs: each expert's outputs on its own inputs, through the cross Grams.
+    own_fit = regmean_solve(experts, grams, [1.0, 1.0], 0.8, cross_grams=cross)
+    assert torch.allclose(_weights(tmp_path / "own")[W2], own_fit, atol=1e-5)
+    assert not torch.allclose(published, own_fit, atol=1e-4)
     assert report.calibration.passes == 2
 
 
@@ -178,15 +185,14 @@ def _inputs_of(model_dir: Path, data: Dataset, tensor: str) -> torch.Tensor:
 
 
 def _regmean_on(model_dir: Path, ex, tensor: str) -> torch.Tensor:
-    """RegMean++'s closed form for `tensor` at off-diagonal scale 0.8, with the inputs model `model_dir` feeds it."""
-    grams, cross = [], []
-    for expert, domain in zip(ex.experts, OWN):
-        data = load_dataset(ex.datasets[domain])
-        own, seen = _inputs_of(expert, data, tensor), _inputs_of(model_dir, data, tensor)
+    """RegMean++'s closed form (as published) for `tensor` at off-diagonal scale 0.8, with the inputs model
+    `model_dir` feeds it."""
+    grams = []
+    for domain in OWN:
+        seen = _inputs_of(model_dir, load_dataset(ex.datasets[domain]), tensor)
         grams.append(seen.T @ seen)
-        cross.append(own.T @ seen)
     experts = [_weights(e)[tensor] for e in ex.experts]
-    return regmean_solve(experts, grams, [1.0, 1.0], 0.8, cross_grams=cross)
+    return regmean_solve(experts, grams, [1.0, 1.0], 0.8)
 
 
 def test_each_block_is_fitted_on_the_merged_blocks_below_it(chain, tmp_path):
