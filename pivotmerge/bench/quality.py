@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from scipy.stats import spearmanr
+from scipy.stats import spearmanr, t as student_t
 
 from pivotmerge.analysis import metrics
 from pivotmerge.bench.domains import DOMAINS
@@ -286,12 +286,25 @@ def _avg(row: dict[str, Any]) -> float:
     return row["test"]["average"]["token_accuracy"]
 
 
+def interval(per_seed: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """Student's t interval of the mean of paired per-seed differences; None under two seeds. Seeds are
+    whole worlds, so this says whether the suite resolves a difference, not only whether it was won."""
+    n = len(per_seed)
+    if n < 2:
+        return None
+    mean, half = float(np.mean(per_seed)), 0.0
+    spread = float(np.std(per_seed, ddof=1))
+    if spread > 0:
+        half = float(student_t.ppf(0.5 + confidence / 2, n - 1)) * spread / n ** 0.5
+    return mean - half, mean + half
+
+
 def paired(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The bar's comparisons, per seed, in mean test token accuracy."""
+    """The bar's comparisons, per seed, in mean test token accuracy, with the mean's 95% interval."""
     def diff(label: str, ours: Callable[[dict], float], theirs: Callable[[dict], float]) -> dict[str, Any]:
         per_seed = [ours(r) - theirs(r) for r in runs]
         return {"comparison": label, "per_seed": per_seed, "mean": float(np.mean(per_seed)),
-                "wins": sum(d > 0 for d in per_seed)}
+                "interval95": interval(per_seed), "wins": sum(d > 0 for d in per_seed)}
 
     def tuned(name: str) -> Callable[[dict], float]:
         return lambda r: _avg(r["tuned"][name])

@@ -15,6 +15,10 @@ def _cell(stat: dict[str, float]) -> str:
     return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
 
 
+def _interval(bounds: list[float] | None) -> str:
+    return "-" if bounds is None else f"[{bounds[0]:+.4f}, {bounds[1]:+.4f}]"
+
+
 def _table(rows: dict[str, Any], domains: list[str]) -> list[str]:
     lines = ["| row | " + " | ".join(domains) + " | **average** | avg caption loss |", "|---|" + "---|" * (len(domains) + 2)]
     for name, row in rows.items():
@@ -37,11 +41,13 @@ def markdown(result: dict[str, Any]) -> str:
               "nothing else; RegMean++ sets `gram_inputs: merged`).", ""]
     lines += _table(result["defaults"], domains)
     lines += ["", "Paired differences per seed (mean test token accuracy; each seed's world is shared by all rows):", "",
-              "| comparison | " + " | ".join(f"seed {i}" for i in range(seeds)) + " | mean | seeds won |",
-              "|---|" + "---|" * (seeds + 2)]
+              "| comparison | " + " | ".join(f"seed {i}" for i in range(seeds)) + " | mean | 95% interval | seeds won |",
+              "|---|" + "---|" * (seeds + 3)]
     for p in result["paired"]:
         lines.append(f"| {p['comparison']} | " + " | ".join(f"{d:+.4f}" for d in p["per_seed"])
-                     + f" | {p['mean']:+.4f} | {p['wins']}/{seeds} |")
+                     + f" | {p['mean']:+.4f} | {_interval(p['interval95'])} | {p['wins']}/{seeds} |")
+    lines += ["", "The interval is Student's t over seeds (each seed a whole world): one that holds 0 is a "
+              "difference this suite does not resolve."]
     if result["merge_seconds"]:
         lines += ["", "Seconds per merge (mean over every tuned candidate and the defaults merge, all seeds; wall on"
                   " the machine as it was, and CPU of the whole process, all threads):", "",

@@ -66,3 +66,23 @@ def test_tables_of_a_partial_run_leave_out_scenarios_and_attribution():
               "layer_attribution": [[]], "merge_seconds": {}}
     text = markdown(result)
     assert "| cart | 0.500" in text and "Spearman" not in text and "Layer attribution" not in text
+
+
+def test_paired_differences_carry_the_t_interval_of_their_mean():
+    # per seed +.02, +.04, -.03: mean .01, sample sd sqrt(((.01)^2 + (.03)^2 + (.04)^2) / 2) = .036056;
+    # t(.975, 2 dof) = 4.302653, so the half width is 4.302653 * .036056 / sqrt(3) = .089567 and 0 lies inside
+    runs = [{"tuned": {"pivotmerge": _row(0.70 + d), "cart": _row(0.70)}, "defaults": {}} for d in (0.02, 0.04, -0.03)]
+    got = {p["comparison"]: p for p in paired(runs)}["pivotmerge - cart"]
+    assert got["mean"] == pytest.approx(0.01)
+    assert got["interval95"] == pytest.approx((0.01 - 0.089567, 0.01 + 0.089567), abs=1e-6)
+    # one seed has no interval; equal differences have none of width
+    one = paired(runs[:1])[0]
+    assert one["interval95"] is None
+    same = paired([{"tuned": {"pivotmerge": _row(0.75), "cart": _row(0.70)}, "defaults": {}}] * 4)[0]
+    assert same["interval95"] == pytest.approx((0.05, 0.05))
+    stats = {d: {m: {"mean": 0.5, "std": 0.0} for m in ("token_accuracy", "caption_loss")}
+             for d in (*DOMAINS, "average")}
+    result = {"domains": list(DOMAINS), "suite": {"seeds": 3}, "reference": {"base": stats}, "tuned": {"cart": stats},
+              "defaults": {}, "paired": paired(runs), "gates": {}, "spearman": {}, "layer_attribution": [[]],
+              "merge_seconds": {}}
+    assert "| pivotmerge - cart | +0.0200 | +0.0400 | -0.0300 | +0.0100 | [-0.0796, +0.0996] | 2/3 |" in markdown(result)
