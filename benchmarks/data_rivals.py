@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from pivotmerge.bench.quality import SUITES, Scorer, chosen_scores, merged, select
+from pivotmerge.bench.quality import SUITES, Scorer, chosen_scores, interval, merged, select
 from pivotmerge.bench.variants import DEFAULTS, TUNED
 from pivotmerge.bench.world import build_world
 
@@ -65,10 +65,13 @@ def main() -> None:
                   + f"; rival {r['rival']}, ours - rival {r['difference']:+.4f}", flush=True)
     differences = [r["difference"] for r in runs]
     summary = {"suite": args.suite, "runs": runs, "mean_difference": statistics.mean(differences),
-               "seeds_won": sum(d > 0 for d in differences),
+               "interval95": interval(differences), "seeds_won": sum(d > 0 for d in differences),
                "means": {n: statistics.mean(r[n]["test"] for r in runs) for n in (*RIVALS, OURS)}}
     args.out.write_text(json.dumps(summary, indent=1))
-    print(f"{OURS} - dev-chosen rival: mean {summary['mean_difference']:+.4f}, won {summary['seeds_won']}/{len(runs)}; "
+    bounds = summary["interval95"]
+    print(f"{OURS} - dev-chosen rival: mean {summary['mean_difference']:+.4f}"
+          + ("" if bounds is None else f" (95% interval {bounds[0]:+.4f} to {bounds[1]:+.4f})")
+          + f", won {summary['seeds_won']}/{len(runs)}; "
           + ", ".join(f"{n} {m:.4f}" for n, m in summary["means"].items()))
 
 
