@@ -311,7 +311,7 @@ def _load_builtin() -> None:
 
 
 # More settings than this of a method's discrete parameters and `needs_of_every_setting` refuses to try them all.
-MAX_NEEDS_SETTINGS = 16384  # PivotMerge has 5184
+MAX_NEEDS_SETTINGS = 16384  # PivotMerge has 13824
 
 
 def needs_of_every_setting(params: type[MethodParams], needs: Callable[[Any], set[Need]]) -> tuple[Need, ...]:

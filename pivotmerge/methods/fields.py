@@ -42,3 +42,9 @@ def expert_target_field() -> Any:
         "merged model's inputs, W_k X~_k (RegMean++ as published); own_inputs, each expert's outputs on its own "
         "inputs, W_k X_k, through the cross Gram X_k^T X~_k (the layer also undoes what the merged layers below "
         "it changed). Ignored with gram_inputs: expert."))
+
+
+def fits_own_outputs(gram_inputs: str, expert_target: str) -> bool:
+    """Whether a layer fitted on the merged model's inputs matches each expert's outputs on its own inputs, so its
+    merge reads the cross Grams ``X_k^T X~_k`` (else the Grams of the merged inputs alone)."""
+    return gram_inputs == "merged" and expert_target == "own_inputs"

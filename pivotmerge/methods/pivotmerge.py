@@ -48,7 +48,8 @@ from pivotmerge.methods.toolkit.deltas import column_weights, onto_base, weighte
 from pivotmerge.methods.toolkit.spectrum import flatten_spectrum, significant
 from pivotmerge.methods.toolkit.svd import SvdMode, low_rank_svd, svd
 from pivotmerge.methods.alignment import fit_aligned_block
-from pivotmerge.methods.fields import ExpertTarget, OffDiagonalScale, Scale, expert_target_field, off_diagonal_scale_field
+from pivotmerge.methods.fields import (ExpertTarget, OffDiagonalScale, Scale, expert_target_field, fits_own_outputs,
+                                      off_diagonal_scale_field)
 from pivotmerge.methods.ace import Params as AceParams
 from pivotmerge.methods.ace import ace_update
 from pivotmerge.methods.regmean import regmean_solve
@@ -261,7 +262,7 @@ def _combined_merge(deltas: Tensor, pivot: Tensor, u: Tensor | None, coef: Tenso
     a = torch.tensor(expert_weights, dtype=flat.dtype, device=flat.device)
     # Only linear layers' weights have input Gram matrices; other matrices (embeddings, kernels) take the mean below.
     grams = calibration.grams if params.combine == "gram" else None
-    own_targets = params.gram_inputs == "merged" and params.expert_target == "own_inputs"
+    own_targets = fits_own_outputs(params.gram_inputs, params.expert_target)
     cross = calibration.cross_grams if grams is not None and own_targets else None
     # The gram combine is a weighted mean, so a matrix without Gram matrices (embeddings) takes the weighted mean
     # too, as RegMean does, not the sum: at the data mode's scale 1 the sum is K times the experts' mean update.

@@ -28,7 +28,8 @@ import torch
 from pydantic import Field
 
 from pivotmerge.methods import NO_CALIBRATION, Calibration, Merged, MethodParams, Need, Tensor, method
-from pivotmerge.methods.fields import ExpertTarget, OffDiagonalScale, expert_target_field, off_diagonal_scale_field
+from pivotmerge.methods.fields import (ExpertTarget, OffDiagonalScale, expert_target_field, fits_own_outputs,
+                                      off_diagonal_scale_field)
 from pivotmerge.methods.linear import Params as LinearParams
 from pivotmerge.methods.linear import linear
 
@@ -94,6 +95,6 @@ def regmean(tensors: Sequence[Tensor], base: Tensor | None, weights: Sequence[fl
     if len(calibration.grams) != len(tensors):
         raise ValueError(f"grams: expected {len(tensors)} Gram matrices (one per expert), got {len(calibration.grams)}")
     merged_inputs = params.gram_inputs == "merged"
-    cross = calibration.cross_grams if merged_inputs and params.expert_target == "own_inputs" else None
+    cross = calibration.cross_grams if fits_own_outputs(params.gram_inputs, params.expert_target) else None
     return Merged(regmean_solve(tensors, calibration.grams, weights, params.off_diagonal_scale, cross),
                   {"regmean": True, "inputs": "merged" if merged_inputs else "expert"})
