@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -197,7 +197,7 @@ def fit_blocks(
     """
     method = plan.method
     assert method.fit_block is not None
-    names = sorted(n for n in plan.merged if Need.BLOCK_FEATURES in method.needs_for(plan.tensor_params[n].params))
+    names = sorted(plan.tensors_needing(Need.BLOCK_FEATURES))
     caption_outputs = any(Need.CAPTION_OUTPUTS in method.needs_for(plan.tensor_params[n].params) for n in names)
     student = load_model(plan.reference.path, device.type)
     student.model.requires_grad_(False)
@@ -291,24 +291,30 @@ def _block_grams(
     calls: Sequence[Call],
     expert: Mapping[str, torch.Tensor],
     linears: Mapping[str, nn.Module],
+    cross_names: Collection[str],
 ) -> MergedInputGrams:
-    """One expert's merged-input Grams ``X~^T X~`` and cross Grams ``X^T X~`` of a block's linear layers.
+    """One expert's merged-input Grams ``X~^T X~`` of a block's linear layers, and for those in `cross_names`
+    the cross Grams ``X^T X~``.
 
     ``X`` is what the expert's own block (its tensors `expert`, by the module's local names) feeds each linear
     on the expert's own block inputs (`calls`), ``X~`` what the student, the merged model as far as it is
     fitted, feeds it on the same samples; rows pair up as both run on the same batches, one batch at a time.
+    The expert's block runs only when some linear needs its cross Gram.
     """
     grams: dict[str, torch.Tensor] = {}
     cross: dict[str, torch.Tensor] = {}
     with InputCapture(linears) as capture:
         for batch, call in zip(teacher.batches, calls, strict=True):
             capture.token_mask = batch.inputs["attention_mask"].bool().to(call.input.device)
-            functional_call(module, dict(expert), args=(call.input, *call.args), kwargs=call.kwargs)
-            own = capture.pop()
+            own: dict[str, torch.Tensor] = {}
+            if any(n in cross_names for n in linears):
+                functional_call(module, dict(expert), args=(call.input, *call.args), kwargs=call.kwargs)
+                own = capture.pop()
             _run(student, batch)
             for name, rows in capture.pop().items():
                 add_to(grams, name, gram(rows))
-                add_to(cross, name, cross_gram(own[name], rows))
+                if name in cross_names:
+                    add_to(cross, name, cross_gram(own[name], rows))
     return MergedInputGrams({n: g.cpu() for n, g in grams.items()}, {n: c.cpu() for n, c in cross.items()})
 
 
@@ -338,10 +344,9 @@ def refit_blocks(
     Cost: each expert's block inputs on its calibration set held in memory (as `fit_blocks`), and one
     forward pass of the student per block and calibration batch.
     """
-    method = plan.method
     names = sorted(plan.merged)
-    refit = sorted(n for n in plan.calibrated_tensors()
-                   if Need.MERGED_INPUTS in method.needs_for(plan.tensor_params[n].params))
+    refit = sorted(plan.tensors_needing(Need.MERGED_INPUTS))
+    cross = plan.tensors_needing(Need.CROSS_GRAMS)
     student = load_model(plan.reference.path, device.type)
     student.model.requires_grad_(False)
     parameters = parameter_names(student.model, names)
@@ -377,12 +382,11 @@ def refit_blocks(
             for k, teacher in enumerate(teachers):
                 expert = {local[n]: t[k + offset].to(device=device, dtype=held[parameters[n]].dtype)
                           for n, t in stored.items()}
-                per_expert.append(
-                    _block_grams(student, modules[path], teacher, teacher.calls[path], expert, block_linears)
-                )
+                per_expert.append(_block_grams(student, modules[path], teacher, teacher.calls[path], expert,
+                                               block_linears, cross))
             for n in block_linears:
                 out[n] = replace(out.get(n, NO_CALIBRATION), grams=[p.grams[n] for p in per_expert],
-                                 cross_grams=[p.cross_grams[n] for p in per_expert])
+                                 cross_grams=[p.cross_grams[n] for p in per_expert] if n in cross else None)
             _set(held, {parameters[n]: merge(n, out[n]) for n in block_names})
             refitted.append(path)
         if progress is not None:

@@ -5,7 +5,8 @@
   RegMean folding and PivotMerge's ``combine: gram`` take these.
 * `collect_merged_input_grams`: for ``gram_inputs: merged`` (RegMean++, PivotMerge), the
   same on the inputs a (first-pass) merged model feeds each layer, ``X~^T X~``,
-  and against the expert's own inputs on the same rows, ``X^T X~``.
+  and, where the merge reads them (``Need.CROSS_GRAMS``), against the expert's own inputs on the
+  same rows, ``X^T X~``.
 * `alignment_scores`: for each expert and merged layer, how much the expert's
   caption loss rises when that layer's update is put back to the base: the
   layer's alignment contribution, which PivotMerge's ``layer_weighting: data``
@@ -24,7 +25,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Collection, Iterable, Mapping, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -208,34 +209,41 @@ class MergedInputGrams:
     """
 
     grams: dict[str, torch.Tensor]  # X~^T X~
-    cross_grams: dict[str, torch.Tensor]  # X^T X~
+    cross_grams: dict[str, torch.Tensor]  # X^T X~, for the weights whose merge reads it (Need.CROSS_GRAMS)
 
 
 @torch.no_grad()
 def merged_input_grams_of_loaded(merged: Loaded, expert: Loaded, dataset: Dataset, tensor_names: Iterable[str],
-                                 batch_size: int = 8) -> MergedInputGrams:
+                                 cross_names: Collection[str], batch_size: int = 8) -> MergedInputGrams:
+    """`MergedInputGrams` of `tensor_names`, the cross Grams of those in `cross_names` only (the expert's model runs
+    only if there are any)."""
     names = list(tensor_names)
+    crossed = [n for n in names if n in cross_names]
     grams: dict[str, torch.Tensor] = {}
     cross: dict[str, torch.Tensor] = {}
-    with InputCapture(linear_modules(expert.model, names)) as own, \
+    with InputCapture(linear_modules(expert.model, crossed)) as own, \
             InputCapture(linear_modules(merged.model, names)) as seen:
         # The expert's processor tokenises, as for its own Grams; both models then run on the very
         # same tensors, so the captured rows pair up. Only one batch's inputs are held at a time.
         for batch in caption_batches(expert.processor, dataset.records, batch_size, dataset.prompt):
-            _forward(expert, batch.inputs, own)
+            if crossed:
+                _forward(expert, batch.inputs, own)
             _forward(merged, batch.inputs, seen)
             expert_rows = own.pop()
             for name, rows in seen.pop().items():
                 add_to(grams, name, gram(rows))
-                add_to(cross, name, cross_gram(expert_rows[name], rows))
+                if name in expert_rows:
+                    add_to(cross, name, cross_gram(expert_rows[name], rows))
     return MergedInputGrams({n: g.cpu() for n, g in grams.items()}, {n: c.cpu() for n, c in cross.items()})
 
 
 def collect_merged_input_grams(merged_dir: str | Path, expert_dirs: Sequence[str | Path], datasets: Sequence[Dataset],
-                               tensor_names: Iterable[str], *, device: str = "auto", batch_size: int = 8,
+                               tensor_names: Iterable[str], cross_names: Collection[str], *, device: str = "auto",
+                               batch_size: int = 8,
                                progress: ProgressFn | None = None,
                                should_cancel: CancelFn | None = None) -> list[MergedInputGrams]:
-    """Per expert, on its own calibration set: each linear layer's merged-input Gram and expert-x-merged cross Gram.
+    """Per expert, on its own calibration set: each linear layer's merged-input Gram and, for `cross_names`, its
+    expert-x-merged cross Gram.
 
     The merged model is loaded once and the experts one at a time, so at most two
     models are in memory.
@@ -246,7 +254,8 @@ def collect_merged_input_grams(merged_dir: str | Path, expert_dirs: Sequence[str
     for i, (expert_dir, data) in enumerate(zip(expert_dirs, datasets, strict=True)):
         if should_cancel is not None and should_cancel():
             raise MergeCancelled("merge cancelled")
-        out.append(merged_input_grams_of_loaded(merged, load_model(expert_dir, device), data, names, batch_size))
+        out.append(merged_input_grams_of_loaded(merged, load_model(expert_dir, device), data, names, cross_names,
+                                                batch_size))
         if progress is not None:
             progress(Progress("refit", i + 1, len(expert_dirs)))
     return out
@@ -413,10 +422,11 @@ def calibrate(plan: MergePlan, device: torch.device, *, allowed_roots: Sequence[
 
 def refit_on(plan: MergePlan, calibration: Mapping[str, Calibration],
              per_expert: Sequence[MergedInputGrams]) -> dict[str, Calibration]:
-    """`calibration` for a second pass: each linear weight's merged-input Grams and cross Grams replace its
-    Grams; the alignment scores stay as measured once on the experts."""
+    """`calibration` for a second pass: each linear weight's merged-input Grams replace its Grams, with its cross
+    Grams where they were measured; the alignment scores stay as measured once on the experts."""
     refit = {name: replace(calibration.get(name, NO_CALIBRATION), grams=[p.grams[name] for p in per_expert],
-                           cross_grams=[p.cross_grams[name] for p in per_expert])
+                           cross_grams=[p.cross_grams[name] for p in per_expert] if name in per_expert[0].cross_grams
+                           else None)
              for name in per_expert[0].grams}
     return {**calibration, **{n: c for n, c in refit.items() if n in plan.calibrated_tensors()}}
 
@@ -432,7 +442,8 @@ def merged_input_calibration(plan: MergePlan, first_pass: Path, calibrated: Cali
     if progress is not None:
         progress(Progress("refit", 0, len(plan.models), message="layer inputs of the first merge pass, beside each expert's own"))
     per_expert = collect_merged_input_grams(first_pass, [m.path for m in plan.models], calibrated.datasets,
-                                            sorted(plan.merged), device=device.type, progress=progress,
+                                            sorted(plan.merged), plan.tensors_needing(Need.CROSS_GRAMS),
+                                            device=device.type, progress=progress,
                                             should_cancel=should_cancel)
     return replace(calibrated, report={**calibrated.report, "gram_inputs": "merged", "passes": 2},
                    tensors=refit_on(plan, calibrated.tensors, per_expert))

@@ -92,7 +92,8 @@ class Need(str, Enum):
 
     ALIGNMENT = "alignment"  # per expert and layer: how much its caption loss rises without the layer's update
     GRAMS = "grams"  # per expert and linear weight: X_k^T X_k of the layer's inputs
-    MERGED_INPUTS = "cross_grams"  # a second pass: Grams of the merged model's inputs X~ and X_k^T X~
+    MERGED_INPUTS = "merged_input_grams"  # a second pass: Grams X~_k^T X~_k of the merged model's inputs
+    CROSS_GRAMS = "cross_grams"  # with MERGED_INPUTS: X_k^T X~_k against each expert's own inputs
     BLOCK_FEATURES = "block_features"  # per block, in order: the merged model's and each expert's features (`Block`)
     CAPTION_OUTPUTS = "caption_outputs"  # with BLOCK_FEATURES: each expert's next-token distributions on its captions
 
@@ -102,7 +103,7 @@ class Calibration:
     """What calibration data measured for one tensor, one entry per expert; None where not measured."""
 
     grams: Sequence[Tensor] | None = None
-    cross_grams: Sequence[Tensor] | None = None  # with MERGED_INPUTS: X_k^T X~_k; `grams` then hold X~_k^T X~_k
+    cross_grams: Sequence[Tensor] | None = None  # with CROSS_GRAMS: X_k^T X~_k; `grams` then hold X~_k^T X~_k
     alignment: Sequence[float] | None = None  # scores in [0, 1]
 
     def __post_init__(self) -> None:

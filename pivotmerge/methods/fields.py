@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import AliasChoices, Field
 
-from pivotmerge.methods import PER_MODEL, Search
+from pivotmerge.methods import PER_MODEL, Need, Search
 
 # Searched on a log range: the best scale differs by up to 8x between methods (docs/results.md).
 Scale = Annotated[float, Search(0.05, 2.0, log=True)]
@@ -42,6 +42,15 @@ def expert_target_field() -> Any:
         "merged model's inputs, W_k X~_k (RegMean++ as published); own_inputs, each expert's outputs on its own "
         "inputs, W_k X_k, through the cross Gram X_k^T X~_k (the layer also undoes what the merged layers below "
         "it changed). Ignored with gram_inputs: expert."))
+
+
+def merged_input_needs(gram_inputs: str, expert_target: str) -> set[Need]:
+    """What a Gram fit reads: the experts' own Grams, or on the merged model's inputs their Grams, with the cross
+    Grams only when each expert's outputs on its own inputs are the target."""
+    if gram_inputs != "merged":
+        return {Need.GRAMS}
+    cross = {Need.CROSS_GRAMS} if fits_own_outputs(gram_inputs, expert_target) else set()
+    return {Need.GRAMS, Need.MERGED_INPUTS} | cross
 
 
 def fits_own_outputs(gram_inputs: str, expert_target: str) -> bool:

@@ -49,7 +49,7 @@ from pivotmerge.methods.toolkit.spectrum import flatten_spectrum, significant
 from pivotmerge.methods.toolkit.svd import SvdMode, low_rank_svd, svd
 from pivotmerge.methods.alignment import fit_aligned_block
 from pivotmerge.methods.fields import (ExpertTarget, OffDiagonalScale, Scale, expert_target_field, fits_own_outputs,
-                                      off_diagonal_scale_field)
+                                      merged_input_needs, off_diagonal_scale_field)
 from pivotmerge.methods.ace import Params as AceParams
 from pivotmerge.methods.ace import ace_update
 from pivotmerge.methods.regmean import regmean_solve
@@ -126,7 +126,7 @@ DATA_MODE = {"combine": "gram", "gram_inputs": "merged", "expert_target": "own_i
 def needs(params: Params) -> set[Need]:
     out = {Need.ALIGNMENT} if params.layer_weighting == "data" else set()
     if params.combine == "gram":
-        out |= {Need.GRAMS, Need.MERGED_INPUTS} if params.gram_inputs == "merged" else {Need.GRAMS}
+        out |= merged_input_needs(params.gram_inputs, params.expert_target)
     if params.distill_steps > 0:
         out |= {Need.BLOCK_FEATURES, Need.CAPTION_OUTPUTS} if params.distill_objective == "captions" else {Need.BLOCK_FEATURES}
     return out

@@ -29,7 +29,7 @@ from pydantic import Field
 
 from pivotmerge.methods import NO_CALIBRATION, Calibration, Merged, MethodParams, Need, Tensor, method
 from pivotmerge.methods.fields import (ExpertTarget, OffDiagonalScale, expert_target_field, fits_own_outputs,
-                                      off_diagonal_scale_field)
+                                      merged_input_needs, off_diagonal_scale_field)
 from pivotmerge.methods.linear import Params as LinearParams
 from pivotmerge.methods.linear import linear
 
@@ -44,7 +44,7 @@ class Params(MethodParams):
 
 
 def needs(params: Params) -> set[Need]:
-    return {Need.GRAMS, Need.MERGED_INPUTS} if params.gram_inputs == "merged" else {Need.GRAMS}
+    return merged_input_needs(params.gram_inputs, params.expert_target)
 
 
 def shrink_off_diagonal(gram: Tensor, alpha: float) -> Tensor:

@@ -50,6 +50,10 @@ class MergePlan:
         """The calibration data some merged tensor's parameters need."""
         return set().union(*(self.method.needs_for(p.params) for p in self.tensor_params.values()))
 
+    def tensors_needing(self, need: Need) -> set[str]:
+        """The merged tensors whose parameters need `need`."""
+        return {n for n, p in self.tensor_params.items() if need in self.method.needs_for(p.params)}
+
     def calibrated_tensors(self) -> set[str]:
         """The merged tensors whose parameters need calibration data."""
         return {n for n, p in self.tensor_params.items() if self.method.needs_for(p.params)}

@@ -51,6 +51,8 @@ OBJECTIVE_METRIC: dict[str, str] = {"loss": "caption_loss", "accuracy": "token_a
 DIRECTION: dict[str, Literal["minimize", "maximize"]] = {"loss": "minimize", "accuracy": "maximize", "qa": "maximize"}
 BATCH_SIZE = 8
 MAX_NEW_TOKENS = 8
+# Measured per trial on its own merge (`TrialRunner.merged`), not once by `calibrate`.
+REFIT_NEEDS = frozenset({Need.MERGED_INPUTS, Need.CROSS_GRAMS})
 
 
 class TrialPlan(NamedTuple):
@@ -141,9 +143,11 @@ class TrialRunner:
         """The study's plan with `method` and `params`, with its calibration data (measured once per kind)."""
         spec = trial_spec(self.spec, method, params)
         plan = replace(self._plan, spec=spec, method=method, tensor_params=resolve_all(spec, method, self._depths))
-        needs = frozenset(plan.needs)
-        if not needs:
+        if not plan.needs:
             return TrialPlan(plan, NOT_CALIBRATED)
+        # What `calibrate` measures once: the merged-input Grams (cross Grams with them) change with every
+        # trial's merge, so `merged` measures those per trial.
+        needs = frozenset(plan.needs - REFIT_NEEDS)
         if needs not in self._calibration:
             calibrated = calibrate(plan, self.device, allowed_roots=self._roots, relative_to=self._relative_to)
             self._calibration[needs] = calibrated.tensors
@@ -190,7 +194,8 @@ class TrialRunner:
         self.swap_in(first_pass)
         if self._experts is None:
             self._experts = [load_model(m.path, self.device.type) for m in self._plan.models]
-        per_expert = [merged_input_grams_of_loaded(self.loaded, expert, data, self._depths, BATCH_SIZE)
+        cross = plan.tensors_needing(Need.CROSS_GRAMS)
+        per_expert = [merged_input_grams_of_loaded(self.loaded, expert, data, self._depths, cross, BATCH_SIZE)
                       for expert, data in zip(self._experts, self._calibration_sets, strict=True)]
         return replace(calibrated, tensors=refit_on(plan, calibrated.tensors, per_expert))
 

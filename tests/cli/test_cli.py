@@ -76,9 +76,9 @@ def test_methods_marks_the_parameters_the_engine_sets(tmp_path, run_cli):
 
     result = run_cli("methods", "--json", cwd=tmp_path)
     listed = {m["name"]: m for m in json.loads(result.stdout)["methods"]}  # the body of GET /v1/methods
-    assert listed["regmean"]["calibration_data"] == ["grams", "cross_grams"]
-    assert listed["pivotmerge"]["calibration_data"] == ["alignment", "grams", "cross_grams", "block_features",
-                                                         "caption_outputs"]
+    assert listed["regmean"]["calibration_data"] == ["grams", "merged_input_grams", "cross_grams"]
+    assert listed["pivotmerge"]["calibration_data"] == ["alignment", "grams", "merged_input_grams", "cross_grams",
+                                                         "block_features", "caption_outputs"]
     assert listed["linear"]["calibration_data"] == []
     assert listed["pivotmerge"]["defaults_with_calibration"] == {
         "combine": "gram", "gram_inputs": "merged", "expert_target": "own_inputs", "off_diagonal_scale": 1.0,

@@ -49,10 +49,16 @@ def test_folding_takes_the_same_names():
     ("ties", {}, set()),
     ("regmean", {}, {Need.GRAMS}),
     ("regmean", {"gram_inputs": "merged"}, {Need.GRAMS, Need.MERGED_INPUTS}),
+    # the cross Grams only when each expert's outputs on its own inputs are the target
+    ("regmean", {"gram_inputs": "merged", "expert_target": "own_inputs"},
+     {Need.GRAMS, Need.MERGED_INPUTS, Need.CROSS_GRAMS}),
+    ("regmean", {"expert_target": "own_inputs"}, {Need.GRAMS}),
     ("pivotmerge", {}, set()),
     ("pivotmerge", {"gram_inputs": "merged"}, set()),  # without combine: gram the inputs are not used
     ("pivotmerge", {"layer_weighting": "data"}, {Need.ALIGNMENT}),
     ("pivotmerge", {"combine": "gram", "gram_inputs": "merged"}, {Need.GRAMS, Need.MERGED_INPUTS}),
+    ("pivotmerge", {"combine": "gram", "gram_inputs": "merged", "expert_target": "own_inputs"},
+     {Need.GRAMS, Need.MERGED_INPUTS, Need.CROSS_GRAMS}),
 ])
 def test_a_method_states_the_calibration_data_its_parameters_need(method, params, needs):
     m = get_method(method)
@@ -85,7 +91,7 @@ def test_calibration_data_and_no_parameters_resolve_to_the_data_mode(per_expert)
         "combine": "gram", "gram_inputs": "merged", "expert_target": "own_inputs", "off_diagonal_scale": 1.0,
         "spectrum": "keep", "residual_weight": 1.0,
         "scale_min": 1.0, "scale_max": 1.0}
-    assert get_method("pivotmerge").needs_for(params) == {Need.GRAMS, Need.MERGED_INPUTS}
+    assert get_method("pivotmerge").needs_for(params) == {Need.GRAMS, Need.MERGED_INPUTS, Need.CROSS_GRAMS}
     free = _resolved({})
     assert (free.combine, free.gram_inputs, free.off_diagonal_scale, free.spectrum, free.residual_weight, free.scale_min,
             free.scale_max, free.layer_weighting) == ("covariance", "expert", 0.9, "keep", 0.0, 0.0, 0.6, "separation")

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import pivotmerge
+from pivotmerge.data import blocks
 from pivotmerge.data.datasets import Dataset, load_dataset
 from pivotmerge.data.example import make_example
 from pivotmerge.errors import MergeCancelled, SpecError
@@ -99,6 +100,21 @@ def test_regmean_with_merged_inputs_is_regmean_plus_plus_end_to_end(example, tmp
     assert torch.allclose(_weights(tmp_path / "own")[W2], own_fit, atol=1e-5)
     assert not torch.allclose(published, own_fit, atol=1e-4)
     assert report.calibration.passes == 2
+
+
+def test_only_the_own_inputs_target_runs_each_experts_block(example, tmp_path, monkeypatch):
+    # The published target reads the merged inputs' Grams alone (Need.CROSS_GRAMS is not among its needs), so
+    # the refit runs no expert's block; own_inputs runs it once per block, expert and batch for the cross Grams.
+    runs = []
+    real = blocks.functional_call
+    monkeypatch.setattr(blocks, "functional_call", lambda *args, **kwargs: runs.append(1) or real(*args, **kwargs))
+    spec = _refit_spec(example, "merged")
+    spec.update(method="regmean", parameters={"alpha": 0.8, "gram_inputs": "merged"})
+    pivotmerge.merge(spec, tmp_path / "published")
+    assert runs == []
+    spec["parameters"]["expert_target"] = "own_inputs"
+    pivotmerge.merge(spec, tmp_path / "own")
+    assert len(runs) == 2  # the projector block, once per expert (each calibration set is one batch)
 
 
 def test_report_and_progress_show_the_block_refit(example, tmp_path):

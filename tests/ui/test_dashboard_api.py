@@ -29,7 +29,7 @@ def test_methods_lists_the_registry_with_parameters_and_defaults(http: httpx.Cli
         # Each listed default is what the params model takes when the spec sets nothing.
         defaults = method.params().model_dump(by_alias=True)
         assert {n: p["default"] for n, p in params.items()} == {n: defaults[n] for n in params}
-    assert listed["regmean"]["calibration_data"] == ["grams", "cross_grams"]
+    assert listed["regmean"]["calibration_data"] == ["grams", "merged_input_grams", "cross_grams"]
     assert listed["task_arithmetic"]["calibration_data"] == []
     assert listed["pivotmerge"]["defaults_with_calibration"] == {
         "combine": "gram", "gram_inputs": "merged", "expert_target": "own_inputs", "off_diagonal_scale": 1.0,
