@@ -198,7 +198,7 @@ def fit_blocks(
     method = plan.method
     assert method.fit_block is not None
     names = sorted(plan.tensors_needing(Need.BLOCK_FEATURES))
-    caption_outputs = any(Need.CAPTION_OUTPUTS in method.needs_for(plan.tensor_params[n].params) for n in names)
+    caption_outputs = not plan.tensors_needing(Need.CAPTION_OUTPUTS).isdisjoint(names)
     student = load_model(plan.reference.path, device.type)
     student.model.requires_grad_(False)
     parameters = parameter_names(student.model, names)
@@ -303,11 +303,12 @@ def _block_grams(
     """
     grams: dict[str, torch.Tensor] = {}
     cross: dict[str, torch.Tensor] = {}
+    runs_expert = any(n in cross_names for n in linears)
     with InputCapture(linears) as capture:
         for batch, call in zip(teacher.batches, calls, strict=True):
             capture.token_mask = batch.inputs["attention_mask"].bool().to(call.input.device)
             own: dict[str, torch.Tensor] = {}
-            if any(n in cross_names for n in linears):
+            if runs_expert:
                 functional_call(module, dict(expert), args=(call.input, *call.args), kwargs=call.kwargs)
                 own = capture.pop()
             _run(student, batch)
