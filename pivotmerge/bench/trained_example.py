@@ -16,7 +16,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from pivotmerge.bench.domains import DOMAINS
@@ -39,14 +38,7 @@ def make_trained_example(out_dir: str | Path, cache: Path, seed: int = 0,
     train, dev, test and calib, and the spec; `datasets` maps each domain to its test split.
     """
     root = Path(out_dir).resolve()
-    previous = torch.get_num_threads()
-    # One thread: the models are tiny, and on a busy 2-core machine a second thread spins
-    # (an expert's training step took 1.3 s with 2 threads against 75 ms with one).
-    torch.set_num_threads(1)
-    try:
-        world = build_world(SMALL, seed, cache, progress)
-    finally:
-        torch.set_num_threads(previous)
+    world = build_world(SMALL, seed, cache, progress)
     shutil.copytree(world.root, root, dirs_exist_ok=True)
     copy = world_at(root, SMALL)
     experts = [copy.experts[d] for d in DOMAINS]

@@ -19,8 +19,9 @@ The world follows LLaVA's recipe at toy scale (docs/results.md):
 
 Training uses torch directly on the Hugging Face model: it builds the world. The
 merges and the scores go through the product (`pivotmerge.merge`, the evaluator).
-Everything is a function of the config and the seed; a built world is kept under
-its key, so a second run with the same config and seed reads it back.
+Everything is a function of the config and the seed (built on one thread, whatever
+the caller's setting); a built world is kept under its key, so a second run with the
+same config and seed reads it back.
 """
 
 from __future__ import annotations
@@ -43,8 +44,15 @@ from pivotmerge.data.datasets import Dataset, load_dataset
 from pivotmerge.data.evaluate import caption_batches
 from pivotmerge.data.example import IMAGE_TOKEN, SizePreset, build_config, build_processor, write_repo
 
-# Bump when the recipe changes, so cached worlds of the old recipe are not reused.
-RECIPE = 1
+# Bump when the recipe changes, so cached worlds of the old recipe are not reused. Recipe 2: worlds are built
+# on one thread whatever the caller's setting (recipe 1 took the caller's, so `bench quality --threads 2` built
+# other worlds than the default; recipe 1 worlds built on one thread are recipe 2's, bit for bit).
+RECIPE = 2
+# A matmul's float sums depend on how torch splits them over threads; over hundreds of training steps those
+# last-bit differences grow into worlds whose merges score a point apart. One thread is also the fastest on
+# these tiny models (an expert's training step took 1.3 s with 2 threads against 75 ms with one, on a busy
+# 2-core machine).
+BUILD_THREADS = 1
 Progress = Callable[[str], None]
 
 
@@ -115,8 +123,13 @@ def build_world(cfg: Config, seed: int, cache: Path, progress: Progress = lambda
         return world_at(root, cfg)
     partial = cache / f".partial-{cfg.key(seed)}-{os.getpid()}"  # builders running side by side never share one
     shutil.rmtree(partial, ignore_errors=True)
-    with torch.random.fork_rng(devices=[]):
-        _build(cfg, seed, partial, progress)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            _build(cfg, seed, partial, progress)
+    finally:
+        torch.set_num_threads(threads)
     (partial / "world.json").write_text(json.dumps({"seed": seed, "config": asdict(cfg), "recipe": RECIPE}, indent=1))
     try:
         partial.rename(root)  # a world appears only when complete

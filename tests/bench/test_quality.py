@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from pivotmerge.bench.domains import DOMAINS
@@ -119,6 +120,21 @@ def test_one_seed_builds_one_world_and_a_built_world_is_reused(tmp_path: Path) -
     assert build_world(MICRO, 3, tmp_path / "a").root == first.root
     assert (first.base / "model.safetensors").stat().st_mtime_ns == built
     assert _digest(build_world(MICRO, 4, tmp_path / "a").experts["dots"]) != _digest(first.experts["dots"])
+
+
+def test_a_world_does_not_depend_on_the_callers_thread_count(tmp_path: Path) -> None:
+    # Before worlds were built on one thread, this micro world's experts differed between 1 and 2 threads.
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = build_world(MICRO, 5, tmp_path / "two")
+        assert torch.get_num_threads() == 2  # the caller's setting is given back
+        torch.set_num_threads(1)
+        one = build_world(MICRO, 5, tmp_path / "one")
+    finally:
+        torch.set_num_threads(previous)
+    for a, b in [(one.base, two.base), (one.joint, two.joint), *((one.experts[d], two.experts[d]) for d in DOMAINS)]:
+        assert _digest(a) == _digest(b), a.name
 
 
 def test_deep_experts_train_the_language_model_and_the_towers_top_layers(tmp_path: Path) -> None:
