@@ -227,6 +227,20 @@ def correlations(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             for method in rows[0]["quality_loss"]}
 
 
+# The reference row of each expert scored on its own domain: the level a merge that distils the experts
+# (RegMean's fit, ProDistill, the alignment fit) aims for; a data-mode bar above it asks the merge to beat
+# the experts at their own domains.
+OWN_DOMAINS = "experts_on_own_domains"
+OWN_LABEL = "experts on their own domains"
+
+
+def own_domains(reference: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per domain, its own expert's test scores; their mean as the average (as `Scorer` averages)."""
+    per = {d: dict(reference[f"expert_{d}"]["test"][d]) for d in DOMAINS}
+    per["average"] = {m: float(np.mean([per[d][m] for d in DOMAINS])) for m in ("token_accuracy", "caption_loss")}
+    return per
+
+
 def run_seed(suite: Suite, seed: int, cache: Path, work: Path, progress: Progress) -> dict[str, Any]:
     world = build_world(suite.world, seed, cache, progress)
     score = Scorer(world)
@@ -234,6 +248,7 @@ def run_seed(suite: Suite, seed: int, cache: Path, work: Path, progress: Progres
     reference = {"base": {"test": score(world.base, "test")}}
     reference.update({f"expert_{d}": {"test": score(p, "test")} for d, p in world.experts.items()})
     reference["joint"] = {"test": score(world.joint, "test")}
+    reference[OWN_DOMAINS] = {"test": own_domains(reference)}
     tuned: dict[str, Any] = {}
     for variant in (v for v in TUNED if suite.runs(v.name)):
         progress(f"tuning on dev: {variant.name}")
@@ -333,6 +348,13 @@ def paired(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append(diff(f"pivotmerge_data - {label}", tuned("pivotmerge_data"), best_data))
         if "pivotmerge_data" in default_names:
             out.append(diff(f"pivotmerge_data defaults - {label}", default("pivotmerge_data"), best_data))
+    def own(r: dict[str, Any]) -> float:
+        return _avg(r["reference"][OWN_DOMAINS])
+
+    if "pivotmerge_data" in names:
+        out.append(diff(f"pivotmerge_data - {OWN_LABEL}", tuned("pivotmerge_data"), own))
+    if any(b in names for b in DATA_BASELINES):
+        out.append(diff(f"best data baseline (dev-chosen per seed) - {OWN_LABEL}", best_data, own))
     if {"pivotmerge_data", "regmean_plus_plus"} <= set(names):
         out.append(diff("pivotmerge_data - regmean_plus_plus", tuned("pivotmerge_data"), tuned("regmean_plus_plus")))
     for name, label in (("pivotmerge", "pivotmerge defaults"),

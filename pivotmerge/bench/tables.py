@@ -32,7 +32,8 @@ def markdown(result: dict[str, Any]) -> str:
     domains, seeds = result["domains"], result["suite"]["seeds"]
     lines = [f"Test token accuracy per domain, mean ± std over {seeds} seed(s).", "",
              "Reference rows (not merges): the shared initialisation, each expert, the joint model (what the experts"
-             " train, trained on every domain).", ""]
+             " train, trained on every domain), and the experts each on its own domain (the level a merge that"
+             " distils the experts aims for).", ""]
     lines += _table(result["reference"], domains)
     lines += ["", "**Tuned**: each row's grid searched on the dev splits (the search is in raw_scores.json), "
               "the dev-chosen merge scored on test.", ""]

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from pivotmerge.bench.domains import DOMAINS
-from pivotmerge.bench.quality import DEEP_WORLD, Scorer, spec_for
+from pivotmerge.bench.quality import DEEP_WORLD, OWN_DOMAINS, Scorer, spec_for
 from pivotmerge.bench.variants import DEFAULTS, QUICK_ROWS, TUNED
 from pivotmerge.bench.world import Config, build_world
 from pivotmerge.cli.main import main
@@ -61,7 +61,9 @@ def test_writes_both_tables_plot_and_raw_scores(quick_run: Path) -> None:
         assert (quick_run / name).stat().st_size > 0, name
     assert (quick_run / "accuracy_by_domain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = _result(quick_run)
-    assert list(result["reference"]) == ["base", *(f"expert_{d}" for d in DOMAINS), "joint"]
+    assert list(result["reference"]) == ["base", *(f"expert_{d}" for d in DOMAINS), "joint", OWN_DOMAINS]
+    for d in DOMAINS:  # the own-domain row is each expert's own score
+        assert result["reference"][OWN_DOMAINS][d] == result["reference"][f"expert_{d}"][d]
     assert set(_quick_rows(quick_run)) <= set(QUICK_ROWS) and "task_arithmetic" in _quick_rows(quick_run)
     assert list(result["tuned"]) == [v.name for v in TUNED if v.name in _quick_rows(quick_run)]
     assert list(result["defaults"]) == [v.name for v in DEFAULTS if v.name in _quick_rows(quick_run)]

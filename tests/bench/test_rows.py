@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pivotmerge.bench.domains import DOMAINS
-from pivotmerge.bench.quality import FULL, QUICK, paired, with_rows
+from pivotmerge.bench.quality import FULL, OWN_DOMAINS, QUICK, own_domains, paired, with_rows
 from pivotmerge.bench.tables import markdown
 from pivotmerge.cli.main import main
 
@@ -45,15 +45,35 @@ def test_paired_differences_of_a_partial_run():
     assert paired([{"tuned": {"cart": _row(0.65)}, "defaults": {}}]) == []
 
 
+def _experts(own: dict[str, float]) -> dict:
+    """Reference rows where expert d scores own[d] on its own domain and 0.1 elsewhere."""
+    ref = {f"expert_{d}": {"test": {o: {"token_accuracy": own[d] if o == d else 0.1,
+                                        "caption_loss": 2.0 if o == d else 5.0} for o in DOMAINS}}
+           for d in DOMAINS}
+    ref[OWN_DOMAINS] = {"test": own_domains(ref)}
+    return ref
+
+
+def test_the_experts_own_domain_row_takes_each_domain_from_its_expert():
+    own = dict(zip(DOMAINS, (0.9, 1.0, 0.8, 0.7)))
+    row = _experts(own)[OWN_DOMAINS]["test"]
+    assert {d: row[d]["token_accuracy"] for d in DOMAINS} == own
+    assert row["average"] == pytest.approx({"token_accuracy": 0.85, "caption_loss": 2.0})
+
+
 def test_the_data_rows_are_paired_with_the_dev_best_data_rival():
-    # regmean is the dev-chosen data rival (dev .9 against RegMean++'s .8), so both comparisons use its test .85
+    # regmean is the dev-chosen data rival (dev .9 against RegMean++'s .8), so both comparisons use its test .85;
+    # the experts average .85 on their own domains
     runs = [{"tuned": {"pivotmerge_data": _row(0.88), "regmean": _row(0.85, dev=0.9),
                        "regmean_plus_plus": _row(0.87, dev=0.8)},
-             "defaults": {"pivotmerge_data": _row(0.86)}}]
+             "defaults": {"pivotmerge_data": _row(0.86)},
+             "reference": _experts(dict(zip(DOMAINS, (0.9, 1.0, 0.8, 0.7))))}]
     got = {p["comparison"]: p["per_seed"][0] for p in paired(runs)}
     assert got == pytest.approx({
         "pivotmerge_data - best data baseline (dev-chosen per seed)": 0.03,
         "pivotmerge_data defaults - best data baseline (dev-chosen per seed)": 0.01,
+        "pivotmerge_data - experts on their own domains": 0.03,
+        "best data baseline (dev-chosen per seed) - experts on their own domains": 0.0,
         "pivotmerge_data - regmean_plus_plus": 0.01,
         "pivotmerge_data defaults (calibration, no parameters) - pivotmerge_data tuned": -0.02})
 
