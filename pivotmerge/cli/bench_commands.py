@@ -25,8 +25,10 @@ def bench() -> None:
               show_default=True, help="Folder for results.md, results.json, raw_scores.json and the plot.")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path),
               default=CACHE, show_default=True,
-              help="Where built worlds are kept, keyed by their config and seed.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch CPU threads.")
+              help="Where built worlds are kept, keyed by their config, seed and recipe.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="torch CPU threads for merging and scoring (worlds are always built on one thread, so they "
+                   "do not depend on it).")
 @click.option("--rows", default=None, metavar="NAME[,NAME...]",
               help="Merge only these rows (tuned and defaults rows of these names; the reference rows are always "
                    "scored; the merge-success scenarios are left out).")
