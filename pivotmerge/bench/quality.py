@@ -33,6 +33,7 @@ from scipy.stats import spearmanr, t as student_t
 from pivotmerge.analysis import metrics
 from pivotmerge.bench.domains import DOMAINS
 from pivotmerge.bench.variants import (DATA_BASELINES, DATA_FREE_BASELINES, DEFAULTS, QUICK_ROWS, TUNED, Variant)
+from pivotmerge.bench.threads import torch_threads
 from pivotmerge.bench.world import Config, World, build_world
 from pivotmerge.data.evaluate import CaptionBatch, caption_batches, caption_stats, load_model
 from pivotmerge.run.merge import merge
@@ -387,18 +388,14 @@ def run(suite: Suite, out: Path, cache: Path, progress: Progress, threads: int =
     One torch thread by default: the models are tiny, and on a shared machine
     extra threads mostly spin.
     """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
     start = time.perf_counter()
-    try:
-        runs = []
+    runs = []
+    with torch_threads(threads):
         for seed in range(suite.seeds):
             work = out / "work"
             runs.append(run_seed(suite, seed, cache, work,
                                  lambda m, s=seed: progress(f"seed {s + 1}/{suite.seeds}: {m}")))
             shutil.rmtree(work, ignore_errors=True)
-    finally:
-        torch.set_num_threads(previous)
     result = summary(suite, runs, time.perf_counter() - start)
     write(result, runs, out)
     return result

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from pivotmerge.bench.domains import DOMAINS, SPLITS, write_split
+from pivotmerge.bench.threads import torch_threads
 from pivotmerge.data.datasets import Dataset, load_dataset
 from pivotmerge.data.evaluate import caption_batches
 from pivotmerge.data.example import IMAGE_TOKEN, SizePreset, build_config, build_processor, write_repo
@@ -123,13 +124,8 @@ def build_world(cfg: Config, seed: int, cache: Path, progress: Progress = lambda
         return world_at(root, cfg)
     partial = cache / f".partial-{cfg.key(seed)}-{os.getpid()}"  # builders running side by side never share one
     shutil.rmtree(partial, ignore_errors=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(BUILD_THREADS)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            _build(cfg, seed, partial, progress)
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(BUILD_THREADS), torch.random.fork_rng(devices=[]):
+        _build(cfg, seed, partial, progress)
     (partial / "world.json").write_text(json.dumps({"seed": seed, "config": asdict(cfg), "recipe": RECIPE}, indent=1))
     try:
         partial.rename(root)  # a world appears only when complete

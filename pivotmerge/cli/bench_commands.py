@@ -62,9 +62,10 @@ def quality(suite: str, quick: bool, seeds: int | None, out: Path, cache: Path, 
 @click.option("--quick", is_flag=True, help="Three seed lengths and shorter training, for CI (a few minutes on 2 CPU cores).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("bench-modality"),
               show_default=True, help="Folder for results.md, results.json, modality.png and the models.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch CPU threads.")
-def modality(quick: bool, out: Path, threads: int) -> None:
-    """Sung et al.'s study: fold a modality-specific VL transformer after seed pre-training of growing length."""
+def modality(quick: bool, out: Path) -> None:
+    """Sung et al.'s study: fold a modality-specific VL transformer after seed pre-training of growing length.
+
+    It trains every model it scores, on one torch thread (on more, its scores depend on the thread count)."""
     from rich.console import Console
     from transformers.utils import logging as hf_logging
 
@@ -72,8 +73,7 @@ def modality(quick: bool, out: Path, threads: int) -> None:
 
     hf_logging.disable_progress_bar()
     console = Console(stderr=True)
-    result = run(QUICK if quick else FULL, out, lambda m: console.print(f"{time.strftime('%H:%M:%S')} {m}", highlight=False),
-                 threads)
+    result = run(QUICK if quick else FULL, out, lambda m: console.print(f"{time.strftime('%H:%M:%S')} {m}", highlight=False))
     console.print(f"done in {result['seconds']:.0f}s; wrote {out}/results.md")
     best = result["findings"].get("best_metric")
     if best:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from pivotmerge.bench.modality import METHODS, METRICS, QUICK, SEED_SUFFIX, TASKS
+from pivotmerge.bench.modality import METHODS, METRICS, QUICK, SEED_SUFFIX, TASKS, run
 from pivotmerge.cli.main import main
 
 
@@ -71,3 +72,19 @@ def test_scores_average_over_the_suites_fine_tunes():
         assert once[task] == first
         assert twice[task] == pytest.approx((first + second) / 2)
     assert any(finetune_score(backbone, suite, t, 0) != finetune_score(backbone, suite, t, 1) for t in TASKS)
+
+
+def test_the_study_does_not_depend_on_the_callers_thread_count(tmp_path):
+    # A study of a few steps; before the study pinned one thread its points differed between 1 and 2 threads.
+    micro = replace(QUICK, name="micro", seed_steps=(0, 20), specific_steps=10, finetune_steps=5, eval_size=32,
+                    calibration_size=8)
+    previous = torch.get_num_threads()
+    points = []
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            points.append(run(micro, tmp_path / str(threads), lambda _: None)["points"])
+            assert torch.get_num_threads() == threads  # the caller's setting is given back
+    finally:
+        torch.set_num_threads(previous)
+    assert json.dumps(points[0], sort_keys=True) == json.dumps(points[1], sort_keys=True)
