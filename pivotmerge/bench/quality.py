@@ -86,6 +86,12 @@ DEEP = Suite(DEEP_WORLD, seeds=5, parts=COMPONENTS, scenarios=False)
 SUITES = {"projector": (QUICK, FULL), "deep": (DEEP_QUICK, DEEP)}  # name -> (quick, full)
 
 
+def with_average(per: dict[str, dict[str, float]], domains: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Per-domain scores with their mean over `domains` as the "average" row."""
+    per["average"] = {m: float(np.mean([per[d][m] for d in domains])) for m in ("token_accuracy", "caption_loss")}
+    return per
+
+
 class Scorer:
     """The evaluator's caption scores of model folders on a world's splits.
 
@@ -106,8 +112,7 @@ class Scorer:
         for d in domains:
             stats = caption_stats(loaded.model, self._batches[split][d], loaded.device)
             per[d] = {"token_accuracy": stats.accuracy, "caption_loss": stats.loss}
-        per["average"] = {m: float(np.mean([per[d][m] for d in domains])) for m in ("token_accuracy", "caption_loss")}
-        return per
+        return with_average(per, domains)
 
 
 def spec_for(world: World, variant: Variant, params: dict[str, Any], domains: tuple[str, ...] = DOMAINS) -> dict[str, Any]:
@@ -236,10 +241,8 @@ OWN_LABEL = "experts on their own domains"
 
 
 def own_domains(reference: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Per domain, its own expert's test scores; their mean as the average (as `Scorer` averages)."""
-    per = {d: dict(reference[f"expert_{d}"]["test"][d]) for d in DOMAINS}
-    per["average"] = {m: float(np.mean([per[d][m] for d in DOMAINS])) for m in ("token_accuracy", "caption_loss")}
-    return per
+    """Per domain, its own expert's test scores; their mean as the average."""
+    return with_average({d: dict(reference[f"expert_{d}"]["test"][d]) for d in DOMAINS}, DOMAINS)
 
 
 def run_seed(suite: Suite, seed: int, cache: Path, work: Path, progress: Progress) -> dict[str, Any]:
@@ -336,6 +339,9 @@ def paired(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         present = tuple(n for n in DATA_BASELINES if n in r["tuned"])
         return _avg(r["tuned"][rival(r["tuned"], present)])
 
+    def own(r: dict[str, Any]) -> float:
+        return _avg(r["reference"][OWN_DOMAINS])
+
     names, default_names = runs[0]["tuned"], runs[0]["defaults"]
     out = []
     if "pivotmerge" in names and any(b in names for b in DATA_FREE_BASELINES):
@@ -349,9 +355,6 @@ def paired(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append(diff(f"pivotmerge_data - {label}", tuned("pivotmerge_data"), best_data))
         if "pivotmerge_data" in default_names:
             out.append(diff(f"pivotmerge_data defaults - {label}", default("pivotmerge_data"), best_data))
-    def own(r: dict[str, Any]) -> float:
-        return _avg(r["reference"][OWN_DOMAINS])
-
     if "pivotmerge_data" in names:
         out.append(diff(f"pivotmerge_data - {OWN_LABEL}", tuned("pivotmerge_data"), own))
     if any(b in names for b in DATA_BASELINES):
